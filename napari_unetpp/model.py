@@ -1,0 +1,348 @@
+"""UNet++ (Zhou et al. 2018, 2019) with deep supervision and true pruning at inference.
+
+Node X(i, j) of the paper is the module ``nodes["x_{i}_{j}"]``: ``i`` is the resolution level (0 = full
+resolution), ``j`` the column. Encoder nodes X(i, 0) take the max-pooled X(i-1, 0); nested nodes X(i, j), j >= 1,
+take the concatenation of X(i, 0), ..., X(i, j-1) and the upsampled X(i+1, j-1). A 1x1 head ``heads["head_{j}"]``
+sits on each top node X(0, j). The sub-network of depth k is made of the nodes with ``i + j <= k``: it is a complete
+segmenter, and ``forward(x, depth=k)`` evaluates those nodes only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UNetPlusPlusConfig", "UNetPlusPlus", "PrunedUNetPlusPlus", "node_names"]
+
+NORMS = ("none", "batch", "instance", "group")
+UPSAMPLES = ("transpose", "nearest", "linear")
+ACTIVATIONS = ("relu", "leaky_relu")
+
+
+@dataclass
+class UNetPlusPlusConfig:
+    """Architecture of a UNet++; stored verbatim in every model card.
+
+    Attributes:
+        in_channels: Input channels (default 1).
+        num_classes: Output classes; 1 means a sigmoid foreground head, > 1 a softmax over classes (default 1).
+        features: Filters per resolution level; ``len(features) - 1`` is the maximum depth
+            (default ``(32, 64, 128, 256, 512)``, the paper's, depth 4).
+        spatial_dims: 2 for images, 3 for volumes (default 2).
+        norm: ``"none"`` (paper), ``"batch"``, ``"instance"`` or ``"group"`` (default ``"none"``).
+        dropout: Dropout after each convolution; the paper uses 0.5 (default 0.0).
+        upsample: ``"transpose"`` (paper: 2x2 stride-2 transposed convolution), ``"nearest"`` or ``"linear"``
+            (interpolation followed by a 1x1 convolution) (default ``"transpose"``).
+        activation: ``"relu"`` (paper) or ``"leaky_relu"`` (default ``"relu"``).
+        groups: Groups for ``norm="group"`` (default 8).
+    """
+
+    in_channels: int = 1
+    num_classes: int = 1
+    features: tuple[int, ...] = (32, 64, 128, 256, 512)
+    spatial_dims: int = 2
+    norm: str = "none"
+    dropout: float = 0.0
+    upsample: str = "transpose"
+    activation: str = "relu"
+    groups: int = 8
+
+    def __post_init__(self) -> None:
+        self.features = tuple(int(f) for f in self.features)
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}.")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}.")
+        if len(self.features) < 2 or any(f < 1 for f in self.features):
+            raise ValueError(f"features needs at least two positive entries (depth >= 1), got {self.features}.")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}.")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"upsample must be one of {UPSAMPLES}, got {self.upsample!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest sub-network: ``len(features) - 1``."""
+        return len(self.features) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        d = asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetPlusPlusConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        return cls(**d)
+
+
+def node_names(depth: int) -> list[str]:
+    """Names of the nodes of the depth-``depth`` sub-network (``i + j <= depth``), in evaluation order."""
+    names = []
+    for d in range(depth + 1):
+        # after encoder node X(d, 0), the anti-diagonal X(d-1, 1), ..., X(0, d) can be computed
+        names += [f"x_{d - j}_{j}" for j in range(d + 1)]
+    return names
+
+
+def _conv(dims: int) -> type[nn.Module]:
+    return nn.Conv2d if dims == 2 else nn.Conv3d
+
+
+def _norm(cfg: UNetPlusPlusConfig, ch: int) -> nn.Module:
+    if cfg.norm == "none":
+        return nn.Identity()
+    if cfg.norm == "batch":
+        return (nn.BatchNorm2d if cfg.spatial_dims == 2 else nn.BatchNorm3d)(ch)
+    if cfg.norm == "instance":
+        return (nn.InstanceNorm2d if cfg.spatial_dims == 2 else nn.InstanceNorm3d)(ch, affine=True)
+    return nn.GroupNorm(math.gcd(cfg.groups, ch), ch)
+
+
+def _act(cfg: UNetPlusPlusConfig) -> nn.Module:
+    return nn.ReLU(inplace=True) if cfg.activation == "relu" else nn.LeakyReLU(0.01, inplace=True)
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by normalisation, activation and dropout (the paper's unit)."""
+
+    def __init__(self, cfg: UNetPlusPlusConfig, cin: int, cout: int) -> None:
+        conv = _conv(cfg.spatial_dims)
+        layers: list[nn.Module] = []
+        for c_in in (cin, cout):
+            layers += [conv(c_in, cout, 3, padding=1, bias=cfg.norm == "none"), _norm(cfg, cout), _act(cfg)]
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+        super().__init__(*layers)
+
+
+class Up(nn.Module):
+    """Doubles the resolution of X(i+1, j-1) and maps it to the channels of level i."""
+
+    def __init__(self, cfg: UNetPlusPlusConfig, cin: int, cout: int) -> None:
+        super().__init__()
+        self.mode = cfg.upsample
+        if cfg.upsample == "transpose":
+            tconv = nn.ConvTranspose2d if cfg.spatial_dims == 2 else nn.ConvTranspose3d
+            self.proj = tconv(cin, cout, 2, stride=2)
+        else:
+            self.proj = _conv(cfg.spatial_dims)(cin, cout, 1)
+            self.interp = "nearest" if cfg.upsample == "nearest" else ("bilinear" if cfg.spatial_dims == 2 else "trilinear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "transpose":
+            return self.proj(x)
+        align = None if self.interp == "nearest" else False
+        return self.proj(F.interpolate(x, scale_factor=2, mode=self.interp, align_corners=align))
+
+
+class Node(nn.Module):
+    """Node X(i, j). Encoder nodes (j = 0) are a conv block; nested nodes also own the upsampling of X(i+1, j-1)."""
+
+    def __init__(self, cfg: UNetPlusPlusConfig, i: int, j: int) -> None:
+        super().__init__()
+        f = cfg.features
+        self.i, self.j = i, j
+        if j == 0:
+            self.up = None
+            cin = cfg.in_channels if i == 0 else f[i - 1]
+        else:
+            self.up = Up(cfg, f[i + 1], f[i])
+            cin = (j + 1) * f[i]
+        self.conv = ConvBlock(cfg, cin, f[i])
+
+    def forward(self, skips: list[torch.Tensor], below: torch.Tensor | None) -> torch.Tensor:
+        """Encoder: ``skips`` is empty and ``below`` is the pooled input. Nested: X(i, 0..j-1) and X(i+1, j-1)."""
+        if self.up is None:
+            assert below is not None
+            return self.conv(below)
+        return self.conv(torch.cat([*skips, self.up(below)], dim=1))
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad spatial dims up to a multiple (reflecting where the image is large enough); return the crop back."""
+    spatial = x.shape[2:]
+    pads: list[int] = []
+    crop = [slice(None), slice(None)]
+    for n in reversed(spatial):
+        total = (-n) % multiple
+        before = total // 2
+        pads += [before, total - before]
+    for n in spatial:
+        total = (-n) % multiple
+        crop.append(slice(total // 2, total // 2 + n))
+    if not any(pads):
+        return x, tuple(crop)
+    mode = "reflect" if all(p < n for p, n in zip(pads[::2] + pads[1::2], list(reversed(spatial)) * 2)) else "replicate"
+    return F.pad(x, pads, mode=mode), tuple(crop)
+
+
+def _run_nodes(
+    nodes: nn.ModuleDict, x: torch.Tensor, depth: int, pool: nn.Module
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Evaluate exactly the nodes with ``i + j <= depth``; return their outputs by (i, j)."""
+    out: dict[tuple[int, int], torch.Tensor] = {}
+    for name in node_names(depth):
+        _, si, sj = name.split("_")
+        i, j = int(si), int(sj)
+        node = nodes[name]
+        if j == 0:
+            out[i, 0] = node([], x if i == 0 else pool(out[i - 1, 0]))
+        else:
+            out[i, j] = node([out[i, c] for c in range(j)], out[i + 1, j - 1])
+        if j >= 1 and i + j == depth:
+            # X(i, j) was the last consumer of row i+1 (its last node X(i+1, j-1) and its skips): free it
+            for c in range(j):
+                out.pop((i + 1, c), None)
+    return out
+
+
+class UNetPlusPlus(nn.Module):
+    """Nested U-Net with deep supervision whose sub-networks of depth 1..max_depth can be pruned at inference.
+
+    Args:
+        in_channels: Input channels (default 1).
+        num_classes: 1 = sigmoid foreground head, > 1 = softmax classes (default 1).
+        features: Filters per level, ``len - 1`` = maximum depth (default ``(32, 64, 128, 256, 512)``).
+        spatial_dims: 2 or 3 (default 2).
+        norm: ``"none"``, ``"batch"``, ``"instance"`` or ``"group"`` (default ``"none"``).
+        dropout: Dropout after every convolution (default 0.0).
+        upsample: ``"transpose"``, ``"nearest"`` or ``"linear"`` (default ``"transpose"``).
+        activation: ``"relu"`` or ``"leaky_relu"`` (default ``"relu"``).
+        groups: Groups for group normalisation (default 8).
+
+    Inputs of any size work: they are padded to a multiple of ``2 ** max_depth`` (the same padding for every
+    depth, so head k gives the same output whatever depth was asked for) and cropped back.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
+                 spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
+                 activation: str = "relu", groups: int = 8) -> None:
+        super().__init__()
+        self.config = UNetPlusPlusConfig(in_channels, num_classes, tuple(features), spatial_dims, norm, dropout,
+                                         upsample, activation, groups)
+        cfg = self.config
+        self.nodes = nn.ModuleDict({n: Node(cfg, *map(int, n.split("_")[1:])) for n in node_names(cfg.max_depth)})
+        conv = _conv(cfg.spatial_dims)
+        self.heads = nn.ModuleDict(
+            {f"head_{j}": conv(cfg.features[0], cfg.num_classes, 1) for j in range(1, cfg.max_depth + 1)}
+        )
+        self.pool = (nn.MaxPool2d if cfg.spatial_dims == 2 else nn.MaxPool3d)(2)
+        _init_weights(self)
+
+    @classmethod
+    def paper(cls, in_channels: int = 1, num_classes: int = 1) -> "UNetPlusPlus":
+        """The published configuration: filters 32/64/128/256/512, two 3x3 conv + ReLU + dropout 0.5 per node,
+        no normalisation, 2x2 stride-2 transposed-convolution upsampling, sigmoid (or softmax) heads."""
+        return cls(in_channels, num_classes, (32, 64, 128, 256, 512), 2, "none", 0.5, "transpose", "relu")
+
+    @classmethod
+    def from_config(cls, config: UNetPlusPlusConfig | dict[str, Any]) -> "UNetPlusPlus":
+        """Build from a :class:`UNetPlusPlusConfig` or its dict form."""
+        if isinstance(config, dict):
+            config = UNetPlusPlusConfig.from_dict(config)
+        return cls(**{k: getattr(config, k) for k in config.to_dict()})
+
+    @property
+    def max_depth(self) -> int:
+        """Deepest available sub-network."""
+        return self.config.max_depth
+
+    def check_depth(self, depth: int | None) -> int:
+        """Return ``depth`` (or the maximum when None) after checking it is in 1..max_depth."""
+        if depth is None:
+            return self.max_depth
+        if not 1 <= int(depth) <= self.max_depth:
+            raise ValueError(f"depth must be between 1 and {self.max_depth}, got {depth}.")
+        return int(depth)
+
+    def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+        """Logits of heads 1..k (k = ``depth`` or the maximum), evaluating only the nodes with ``i + j <= k``.
+
+        Args:
+            x: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` tensor of any spatial size.
+            depth: Sub-network depth k in 1..max_depth (default: max_depth).
+
+        Returns:
+            List of k logit tensors ``(N, num_classes, *spatial)``, head 1 first.
+        """
+        k = self.check_depth(depth)
+        _check_input(x, self.config)
+        xp, crop = _pad_to_multiple(x, 2 ** self.max_depth)
+        outs = _run_nodes(self.nodes, xp, k, self.pool)
+        return [self.heads[f"head_{j}"](outs[0, j])[crop] for j in range(1, k + 1)]
+
+    def modules_for_depth(self, depth: int) -> Iterator[tuple[str, nn.Module]]:
+        """The named top-level modules (nodes and heads) that the depth-``depth`` forward uses."""
+        for n in node_names(self.check_depth(depth)):
+            yield f"nodes.{n}", self.nodes[n]
+        for j in range(1, depth + 1):
+            yield f"heads.head_{j}", self.heads[f"head_{j}"]
+
+    def pruned(self, depth: int) -> "PrunedUNetPlusPlus":
+        """Standalone copy of the depth-``depth`` sub-network (the paper's UNet++ L_k) whose forward returns
+        head k's logits; it holds only the parameters that level needs."""
+        k = self.check_depth(depth)
+        return PrunedUNetPlusPlus(self.config, k, {n: self.nodes[n] for n in node_names(k)},
+                                  self.heads[f"head_{k}"], 2 ** self.max_depth)
+
+
+class PrunedUNetPlusPlus(nn.Module):
+    """UNet++ L_k: only the nodes with ``i + j <= k`` and head k, for export and deployment.
+
+    Build it with :meth:`UNetPlusPlus.pruned`. ``forward(x)`` returns head k's logits.
+    """
+
+    def __init__(self, config: UNetPlusPlusConfig, depth: int, nodes: dict[str, nn.Module], head: nn.Module,
+                 pad_multiple: int) -> None:
+        super().__init__()
+        self.config = config
+        self.depth = depth
+        self.pad_multiple = pad_multiple
+        self.nodes = nn.ModuleDict({n: copy.deepcopy(m) for n, m in nodes.items()})
+        self.head = copy.deepcopy(head)
+        self.pool = (nn.MaxPool2d if config.spatial_dims == 2 else nn.MaxPool3d)(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Head k's logits ``(N, num_classes, *spatial)``."""
+        _check_input(x, self.config)
+        xp, crop = _pad_to_multiple(x, self.pad_multiple)
+        outs = _run_nodes(self.nodes, xp, self.depth, self.pool)
+        return self.head(outs[0, self.depth])[crop]
+
+
+def _check_input(x: torch.Tensor, cfg: UNetPlusPlusConfig) -> None:
+    want = cfg.spatial_dims + 2
+    if x.ndim != want:
+        raise ValueError(f"expected a {want}-D tensor (N, C, {'D, ' if want == 5 else ''}H, W), got shape "
+                         f"{tuple(x.shape)}.")
+    if x.shape[1] != cfg.in_channels:
+        raise ValueError(f"the model expects {cfg.in_channels} input channel(s), got {x.shape[1]}.")
+
+
+def _init_weights(module: nn.Module) -> None:
+    """He-normal initialisation (the paper's ``he_normal``), zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+
