@@ -1,0 +1,106 @@
+"""Intensity normalisation recipes, stored in each model's card and applied identically to every tile.
+
+- ``percentile`` (microscopy): map the ``low``/``high`` percentiles of the whole stack to 0/1.
+- ``window`` (CT): clip Hounsfield units to [``low``, ``high``] and map to 0/1.
+- ``none``: pass values through as float32.
+
+Statistics are computed once per stack (from a strided sample, so a lazy or memory-mapped stack is not read
+whole), never per tile or per slice, so tiled and untiled predictions see the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Normalization", "NonFiniteInputError"]
+
+MODES = ("percentile", "window", "none")
+
+
+class NonFiniteInputError(ValueError):
+    """The image holds NaN or infinite values."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """An intensity recipe.
+
+    Attributes:
+        mode: ``"percentile"``, ``"window"`` or ``"none"`` (default ``"percentile"``).
+        low: Lower percentile (percentile mode) or lower HU bound (window mode) (default 1.0).
+        high: Upper percentile or upper HU bound (default 99.8).
+        max_samples: Voxels sampled (strided) to estimate percentiles (default 4,000,000).
+    """
+
+    mode: str = "percentile"
+    low: float = 1.0
+    high: float = 99.8
+    max_samples: int = 4_000_000
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"normalisation mode must be one of {MODES}, got {self.mode!r}.")
+        if self.mode != "none" and not self.low < self.high:
+            raise ValueError(f"normalisation needs low < high, got {self.low} and {self.high}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Normalization":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
+
+    def compute_stats(self, image: Any) -> tuple[float, float]:
+        """The (offset, scale-denominator) pair ``(lo, hi)`` for ``image`` (numpy, memmap or dask).
+
+        Raises:
+            NonFiniteInputError: the sampled voxels contain NaN or inf.
+        """
+        if self.mode == "window":
+            return float(self.low), float(self.high)
+        sample = _strided_sample(image, self.max_samples)
+        if sample.dtype.kind == "f" and not np.isfinite(sample).all():
+            raise NonFiniteInputError("the image contains NaN or infinite values; replace them before segmenting.")
+        if self.mode == "none":
+            return 0.0, 1.0
+        lo, hi = np.percentile(sample, [self.low, self.high])
+        if hi <= lo:  # flat image: fall back to its range so the output is defined
+            lo, hi = float(sample.min()), float(sample.max())
+            hi = hi if hi > lo else lo + 1.0
+        return float(lo), float(hi)
+
+    def apply(self, block: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
+        """Normalise one block (float32 out). Window mode clips to [0, 1]; percentile mode does not."""
+        lo, hi = stats
+        out = np.asarray(block, dtype=np.float32)
+        if self.mode == "none":
+            return np.array(out, dtype=np.float32, copy=True) if out is block else out
+        out = (out - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        if self.mode == "window":
+            np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+
+def _strided_sample(image: Any, max_samples: int) -> np.ndarray:
+    """A strided subsample of at most ~``max_samples`` voxels, reading whole leading-axis planes only."""
+    shape = image.shape
+    n = int(np.prod(shape))
+    if n <= max_samples:
+        return np.asarray(image).ravel()
+    # take every s-th plane along the leading axes and every t-th pixel inside it
+    plane = int(np.prod(shape[-2:]))
+    n_planes = n // plane
+    take = max(1, min(n_planes, 64))
+    idx = np.linspace(0, n_planes - 1, take).round().astype(int)
+    lead = shape[:-2]
+    step = max(1, int(np.sqrt(plane * take / max_samples)))
+    parts = []
+    for i in np.unique(idx):
+        ix = np.unravel_index(i, lead) if lead else ()
+        parts.append(np.asarray(image[ix][::step, ::step]).ravel())
+    return np.concatenate(parts)

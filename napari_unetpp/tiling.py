@@ -1,0 +1,148 @@
+"""Sliding-window tiling with Gaussian blending, for 2D planes and 3D volumes (numpy only).
+
+A :class:`TilePlan` covers an N-D spatial extent with overlapping tiles whose starts are spread evenly, the last
+one flush with the border. Tiles are visited in raster order; the :class:`Blender` accumulates weighted tile
+outputs in a window that spans one tile along axis 0 and streams finished rows out through a callback, so its
+memory is bounded by ``tile[0] x (other extents)``, never by the whole image or volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["TilePlan", "Blender", "gaussian_weights", "axis_starts"]
+
+
+def axis_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Tile start positions along one axis: evenly spread, first at 0, last at ``size - tile``.
+
+    Args:
+        size: Extent of the axis.
+        tile: Tile extent (clipped to ``size``).
+        overlap: Minimum overlap as a fraction of the tile, in [0, 1).
+    """
+    if size <= tile:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    n = int(np.ceil((size - tile) / step)) + 1
+    return [int(round(s)) for s in np.linspace(0, size - tile, n)]
+
+
+def gaussian_weights(shape: Sequence[int], sigma_scale: float = 0.125, floor: float = 1e-3) -> np.ndarray:
+    """Separable Gaussian importance map (nnU-Net style): 1 at the centre, ``floor`` at least at the corners.
+
+    Args:
+        shape: Tile shape.
+        sigma_scale: Sigma as a fraction of each tile extent (default 1/8).
+        floor: Smallest weight, so borders of the image (covered by one tile only) stay defined (default 1e-3).
+    """
+    w = np.ones((), dtype=np.float32)
+    for n in shape:
+        c = (n - 1) / 2.0
+        g = np.exp(-0.5 * ((np.arange(n) - c) / max(n * sigma_scale, 1e-6)) ** 2).astype(np.float32)
+        w = np.multiply.outer(w, g)
+    w /= w.max()
+    return np.maximum(w, floor).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles covering ``shape`` with tiles of ``tile`` (clipped per axis) overlapping by ``overlap``.
+
+    Attributes:
+        shape: Spatial extent, e.g. ``(H, W)`` or ``(D, H, W)``.
+        tile: Requested tile extent per axis.
+        overlap: Minimum overlap fraction (default 0.25).
+    """
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.tile):
+            raise ValueError(f"tile {self.tile} and shape {self.shape} have different dimensionality.")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}.")
+        if any(t < 1 for t in self.tile):
+            raise ValueError(f"tile sizes must be positive, got {self.tile}.")
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        """The actual tile extent (tile clipped to the image)."""
+        return tuple(min(t, s) for t, s in zip(self.tile, self.shape))
+
+    @property
+    def starts(self) -> list[list[int]]:
+        """Start positions per axis."""
+        return [axis_starts(s, t, self.overlap) for s, t in zip(self.shape, self.tile_shape)]
+
+    def __len__(self) -> int:
+        return int(np.prod([len(s) for s in self.starts]))
+
+    def __iter__(self) -> Iterator[tuple[slice, ...]]:
+        """Tile slices in raster order (axis 0 slowest)."""
+        ts = self.tile_shape
+        for start in itertools.product(*self.starts):
+            yield tuple(slice(s, s + t) for s, t in zip(start, ts))
+
+
+class Blender:
+    """Accumulates weighted tile outputs and streams finished rows (along axis 0) to ``sink``.
+
+    Args:
+        plan: The tile plan; tiles must be added in its raster order.
+        channels: Leading channel count of every tile output (e.g. levels x classes).
+        sink: Called as ``sink(start, stop, values)`` with ``values`` of shape ``(channels, stop - start, ...)``
+            holding the blended result for rows ``start:stop`` of axis 0; each row is sent exactly once.
+        weights: Per-tile weights (default: :func:`gaussian_weights` of the tile shape).
+    """
+
+    def __init__(self, plan: TilePlan, channels: int, sink: Callable[[int, int, np.ndarray], None],
+                 weights: np.ndarray | None = None) -> None:
+        self.plan = plan
+        self.sink = sink
+        self.weights = gaussian_weights(plan.tile_shape) if weights is None else weights.astype(np.float32)
+        self.row_starts = plan.starts[0]
+        t0 = plan.tile_shape[0]
+        self._acc = np.zeros((channels, t0, *plan.shape[1:]), dtype=np.float32)
+        self._wsum = np.zeros((t0, *plan.shape[1:]), dtype=np.float32)
+        self._origin = 0  # axis-0 index of the window's first row
+        self._row = 0  # index into row_starts of the tiles being added
+        self._flushed = 0  # rows already sent
+
+    def add(self, tile: tuple[slice, ...], values: np.ndarray) -> None:
+        """Add the output of one tile, ``values`` of shape ``(channels, *tile_shape)``."""
+        start0 = tile[0].start
+        while self.row_starts[self._row] != start0:
+            self._advance()
+        local = (slice(start0 - self._origin, tile[0].stop - self._origin), *tile[1:])
+        self._acc[(slice(None), *local)] += values * self.weights
+        self._wsum[local] += self.weights
+
+    def _advance(self) -> None:
+        """All tiles of the current row are in: rows before the next row's start are final."""
+        nxt = self.row_starts[self._row + 1]
+        self._emit(nxt)
+        shift = nxt - self._origin
+        self._acc = np.roll(self._acc, -shift, axis=1)
+        self._wsum = np.roll(self._wsum, -shift, axis=0)
+        self._acc[:, -shift:] = 0
+        self._wsum[-shift:] = 0
+        self._origin = nxt
+        self._row += 1
+
+    def _emit(self, stop: int) -> None:
+        if stop <= self._flushed:
+            return
+        a, b = self._flushed - self._origin, stop - self._origin
+        self.sink(self._flushed, stop, self._acc[:, a:b] / self._wsum[a:b])
+        self._flushed = stop
+
+    def finish(self) -> None:
+        """Flush the remaining rows; call once after the last tile."""
+        self._emit(self.plan.shape[0])
