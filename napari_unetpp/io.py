@@ -1,0 +1,116 @@
+"""TIFF input and output with axes and pixel size; outputs are written atomically (no partial files)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+__all__ = ["ImageData", "read_image", "write_image", "ReadError"]
+
+# tifffile series axes -> ours (TCZYX); I and Q (image sequence, unknown) are read as Z, S (samples) as C
+_AXIS_MAP = {"T": "T", "C": "C", "S": "C", "Z": "Z", "Y": "Y", "X": "X", "I": "Z", "Q": "Z"}
+
+
+class ReadError(OSError):
+    """The file cannot be read as an image."""
+
+
+@dataclass
+class ImageData:
+    """An image read from disk.
+
+    Attributes:
+        data: numpy array or read-only memmap (uncompressed TIFFs are memory-mapped, not loaded).
+        axes: Letters from TCZYX, one per dimension.
+        scale: Pixel size per axis letter when the file records it (e.g. ``{"Z": 0.05, "Y": 0.004}``).
+    """
+
+    data: Any
+    axes: str
+    scale: dict[str, float] = field(default_factory=dict)
+
+
+def read_image(path: str | os.PathLike[str]) -> ImageData:
+    """Read a TIFF (memory-mapped when possible) with its axes and pixel size.
+
+    Raises:
+        ReadError: the file is missing or not a readable TIFF (one sentence naming the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ReadError(f"{p}: no such file.")
+    try:
+        with tifffile.TiffFile(p) as tf:
+            series = tf.series[0]
+            raw_axes = series.axes
+            scale = _scale(tf, raw_axes)
+        try:
+            data = tifffile.memmap(p, mode="r")
+        except (ValueError, OSError, tifffile.TiffFileError):
+            data = tifffile.imread(p)
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+        raise ReadError(f"{p}: not a readable TIFF image ({exc}).") from None
+    axes = "".join(_AXIS_MAP.get(a, "?") for a in raw_axes)
+    data = _squeeze_to(data, series.shape)
+    if "?" in axes or len(set(axes)) != len(axes) or len(axes) != data.ndim:
+        from .inference import guess_axes
+
+        data = np.squeeze(data) if data.ndim > 2 else data
+        axes = guess_axes(data.shape)
+    return ImageData(data, axes, {k: v for k, v in scale.items() if k in axes})
+
+
+def _squeeze_to(data: Any, shape: tuple[int, ...]) -> Any:
+    return data.reshape(shape) if tuple(data.shape) != tuple(shape) and data.size == int(np.prod(shape)) else data
+
+
+def _scale(tf: tifffile.TiffFile, raw_axes: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        page = tf.pages[0]
+        tags = page.tags
+        for tag, ax in (("XResolution", "X"), ("YResolution", "Y")):
+            if tag in tags:
+                num, den = tags[tag].value
+                if num:
+                    out[ax] = den / num
+        ij = tf.imagej_metadata or {}
+        if "spacing" in ij:
+            out["Z"] = float(ij["spacing"])
+    except Exception:  # metadata is a nicety; never fail a read over it
+        return {}
+    if out.get("X") == 1.0 and out.get("Y") == 1.0 and "Z" not in out:
+        return {}
+    return out
+
+
+def write_image(path: str | os.PathLike[str], data: np.ndarray, axes: str | None = None,
+                scale: dict[str, float] | None = None) -> Path:
+    """Write ``data`` to a TIFF atomically: to a temporary file beside ``path``, renamed when complete.
+
+    Args:
+        path: Target ``.tif`` path (its folder must exist).
+        data: The array (uint8/uint16/float16/float32 ...).
+        axes: Axis letters recorded in the file's metadata.
+        scale: Pixel size per axis letter (X/Y stored as resolution).
+    """
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    os.close(fd)
+    try:
+        kw: dict[str, Any] = {"metadata": {"axes": axes} if axes else None}
+        if scale and "X" in scale and "Y" in scale:
+            kw["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
+        tifffile.imwrite(tmp, np.asarray(data), **kw)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p

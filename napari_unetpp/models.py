@@ -1,0 +1,343 @@
+"""Model files and the model registry.
+
+A model version is two files side by side: ``<stem>.safetensors`` (weights, no pickle) and ``<stem>.json`` (its
+card: architecture, normalisation, classes, training data, per-level validation scores, recommended depth,
+parent, date, and the weights' SHA-256). Shipped models live in the package's ``weights/`` folder; user models in
+``<user data dir>/models/<name>/<name>-v<N>.*``. Saving never overwrites an existing version.
+
+Names: ``"em-membranes"`` is a shipped model or the newest version of a user model; ``"my-model@v2"`` one version;
+any path to a ``.safetensors`` or ``.json`` file works too.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import UNetPlusPlus, UNetPlusPlusConfig
+from .normalization import Normalization
+
+__all__ = ["ModelCard", "LoadedModel", "ModelFileError", "load_model", "save_model", "list_models",
+           "shipped_weights_dir", "user_models_dir", "ModelInfo"]
+
+log = logging.getLogger(__name__)
+CARD_FORMAT = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelFileError(RuntimeError):
+    """A model file is missing, corrupt, truncated or does not match its card (the message names the file)."""
+
+
+@dataclass
+class ModelCard:
+    """What a model is, how it was made and how well each level does.
+
+    Attributes:
+        name: Model name (letters, digits, ``._-``).
+        architecture: :class:`~napari_unetpp.model.UNetPlusPlusConfig` as a dict.
+        normalization: :class:`~napari_unetpp.normalization.Normalization` as a dict.
+        classes: Class names; for 1-class models the foreground name (default ``["foreground"]``).
+        description: One line for humans.
+        version: Version number (1 for shipped models; assigned by :func:`save_model`).
+        training: Data (with citations and licences), recipe, hyperparameters, device, duration.
+        scores: Per-level validation scores, e.g. ``{"L1": {"dice": 0.9}, ...}``.
+        recommended_depth: Shallowest level within a small margin of the best (None: use the maximum).
+        parent: ``name@vN`` of the model this one was fine-tuned from.
+        created: ISO date-time.
+        tile: Default tile size for prediction.
+        weights_sha256: SHA-256 of the weights file.
+        weights_dtype: Storage dtype of the weights (``float32`` or ``float16``).
+        format: Card format version.
+    """
+
+    name: str
+    architecture: dict[str, Any]
+    normalization: dict[str, Any] = field(default_factory=lambda: Normalization().to_dict())
+    classes: list[str] = field(default_factory=lambda: ["foreground"])
+    description: str = ""
+    version: int = 1
+    training: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+    recommended_depth: int | None = None
+    parent: str | None = None
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    tile: int | None = None
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    format: int = CARD_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+        """Build from a dict, ignoring keys this version does not know (newer cards stay readable)."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def id(self) -> str:
+        """``name@vN``."""
+        return f"{self.name}@v{self.version}"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use: the network (fp32, eval mode on CPU), its card and where it came from."""
+
+    module: UNetPlusPlus
+    card: ModelCard
+    path: Path | None = None
+    shipped: bool = False
+    _cache: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_module(cls, module: UNetPlusPlus, name: str = "unsaved", **card: Any) -> "LoadedModel":
+        """Wrap an in-memory network with a minimal card (e.g. right after training)."""
+        return cls(module, ModelCard(name=name, architecture=module.config.to_dict(), **card))
+
+    @property
+    def normalization(self) -> Normalization:
+        """The card's normalisation recipe."""
+        return Normalization.from_dict(self.card.normalization)
+
+    @property
+    def max_depth(self) -> int:
+        """Deepest level."""
+        return self.module.max_depth
+
+    def inference_module(self, device: torch.device | str = "cpu") -> UNetPlusPlus:
+        """Eval-mode copy on ``device`` with batch norms folded in; cached per device."""
+        from .inference import optimize_for_inference
+
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = optimize_for_inference(self.module, torch.device(device))
+        return self._cache[key]  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of :func:`list_models`."""
+
+    id: str
+    name: str
+    version: int
+    shipped: bool
+    path: Path
+    card: ModelCard
+
+
+def shipped_weights_dir() -> Path:
+    """The shipped ``weights/`` folder: inside the installed package (wheel) or beside it (source checkout)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "weights", here.parent / "weights"):
+        if cand.is_dir():
+            return cand
+    return here / "weights"
+
+
+def user_models_dir() -> Path:
+    """Where fine-tuned versions are saved; ``NAPARI_UNETPP_HOME`` overrides the per-user data directory."""
+    env = os.environ.get("NAPARI_UNETPP_HOME")
+    if env:
+        return Path(env) / "models"
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("napari-unetpp", appauthor=False)) / "models"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pair(path: Path) -> tuple[Path, Path]:
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _read_card(card_path: Path) -> ModelCard:
+    try:
+        d = json.loads(card_path.read_text(encoding="utf-8"))
+        card = ModelCard.from_dict(d)
+        UNetPlusPlusConfig.from_dict(card.architecture)
+        Normalization.from_dict(card.normalization)
+    except FileNotFoundError:
+        raise ModelFileError(f"{card_path}: the model card is missing; every weights file needs its .json card "
+                             f"beside it.") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelFileError(f"{card_path}: the model card is unreadable or invalid ({exc}).") from None
+    return card
+
+
+def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model version by name (``name`` or ``name@vN``) or by path, without pickle.
+
+    Args:
+        name_or_path: Shipped or user model name, ``name@vN``, or a path to the ``.safetensors``/``.json`` file.
+        device: Where to put the fp32 network (default CPU; prediction moves a folded copy where it runs).
+
+    Raises:
+        ModelFileError: unknown name, missing, corrupt, truncated or mismatched files (the message names them).
+    """
+    path, shipped = _locate(str(name_or_path))
+    weights, card_path = _pair(path)
+    card = _read_card(card_path)
+    if not weights.is_file():
+        raise ModelFileError(f"{weights}: the weights file is missing.")
+    if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+        raise ModelFileError(f"{weights}: the weights file is corrupt or truncated (its checksum does not match "
+                             f"{card_path.name}); restore or re-save it.")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{weights}: the weights file is corrupt or truncated ({exc}).") from None
+    module = UNetPlusPlus.from_config(card.architecture)
+    ref = module.state_dict()
+    missing = sorted(set(ref) - set(state))
+    extra = sorted(set(state) - set(ref))
+    wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or extra or wrong:
+        detail = "; ".join(s for s in (f"missing {missing[:3]}" if missing else "",
+                                       f"unexpected {extra[:3]}" if extra else "",
+                                       f"wrong shape {wrong[:3]}" if wrong else "") if s)
+        raise ModelFileError(f"{weights}: the weights do not match the architecture in {card_path.name} ({detail}).")
+    module.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
+    module.to(device).eval()
+    return LoadedModel(module, card, weights, shipped)
+
+
+def _locate(name: str) -> tuple[Path, bool]:
+    p = Path(name).expanduser()
+    if p.suffix in (".safetensors", ".json") or p.exists():
+        if not (p.exists() or _pair(p)[1].exists()):
+            raise ModelFileError(f"{p}: no such model file.")
+        return p, False
+    base, _, ver = name.partition("@")
+    if not _NAME_RE.match(base) or (ver and not re.fullmatch(r"v?\d+", ver)):
+        raise ModelFileError(f"{name!r} is neither a model name (like 'em-membranes' or 'name@v2') nor a file.")
+    versions = _user_versions(base)
+    if ver:
+        n = int(ver.lstrip("v"))
+        if n in versions:
+            return versions[n], False
+        if n == 1 and (shipped_weights_dir() / f"{base}.json").is_file():
+            return shipped_weights_dir() / f"{base}.json", True
+        raise ModelFileError(f"model {base!r} has no version {n}; `napari-unetpp models` lists what exists.")
+    if versions:
+        return versions[max(versions)], False
+    shipped = shipped_weights_dir() / f"{base}.json"
+    if shipped.is_file():
+        return shipped, True
+    raise ModelFileError(f"no model named {base!r}; `napari-unetpp models` lists the available ones.")
+
+
+def _user_versions(name: str) -> dict[int, Path]:
+    folder = user_models_dir() / name
+    out: dict[int, Path] = {}
+    if folder.is_dir():
+        for f in folder.glob(f"{name}-v*.json"):
+            m = re.fullmatch(rf"{re.escape(name)}-v(\d+)\.json", f.name)
+            if m:
+                out[int(m.group(1))] = f
+    return out
+
+
+def list_models() -> list[ModelInfo]:
+    """Every shipped model and every user model version; unreadable cards are skipped with a warning."""
+    rows: list[ModelInfo] = []
+    wdir = shipped_weights_dir()
+    cards = [(p, True) for p in sorted(wdir.glob("*.json"))] if wdir.is_dir() else []
+    udir = user_models_dir()
+    if udir.is_dir():
+        for folder in sorted(p for p in udir.iterdir() if p.is_dir()):
+            cards += [(p, False) for _, p in sorted(_user_versions(folder.name).items())]
+    for path, shipped in cards:
+        try:
+            card = _read_card(path)
+        except ModelFileError as exc:
+            log.warning("%s", exc)
+            continue
+        rows.append(ModelInfo(card.id, card.name, card.version, shipped, path, card))
+    return rows
+
+
+def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: str | os.PathLike[str] | None = None,
+               storage_dtype: str = "float32") -> Path:
+    """Save a new version of ``card.name`` and return the card's path; never overwrites anything.
+
+    With ``directory=None`` the version number is the next free one in the user models folder and is written into
+    the card. With an explicit ``directory`` the files are ``<directory>/<name>.safetensors/.json`` (how shipped
+    models are made); an existing file there is an error.
+
+    Args:
+        model: The network (its current weights are saved).
+        card: The card to save; ``architecture``, ``weights_sha256``, ``weights_dtype`` and ``version`` are filled in.
+        directory: Target folder (default: the user models folder, versioned).
+        storage_dtype: ``"float32"`` (default) or ``"float16"`` (half the size; loading restores fp32).
+    """
+    from safetensors.torch import save_file
+
+    module = model.module if isinstance(model, LoadedModel) else model
+    if not _NAME_RE.match(card.name):
+        raise ValueError(f"model name {card.name!r} may use only letters, digits, '.', '_' and '-'.")
+    if storage_dtype not in ("float32", "float16"):
+        raise ValueError(f"storage_dtype must be float32 or float16, got {storage_dtype!r}.")
+    dt = torch.float16 if storage_dtype == "float16" else torch.float32
+    state = {k: (v.detach().to("cpu", dt) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in module.state_dict().items()}
+    card.architecture = module.config.to_dict()
+    card.weights_dtype = storage_dtype
+    if directory is None:
+        folder = user_models_dir() / card.name
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
+        tw = Path(tmp) / "w.safetensors"
+        save_file(state, str(tw))
+        card.weights_sha256 = _sha256(tw)
+        while True:
+            if directory is None:
+                versions = _user_versions(card.name)
+                card.version = max(versions, default=0) + 1
+                stem = folder / f"{card.name}-v{card.version}"
+            else:
+                stem = folder / card.name
+            tc = Path(tmp) / "c.json"
+            tc.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+            try:
+                os.link(tc, stem.with_suffix(".json"))  # fails if the version exists: claims it atomically
+            except FileExistsError:
+                if directory is not None:
+                    raise FileExistsError(f"{stem.with_suffix('.json')} exists; models are never overwritten.")
+                continue  # another process took this version number: take the next
+            try:
+                os.link(tw, stem.with_suffix(".safetensors"))
+            except FileExistsError:
+                os.unlink(stem.with_suffix(".json"))
+                raise FileExistsError(f"{stem.with_suffix('.safetensors')} exists; models are never overwritten.")
+            break
+    log.info("saved model %s to %s", card.id, stem)
+    return stem.with_suffix(".json")
