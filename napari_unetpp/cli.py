@@ -60,7 +60,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 break
             if not args.quiet:
                 _progress_bar(p.done, p.total, t0)
-    except (ReadError, ModelFileError, InputError) as exc:
+    except (ReadError, ModelFileError, InputError, ValueError) as exc:
         raise CliError(str(exc)) from None
     except MemoryError as exc:
         raise CliError(f"out of memory: {exc}" if str(exc) else "out of memory; try a smaller --tile.") from None

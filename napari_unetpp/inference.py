@@ -285,7 +285,15 @@ def predict_iter(
     tile = tile if tile is not None else loaded.card.tile
     tile_t = _default_tile(cfg.spatial_dims) if tile is None else \
         ((int(tile),) * cfg.spatial_dims if np.isscalar(tile) else tuple(int(t) for t in tile))
-    plan = TilePlan(sp_shape, tile_t, overlap)
+    if len(tile_t) != cfg.spatial_dims:
+        raise ValueError(f"tile needs {cfg.spatial_dims} sizes for a {cfg.spatial_dims}D model, got {tile_t}.")
+    # Each plane is reflect-padded once to a multiple of 2**max_depth and tiles are multiples of it, so the network
+    # never pads inside a tile: whole-image and tiled runs see the same image borders.
+    mult = 2 ** net.max_depth
+    pad = [((-n) % mult // 2, (-n) % mult - (-n) % mult // 2) for n in sp_shape]
+    padded = tuple(n + a + b for n, (a, b) in zip(sp_shape, pad))
+    tile_t = tuple(max(mult, t // mult * mult) for t in tile_t)
+    plan = TilePlan(padded, tile_t, overlap, align=mult)
     batch = batch_size or _default_batch(plan.tile_shape, dev)
     runner = _Runner(net, k, dev, precision, batch)
     nc = cfg.num_classes
@@ -308,8 +316,16 @@ def predict_iter(
     prob_views = {lv: _pview(p, out_order, nc) for lv, p in result.probabilities.items()}
     ens_view = _pview(result.ensemble, out_order, nc) if want_ens else None
 
+    crop_rest = tuple(slice(a, a + n) for (a, _), n in zip(pad[1:], sp_shape[1:]))
+
     def make_sink(pidx: tuple[int, ...]):
         def sink(a: int, b: int, vals: np.ndarray) -> None:
+            # rows a:b of the padded plane -> rows of the image, with the padding cropped off
+            lo, hi = max(a, pad[0][0]), min(b, pad[0][0] + sp_shape[0])
+            if lo >= hi:
+                return
+            vals = vals[(slice(None), slice(lo - a, hi - a), *crop_rest)]
+            a, b = lo - pad[0][0], hi - pad[0][0]
             vals = vals.reshape(-1, nc, *vals.shape[1:])  # (channels, classes, rows, ...)
             chosen = None
             for ci, lv in enumerate(blend_levels):
@@ -328,7 +344,7 @@ def predict_iter(
     done = 0
     blenders: dict[tuple[int, ...], Blender] = {}
     remaining: dict[tuple[int, ...], int] = {}
-    for items in _batches(_tiles(src, loop_shape, plan, norm, stats, n_ch, "C" in axes), runner.batch):
+    for items in _batches(_tiles(src, loop_shape, plan, pad, norm, stats, n_ch, "C" in axes), runner.batch):
         probs = runner.probs(np.stack([t for _, _, t in items]))  # (B, k, nc, ...)
         finished = []
         for (pidx, sl, _), pr in zip(items, probs):
@@ -391,10 +407,11 @@ def _channel(src: Any, c: int, n_loop: int, has_c: bool) -> Any:
     return src[(slice(None),) * n_loop + (c,)] if has_c else src
 
 
-def _tiles(src: Any, loop_shape: tuple[int, ...], plan: TilePlan, norm: Normalization,
+def _tiles(src: Any, loop_shape: tuple[int, ...], plan: TilePlan, pad: list[tuple[int, int]], norm: Normalization,
            stats: list[tuple[float, float]], n_ch: int, has_c: bool
            ) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...], np.ndarray]]:
-    """(plane index, tile slices, normalised ``(C, *tile)`` float32) in plane then raster order."""
+    """(plane index, tile slices, normalised ``(C, *tile)`` float32) in plane then raster order; tiles index the
+    plane after ``pad``."""
     for pidx in np.ndindex(*loop_shape) if loop_shape else [()]:
         block = np.asarray(src[pidx])
         if not has_c:
@@ -405,6 +422,8 @@ def _tiles(src: Any, loop_shape: tuple[int, ...], plan: TilePlan, norm: Normaliz
         if block.dtype.kind not in "biuf":
             raise InputError(f"cannot segment an image of dtype {block.dtype}; convert it to numbers first.")
         planes = np.stack([norm.apply(block[c], stats[c]) for c in range(n_ch)])
+        if any(a or b for a, b in pad):
+            planes = np.pad(planes, [(0, 0), *pad], mode="reflect" if min(planes.shape[1:]) > 1 else "edge")
         for sl in plan:
             yield pidx, sl, np.ascontiguousarray(planes[(slice(None), *sl)])
 

@@ -104,7 +104,7 @@ def write_image(path: str | os.PathLike[str], data: np.ndarray, axes: str | None
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
     os.close(fd)
     try:
-        kw: dict[str, Any] = {"metadata": {"axes": axes} if axes else None}
+        kw: dict[str, Any] = {"metadata": {"axes": axes} if axes else None, "photometric": "minisblack"}
         if scale and "X" in scale and "Y" in scale:
             kw["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
         tifffile.imwrite(tmp, np.asarray(data), **kw)

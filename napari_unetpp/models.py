@@ -317,6 +317,7 @@ def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: st
     with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
         tw = Path(tmp) / "w.safetensors"
         save_file(state, str(tw))
+        os.chmod(tw, 0o644)
         card.weights_sha256 = _sha256(tw)
         while True:
             if directory is None:

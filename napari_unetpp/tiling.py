@@ -17,19 +17,24 @@ import numpy as np
 __all__ = ["TilePlan", "Blender", "gaussian_weights", "axis_starts"]
 
 
-def axis_starts(size: int, tile: int, overlap: float) -> list[int]:
+def axis_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
     """Tile start positions along one axis: evenly spread, first at 0, last at ``size - tile``.
 
     Args:
         size: Extent of the axis.
         tile: Tile extent (clipped to ``size``).
         overlap: Minimum overlap as a fraction of the tile, in [0, 1).
+        align: Starts are multiples of this (default 1). A network that pools k times is only shift-equivariant
+            for shifts that are multiples of 2**k, so aligned tiles reproduce the whole-image result.
+            ``size - tile`` must be a multiple of ``align``.
     """
     if size <= tile:
         return [0]
-    step = max(1, int(tile * (1.0 - overlap)))
+    if (size - tile) % align:
+        raise ValueError(f"size - tile ({size} - {tile}) must be a multiple of align={align}.")
+    step = max(align, int(tile * (1.0 - overlap)) // align * align)
     n = int(np.ceil((size - tile) / step)) + 1
-    return [int(round(s)) for s in np.linspace(0, size - tile, n)]
+    return sorted({int(round(s / align)) * align for s in np.linspace(0, size - tile, n)})
 
 
 def gaussian_weights(shape: Sequence[int], sigma_scale: float = 0.125, floor: float = 1e-3) -> np.ndarray:
@@ -57,11 +62,13 @@ class TilePlan:
         shape: Spatial extent, e.g. ``(H, W)`` or ``(D, H, W)``.
         tile: Requested tile extent per axis.
         overlap: Minimum overlap fraction (default 0.25).
+        align: Tile starts are multiples of this (default 1; see :func:`axis_starts`).
     """
 
     shape: tuple[int, ...]
     tile: tuple[int, ...]
     overlap: float = 0.25
+    align: int = 1
 
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.tile):
@@ -79,7 +86,7 @@ class TilePlan:
     @property
     def starts(self) -> list[list[int]]:
         """Start positions per axis."""
-        return [axis_starts(s, t, self.overlap) for s, t in zip(self.shape, self.tile_shape)]
+        return [axis_starts(s, t, self.overlap, self.align) for s, t in zip(self.shape, self.tile_shape)]
 
     def __len__(self) -> int:
         return int(np.prod([len(s) for s in self.starts]))

@@ -1,0 +1,45 @@
+"""Shared fixtures: real ISBI 2012 crops (tests/data), tiny models, an isolated user model folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+DATA = Path(__file__).parent / "data"
+os.environ.setdefault("NAPARI_UNETPP_SYNC", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_models(tmp_path_factory, monkeypatch):
+    """Every test gets its own user-model folder, so nothing a test saves leaks into another (or the user's)."""
+    monkeypatch.setenv("NAPARI_UNETPP_HOME", str(tmp_path_factory.mktemp("home")))
+
+
+@pytest.fixture(scope="session")
+def em_crop() -> np.ndarray:
+    """3 x 161 x 187 uint8 crop of ISBI 2012 validation slices 25-27 (odd sizes on purpose)."""
+    return tifffile.imread(DATA / "isbi_val_crop.tif")
+
+
+@pytest.fixture(scope="session")
+def em_crop_membrane() -> np.ndarray:
+    """Membrane mask (1 = membrane) matching :func:`em_crop`."""
+    return tifffile.imread(DATA / "isbi_val_crop_labels.tif")
+
+
+@pytest.fixture(scope="session")
+def em_model():
+    """The shipped EM membrane model."""
+    from napari_unetpp import load_model
+
+    return load_model("em-membranes")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)

@@ -1,0 +1,115 @@
+"""The command line: success paths and one-sentence failures that write nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unetpp.cli import main
+
+from .conftest import DATA, dice
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "napari_unetpp.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_predict_writes_mask_and_levels(tmp_path, em_crop, em_crop_membrane):
+    out = tmp_path / "mask.tif"
+    r = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(out), "--depth", "3", "--all-levels",
+            "--ensemble", "--device", "cpu", "--tile", "128")
+    assert r.returncode == 0, r.stderr
+    assert "tiles" in r.stderr and "3/3" not in r.stdout  # the progress bar goes to stderr
+    mask = tifffile.imread(out)
+    assert mask.shape == em_crop.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert dice(mask, em_crop_membrane) > 0.7
+    levels = [tifffile.imread(tmp_path / f"mask_L{k}.tif") for k in (1, 2, 3)]
+    assert all(lv.shape == em_crop.shape and lv.dtype == np.float16 for lv in levels)
+    ens = tifffile.imread(tmp_path / "mask_ensemble.tif").astype(np.float32)
+    np.testing.assert_allclose(ens, np.mean([lv.astype(np.float32) for lv in levels], 0), atol=2e-3)
+    decided = np.abs(ens - 0.5) > 1e-3  # the mask thresholds float32 values; the file holds float16
+    np.testing.assert_array_equal(mask[decided], (ens >= 0.5)[decided])
+    with tifffile.TiffFile(out) as tf:
+        assert tf.series[0].axes == "ZYX"
+    assert "L3 (ensemble)" in r.stdout and "wrote" in r.stdout
+
+
+def test_predict_in_process_quiet(tmp_path, capsys):
+    out = tmp_path / "m.tif"
+    assert main(["predict", str(DATA / "isbi_val_crop.tif"), "-o", str(out), "--depth", "1", "-q"]) == 0
+    assert out.exists() and capsys.readouterr().err == ""
+
+
+def test_models_lists_shipped(capsys):
+    assert main(["models", "-v"]) == 0
+    text = capsys.readouterr().out
+    assert "em-membranes@v1" in text and "shipped" in text and "Cardona" not in text and "L4:" in text
+
+
+def _bad(tmp_path, args, match):
+    out = tmp_path / "out.tif"
+    r = run("predict", *args, "-o", str(out))
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("napari-unetpp: error:") and match in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".out*"))
+
+
+def test_unreadable_file(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"this is not a tiff")
+    _bad(tmp_path, [str(bad)], "not a readable TIFF")
+    _bad(tmp_path, [str(tmp_path / "missing.tif")], "no such file")
+
+
+def test_nans(tmp_path):
+    img = np.ones((2, 40, 40), np.float32)
+    img[1, 5, 5] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", img)
+    _bad(tmp_path, [str(tmp_path / "nan.tif")], "NaN")
+
+
+def test_wrong_dimensionality_and_channels(tmp_path):
+    tifffile.imwrite(tmp_path / "line.tif", np.zeros((5, 1), np.uint8)[:, 0].reshape(1, 5))
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 40, 40, 3), np.uint8), photometric="rgb")
+    _bad(tmp_path, [str(tmp_path / "rgb.tif"), "--axes", "ZYXC"], "expects 1 channel")
+    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--axes", "YX"], "do not match")
+    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--model", "no-such-model"], "no model named")
+    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--device", "cuda"] if not _has_cuda() else
+         [str(DATA / "isbi_val_crop.tif"), "--depth", "9"], "CUDA" if not _has_cuda() else "depth")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_bad_depth_and_output(tmp_path):
+    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--depth", "9"], "depth must be between 1 and 4")
+    r = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(tmp_path / "no" / "dir.tif"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_corrupt_model_file(tmp_path):
+    import shutil
+
+    from napari_unetpp.models import shipped_weights_dir
+
+    for ext in (".json", ".safetensors"):
+        shutil.copy(shipped_weights_dir() / f"em-membranes{ext}", tmp_path / f"copy{ext}")
+    w = tmp_path / "copy.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--model", str(w)], "corrupt or truncated")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["predict", "--help"]])
+def test_help_and_version(argv):
+    r = run(*argv)
+    assert r.returncode == 0 and "napari-unetpp" in r.stdout

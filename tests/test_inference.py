@@ -1,0 +1,218 @@
+"""predict / predict_iter on real ISBI crops: tiling equivalence, levels, axes, channels, bad input, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unetpp import UNetPlusPlus, predict, predict_iter
+from napari_unetpp.inference import InputError, guess_axes
+
+from .conftest import dice
+
+
+def tiny(**kw) -> UNetPlusPlus:
+    torch.manual_seed(0)
+    kw.setdefault("features", (4, 8, 8))
+    return UNetPlusPlus(**kw).eval()
+
+
+@pytest.fixture(scope="module")
+def em_slice() -> np.ndarray:
+    """One full 512 x 512 real validation slice (ISBI 2012 slice 25) from the package's sample data."""
+    from napari_unetpp._sample_data import em_sample
+
+    return em_sample()[0][0][:1]
+
+
+# tiles at least as wide as L4's receptive field meet the tight bound; 128-pixel tiles cut L4's context
+@pytest.mark.parametrize("tile,overlap,q99,mask_dice", [(256, 0.25, 0.03, 0.995), (192, 0.25, 0.03, 0.995),
+                                                        (128, 0.5, 0.08, 0.993)])
+def test_tiled_matches_untiled_on_real_em(em_model, em_slice, tile, overlap, q99, mask_dice):
+    whole = predict(em_slice, em_model, depth=4, levels="all", tile=1024, precision="fp32")
+    tiled = predict(em_slice, em_model, depth=4, levels="all", tile=tile, overlap=overlap, precision="fp32")
+    assert whole.tiles == 1 and tiled.tiles >= 9
+    for lv in range(1, 5):
+        a = whole.probabilities[lv].astype(np.float32)
+        b = tiled.probabilities[lv].astype(np.float32)
+        d = np.abs(a - b)
+        assert d.mean() < 0.003 and np.quantile(d, 0.99) < q99 and np.quantile(d, 0.999) < 0.25, lv
+        assert dice(a > 0.5, b > 0.5) >= 0.993, lv
+    assert dice(whole.mask, tiled.mask) >= mask_dice
+
+
+def test_tiled_matches_untiled_on_odd_sized_crop(em_model, em_crop):
+    whole = predict(em_crop, em_model, depth=4, levels="all", tile=1024, precision="fp32")
+    tiled = predict(em_crop, em_model, depth=4, levels="all", tile=96, precision="fp32")
+    assert whole.tiles == 3 and tiled.tiles == 27
+    for lv in range(1, 5):
+        a, b = whole.probabilities[lv].astype(np.float32), tiled.probabilities[lv].astype(np.float32)
+        assert np.abs(a - b).mean() < 0.005 and dice(a > 0.5, b > 0.5) >= 0.99, lv
+
+
+def test_no_seams_at_tile_borders(em_model, em_crop):
+    """Disagreement with the untiled result is no larger along tile borders than elsewhere."""
+    whole = predict(em_crop[:1], em_model, depth=4, tile=1024, precision="fp32").probabilities[4].astype(np.float32)
+    tiled = predict(em_crop[:1], em_model, depth=4, tile=96, overlap=0.25, precision="fp32").probabilities[4]
+    diff = np.abs(whole - tiled.astype(np.float32))[0]
+    from napari_unetpp.tiling import TilePlan
+
+    plan = TilePlan(diff.shape, (96, 96), 0.25)
+    border = np.zeros(diff.shape, bool)
+    for sl in plan:
+        for ax in (0, 1):
+            for edge in (sl[ax].start, sl[ax].stop - 1):
+                if 0 < edge < diff.shape[ax] - 1:
+                    idx = [slice(None), slice(None)]
+                    idx[ax] = slice(edge, edge + 1)
+                    border[tuple(idx)] = True
+    assert diff[border].mean() < 0.02
+
+
+def test_em_model_segments_real_membranes(em_model, em_crop, em_crop_membrane):
+    pred = predict(em_crop, em_model, depth=4, precision="fp32")
+    assert pred.mask.shape == em_crop.shape and pred.mask.dtype == np.uint8
+    assert dice(pred.mask, em_crop_membrane) > 0.7
+
+
+def test_levels_ensemble_and_outputs(em_model, em_crop):
+    pred = predict(em_crop[:1], em_model, depth=3, mode="ensemble", levels="all", precision="fp32")
+    assert sorted(pred.probabilities) == [1, 2, 3] and pred.depth == 3 and pred.mode == "ensemble"
+    mean = np.mean([pred.probabilities[k].astype(np.float32) for k in (1, 2, 3)], axis=0)
+    np.testing.assert_allclose(pred.ensemble.astype(np.float32), mean, atol=2e-3)
+    decided = np.abs(pred.ensemble.astype(np.float32) - 0.5) > 1e-3  # float16 storage rounds near 0.5
+    np.testing.assert_array_equal(pred.mask[decided], (pred.ensemble.astype(np.float32) >= 0.5)[decided])
+    # pruned depth 2 returns the same head-2 map as depth 3 computed it
+    p2 = predict(em_crop[:1], em_model, depth=2, precision="fp32")
+    np.testing.assert_allclose(p2.probabilities[2].astype(np.float32), pred.probabilities[2].astype(np.float32),
+                               atol=1e-3)
+    # recommended depth from the card is the default
+    assert predict(em_crop[:1], em_model).depth == em_model.card.recommended_depth
+
+
+def test_prob_dtypes(em_model, em_crop):
+    a = predict(em_crop[:1], em_model, depth=1, prob_dtype="uint8", precision="fp32").probabilities[1]
+    b = predict(em_crop[:1], em_model, depth=1, prob_dtype="float32", precision="fp32").probabilities[1]
+    assert a.dtype == np.uint8 and b.dtype == np.float32
+    assert np.abs(a / 255.0 - b).max() <= 0.5 / 255 + 1e-6
+
+
+def test_bf16_autocast_agrees_with_fp32(em_model, em_crop):
+    a = predict(em_crop, em_model, depth=4, precision="fp32")
+    b = predict(em_crop, em_model, depth=4, precision="bf16")
+    assert dice(a.mask, b.mask) > 0.98
+
+
+@pytest.mark.parametrize("axes,shape", [("YX", (37, 41)), ("ZYX", (3, 37, 41)), ("TZYX", (2, 2, 37, 41)),
+                                        ("YXZ", (37, 41, 3))])
+def test_axes_2d_model(axes, shape):
+    m = tiny()
+    img = np.random.default_rng(0).random(shape).astype(np.float32)
+    pred = predict(img, m, axes=axes, tile=32, precision="fp32")
+    assert pred.mask.shape == shape and pred.axes == axes
+    # each plane equals the plane predicted alone
+    if "Z" in axes:
+        z = axes.index("Z")
+        plane = np.take(img, 1, axis=z)
+        alone = predict(plane if plane.ndim == 2 else plane[0], m, axes="YX", tile=32, precision="fp32")
+        got = np.take(pred.probabilities[2], 1, axis=z)
+        np.testing.assert_allclose(got if got.ndim == 2 else got[0], alone.probabilities[2], atol=1e-3)
+
+
+def test_channels_axis_and_mismatch():
+    m = tiny(in_channels=2, num_classes=3)
+    img = np.random.default_rng(0).random((3, 2, 33, 35)).astype(np.float32)
+    pred = predict(img, m, axes="ZCYX", levels="all", precision="fp32")
+    assert pred.mask.shape == (3, 33, 35) and pred.axes == "ZYX" and pred.mask.max() <= 2
+    assert pred.probabilities[2].shape == (3, 3, 33, 35)
+    np.testing.assert_allclose(pred.probabilities[2].astype(np.float32).sum(0), 1.0, atol=5e-3)
+    with pytest.raises(InputError, match="expects 2 channel"):
+        predict(img[:, 0], m, axes="ZYX")
+    with pytest.raises(InputError, match="expects 1 channel"):
+        predict(np.zeros((3, 20, 20, 3), np.uint8), tiny(), axes="ZYXC")
+
+
+def test_3d_model_on_volume_and_errors():
+    m = tiny(spatial_dims=3, features=(4, 8, 8), norm="group")
+    vol = np.random.default_rng(0).random((2, 19, 40, 37)).astype(np.float32)
+    whole = predict(vol, m, axes="TZYX", tile=64, levels="all", precision="fp32")
+    tiled = predict(vol, m, axes="TZYX", tile=(16, 24, 24), overlap=0.5, levels="all", precision="fp32")
+    assert whole.mask.shape == vol.shape and tiled.tiles > whole.tiles
+    assert np.abs(whole.probabilities[2].astype(np.float32) - tiled.probabilities[2].astype(np.float32)).mean() < 0.1
+    with pytest.raises(InputError, match="3D model needs a Z axis"):
+        predict(vol[0, 0], m, axes="YX")
+
+
+def test_bad_input_messages():
+    m = tiny()
+    with pytest.raises(InputError, match="NaN"):
+        img = np.ones((2, 30, 30), np.float32)
+        img[1, 3, 3] = np.nan
+        predict(img, m)
+    with pytest.raises(InputError, match="do not match"):
+        predict(np.zeros((30, 30)), m, axes="ZYX")
+    with pytest.raises(InputError, match="empty"):
+        predict(np.zeros((0, 30)), m)
+    with pytest.raises(InputError, match="cannot guess"):
+        guess_axes((1, 2, 3, 4, 5))
+    with pytest.raises(ValueError, match="depth must be between"):
+        predict(np.zeros((30, 30)), m, depth=3)
+    with pytest.raises(ValueError, match="levels must lie"):
+        predict(np.zeros((30, 30)), m, depth=1, levels=[2])
+
+
+def test_lazy_inputs_dask_and_memmap(tmp_path, em_model, em_crop):
+    da = pytest.importorskip("dask.array")
+    ref = predict(em_crop, em_model, depth=2, precision="fp32")
+    lazy = predict(da.from_array(em_crop, chunks=(1, 80, 80)), em_model, depth=2, precision="fp32")
+    np.testing.assert_array_equal(ref.mask, lazy.mask)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8, shape=em_crop.shape)
+    mm[:] = em_crop
+    mm.flush()
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    np.testing.assert_array_equal(ref.mask, predict(mm, em_model, depth=2, precision="fp32").mask)
+
+
+def test_progress_and_cancellation(em_model, em_crop):
+    gen = predict_iter(em_crop, em_model, depth=1, tile=64, batch_size=2, precision="fp32")
+    first = next(gen)
+    assert 0 < first.done < first.total and first.fraction < 1
+    seen = [first]
+    for p in gen:
+        seen.append(p)
+        if any(p.planes_done):
+            break
+    done_planes = [pl for p in seen for pl in p.planes_done]
+    assert done_planes == [(0,)]
+    partial = seen[-1].partial
+    ref = predict(em_crop, em_model, depth=1, tile=64, precision="fp32")  # same stack: same normalisation stats
+    np.testing.assert_array_equal(partial.mask[0], ref.mask[0])  # a plane reported done is final
+    gen.close()  # cancel: the generator stops, nothing is returned
+    with pytest.raises(StopIteration):
+        next(gen)
+    # progress of a full run reaches the total exactly once per batch
+    steps = list(predict_iter(em_crop, em_model, depth=1, tile=64, batch_size=3, precision="fp32"))
+    assert steps[-1].done == steps[-1].total and [p.done for p in steps] == sorted(p.done for p in steps)
+    assert sorted(pl for p in steps for pl in p.planes_done) == [(0,), (1,), (2,)]
+
+
+def test_out_of_memory_halves_the_batch(monkeypatch, em_model, em_crop):
+    from napari_unetpp import inference
+
+    calls = []
+    real = inference._Runner._forward
+
+    def flaky(self, chunk):
+        calls.append(len(chunk))
+        if len(chunk) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, chunk)
+
+    monkeypatch.setattr(inference._Runner, "_forward", flaky)
+    pred = predict(em_crop, em_model, depth=1, tile=64, batch_size=4, precision="fp32")
+    assert calls[0] == 4 and calls[1] == 2 and set(calls[2:]) == {1}
+    ref_calls = len(calls)
+    monkeypatch.setattr(inference._Runner, "_forward", real)
+    np.testing.assert_array_equal(pred.mask, predict(em_crop, em_model, depth=1, tile=64, precision="fp32").mask)
+    assert ref_calls > 3

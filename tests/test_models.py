@@ -1,0 +1,122 @@
+"""Model files: round trip, versions never overwritten, corrupt / truncated / mismatched files, registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from napari_unetpp import UNetPlusPlus
+from napari_unetpp.models import (ModelCard, ModelFileError, list_models, load_model, save_model,
+                                  shipped_weights_dir, user_models_dir)
+
+
+def tiny(seed=0, **kw) -> UNetPlusPlus:
+    torch.manual_seed(seed)
+    return UNetPlusPlus(features=(4, 8, 8), norm="batch", **kw).eval()
+
+
+def card(name="mine", **kw) -> ModelCard:
+    return ModelCard(name=name, architecture={}, **kw)
+
+
+def test_round_trip_is_exact_and_versions_increment():
+    m = tiny()
+    p1 = save_model(m, card(scores={"L1": {"dice": 0.5}}, recommended_depth=1))
+    p2 = save_model(tiny(seed=1), card(parent="mine@v1"))
+    assert p1.name == "mine-v1.json" and p2.name == "mine-v2.json" and p1.parent == user_models_dir() / "mine"
+    newest = load_model("mine")
+    assert newest.card.version == 2 and newest.card.parent == "mine@v1"
+    first = load_model("mine@v1")
+    assert first.card.recommended_depth == 1 and first.card.scores["L1"]["dice"] == 0.5
+    for (k, a), b in zip(m.state_dict().items(), first.module.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randn(1, 1, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(first.module(x)[-1], m(x)[-1])
+    assert [r.id for r in list_models() if not r.shipped] == ["mine@v1", "mine@v2"]
+
+
+def test_saving_never_overwrites(tmp_path):
+    save_model(tiny(), card("fixed"), directory=tmp_path)
+    before = (tmp_path / "fixed.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_model(tiny(seed=3), card("fixed"), directory=tmp_path)
+    assert (tmp_path / "fixed.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.json", "fixed.safetensors"]
+
+
+def test_fp16_storage_restores_fp32(tmp_path):
+    torch.manual_seed(0)
+    m = UNetPlusPlus(features=(16, 32, 64), norm="batch").eval()
+    path = save_model(m, card("half"), directory=tmp_path, storage_dtype="float16")
+    save_model(m, card("full"), directory=tmp_path)
+    assert (tmp_path / "half.safetensors").stat().st_size < 0.55 * (tmp_path / "full.safetensors").stat().st_size
+    lm = load_model(path)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.module(x)[-1], m(x)[-1], atol=2e-2, rtol=1e-2)
+    assert lm.card.weights_dtype == "float16"
+    assert all(p.dtype == torch.float32 for p in lm.module.parameters())
+
+
+def test_truncated_weights_are_reported_with_the_file_name(tmp_path):
+    path = save_model(tiny(), card("broken"), directory=tmp_path)
+    w = tmp_path / "broken.safetensors"
+    w.write_bytes(w.read_bytes()[:200])
+    with pytest.raises(ModelFileError, match="broken.safetensors.*corrupt or truncated"):
+        load_model(path)
+    # without a checksum in the card, safetensors itself rejects the file
+    d = json.loads(path.read_text())
+    d["weights_sha256"] = ""
+    path.write_text(json.dumps(d))
+    with pytest.raises(ModelFileError, match="broken.safetensors.*corrupt or truncated"):
+        load_model(path)
+
+
+def test_mismatched_architecture_is_reported(tmp_path):
+    path = save_model(tiny(), card("mismatch"), directory=tmp_path)
+    d = json.loads(path.read_text())
+    d["architecture"]["features"] = [4, 8, 16]
+    path.write_text(json.dumps(d))
+    with pytest.raises(ModelFileError, match="do not match the architecture.*wrong shape"):
+        load_model(path)
+
+
+def test_bad_card_missing_files_and_unknown_names(tmp_path):
+    path = save_model(tiny(), card("badcard"), directory=tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(ModelFileError, match="badcard.json.*unreadable"):
+        load_model(tmp_path / "badcard.safetensors")
+    (tmp_path / "lonely.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelFileError, match="card is missing"):
+        load_model(tmp_path / "lonely.safetensors")
+    with pytest.raises(ModelFileError, match="no model named 'nope'"):
+        load_model("nope")
+    with pytest.raises(ModelFileError, match="no version 7"):
+        save_model(tiny(), card("exists"))
+        load_model("exists@v7")
+    with pytest.raises(ValueError, match="may use only"):
+        save_model(tiny(), card("bad name/x"))
+
+
+def test_weights_load_without_pickle(tmp_path):
+    """A pickle file renamed to .safetensors is refused, never unpickled."""
+    path = save_model(tiny(), card("pickled"), directory=tmp_path)
+    torch.save(tiny().state_dict(), tmp_path / "pickled.safetensors")
+    d = json.loads(path.read_text())
+    d["weights_sha256"] = ""
+    path.write_text(json.dumps(d))
+    with pytest.raises(ModelFileError, match="corrupt or truncated"):
+        load_model(path)
+
+
+def test_shipped_model_is_found_and_described():
+    assert (shipped_weights_dir() / "em-membranes.safetensors").is_file()
+    rows = {r.id: r for r in list_models()}
+    em = rows["em-membranes@v1"]
+    assert em.shipped and em.card.classes == ["membrane"]
+    assert set(em.card.scores) == {"L1", "L2", "L3", "L4"} and 1 <= em.card.recommended_depth <= 4
+    assert "Cardona" in " ".join(em.card.training["citations"])
+    assert load_model("em-membranes").shipped and load_model("em-membranes@v1").shipped
