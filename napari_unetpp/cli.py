@@ -120,7 +120,7 @@ def _score(s: object) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    return run_demo(sample=args.sample)
+    return run_demo(sample=args.sample, screenshot=args.screenshot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="open napari with the plugin and a real sample loaded")
     d.add_argument("--sample", default="em", help="sample to open (default: em)")
+    d.add_argument("--screenshot", default=None, help="save a screenshot of the window to this PNG and exit")
     d.set_defaults(func=_cmd_demo)
     return ap
 
