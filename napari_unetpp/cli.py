@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every level's probabilities as OUT_L<k>.tif (float16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: the model's, else 512/96)")
-    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="largest tile in pixels (default: the model's, else 1024 in 2D, 96 in 3D)")
+    p.add_argument("--overlap", type=float, default=0.125, help="tile overlap fraction (default 0.125)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: automatic)")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold (default 0.5)")
     p.add_argument("--axes", default=None, help="axes of the input, e.g. ZYX, TZYX, ZCYX (default: from the file)")

@@ -142,11 +142,11 @@ def optimize_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _default_tile(spatial_dims: int) -> tuple[int, ...]:
-    return (512, 512) if spatial_dims == 2 else (96, 96, 96)
+    return (1024, 1024) if spatial_dims == 2 else (96, 96, 96)
 
 
 def _default_batch(tile_shape: Sequence[int], device: torch.device) -> int:
-    budget = (2 ** 19 if device.type == "cpu" else 2 ** 21) if len(tile_shape) == 2 else \
+    budget = (2 ** 20 if device.type == "cpu" else 2 ** 22) if len(tile_shape) == 2 else \
         (2 ** 20 if device.type == "cpu" else 2 ** 22)
     return max(1, budget // int(np.prod(tile_shape)))
 
@@ -214,7 +214,7 @@ def predict_iter(
     levels: Iterable[int] | str | None = None,
     threshold: float = 0.5,
     tile: int | Sequence[int] | None = None,
-    overlap: float = 0.25,
+    overlap: float = 0.125,
     batch_size: int | None = None,
     device: str | torch.device | None = "auto",
     precision: str = "auto",
@@ -233,9 +233,9 @@ def predict_iter(
         levels: Levels whose probability maps to keep: ``None`` (default: k only), ``"all"`` (1..k) or a list
             of levels <= k. Heads 1..k come from the same depth-k pass, so extra levels cost no extra convolution.
         threshold: Foreground threshold for 1-class models (default 0.5).
-        tile: Tile size per spatial axis, int or tuple (default: 512 in 2D, 96 in 3D). A tile larger than the
-            image means the image is processed whole.
-        overlap: Minimum tile overlap fraction (default 0.25).
+        tile: Largest tile per spatial axis, int or tuple (default: the card's, else 1024 in 2D, 96 in 3D). Planes
+            that fit are processed whole; larger ones get the fewest tiles that cover them, shrunk evenly.
+        overlap: Minimum tile overlap as a fraction of ``tile`` (default 0.125: 128 pixels of a 1024 tile).
         batch_size: Tiles per forward pass (default: from a memory budget for the device).
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"mps"``.
         precision: ``"auto"`` (default: bf16 on capable CPUs, fp16/bf16 on GPUs), ``"fp32"``, ``"bf16"``, ``"fp16"``.

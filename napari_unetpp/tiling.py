@@ -37,6 +37,29 @@ def axis_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[in
     return sorted({int(round(s / align)) * align for s in np.linspace(0, size - tile, n)})
 
 
+def fit_tile(size: int, tile: int, overlap: float, align: int = 1) -> int:
+    """The smallest tile (a multiple of ``align``, at most ``tile``) that covers ``size`` with as few tiles as
+    ``tile`` allows and at least ``overlap * tile`` pixels of overlap: a 2048 axis with a 1024 budget and 1/8 overlap
+    gets three 768 tiles rather than three 1024 tiles, so less is computed twice."""
+    if size <= tile:
+        return size
+    o = _overlap_px(tile, overlap, align)
+    n = -(-(size - o) // (tile - o))
+    t = -(-(size + (n - 1) * o) // n)
+    return min(tile, -(-t // align) * align)
+
+
+def _overlap_px(tile: int, overlap: float, align: int) -> int:
+    """Overlap in pixels: ``overlap * tile`` rounded up to ``align``, and (when aligned to a network's coarsest grid)
+    at least two cells of it, so small tiles still overlap by more than the deepest node's pooling window."""
+    if overlap <= 0:
+        return 0
+    px = -(-int(np.ceil(tile * overlap)) // align) * align
+    if align > 1:
+        px = max(px, 2 * align)
+    return min(tile - align, px)
+
+
 def gaussian_weights(shape: Sequence[int], sigma_scale: float = 0.125, floor: float = 1e-3) -> np.ndarray:
     """Separable Gaussian importance map (nnU-Net style): 1 at the centre, ``floor`` at least at the corners.
 
@@ -80,13 +103,17 @@ class TilePlan:
 
     @property
     def tile_shape(self) -> tuple[int, ...]:
-        """The actual tile extent (tile clipped to the image)."""
-        return tuple(min(t, s) for t, s in zip(self.tile, self.shape))
+        """The actual tile extent: the image where it fits in one tile, else :func:`fit_tile`."""
+        return tuple(fit_tile(s, t, self.overlap, self.align) for t, s in zip(self.tile, self.shape))
 
     @property
     def starts(self) -> list[list[int]]:
         """Start positions per axis."""
-        return [axis_starts(s, t, self.overlap, self.align) for s, t in zip(self.shape, self.tile_shape)]
+        out = []
+        for s, req, t in zip(self.shape, self.tile, self.tile_shape):
+            o = _overlap_px(req, self.overlap, self.align) if s > req else 0
+            out.append(axis_starts(s, t, o / t, self.align))
+        return out
 
     def __len__(self) -> int:
         return int(np.prod([len(s) for s in self.starts]))
@@ -115,15 +142,20 @@ class Blender:
         self.sink = sink
         self.weights = gaussian_weights(plan.tile_shape) if weights is None else weights.astype(np.float32)
         self.row_starts = plan.starts[0]
-        t0 = plan.tile_shape[0]
+        t0 = plan.tile_shape[0] if len(plan) > 1 else 0
         self._acc = np.zeros((channels, t0, *plan.shape[1:]), dtype=np.float32)
         self._wsum = np.zeros((t0, *plan.shape[1:]), dtype=np.float32)
         self._origin = 0  # axis-0 index of the window's first row
         self._row = 0  # index into row_starts of the tiles being added
         self._flushed = 0  # rows already sent
+        self._single = len(plan) == 1  # one tile covers everything: nothing to blend
 
     def add(self, tile: tuple[slice, ...], values: np.ndarray) -> None:
         """Add the output of one tile, ``values`` of shape ``(channels, *tile_shape)``."""
+        if self._single:
+            self.sink(0, self.plan.shape[0], values)
+            self._flushed = self.plan.shape[0]
+            return
         start0 = tile[0].start
         while self.row_starts[self._row] != start0:
             self._advance()

@@ -208,7 +208,6 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
         },
         scores=scores,
         recommended_depth=rec,
-        tile=512,
     )
     dest.mkdir(parents=True, exist_ok=True)
     path = save_model(model, card, directory=dest, storage_dtype="float16")

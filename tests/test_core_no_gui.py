@@ -27,3 +27,11 @@ def test_package_import_is_light():
     r = subprocess.run([sys.executable, "-c", "import sys, napari_unetpp; print('torch' in sys.modules)"],
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ci = [ln for ln in (root / ".ci/run").read_text().splitlines() if ln.startswith("bash scripts/setup.sh")]
+    assert len(ci) == 1 and ci[0] in (root / "README.md").read_text()

@@ -27,7 +27,8 @@ def em_slice() -> np.ndarray:
 
 
 # tiles at least as wide as L4's receptive field meet the tight bound; 128-pixel tiles cut L4's context
-@pytest.mark.parametrize("tile,overlap,q99,mask_dice", [(256, 0.25, 0.03, 0.995), (192, 0.25, 0.03, 0.995),
+# (budgets 256 and 192 give fitted tiles of 224 and 176 on a 512 plane)
+@pytest.mark.parametrize("tile,overlap,q99,mask_dice", [(256, 0.25, 0.03, 0.995), (192, 0.25, 0.04, 0.995),
                                                         (128, 0.5, 0.08, 0.993)])
 def test_tiled_matches_untiled_on_real_em(em_model, em_slice, tile, overlap, q99, mask_dice):
     whole = predict(em_slice, em_model, depth=4, levels="all", tile=1024, precision="fp32")
@@ -45,10 +46,12 @@ def test_tiled_matches_untiled_on_real_em(em_model, em_slice, tile, overlap, q99
 def test_tiled_matches_untiled_on_odd_sized_crop(em_model, em_crop):
     whole = predict(em_crop, em_model, depth=4, levels="all", tile=1024, precision="fp32")
     tiled = predict(em_crop, em_model, depth=4, levels="all", tile=96, precision="fp32")
-    assert whole.tiles == 3 and tiled.tiles == 27
-    for lv in range(1, 5):
+    # stress case: a 96-pixel budget on 176 x 192 (padded) gives 3 x 3 tiles of 80 x 96, narrower than the
+    # receptive field of L3/L4, so their bound is looser than L1/L2's
+    assert whole.tiles == 3 and tiled.tiles == 3 * 3 * 3
+    for lv, bound in zip(range(1, 5), (0.995, 0.995, 0.99, 0.99)):
         a, b = whole.probabilities[lv].astype(np.float32), tiled.probabilities[lv].astype(np.float32)
-        assert np.abs(a - b).mean() < 0.005 and dice(a > 0.5, b > 0.5) >= 0.99, lv
+        assert np.abs(a - b).mean() < 0.005 and dice(a > 0.5, b > 0.5) >= bound, lv
 
 
 def test_no_seams_at_tile_borders(em_model, em_crop):

@@ -69,4 +69,30 @@ def test_plan_validation():
     with pytest.raises(ValueError):
         TilePlan((10, 10), (5, 5), 1.0)
     plan = TilePlan((100, 100), (64, 64), 0.25)
-    assert plan.tile_shape == (64, 64) and len(list(plan)) == len(plan) == 4
+    assert plan.tile_shape == (58, 58) and len(list(plan)) == len(plan) == 4  # two tiles per axis, shrunk evenly
+
+
+@pytest.mark.parametrize("size,tile,overlap,align", [(2048, 1024, 0.125, 16), (2048, 512, 0.25, 16),
+                                                     (1000, 256, 0.25, 1), (513, 512, 0.125, 1), (176, 96, 0.5, 16)])
+def test_fitted_tiles_cover_with_overlap_and_less_waste(size, tile, overlap, align):
+    from napari_unetpp.tiling import fit_tile
+
+    plan = TilePlan((size,), (tile,), overlap, align)
+    t = plan.tile_shape[0]
+    starts = plan.starts[0]
+    assert t <= tile and t % align == 0 or t == size
+    assert all(s % align == 0 for s in starts) and starts[-1] + t == size
+    gaps = np.diff(starts)
+    if len(starts) > 1:
+        assert t - gaps.max() >= int(tile * overlap) // align * align  # at least the requested overlap
+    # never more tiles, and never more computed pixels, than tiles of the full budget would need
+    full = axis_starts(size, min(tile, size), overlap, 1)
+    assert len(starts) <= len(full) + (align > 1)
+    assert len(starts) * t <= len(full) * min(tile, size) + align * len(starts)
+    assert fit_tile(size, tile, overlap, align) == t
+
+
+def test_fitted_2048_plane_computes_less_than_fixed_tiles():
+    plan = TilePlan((2048, 2048), (1024, 1024), 0.125, 16)
+    assert plan.tile_shape == (768, 768) and len(plan) == 9
+    assert len(plan) * 768 ** 2 / 2048 ** 2 < 1.3

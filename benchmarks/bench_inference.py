@@ -1,0 +1,211 @@
+"""Inference benchmark: pruned depths L1..L4 against a plain eager fp32 reference, in one process.
+
+    python benchmarks/bench_inference.py [--model em-membranes] [--repeats 3] [--skip-stack]
+
+For 512 x 512 slices (the five ISBI 2012 validation slices) and a 2048 x 2048 image (4 x 4 real slices), per depth:
+megapixels/s of the full ``predict()`` pipeline (normalise, tile, pruned forward, blend, threshold), peak extra
+memory while it runs, and the ratio of its time to the reference: the same architecture's plain eager fp32 forward
+(every node, every head, batch norm unfused, no autocast), as a library that does not prune would run it, on the
+same input. Masks are compared with the reference's head-k mask (Dice). Then an ablation of the optimisations at
+L4, and the bounded-memory check: a 64 x 2048 x 2048 uint16 TIFF stack predicted by the CLI in a child process,
+its peak RSS against the input size + 1.5 GB. Prints markdown tables; writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from napari_unetpp import load_model, predict
+from napari_unetpp._sample_data import em_sample
+from napari_unetpp.device import autocast_context, cpu_supports_bf16
+from napari_unetpp.inference import optimize_for_inference
+
+
+class PeakRSS:
+    """Samples this process's resident memory every few ms; ``extra_mb`` = peak minus the level at start."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def timed(fn, repeats: int):
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+def reference_forward(ref: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
+    """Plain eager fp32 forward of every node and head, one slice at a time; returns head probabilities."""
+    outs = []
+    with torch.no_grad():
+        for s in x:
+            logits = ref(torch.from_numpy(s[None, None]))
+            outs.append([torch.sigmoid(o)[0, 0].numpy() for o in logits])
+    return [np.stack([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+
+def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None) -> list[dict]:
+    norm = lm.normalization
+    x = norm.apply(img.astype(np.float32), norm.compute_stats(img))
+    ref = copy.deepcopy(lm.module).eval()
+    mp = img.size / 1e6
+    with PeakRSS() as mem:
+        t_ref, ref_probs = timed(lambda: reference_forward(ref, x), repeats)
+    rows = [{"input": name, "level": "reference (all nodes, fp32 eager)", "seconds": t_ref, "mp_s": mp / t_ref,
+             "peak_extra_mb": mem.extra_mb, "vs_reference": 1.0, "dice_vs_reference": 1.0}]
+    for k in range(1, lm.max_depth + 1):
+        with PeakRSS() as mem:
+            t, pred = timed(lambda: predict(img, lm, depth=k, tile=tile), repeats)
+        rows.append({"input": name, "level": f"L{k}", "seconds": t, "mp_s": mp / t, "peak_extra_mb": mem.extra_mb,
+                     "vs_reference": t_ref / t, "dice_vs_reference": dice(pred.mask, ref_probs[k - 1] >= 0.5)})
+    return rows
+
+
+def ablation(lm, img: np.ndarray, repeats: int) -> list[dict]:
+    """Forward-only timings at L4 on 512 x 512 slices: what each optimisation buys."""
+    norm = lm.normalization
+    x = torch.from_numpy(norm.apply(img.astype(np.float32), norm.compute_stats(img))[:, None])
+    plain = copy.deepcopy(lm.module).eval()
+    fused = optimize_for_inference(lm.module, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    variants = [
+        ("eager fp32, no_grad, all heads (reference)", plain, "fp32", torch.no_grad, False),
+        ("+ inference_mode", plain, "fp32", torch.inference_mode, False),
+        ("+ batch norm folded", fused, "fp32", torch.inference_mode, False),
+        ("+ bf16 autocast" if cpu_supports_bf16() else "+ bf16 autocast (no native bf16 here)", fused, "bf16",
+         torch.inference_mode, False),
+        ("+ channels_last", fused, "bf16", torch.inference_mode, True),
+    ]
+    rows = []
+    base = None
+    for label, net, prec, ctx, cl in variants:
+        def run():
+            with ctx(), autocast_context(cpu, prec):
+                for s in x:
+                    inp = s[None].contiguous(memory_format=torch.channels_last) if cl else s[None]
+                    net(inp, depth=4)
+        t, _ = timed(run, repeats)
+        base = base or t
+        rows.append({"variant": label, "seconds": t, "speedup": base / t})
+    return rows
+
+
+def stack_memory(model: str, depth: int | None, workdir: Path) -> dict:
+    """Predict a 64 x 2048 x 2048 uint16 stack with the CLI in a child process; report its peak RSS."""
+    tiles = em_sample()[0][0]  # five real 512 x 512 slices
+    path = workdir / "stack.tif"
+    rng = np.random.default_rng(0)
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for z in range(64):
+            mosaic = np.block([[tiles[(z + i + j) % 5] for j in range(4)] for i in range(4)]).astype(np.uint16)
+            plane = mosaic * 200 + rng.integers(0, 200, mosaic.shape, dtype=np.uint16)
+            tw.write(plane[None], contiguous=True, metadata={"axes": "ZYX"} if z == 0 else None)
+    in_bytes = 64 * 2048 * 2048 * 2
+    cmd = [sys.executable, "-m", "napari_unetpp.cli", "predict", str(path), "-o", str(workdir / "mask.tif"),
+           "--model", model, "-q"] + (["--depth", str(depth)] if depth else [])
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    peak = int(r.stdout.strip().splitlines()[-1]) * 1024
+    return {"input_gb": in_bytes / 2**30, "peak_rss_gb": peak / 2**30, "limit_gb": (in_bytes + 1.5 * 2**30) / 2**30,
+            "seconds": seconds, "mp_s": 64 * 2048 * 2048 / 1e6 / seconds, "cli": r.stdout.strip().splitlines()[0]}
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "\n".join("| " + " | ".join(format(r[c[0]], c[2]) if c[2] else str(r[c[0]]) for c in cols) + " |"
+                            for r in rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="em-membranes")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-stack", action="store_true", help="skip the 64 x 2048 x 2048 memory check")
+    args = ap.parse_args()
+    lm = load_model(args.model)
+    slices = em_sample()[0][0]
+    big = np.block([[slices[(i + j) % 5] for j in range(4)] for i in range(4)])[None]
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "bf16": cpu_supports_bf16(), "torch": torch.__version__, "model": lm.card.id}
+    print(f"# napari-unetpp inference benchmark\n{info}\n")
+    rows = bench_images(lm, "5 x 512x512", slices, args.repeats, None)
+    rows += bench_images(lm, "2048x2048", big, max(1, args.repeats - 1), 512)
+    cols = [("input", "input", ""), ("level", "level", ""), ("seconds", "s", ".3f"), ("mp_s", "MP/s", ".2f"),
+            ("peak_extra_mb", "peak extra MB", ".0f"), ("vs_reference", "x reference", ".2f"),
+            ("dice_vs_reference", "mask Dice vs ref", ".4f")]
+    print(table(rows, cols))
+    for name in ("5 x 512x512", "2048x2048"):
+        by = {r["level"]: r for r in rows if r["input"] == name}
+        print(f"\n{name}: L1 is {by['L1']['mp_s'] / by['L4']['mp_s']:.2f}x faster than L4 (target >= 5); "
+              f"L4 is {by['L4']['vs_reference']:.2f}x the reference (target >= 2), mask Dice "
+              f"{by['L4']['dice_vs_reference']:.4f} (target >= 0.999)")
+    abl = ablation(lm, slices, args.repeats)
+    print("\n## L4 forward on 5 x 512x512, what each step buys\n")
+    print(table(abl, [("variant", "variant", ""), ("seconds", "s", ".3f"), ("speedup", "x reference", ".2f")]))
+    result = {"info": info, "levels": rows, "ablation": abl}
+    if not args.skip_stack:
+        with tempfile.TemporaryDirectory() as tmp:
+            st = stack_memory(args.model, None, Path(tmp))
+        print("\n## 64 x 2048 x 2048 uint16 stack through the CLI (recommended depth)\n")
+        print(f"input {st['input_gb']:.2f} GB, peak RSS {st['peak_rss_gb']:.2f} GB (limit {st['limit_gb']:.2f} GB), "
+              f"{st['seconds']:.0f} s = {st['mp_s']:.2f} MP/s\n{st['cli']}")
+        result["stack"] = st
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "bench_inference.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
