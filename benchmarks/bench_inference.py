@@ -112,15 +112,16 @@ def ablation(lm, img: np.ndarray, repeats: int) -> list[dict]:
     norm = lm.normalization
     x = torch.from_numpy(norm.apply(img.astype(np.float32), norm.compute_stats(img))[:, None])
     plain = copy.deepcopy(lm.module).eval()
-    fused = optimize_for_inference(lm.module, torch.device("cpu"))
     cpu = torch.device("cpu")
+    optimized = optimize_for_inference(lm.module, cpu)  # folded batch norm, channels-last
+    fused = copy.deepcopy(optimized).to(memory_format=torch.contiguous_format)  # .to() converts in place
     variants = [
-        ("eager fp32, no_grad, all heads (reference)", plain, "fp32", torch.no_grad, False),
+        ("eager fp32, no_grad (reference)", plain, "fp32", torch.no_grad, False),
         ("+ inference_mode", plain, "fp32", torch.inference_mode, False),
         ("+ batch norm folded", fused, "fp32", torch.inference_mode, False),
-        ("+ bf16 autocast" if cpu_supports_bf16() else "+ bf16 autocast (no native bf16 here)", fused, "bf16",
-         torch.inference_mode, False),
-        ("+ channels_last", fused, "bf16", torch.inference_mode, True),
+        ("+ channels-last (weights and input)", optimized, "fp32", torch.inference_mode, True),
+        ("+ bf16 autocast" if cpu_supports_bf16() else "+ bf16 autocast (no native bf16 here)", optimized, "bf16",
+         torch.inference_mode, True),
     ]
     rows = []
     base = None
