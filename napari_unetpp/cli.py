@@ -48,7 +48,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         model = load_model(args.model)
         gen = predict_iter(img.data, model, axes=args.axes or img.axes, depth=args.depth,
                            mode="ensemble" if args.ensemble else "pruned",
-                           levels="all" if args.all_levels else None, threshold=args.threshold, tile=args.tile,
+                           levels="all" if args.all_levels else (), threshold=args.threshold, tile=args.tile,
                            overlap=args.overlap, batch_size=args.batch_size, device=args.device,
                            precision=args.precision)
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from .normalization import NonFiniteInputError, Normalization
 from .tiling import Blender, TilePlan
 
 __all__ = ["Progress", "Prediction", "predict", "predict_iter", "guess_axes", "optimize_for_inference",
-           "InputError"]
+           "InputError", "normalization_stats", "memory_format"]
 
 log = logging.getLogger(__name__)
 AXES_LETTERS = "TCZYX"
@@ -235,6 +235,7 @@ def predict_iter(
     precision: str = "auto",
     normalization: Normalization | None = None,
     prob_dtype: str = "float16",
+    stats: Sequence[tuple[float, float]] | None = None,
 ) -> Generator[Progress, None, Prediction]:
     """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
 
@@ -245,8 +246,8 @@ def predict_iter(
         depth: Pruned depth k in 1..max_depth (default: the model card's recommended depth, else the maximum).
             Only the nodes with i + j <= k are computed.
         mode: ``"pruned"`` (default; mask from head k) or ``"ensemble"`` (mask from the mean of heads 1..k).
-        levels: Levels whose probability maps to keep: ``None`` (default: k only), ``"all"`` (1..k) or a list
-            of levels <= k. Heads 1..k come from the same depth-k pass, so extra levels cost no extra convolution.
+        levels: Levels whose probability maps to keep: ``None`` (default: k only), ``"all"`` (1..k), a list
+            of levels <= k, or ``()`` for the mask alone (least memory). Heads 1..k come from the same depth-k pass, so extra levels cost no extra convolution.
         threshold: Foreground threshold for 1-class models (default 0.5).
         tile: Largest tile per spatial axis, int or tuple (default: the card's, else 1024 in 2D, 96 in 3D). Planes
             that fit are processed whole; larger ones get the fewest tiles that cover them, shrunk evenly.
@@ -256,6 +257,9 @@ def predict_iter(
         precision: ``"auto"`` (default: bf16 on capable CPUs, fp16/bf16 on GPUs), ``"fp32"``, ``"bf16"``, ``"fp16"``.
         normalization: Override the model card's normalisation.
         prob_dtype: ``"float16"`` (default), ``"float32"`` or ``"uint8"`` (probability x 255).
+        stats: Normalisation statistics per channel from :func:`normalization_stats` of a larger image (default:
+            computed from ``image``). Pass the stack's statistics when predicting one of its slices, so the slice
+            matches the whole-stack result.
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
@@ -292,10 +296,10 @@ def predict_iter(
     loop_shape = tuple(shape[axes.index(a)] for a in loop)
     sp_shape = tuple(shape[axes.index(a)] for a in spatial)
 
-    try:
-        stats = [norm.compute_stats(_channel(src, c, len(loop), "C" in axes)) for c in range(n_ch)]
-    except NonFiniteInputError as exc:
-        raise InputError(str(exc)) from None
+    if stats is None:
+        stats = _stats(src, norm, n_ch, len(loop), "C" in axes)
+    elif len(stats) != n_ch:
+        raise ValueError(f"stats has {len(stats)} entries for an image with {n_ch} channel(s).")
 
     tile = tile if tile is not None else loaded.card.tile
     tile_t = _default_tile(cfg.spatial_dims) if tile is None else \
@@ -382,6 +386,33 @@ def predict_iter(
     return result
 
 
+def normalization_stats(image: Any, model: Any, axes: str | None = None,
+                        normalization: Normalization | None = None) -> list[tuple[float, float]]:
+    """Per-channel normalisation statistics of ``image`` under ``model``'s recipe (see ``predict_iter(stats=...)``).
+
+    Raises:
+        InputError: bad axes or channels, or non-finite values.
+    """
+    loaded = _resolve_model(model)
+    cfg = loaded.module.config
+    shape = tuple(int(s) for s in image.shape)
+    axes = _check_axes(axes or guess_axes(shape, cfg.spatial_dims), shape, cfg.spatial_dims)
+    spatial = "ZYX" if cfg.spatial_dims == 3 else "YX"
+    loop = [a for a in axes if a not in spatial and a != "C"]
+    order = [axes.index(a) for a in loop] + ([axes.index("C")] if "C" in axes else []) + \
+        [axes.index(a) for a in spatial]
+    src = image.transpose(order) if order != list(range(len(axes))) else image
+    n_ch = shape[axes.index("C")] if "C" in axes else 1
+    return _stats(src, normalization or loaded.normalization, n_ch, len(loop), "C" in axes)
+
+
+def _stats(src: Any, norm: Normalization, n_ch: int, n_loop: int, has_c: bool) -> list[tuple[float, float]]:
+    try:
+        return [norm.compute_stats(_channel(src, c, n_loop, has_c)) for c in range(n_ch)]
+    except NonFiniteInputError as exc:
+        raise InputError(str(exc)) from None
+
+
 def predict(image: Any, model: Any, **kwargs: Any) -> Prediction:
     """Run :func:`predict_iter` to the end and return its :class:`Prediction` (same arguments)."""
     gen = predict_iter(image, model, **kwargs)
@@ -400,7 +431,9 @@ def _levels(levels: Iterable[int] | str | None, k: int) -> list[int]:
             raise ValueError(f"levels must be None, 'all' or a list of levels, got {levels!r}.")
         return list(range(1, k + 1))
     out = sorted({int(lv) for lv in levels})
-    if not out or out[0] < 1 or out[-1] > k:
+    if not out:
+        return []
+    if out[0] < 1 or out[-1] > k:
         raise ValueError(f"levels must lie in 1..{k} (the depth computed), got {out}.")
     return out
 
