@@ -103,7 +103,7 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None)
              "peak_extra_mb": mem.extra_mb, "vs_reference": 1.0, "dice_vs_reference": 1.0, "flips_near_0.5": "-"}]
     runs = [(f"L{k}", k, "auto", tile) for k in range(1, lm.max_depth + 1)]
     runs += [(f"L{lm.max_depth} fp32", lm.max_depth, "fp32", tile)]
-    if tile is not None:
+    if max(img.shape[-2:]) > 1024:  # larger than the default tile budget: also show the untiled run
         runs += [(f"L{lm.max_depth} whole image", lm.max_depth, "auto", 1 << 16)]
     for label, k, prec, tl in runs:
         t, pred = timed(lambda: predict(img, lm, depth=k, tile=tl, precision=prec), repeats)

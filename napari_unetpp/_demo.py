@@ -30,6 +30,8 @@ def run_demo(sample: str = "em", screenshot: str | None = None) -> int:
     viewer.window.resize(1500, 950)
     layers = viewer.open_sample("napari-unetpp", sample)
     image = next(ly for ly in layers if isinstance(ly, Image))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    widget._image.value = image
     model = load_model(SAMPLE_MODELS[sample])
     gen = predict_iter(image.data, model, depth=model.max_depth, levels="all")
     viewer.status = f"UNet++ ({model.card.id}) is segmenting {image.name} ..."

@@ -24,7 +24,7 @@ from torch import nn
 from .device import autocast_context, resolve_device
 from .model import UNetPlusPlus
 from .normalization import NonFiniteInputError, Normalization
-from .tiling import Blender, TilePlan
+from .tiling import Blender, TilePlan, gaussian_weights
 
 __all__ = ["Progress", "Prediction", "predict", "predict_iter", "guess_axes", "optimize_for_inference",
            "InputError", "normalization_stats", "memory_format"]
@@ -359,6 +359,7 @@ def predict_iter(
             mask_view[pidx][a:b] = lab
         return sink
 
+    weights = gaussian_weights(plan.tile_shape) if len(plan) > 1 else None  # shared by every plane's blender
     total = result.tiles
     done = 0
     blenders: dict[tuple[int, ...], Blender] = {}
@@ -368,7 +369,8 @@ def predict_iter(
         finished = []
         for (pidx, sl, _), pr in zip(items, probs):
             if pidx not in blenders:
-                blenders[pidx] = Blender(plan, len(blend_levels) * nc + (nc if want_ens else 0), make_sink(pidx))
+                blenders[pidx] = Blender(plan, len(blend_levels) * nc + (nc if want_ens else 0), make_sink(pidx),
+                                         weights)
                 remaining[pidx] = len(plan)
             chans = [pr[lv - 1] for lv in blend_levels]
             if want_ens:

@@ -141,7 +141,11 @@ class Blender:
                  weights: np.ndarray | None = None) -> None:
         self.plan = plan
         self.sink = sink
-        self.weights = gaussian_weights(plan.tile_shape) if weights is None else weights.astype(np.float32)
+        self._single = len(plan) == 1  # one tile covers everything: nothing to blend
+        if self._single:
+            self.weights = None
+        else:
+            self.weights = gaussian_weights(plan.tile_shape) if weights is None else weights.astype(np.float32)
         self.row_starts = plan.starts[0]
         t0 = plan.tile_shape[0] if len(plan) > 1 else 0
         self._acc = np.zeros((channels, t0, *plan.shape[1:]), dtype=np.float32)
@@ -149,7 +153,6 @@ class Blender:
         self._origin = 0  # axis-0 index of the window's first row
         self._row = 0  # index into row_starts of the tiles being added
         self._flushed = 0  # rows already sent
-        self._single = len(plan) == 1  # one tile covers everything: nothing to blend
 
     def add(self, tile: tuple[slice, ...], values: np.ndarray) -> None:
         """Add the output of one tile, ``values`` of shape ``(channels, *tile_shape)``."""

@@ -1,0 +1,1 @@
+"""napari dock widgets (magicgui Containers). The only package that imports napari, Qt or magicgui."""

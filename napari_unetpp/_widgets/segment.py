@@ -1,0 +1,429 @@
+"""The "UNet++ Segment" dock widget: depth slider over pruned sub-networks, per-level layers, live preview of the
+current slice, and whole-stack runs in a worker thread."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import napari
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, Label, PushButton, RadioButtons, Slider)
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from ..device import DEVICE_CHOICES, describe_device, resolve_device
+from ..inference import InputError, Prediction, normalization_stats, predict_iter
+from ..models import LoadedModel, ModelFileError, list_models, load_model
+from ..postprocess import INSTANCE_METHODS, level_disagreement, split_instances
+from ._workers import run_generator, user_message
+
+log = logging.getLogger(__name__)
+
+
+def layer_name(image: str, tag: str) -> str:
+    """``"<image> [UNet++ L2]"`` and friends."""
+    return f"{image} [UNet++ {tag}]"
+
+
+def image_axes(layer: Image, spatial_dims: int) -> str:
+    """Axes of a napari Image layer's data for a model with ``spatial_dims`` (RGB layers carry a C axis last)."""
+    nd = layer.data.ndim - (1 if layer.rgb else 0)
+    base = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(nd)
+    if base is None:
+        raise InputError(f"the image has {nd} dimensions; UNet++ takes 2 to 4 (YX, ZYX or TZYX).")
+    if spatial_dims == 3 and nd < 3:
+        raise InputError("this is a 3D model and the image is 2D; pick a volume or a 2D model.")
+    return base + ("C" if layer.rgb else "")
+
+
+@dataclass
+class PlaneResult:
+    """Probabilities of one plane (or one volume for 3D models), per level, with the time each depth took."""
+
+    probs: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
+
+
+class SegmentWidget(Container):
+    """Segment the selected image with a UNet++ pruned to the depth on the slider.
+
+    Args:
+        napari_viewer: The viewer (injected by napari).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._image = ComboBox(label="image", choices=self._image_choices, nullable=True,
+                               tooltip="Image layer to segment (2D, stack, time series; grey or RGB)")
+        self._model = ComboBox(label="model", choices=self._model_choices,
+                               tooltip="Shipped models and your fine-tuned versions")
+        self._card = Label(label="trained on", value="")
+        self._depth_slider = Slider(label="depth L", min=1, max=4, value=4,
+                                    tooltip="Pruned sub-network: only nodes X(i,j) with i + j <= depth are computed")
+        self._mode = RadioButtons(label="mode", choices=["pruned", "ensemble"], value="pruned", orientation="horizontal",
+                                  tooltip="pruned: head k alone (fast); ensemble: mean of heads 1..k (accurate)")
+        self._threshold = FloatSlider(label="threshold", min=0.05, max=0.95, step=0.05, value=0.5)
+        self._instances = ComboBox(label="objects", choices=list(INSTANCE_METHODS), value="none",
+                                   tooltip="Split the mask into objects (touching nuclei: watershed)")
+        self._all_levels = CheckBox(text="every level as a layer", value=False)
+        self._disagreement = CheckBox(text="level disagreement layer", value=False)
+        self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
+        self._detected = Label(label="detected", value=describe_device(resolve_device("auto")))
+        self._preview_btn = PushButton(text="Segment current slice")
+        self._run_btn = PushButton(text="Run whole stack")
+        self._cancel_btn = PushButton(text="Cancel", enabled=False)
+        self._timing = Label(label="time", value="-")
+        self.extend([self._image, self._model, self._card, self._depth_slider, self._mode, self._threshold,
+                     self._instances, self._all_levels, self._disagreement, self._device, self._detected,
+                     Container(widgets=[self._preview_btn, self._run_btn, self._cancel_btn], layout="horizontal",
+                               labels=False),
+                     self._timing])
+
+        self._loaded: dict[str, LoadedModel] = {}
+        self._cache: dict[tuple, PlaneResult] = {}
+        self._stats: dict[tuple, list] = {}
+        self._mask_layer: dict[str, Labels] = {}  # image name -> the mask layer we write
+        self._edited: set[int] = set()  # ids of mask layers the user painted on
+        self._preview_worker: Any = None
+        self._pending_preview = False
+        self._stack_worker: Any = None
+        self._progress: Any = None
+        self._live = False  # after the first preview, scrolling through slices segments them too
+        self._rendering = False  # our own layer writes must not re-enter through layer/choice events
+        self._cancelled = False
+
+        self._depth_slider.changed.connect(self._on_depth_changed)
+        self._mode.changed.connect(self._on_depth_changed)
+        self._threshold.changed.connect(self._render_current)
+        self._instances.changed.connect(self._render_current)
+        self._all_levels.changed.connect(self._render_current)
+        self._disagreement.changed.connect(self._render_current)
+        self._model.changed.connect(self._on_model_changed)
+        self._image.changed.connect(self._render_current)
+        self._preview_btn.changed.connect(self.preview)
+        self._run_btn.changed.connect(self.run_stack)
+        self._cancel_btn.changed.connect(self.cancel)
+        napari_viewer.layers.events.inserted.connect(self._on_layers_changed)
+        napari_viewer.layers.events.removed.connect(self._on_layers_changed)
+        napari_viewer.dims.events.current_step.connect(self._on_step)
+        self._on_model_changed()
+
+    # ----------------------------------------------------------------- choices and model
+    def _image_choices(self, _=None) -> list[tuple[str, Image]]:
+        return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image) and "[UNet++" not in ly.name]
+
+    def _model_choices(self, _=None) -> list[str]:
+        return [r.id for r in list_models()]
+
+    def reset_choices(self, *_: Any) -> None:
+        """Refresh the image and model lists (napari calls this on layer changes) without triggering a run: a
+        list refresh must never compute or add layers (it happens while napari removes layers, too)."""
+        with contextlib.ExitStack() as stack:
+            for w in self:
+                if hasattr(w, "changed"):
+                    stack.enter_context(w.changed.blocked())
+            super().reset_choices()
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        if self._rendering:
+            return
+        self.reset_choices()
+        if self._image.value is None and self._image.choices:
+            with self._image.changed.blocked():
+                self._image.value = self._image.choices[0]
+
+    def refresh_models(self, select: str | None = None) -> None:
+        """Re-read the model list (after fine-tuning) and optionally select ``select``."""
+        self._model.reset_choices()
+        if select is not None:
+            self._model.value = select
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The selected model, loaded once."""
+        mid = self._model.value
+        if mid is None:
+            return None
+        if mid not in self._loaded:
+            self._loaded[mid] = load_model(mid)
+        return self._loaded[mid]
+
+    def _on_model_changed(self, _=None) -> None:
+        if self._model.value == getattr(self, "_model_shown", None):
+            return
+        try:
+            lm = self.model
+        except ModelFileError as exc:
+            show_warning(str(exc))
+            return
+        if lm is None:
+            return
+        self._model_shown = lm.card.id
+        c = lm.card
+        key = next((k for k in ("mean_iou", "dice", "iou") if c.scores and k in next(iter(c.scores.values()))), None)
+        scores = " ".join(f"{lv} {s[key]:.3f}" for lv, s in c.scores.items()) if key else "no scores"
+        self._card.value = f"{c.training.get('data', c.description)[:48]}..."
+        self._card.tooltip = (f"{c.id}: {c.description}\nvalidation {key or ''}: {scores}\nrecommended depth: "
+                              f"L{c.recommended_depth or lm.max_depth}\n" + "\n".join(c.training.get("citations", [])))
+        self._model.tooltip = self._card.tooltip
+        self._depth_slider.max = lm.max_depth
+        self._depth_slider.value = c.recommended_depth or lm.max_depth
+
+    # ----------------------------------------------------------------- where we are
+    def _plane(self, image: Image, lm: LoadedModel) -> tuple[str, tuple[int, ...]]:
+        """(axes, index of the current plane over the non-spatial axes) for ``image`` as the viewer shows it."""
+        axes = image_axes(image, lm.module.config.spatial_dims)
+        n_loop = len([a for a in axes if a not in ("ZYX" if lm.module.config.spatial_dims == 3 else "YX") + "C"])
+        if n_loop == 0:
+            return axes, ()
+        pos = image.world_to_data(self._viewer.dims.point)
+        idx = tuple(int(np.clip(round(float(p)), 0, image.data.shape[i] - 1)) for i, p in enumerate(pos[:n_loop]))
+        return axes, idx
+
+    def _key(self, image: Image, lm: LoadedModel, plane: tuple[int, ...]) -> tuple:
+        return (id(image), image.data.shape, lm.card.id, plane)
+
+    def _image_stats(self, image: Image, lm: LoadedModel, axes: str) -> list:
+        key = (id(image), image.data.shape, lm.card.id)
+        if key not in self._stats:
+            self._stats[key] = normalization_stats(image.data, lm, axes=axes)
+        return self._stats[key]
+
+    # ----------------------------------------------------------------- preview of the current slice
+    def _on_depth_changed(self, _=None) -> None:
+        if self._image.value is not None:
+            self.preview()
+
+    def _on_step(self, _=None) -> None:
+        if self._image.value is None or self.model is None:
+            return
+        if self._live and self._stack_worker is None:
+            self.preview()
+        else:
+            self._render_current()
+
+    def preview(self, _=None) -> None:
+        """Segment what the user looks at (current slice; the whole image if 2D) at the slider's depth.
+
+        Levels already computed for this slice are shown at once; otherwise the slice is computed in the background.
+        """
+        image, lm = self._image.value, self.model
+        if image is None or lm is None:
+            show_warning("Add or select an image layer to segment.")
+            return
+        try:
+            axes, plane = self._plane(image, lm)
+            stats = self._image_stats(image, lm, axes)
+        except (InputError, ValueError) as exc:
+            self._error(user_message(exc))
+            return
+        self._live = True
+        k = self._depth_slider.value
+        res = self._cache.get(self._key(image, lm, plane))
+        if res is not None and k in res.probs:
+            self._render(image, lm, plane, res)
+            return
+        if self._preview_worker is not None:  # one at a time; the newest request wins
+            self._pending_preview = True
+            return
+        data = image.data[plane] if plane else image.data
+        sub_axes = axes[len(plane):]
+        key = self._key(image, lm, plane)
+
+        def gen():
+            t0 = time.perf_counter()
+            pred = yield from predict_iter(np.asarray(data), lm, axes=sub_axes, depth=k, levels="all",
+                                           device=self._device.value, stats=stats, prob_dtype="float32")
+            return pred, time.perf_counter() - t0
+
+        def done(out: tuple[Prediction, float]) -> None:
+            pred, seconds = out
+            entry = self._cache.setdefault(key, PlaneResult())
+            for lv, p in pred.probabilities.items():
+                entry.probs[lv] = p
+            entry.seconds[k] = seconds
+            if self._key(image, lm, self._plane(image, lm)[1]) == key:
+                self._render(image, lm, plane, entry)
+
+        self._set_busy_preview(True)
+        self._preview_worker = run_generator(gen, lambda p: None, done, self._error, self._preview_finished)
+
+    def _set_busy_preview(self, busy: bool) -> None:
+        self._preview_btn.enabled = not busy
+        self._timing.value = f"computing L{self._depth_slider.value} ..." if busy else self._timing.value
+
+    def _preview_finished(self) -> None:
+        self._preview_worker = None
+        self._set_busy_preview(False)
+        if self._pending_preview:
+            self._pending_preview = False
+            self.preview()
+
+    def _render_current(self, _=None) -> None:
+        image, lm = self._image.value, self.model
+        if image is None or lm is None:
+            return
+        try:
+            plane = self._plane(image, lm)[1]
+        except InputError:
+            return
+        res = self._cache.get(self._key(image, lm, plane))
+        if res is not None and self._depth_slider.value in res.probs:
+            self._render(image, lm, plane, res)
+
+    # ----------------------------------------------------------------- layers
+    def _render(self, image: Image, lm: LoadedModel, plane: tuple[int, ...], res: PlaneResult) -> None:
+        """Show the cached result of one plane at the slider's depth: mask, and levels if asked."""
+        if self._rendering or self._depth_slider.value not in res.probs:
+            return  # (not computed: e.g. a whole-stack run at a shallower depth while the slider moved deeper)
+        self._rendering = True
+        try:
+            self._render_layers(image, lm, plane, res)
+        finally:
+            self._rendering = False
+
+    def _render_layers(self, image: Image, lm: LoadedModel, plane: tuple[int, ...], res: PlaneResult) -> None:
+        k = self._depth_slider.value
+        levels = [res.probs[lv] for lv in range(1, k + 1) if lv in res.probs]
+        if self._mode.value == "ensemble" and len(levels) == k:
+            chosen = np.mean([p.astype(np.float32) for p in levels], axis=0)
+        else:
+            chosen = res.probs[k].astype(np.float32)
+        mask = self._mask_from(chosen, lm)
+        self._write_plane(image, "mask", plane, mask, labels=True)
+        if self._all_levels.value:
+            for lv in range(1, k + 1):
+                if lv in res.probs:
+                    self._write_plane(image, f"L{lv}", plane, self._fg(res.probs[lv]), visible=lv == k)
+            if self._mode.value == "ensemble" and len(levels) == k:
+                self._write_plane(image, "ensemble", plane, self._fg(chosen.astype(np.float16)), visible=False)
+        if self._disagreement.value and len(levels) > 1:
+            self._write_plane(image, "disagreement", plane, self._fg(level_disagreement(levels)), colormap="inferno",
+                              contrast=(0, 0.5))
+        cached = ", ".join(f"L{lv} {s:.2f} s" for lv, s in sorted(res.seconds.items()))
+        self._timing.value = f"{cached or 'from the whole-stack run'}  (showing L{k}{' ensemble' if self._mode.value == 'ensemble' else ''})"
+
+    def _fg(self, prob: np.ndarray) -> np.ndarray:
+        """Foreground probability of a 1-class map, or 1 - background for multi-class maps."""
+        return prob if prob.ndim == 0 or self.model.module.config.num_classes == 1 else (1 - prob[0].astype(np.float32))
+
+    def _mask_from(self, prob: np.ndarray, lm: LoadedModel) -> np.ndarray:
+        if lm.module.config.num_classes == 1:
+            mask = (prob >= self._threshold.value).astype(np.uint8)
+        else:
+            mask = np.argmax(prob, axis=0).astype(np.uint8)
+        if self._instances.value != "none" and lm.module.config.num_classes == 1:
+            mask = split_instances(mask, self._instances.value, lm.module.config.spatial_dims)
+        return mask
+
+    def _full_shape(self, image: Image) -> tuple[int, ...]:
+        return tuple(image.data.shape[:-1]) if image.rgb else tuple(image.data.shape)
+
+    def _layer_for(self, image: Image, tag: str, labels: bool, dtype: Any, **kw: Any):
+        name = layer_name(image.name, tag)
+        geo = {"scale": tuple(image.scale)[: len(self._full_shape(image))],
+               "translate": tuple(image.translate)[: len(self._full_shape(image))]}
+        if labels:
+            layer = self._mask_layer.get(image.name)
+            if layer is not None and (layer not in self._viewer.layers or id(layer) in self._edited):
+                if id(layer) in self._edited and layer in self._viewer.layers:
+                    n = 2
+                    while layer_name(image.name, f"mask {n}") in self._viewer.layers:
+                        n += 1
+                    name = layer_name(image.name, f"mask {n}")
+                    show_info(f"'{layer.name}' has your edits and is kept; the new result is in '{name}'.")
+                layer = None
+            if layer is None:
+                layer = self._viewer.add_labels(np.zeros(self._full_shape(image), dtype), name=name, opacity=0.5,
+                                                **geo)
+                layer.events.paint.connect(lambda e, lid=id(layer): self._edited.add(lid))
+                self._mask_layer[image.name] = layer
+            elif layer.data.dtype != dtype and np.dtype(dtype).itemsize > layer.data.dtype.itemsize:
+                layer.data = layer.data.astype(dtype)
+            return layer
+        if name in self._viewer.layers:
+            return self._viewer.layers[name]
+        return self._viewer.add_image(np.zeros(self._full_shape(image), np.float16), name=name,
+                                      colormap=kw.get("colormap", "magma"), blending="additive",
+                                      contrast_limits=kw.get("contrast", (0, 1)), visible=kw.get("visible", True), **geo)
+
+    def _write_plane(self, image: Image, tag: str, plane: tuple[int, ...], values: np.ndarray, labels: bool = False,
+                     visible: bool = True, **kw: Any) -> None:
+        layer = self._layer_for(image, tag, labels, values.dtype if labels else np.float16, visible=visible, **kw)
+        layer.data[plane] = values
+        layer.refresh()
+
+    # ----------------------------------------------------------------- whole stack
+    def run_stack(self, _=None) -> None:
+        """Segment every slice (or volume) in a worker, streaming planes into the layers as they complete."""
+        image, lm = self._image.value, self.model
+        if image is None or lm is None:
+            show_warning("Add or select an image layer to segment.")
+            return
+        if self._stack_worker is not None:
+            show_info("A whole-stack run is already going; cancel it first.")
+            return
+        try:
+            axes = image_axes(image, lm.module.config.spatial_dims)
+            stats = self._image_stats(image, lm, axes)
+        except (InputError, ValueError) as exc:
+            self._error(user_message(exc))
+            return
+        k = self._depth_slider.value
+        data = image.data
+        from napari.utils import progress
+
+        self._progress = progress(total=0, desc=f"UNet++ L{k} on {image.name}")
+        t0 = time.perf_counter()
+
+        def gen():
+            return (yield from predict_iter(data, lm, axes=axes, depth=k, levels="all", device=self._device.value,
+                                            stats=stats))
+
+        def on_yield(p) -> None:
+            if self._progress is not None:
+                self._progress.total = p.total
+                self._progress.n = p.done
+                self._progress.refresh()
+            for plane in p.planes_done:
+                self._store_plane(image, lm, plane, p.partial, k)
+
+        def on_return(pred: Prediction) -> None:
+            self._timing.value = (f"whole stack L{k}: {time.perf_counter() - t0:.1f} s, "
+                                  f"{pred.mask.size / 1e6 / max(pred.seconds, 1e-9):.2f} MP/s on {pred.device}")
+
+        self._run_btn.enabled = False
+        self._cancel_btn.enabled = True
+        self._cancelled = False
+        self._stack_worker = run_generator(gen, on_yield, on_return, self._error, self._stack_finished)
+
+    def _store_plane(self, image: Image, lm: LoadedModel, plane: tuple[int, ...], partial: Prediction, k: int) -> None:
+        entry = self._cache.setdefault(self._key(image, lm, plane), PlaneResult())
+        for lv, p in partial.probabilities.items():
+            entry.probs[lv] = p[plane]
+        self._render(image, lm, plane, entry)
+
+    def _stack_finished(self) -> None:
+        if self._cancelled:
+            self._timing.value = "cancelled; the slices already shown are complete and kept"
+        self._stack_worker = None
+        self._run_btn.enabled = True
+        self._cancel_btn.enabled = False
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def cancel(self, _=None) -> None:
+        """Stop the whole-stack run at its next tile; planes already shown stay."""
+        if self._stack_worker is not None:
+            self._cancelled = True
+            self._stack_worker.quit()
+
+    def _error(self, message: str) -> None:
+        show_error(message)
+        self._timing.value = message[:80]

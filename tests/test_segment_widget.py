@@ -1,0 +1,148 @@
+"""The UNet++ Segment widget in a real napari viewer (under Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unetpp import predict
+from napari_unetpp.inference import normalization_stats
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def docked(make_napari_viewer):
+    viewer = make_napari_viewer()
+    img = viewer.open_sample("napari-unetpp", "em")[0]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    widget._image.value = img
+    widget._model.value = "em-membranes@v1"
+    viewer.dims.set_current_step(0, 0)  # napari opens a stack at its middle slice; tests start at slice 0
+    return viewer, widget, img
+
+
+def _core(img, model, k, plane=None, **kw):
+    stats = normalization_stats(img.data, model)
+    data = img.data if plane is None else img.data[plane]
+    return predict(data, model, depth=k, levels="all", stats=stats, **kw)
+
+
+def test_widget_defaults_from_the_card(docked, em_model):
+    viewer, w, img = docked
+    assert w._depth_slider.max == 4 and w._depth_slider.value == em_model.card.recommended_depth
+    assert "ISBI" in w._card.value and "L1" in w._card.tooltip and "Cardona" in w._card.tooltip
+    assert w._image.value is img and "CPU" in w._detected.value or "CUDA" in w._detected.value
+
+
+def test_slider_segments_current_slice_at_every_level(docked, em_model, monkeypatch):
+    viewer, w, img = docked
+    viewer.dims.set_current_step(0, 2)
+    w._all_levels.value = True
+    calls = []
+    from napari_unetpp._widgets import segment
+
+    real = segment.predict_iter
+    monkeypatch.setattr(segment, "predict_iter", lambda *a, **k: (calls.append(k["depth"]), real(*a, **k))[1])
+    for k in (1, 2, 3, 4):
+        w._depth_slider.value = k
+        mask = viewer.layers["ISBI 2012 EM [UNet++ mask]"]
+        ref = _core(img, em_model, k, plane=2)
+        np.testing.assert_array_equal(mask.data[2], ref.mask)
+        assert not mask.data[[0, 1, 3, 4]].any()  # only the slice on screen was computed
+        for lv in range(1, k + 1):
+            layer = viewer.layers[f"ISBI 2012 EM [UNet++ L{lv}]"]
+            np.testing.assert_allclose(layer.data[2].astype(np.float32), ref.probabilities[lv].astype(np.float32),
+                                       atol=2e-3)
+            assert tuple(layer.scale) == (50.0, 4.0, 4.0)
+        assert f"L{k}" in w._timing.value
+    n_layers = len(viewer.layers)
+    w._depth_slider.value = 2  # cached: no new computation, same layers updated in place
+    assert calls == [1, 2, 3, 4] and len(viewer.layers) == n_layers
+    np.testing.assert_array_equal(viewer.layers["ISBI 2012 EM [UNet++ mask]"].data[2], _core(img, em_model, 2, 2).mask)
+    w._threshold.value = 0.9  # threshold re-renders from cached probabilities
+    assert calls == [1, 2, 3, 4]
+    assert viewer.layers["ISBI 2012 EM [UNet++ mask]"].data[2].sum() < _core(img, em_model, 2, 2).mask.sum()
+
+
+def test_ensemble_disagreement_and_instances(docked, em_model):
+    viewer, w, img = docked
+    w._all_levels.value = True
+    w._disagreement.value = True
+    w._mode.value = "ensemble"
+    w._depth_slider.value = 3
+    ref = _core(img, em_model, 3, plane=0, mode="ensemble")
+    np.testing.assert_array_equal(viewer.layers["ISBI 2012 EM [UNet++ mask]"].data[0], ref.mask)
+    assert "ISBI 2012 EM [UNet++ ensemble]" in viewer.layers
+    dis = viewer.layers["ISBI 2012 EM [UNet++ disagreement]"].data[0].astype(np.float32)
+    assert dis.max() > 0.05 and dis.min() >= 0
+    w._mode.value = "pruned"
+    w._instances.value = "connected components"
+    labels = viewer.layers["ISBI 2012 EM [UNet++ mask]"].data[0]
+    assert labels.max() > 5  # separate membrane pieces
+
+
+def test_whole_stack_run_matches_core(docked, em_model):
+    viewer, w, img = docked
+    w._depth_slider.value = 1
+    w.run_stack()
+    ref = _core(img, em_model, 1)
+    got = viewer.layers["ISBI 2012 EM [UNet++ mask]"].data
+    decided = np.abs(ref.probabilities[1].astype(np.float32) - 0.5) > 1e-3  # the stack keeps float16 probabilities
+    np.testing.assert_array_equal(got[decided], ref.mask[decided])
+    assert "whole stack L1" in w._timing.value and w._run_btn.enabled and not w._cancel_btn.enabled
+    viewer.dims.set_current_step(0, 4)  # every slice is cached now
+    w._depth_slider.value = 1
+    np.testing.assert_array_equal(got[4][decided[4]], ref.mask[4][decided[4]])
+
+
+def test_user_edits_are_never_overwritten(docked):
+    viewer, w, img = docked
+    w._depth_slider.value = 1
+    mask = viewer.layers["ISBI 2012 EM [UNet++ mask]"]
+    mask.paint((0, 100, 100), 7, refresh=True)
+    edited = mask.data.copy()
+    w._depth_slider.value = 2
+    np.testing.assert_array_equal(mask.data, edited)  # the user's layer is untouched
+    new = viewer.layers["ISBI 2012 EM [UNet++ mask 2]"]
+    assert new.data[0].any() and new is not mask
+
+
+def test_bad_input_is_one_notification_and_widget_stays_usable(docked, monkeypatch):
+    viewer, w, img = docked
+    from napari_unetpp._widgets import segment
+
+    errors = []
+    monkeypatch.setattr(segment, "show_error", errors.append)
+    bad = viewer.add_image(np.zeros((2, 2, 2, 32, 32), np.float32), name="five-d")
+    w._image.value = bad
+    w.preview()
+    assert len(errors) == 1 and "dimensions" in errors[0] and "\n" not in errors[0]
+    nan = viewer.add_image(np.full((40, 40), np.nan, np.float32), name="nans")
+    w._image.value = nan
+    w.preview()
+    assert len(errors) == 2 and "NaN" in errors[1]
+    w._image.value = img
+    w._depth_slider.value = 1
+    assert viewer.layers["ISBI 2012 EM [UNet++ mask]"].data[0].any()
+
+
+def test_background_preview_and_cancelled_stack_run(docked, em_model, monkeypatch, qtbot):
+    monkeypatch.delenv("NAPARI_UNETPP_SYNC")
+    viewer, w, img = docked
+    big = viewer.add_image(np.concatenate([img.data] * 6), name="tall", scale=img.scale)
+    w._image.value = big
+    w._depth_slider.value = 1
+    qtbot.waitUntil(lambda: w._preview_worker is None and "L1" in w._timing.value, timeout=30000)
+    w._depth_slider.value = 4
+    w.run_stack()
+    mask = viewer.layers["tall [UNet++ mask]"]
+    qtbot.waitUntil(lambda: mask.data[1:].reshape(29, -1).any(axis=1).sum() >= 2, timeout=60000)
+    w.cancel()
+    qtbot.waitUntil(lambda: w._stack_worker is None, timeout=30000)
+    done = mask.data.reshape(30, -1).any(axis=1)
+    assert 2 <= done.sum() < 30 and w._run_btn.enabled and "cancelled" in w._timing.value
+    last = int(np.flatnonzero(done)[-1])
+    ref = _core(big, em_model, 4, plane=last)
+    decided = np.abs(ref.probabilities[4].astype(np.float32) - 0.5) > 1e-3  # the stack keeps float16 probabilities
+    np.testing.assert_array_equal(mask.data[last][decided], ref.mask[decided])  # completed slices are final
