@@ -37,28 +37,6 @@ def test_sample_opens_with_scale_and_labels(make_napari_viewer):
     assert (lab.data == 1).mean() == pytest.approx(0.22, abs=0.05)  # membranes are about 22 % of the pixels
 
 
-def test_prediction_layers_overlay_and_update_in_place(make_napari_viewer, em_model):
-    from napari_unetpp import predict
-    from napari_unetpp._layers import show_prediction
-
-    viewer = make_napari_viewer()
-    img = viewer.open_sample("napari-unetpp", "em")[0]
-    img.translate = (0, 10, 20)
-    pred = predict(img.data[:2], em_model, depth=2, levels="all", mode="ensemble")
-    img.data = img.data[:2]
-    shown = show_prediction(viewer, img, pred)
-    names = [ly.name for ly in viewer.layers]
-    for tag in ("L1", "L2", "ensemble", "mask"):
-        assert f"ISBI 2012 EM [UNet++ {tag}]" in names
-    assert tuple(shown["mask"].scale) == (50.0, 4.0, 4.0) and tuple(shown["L1"].translate) == (0, 10, 20)
-    np.testing.assert_array_equal(shown["mask"].data, pred.mask)
-    n = len(viewer.layers)
-    pred3 = predict(img.data, em_model, depth=1, levels="all")
-    again = show_prediction(viewer, img, pred3)
-    assert len(viewer.layers) == n and again["mask"] is shown["mask"]  # same layers, new data
-    np.testing.assert_array_equal(again["L1"].data, pred3.probabilities[1])
-
-
 def test_demo_screenshot(tmp_path, monkeypatch):
     """The README's main job, headless: napari opens with the sample segmented at every level."""
     from napari_unetpp._demo import run_demo

@@ -11,7 +11,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, Label, PushButton, RadioButtons, Slider)
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, Label, PushButton, Slider
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
@@ -65,8 +65,8 @@ class SegmentWidget(Container):
         self._card = Label(label="trained on", value="")
         self._depth_slider = Slider(label="depth L", min=1, max=4, value=4,
                                     tooltip="Pruned sub-network: only nodes X(i,j) with i + j <= depth are computed")
-        self._mode = RadioButtons(label="mode", choices=["pruned", "ensemble"], value="pruned", orientation="horizontal",
-                                  tooltip="pruned: head k alone (fast); ensemble: mean of heads 1..k (accurate)")
+        self._mode = ComboBox(label="mode", choices=["pruned", "ensemble"], value="pruned",
+                              tooltip="pruned: head k alone (fast); ensemble: mean of heads 1..k (accurate)")
         self._threshold = FloatSlider(label="threshold", min=0.05, max=0.95, step=0.05, value=0.5)
         self._instances = ComboBox(label="objects", choices=list(INSTANCE_METHODS), value="none",
                                    tooltip="Split the mask into objects (touching nuclei: watershed)")
@@ -77,12 +77,15 @@ class SegmentWidget(Container):
         self._preview_btn = PushButton(text="Segment current slice")
         self._run_btn = PushButton(text="Run whole stack")
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
-        self._timing = Label(label="time", value="-")
+        self._timing = Label(value="Move the depth slider or press a button to segment.")
+        self._timing.native.setWordWrap(True)
+        self._timing.native.setMinimumWidth(320)
+        self._card.native.setWordWrap(True)
         self.extend([self._image, self._model, self._card, self._depth_slider, self._mode, self._threshold,
                      self._instances, self._all_levels, self._disagreement, self._device, self._detected,
                      Container(widgets=[self._preview_btn, self._run_btn, self._cancel_btn], layout="horizontal",
                                labels=False),
-                     self._timing])
+                     Container(widgets=[self._timing], labels=False)])
 
         self._loaded: dict[str, LoadedModel] = {}
         self._cache: dict[tuple, PlaneResult] = {}
@@ -305,8 +308,9 @@ class SegmentWidget(Container):
         if self._disagreement.value and len(levels) > 1:
             self._write_plane(image, "disagreement", plane, self._fg(level_disagreement(levels)), colormap="inferno",
                               contrast=(0, 0.5))
-        cached = ", ".join(f"L{lv} {s:.2f} s" for lv, s in sorted(res.seconds.items()))
-        self._timing.value = f"{cached or 'from the whole-stack run'}  (showing L{k}{' ensemble' if self._mode.value == 'ensemble' else ''})"
+        if res.seconds:  # this slice's own timings (slices from a whole-stack run keep the run's summary)
+            times = ", ".join(f"L{lv} {s:.2f} s" for lv, s in sorted(res.seconds.items()))
+            self._timing.value = f"{times} (showing L{k}{' ensemble' if self._mode.value == 'ensemble' else ''})"
 
     def _fg(self, prob: np.ndarray) -> np.ndarray:
         """Foreground probability of a 1-class map, or 1 - background for multi-class maps."""
