@@ -24,7 +24,8 @@ def test_manifest_validates_and_every_python_name_imports():
     for py in names:
         mod, _, attr = py.partition(":")
         assert callable(getattr(importlib.import_module(mod), attr)), py
-    assert [s.key for s in pm.contributions.sample_data] == ["em"]
+    assert [s.key for s in pm.contributions.sample_data] == ["em", "nuclei"]
+    assert [w.display_name for w in pm.contributions.widgets] == ["UNet++ Segment"]
 
 
 def test_sample_opens_with_scale_and_labels(make_napari_viewer):
@@ -35,6 +36,14 @@ def test_sample_opens_with_scale_and_labels(make_napari_viewer):
     assert tuple(img.scale) == (50.0, 4.0, 4.0)
     assert lab.data.shape == img.data.shape and set(np.unique(lab.data)) == {1, 2}
     assert (lab.data == 1).mean() == pytest.approx(0.22, abs=0.05)  # membranes are about 22 % of the pixels
+
+
+def test_nuclei_sample_has_instance_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    img, lab = viewer.open_sample("napari-unetpp", "nuclei")
+    assert img.data.shape == (10, 256, 256) and img.data.dtype == np.uint16
+    assert lab.data.shape == img.data.shape and len(np.unique(lab.data)) > 10  # separate nuclei, not a mask
+    assert tuple(img.scale) == pytest.approx((0.29, 0.26, 0.26))
 
 
 def test_demo_screenshot(tmp_path, monkeypatch):

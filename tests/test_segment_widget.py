@@ -146,3 +146,25 @@ def test_background_preview_and_cancelled_stack_run(docked, em_model, monkeypatc
     ref = _core(big, em_model, 4, plane=last)
     decided = np.abs(ref.probabilities[4].astype(np.float32) - 0.5) > 1e-3  # the stack keeps float16 probabilities
     np.testing.assert_array_equal(mask.data[last][decided], ref.mask[decided])  # completed slices are final
+
+
+def test_model_from_a_file_and_a_corrupt_one(docked, tmp_path, monkeypatch):
+    import shutil
+
+    from napari_unetpp._widgets import segment
+    from napari_unetpp.models import shipped_weights_dir
+
+    viewer, w, img = docked
+    for ext in (".json", ".safetensors"):
+        shutil.copy(shipped_weights_dir() / f"em-membranes{ext}", tmp_path / f"copy{ext}")
+    w._model_file.value = tmp_path / "copy.safetensors"
+    assert w._model.value == str(tmp_path / "copy.safetensors") and w.model.card.name == "em-membranes"
+    w._depth_slider.value = 1
+    assert viewer.layers["ISBI 2012 EM [UNet++ mask]"].data[0].any()
+    errors = []
+    monkeypatch.setattr(segment, "show_error", errors.append)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not weights")
+    (tmp_path / "bad.json").write_text((tmp_path / "copy.json").read_text())
+    w._model_file.value = bad
+    assert len(errors) == 1 and "bad.safetensors" in errors[0] and w._model.value == str(tmp_path / "copy.safetensors")

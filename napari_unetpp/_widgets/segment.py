@@ -11,7 +11,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSlider, Label, PushButton, Slider
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, Slider
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
@@ -58,10 +58,14 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = napari_viewer
+        self._loaded: dict[str, LoadedModel] = {}
+        self._files: list[str] = []  # models opened from files, listed after the registry's
         self._image = ComboBox(label="image", choices=self._image_choices, nullable=True,
                                tooltip="Image layer to segment (2D, stack, time series; grey or RGB)")
         self._model = ComboBox(label="model", choices=self._model_choices,
                                tooltip="Shipped models and your fine-tuned versions")
+        self._model_file = FileEdit(label="or file", mode="r", filter="*.safetensors *.json", nullable=True,
+                                    tooltip="A model file (.safetensors with its .json card) from elsewhere")
         self._card = Label(label="trained on", value="")
         self._depth_slider = Slider(label="depth L", min=1, max=4, value=4,
                                     tooltip="Pruned sub-network: only nodes X(i,j) with i + j <= depth are computed")
@@ -81,13 +85,12 @@ class SegmentWidget(Container):
         self._timing.native.setWordWrap(True)
         self._timing.native.setMinimumWidth(320)
         self._card.native.setWordWrap(True)
-        self.extend([self._image, self._model, self._card, self._depth_slider, self._mode, self._threshold,
+        self.extend([self._image, self._model, self._model_file, self._card, self._depth_slider, self._mode, self._threshold,
                      self._instances, self._all_levels, self._disagreement, self._device, self._detected,
                      Container(widgets=[self._preview_btn, self._run_btn, self._cancel_btn], layout="horizontal",
                                labels=False),
                      Container(widgets=[self._timing], labels=False)])
 
-        self._loaded: dict[str, LoadedModel] = {}
         self._cache: dict[tuple, PlaneResult] = {}
         self._stats: dict[tuple, list] = {}
         self._mask_layer: dict[str, Labels] = {}  # image name -> the mask layer we write
@@ -107,6 +110,7 @@ class SegmentWidget(Container):
         self._all_levels.changed.connect(self._render_current)
         self._disagreement.changed.connect(self._render_current)
         self._model.changed.connect(self._on_model_changed)
+        self._model_file.changed.connect(self._on_model_file)
         self._image.changed.connect(self._render_current)
         self._preview_btn.changed.connect(self.preview)
         self._run_btn.changed.connect(self.run_stack)
@@ -121,7 +125,20 @@ class SegmentWidget(Container):
         return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image) and "[UNet++" not in ly.name]
 
     def _model_choices(self, _=None) -> list[str]:
-        return [r.id for r in list_models()]
+        return [r.id for r in list_models()] + self._files
+
+    def _on_model_file(self, path: Any = None) -> None:
+        if path is None or not str(path) or str(path) == "." or not str(path).endswith((".safetensors", ".json")):
+            return
+        key = str(path)
+        try:
+            self._loaded[key] = load_model(key)
+        except ModelFileError as exc:
+            self._error(str(exc))
+            return
+        if key not in self._files:
+            self._files.append(key)
+        self.refresh_models(select=key)
 
     def reset_choices(self, *_: Any) -> None:
         """Refresh the image and model lists (napari calls this on layer changes) without triggering a run: a
