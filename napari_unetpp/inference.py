@@ -122,6 +122,34 @@ def _check_axes(axes: str, shape: Sequence[int], spatial_dims: int) -> str:
     return axes
 
 
+@dataclass
+class _Layout:
+    """How an image's axes map onto the model: loop axes, channel axis, spatial axes, and the transposed view."""
+
+    axes: str
+    spatial: str
+    loop: list[str]
+    n_ch: int
+    order: list[int]
+    src: Any
+
+    @property
+    def has_c(self) -> bool:
+        return "C" in self.axes
+
+
+def _layout(image: Any, axes: str | None, spatial_dims: int) -> _Layout:
+    shape = tuple(int(s) for s in image.shape)
+    axes = _check_axes(axes or guess_axes(shape, spatial_dims), shape, spatial_dims)
+    spatial = "ZYX" if spatial_dims == 3 else "YX"
+    loop = [a for a in axes if a not in spatial and a != "C"]
+    n_ch = shape[axes.index("C")] if "C" in axes else 1
+    order = [axes.index(a) for a in loop] + ([axes.index("C")] if "C" in axes else []) + \
+        [axes.index(a) for a in spatial]
+    src = image.transpose(order) if order != list(range(len(axes))) else image
+    return _Layout(axes, spatial, loop, n_ch, order, src)
+
+
 def optimize_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     """An eval-mode copy on ``device`` with batch norms folded into the preceding convolutions, in channels-last
     memory format on CPU and CUDA.
@@ -280,16 +308,11 @@ def predict_iter(
     shape = tuple(int(s) for s in image.shape)
     if any(s == 0 for s in shape):
         raise InputError(f"the image is empty (shape {shape}).")
-    axes = _check_axes(axes or guess_axes(shape, cfg.spatial_dims), shape, cfg.spatial_dims)
-    spatial = "ZYX" if cfg.spatial_dims == 3 else "YX"
-    loop = [a for a in axes if a not in spatial and a != "C"]
-    n_ch = shape[axes.index("C")] if "C" in axes else 1
+    lay = _layout(image, axes, cfg.spatial_dims)
+    axes, spatial, loop, n_ch, src = lay.axes, lay.spatial, lay.loop, lay.n_ch, lay.src
     if n_ch != cfg.in_channels:
         raise InputError(f"the model expects {cfg.in_channels} channel(s) but the image has {n_ch}"
                          f"{' (axis C)' if 'C' in axes else ' (no C axis)'}; pick another model or image.")
-    order = [axes.index(a) for a in loop] + ([axes.index("C")] if "C" in axes else []) + \
-        [axes.index(a) for a in spatial]
-    src = image.transpose(order) if order != list(range(len(axes))) else image
     out_axes = "".join(a for a in axes if a != "C")
     out_shape = tuple(shape[axes.index(a)] for a in out_axes)
     out_order = [out_axes.index(a) for a in loop + list(spatial)]
@@ -396,16 +419,8 @@ def normalization_stats(image: Any, model: Any, axes: str | None = None,
         InputError: bad axes or channels, or non-finite values.
     """
     loaded = _resolve_model(model)
-    cfg = loaded.module.config
-    shape = tuple(int(s) for s in image.shape)
-    axes = _check_axes(axes or guess_axes(shape, cfg.spatial_dims), shape, cfg.spatial_dims)
-    spatial = "ZYX" if cfg.spatial_dims == 3 else "YX"
-    loop = [a for a in axes if a not in spatial and a != "C"]
-    order = [axes.index(a) for a in loop] + ([axes.index("C")] if "C" in axes else []) + \
-        [axes.index(a) for a in spatial]
-    src = image.transpose(order) if order != list(range(len(axes))) else image
-    n_ch = shape[axes.index("C")] if "C" in axes else 1
-    return _stats(src, normalization or loaded.normalization, n_ch, len(loop), "C" in axes)
+    lay = _layout(image, axes, loaded.module.config.spatial_dims)
+    return _stats(lay.src, normalization or loaded.normalization, lay.n_ch, len(lay.loop), lay.has_c)
 
 
 def _stats(src: Any, norm: Normalization, n_ch: int, n_loop: int, has_c: bool) -> list[tuple[float, float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -53,7 +54,9 @@ def split_instances(mask: np.ndarray, method: str = "connected components", spat
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _new_skimage() -> bool:
+    """scikit-image >= 0.26 renamed remove_small_objects' ``min_size`` to ``max_size`` (exclusive bound)."""
     import inspect
 
     from skimage.morphology import remove_small_objects

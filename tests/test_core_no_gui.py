@@ -7,7 +7,7 @@ import sys
 
 CORE = ["napari_unetpp", "napari_unetpp.model", "napari_unetpp.tiling", "napari_unetpp.inference",
         "napari_unetpp.models", "napari_unetpp.io", "napari_unetpp.cli", "napari_unetpp.losses",
-        "napari_unetpp.device", "napari_unetpp.normalization"]
+        "napari_unetpp.device", "napari_unetpp.normalization", "napari_unetpp.postprocess"]
 
 
 def test_core_imports_no_gui():
