@@ -87,7 +87,7 @@ class Normalization:
 
 
 def _strided_sample(image: Any, max_samples: int) -> np.ndarray:
-    """A strided subsample of at most ~``max_samples`` voxels, reading whole leading-axis planes only."""
+    """A strided subsample of about ``max_samples`` voxels from up to 64 evenly spaced planes."""
     shape = image.shape
     n = int(np.prod(shape))
     if n <= max_samples:
@@ -102,5 +102,6 @@ def _strided_sample(image: Any, max_samples: int) -> np.ndarray:
     parts = []
     for i in np.unique(idx):
         ix = np.unravel_index(i, lead) if lead else ()
-        parts.append(np.asarray(image[ix][::step, ::step]).ravel())
+        # one subscript with the stride, so memory maps and lazy arrays read only the sampled pixels
+        parts.append(np.asarray(image[tuple(int(i) for i in ix) + (slice(None, None, step),) * 2]).ravel())
     return np.concatenate(parts)

@@ -1,0 +1,61 @@
+"""Intensity recipes: percentile (microscopy), HU window (CT), none; stack-wide statistics from a sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_unetpp.normalization import NonFiniteInputError, Normalization
+
+
+def test_percentile_maps_low_and_high_to_0_and_1(em_crop):
+    norm = Normalization("percentile", 1.0, 99.8)
+    stats = norm.compute_stats(em_crop)
+    out = norm.apply(em_crop, stats)
+    assert out.dtype == np.float32
+    assert np.percentile(out, 1.0) == pytest.approx(0.0, abs=1e-3)
+    assert np.percentile(out, 99.8) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_hu_window_clips_ct_values():
+    hu = np.array([[-2000, -1000, 0], [200, 400, 3000]], np.int16)
+    norm = Normalization("window", -1000, 400)
+    out = norm.apply(hu, norm.compute_stats(hu))
+    np.testing.assert_allclose(out, [[0, 0, 1000 / 1400], [1200 / 1400, 1, 1]], atol=1e-6)
+
+
+def test_none_flat_and_non_finite():
+    img = np.full((8, 8), 7, np.uint16)
+    norm = Normalization("percentile")
+    out = norm.apply(img, norm.compute_stats(img))  # a flat image stays defined
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(Normalization("none").apply(img, (0.0, 1.0)), img.astype(np.float32))
+    bad = np.ones((4, 4), np.float32)
+    bad[0, 0] = np.inf
+    with pytest.raises(NonFiniteInputError, match="NaN or infinite"):
+        norm.compute_stats(bad)
+    with pytest.raises(ValueError, match="low < high"):
+        Normalization("window", 10, -10)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Normalization("zscore")
+
+
+def test_large_stacks_are_sampled_not_read_whole():
+    class Counting:
+        """An array stand-in that records how many pixels were read."""
+
+        def __init__(self, a):
+            self.a, self.read, self.shape, self.dtype = a, 0, a.shape, a.dtype
+
+        def __getitem__(self, idx):
+            out = self.a[idx]
+            self.read += np.size(out)
+            return out
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 1000, (200, 256, 256), dtype=np.uint16)
+    lazy = Counting(big)
+    norm = Normalization("percentile", 1, 99, max_samples=200_000)
+    lo, hi = norm.compute_stats(lazy)
+    assert lazy.read < big.size / 10
+    assert lo == pytest.approx(np.percentile(big, 1), abs=3) and hi == pytest.approx(np.percentile(big, 99), rel=0.01)
