@@ -168,3 +168,43 @@ def test_model_from_a_file_and_a_corrupt_one(docked, tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text((tmp_path / "copy.json").read_text())
     w._model_file.value = bad
     assert len(errors) == 1 and "bad.safetensors" in errors[0] and w._model.value == str(tmp_path / "copy.safetensors")
+
+
+def test_time_series_segments_the_plane_on_screen(make_napari_viewer, em_crop):
+    viewer = make_napari_viewer()
+    data = np.stack([em_crop[:2], em_crop[1:]])  # T=2, Z=2, Y, X
+    img = viewer.add_image(data, name="movie")
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w._image.value = img
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, 0)
+    w._depth_slider.value = 1
+    mask = viewer.layers["movie [UNet++ mask]"].data
+    assert mask.shape == data.shape and mask[1, 0].any()
+    assert not mask[0].any() and not mask[1, 1].any()
+
+
+def test_3d_model_segments_the_whole_volume(make_napari_viewer):
+    import torch
+
+    from napari_unetpp import UNetPlusPlus
+    from napari_unetpp.models import ModelCard, save_model
+
+    torch.manual_seed(0)
+    net = UNetPlusPlus(features=(4, 8, 8), spatial_dims=3, norm="group")
+    save_model(net, ModelCard(name="tiny3d", architecture={}, recommended_depth=2))
+    viewer = make_napari_viewer()
+    vol = np.random.default_rng(0).random((2, 12, 40, 36)).astype(np.float32)  # T, Z, Y, X
+    img = viewer.add_image(vol, name="vol")
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w.refresh_models(select="tiny3d@v1")
+    w._image.value = img
+    viewer.dims.set_current_step(0, 1)
+    w._threshold.value = 0.05  # an untrained net: make sure something is foreground
+    w._depth_slider.value = 1
+    mask = viewer.layers["vol [UNet++ mask]"].data
+    assert w._depth_slider.max == 2 and mask.shape == vol.shape
+    assert mask[1].any() and not mask[0].any()  # the whole volume at the current time point
+    ref = predict(vol[1], w.model, axes="ZYX", depth=1, threshold=0.05,
+                  stats=normalization_stats(vol, w.model, axes="TZYX"), precision="auto")
+    assert (mask[1] == ref.mask).mean() > 0.999
