@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile

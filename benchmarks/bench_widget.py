@@ -22,7 +22,7 @@ import napari  # noqa: E402
 import torch  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
-from napari_unetpp import load_model, predict  # noqa: E402
+from napari_unetpp import predict  # noqa: E402
 from napari_unetpp.inference import normalization_stats, predict_iter  # noqa: E402
 
 

@@ -275,7 +275,8 @@ def predict_iter(
             Only the nodes with i + j <= k are computed.
         mode: ``"pruned"`` (default; mask from head k) or ``"ensemble"`` (mask from the mean of heads 1..k).
         levels: Levels whose probability maps to keep: ``None`` (default: k only), ``"all"`` (1..k), a list
-            of levels <= k, or ``()`` for the mask alone (least memory). Heads 1..k come from the same depth-k pass, so extra levels cost no extra convolution.
+            of levels <= k, or ``()`` for the mask alone (least memory). Heads 1..k come from the same depth-k
+            pass, so extra levels cost no extra convolution.
         threshold: Foreground threshold for 1-class models (default 0.5).
         tile: Largest tile per spatial axis, int or tuple (default: the card's, else 1024 in 2D, 96 in 3D). Planes
             that fit are processed whole; larger ones get the fewest tiles that cover them, shrunk evenly.

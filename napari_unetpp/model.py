@@ -140,7 +140,8 @@ class Up(nn.Module):
             self.proj = tconv(cin, cout, 2, stride=2)
         else:
             self.proj = _conv(cfg.spatial_dims)(cin, cout, 1)
-            self.interp = "nearest" if cfg.upsample == "nearest" else ("bilinear" if cfg.spatial_dims == 2 else "trilinear")
+            linear = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
+            self.interp = "nearest" if cfg.upsample == "nearest" else linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "transpose":

@@ -332,13 +332,15 @@ def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: st
                 os.link(tc, stem.with_suffix(".json"))  # fails if the version exists: claims it atomically
             except FileExistsError:
                 if directory is not None:
-                    raise FileExistsError(f"{stem.with_suffix('.json')} exists; models are never overwritten.")
+                    raise FileExistsError(
+                        f"{stem.with_suffix('.json')} exists; models are never overwritten.") from None
                 continue  # another process took this version number: take the next
             try:
                 os.link(tw, stem.with_suffix(".safetensors"))
             except FileExistsError:
                 os.unlink(stem.with_suffix(".json"))
-                raise FileExistsError(f"{stem.with_suffix('.safetensors')} exists; models are never overwritten.")
+                raise FileExistsError(
+                    f"{stem.with_suffix('.safetensors')} exists; models are never overwritten.") from None
             break
     log.info("saved model %s to %s", card.id, stem)
     return stem.with_suffix(".json")

@@ -176,7 +176,8 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
         out = {}
         for lv, prob in pred.probabilities.items():
             im, ic = iou_both(prob.astype(np.float32) > 0.5, mem)
-            out[f"L{lv}"] = {"iou_membrane": round(im, 4), "iou_cell": round(ic, 4), "mean_iou": round((im + ic) / 2, 4)}
+            out[f"L{lv}"] = {"iou_membrane": round(im, 4), "iou_cell": round(ic, 4),
+                             "mean_iou": round((im + ic) / 2, 4)}
         return out
 
     lm = LoadedModel.from_module(model, name=name, normalization=norm.to_dict())

@@ -85,8 +85,9 @@ class SegmentWidget(Container):
         self._timing.native.setWordWrap(True)
         self._timing.native.setMinimumWidth(320)
         self._card.native.setWordWrap(True)
-        self.extend([self._image, self._model, self._model_file, self._card, self._depth_slider, self._mode, self._threshold,
-                     self._instances, self._all_levels, self._disagreement, self._device, self._detected,
+        self.extend([self._image, self._model, self._model_file, self._card, self._depth_slider, self._mode,
+                     self._threshold, self._instances, self._all_levels, self._disagreement, self._device,
+                     self._detected,
                      Container(widgets=[self._preview_btn, self._run_btn, self._cancel_btn], layout="horizontal",
                                labels=False),
                      Container(widgets=[self._timing], labels=False)])
@@ -371,7 +372,8 @@ class SegmentWidget(Container):
             return self._viewer.layers[name]
         return self._viewer.add_image(np.zeros(self._full_shape(image), np.float16), name=name,
                                       colormap=kw.get("colormap", "magma"), blending="additive",
-                                      contrast_limits=kw.get("contrast", (0, 1)), visible=kw.get("visible", True), **geo)
+                                      contrast_limits=kw.get("contrast", (0, 1)), visible=kw.get("visible", True),
+                                      **geo)
 
     def _write_plane(self, image: Image, tag: str, plane: tuple[int, ...], values: np.ndarray, labels: bool = False,
                      visible: bool = True, **kw: Any) -> None:
