@@ -148,3 +148,23 @@ def test_gradients_reach_only_used_nodes():
         node = name.split(".")[1]
         used = node in node_names(2) or node in ("head_1", "head_2")
         assert (p.grad is not None) == used, name
+
+
+def test_first_convolution_stays_fp32_under_autocast():
+    m = tiny(norm="batch")
+    seen = {}
+    m.nodes["x_0_0"].conv[0].register_forward_hook(lambda mod, i, o: seen.__setitem__("first", (i[0].dtype, o.dtype)))
+    m.nodes["x_0_0"].conv[3].register_forward_hook(lambda mod, i, o: seen.__setitem__("second", o.dtype))
+    m.nodes["x_1_0"].conv[0].register_forward_hook(lambda mod, i, o: seen.__setitem__("x10", o.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(1, 1, 32, 32), depth=1)
+    assert seen["first"] == (torch.float32, torch.float32)
+    assert seen["second"] == torch.bfloat16 and seen["x10"] == torch.bfloat16
+    with torch.no_grad():  # without autocast everything is fp32, and the output is unchanged by the policy
+        m(torch.randn(1, 1, 32, 32), depth=1)
+    assert seen["first"] == (torch.float32, torch.float32) and seen["second"] == torch.float32
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients flow through the fp32 island
+        out = m(torch.randn(2, 1, 32, 32), depth=1)
+    out[0].float().mean().backward()
+    assert m.nodes["x_0_0"].conv[0].weight.grad is not None
