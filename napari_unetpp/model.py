@@ -139,12 +139,10 @@ class ConvBlock(nn.Sequential):
         mods = list(self)
         dev = x.device.type
         if fp32_first and torch.is_autocast_enabled(dev):
-            with torch.autocast(dev, enabled=False):
-                h = x.float()
-                for m in mods[: self.unit]:
-                    h = m(h)
-            x = h.to(torch.get_autocast_dtype(dev))
-            mods = mods[self.unit:]
+            with torch.autocast(dev, enabled=False):  # convolution and normalisation in fp32 ...
+                x = mods[1](mods[0](x.float()))
+            x = x.to(torch.get_autocast_dtype(dev))  # ... activation after the cast: it commutes with rounding
+            mods = mods[2:]
         for m in mods:
             x = m(x)
         return x
