@@ -130,7 +130,6 @@ class _Layout:
     spatial: str
     loop: list[str]
     n_ch: int
-    order: list[int]
     src: Any
 
     @property
@@ -147,7 +146,7 @@ def _layout(image: Any, axes: str | None, spatial_dims: int) -> _Layout:
     order = [axes.index(a) for a in loop] + ([axes.index("C")] if "C" in axes else []) + \
         [axes.index(a) for a in spatial]
     src = image.transpose(order) if order != list(range(len(axes))) else image
-    return _Layout(axes, spatial, loop, n_ch, order, src)
+    return _Layout(axes, spatial, loop, n_ch, src)
 
 
 def optimize_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
@@ -321,7 +320,7 @@ def predict_iter(
     sp_shape = tuple(shape[axes.index(a)] for a in spatial)
 
     if stats is None:
-        stats = _stats(src, norm, n_ch, len(loop), "C" in axes)
+        stats = _stats(src, norm, n_ch, len(loop), lay.has_c)
     elif len(stats) != n_ch:
         raise ValueError(f"stats has {len(stats)} entries for an image with {n_ch} channel(s).")
 
@@ -344,14 +343,11 @@ def predict_iter(
     # blended channels: kept levels (+ k for the mask) then the ensemble
     blend_levels = sorted(set(keep_levels) | ({k} if mode == "pruned" else set()))
 
-    def alloc(shape_: tuple[int, ...], dtype: str) -> np.ndarray:
-        return np.zeros(shape_, dtype=dtype)
-
     pshape = out_shape if nc == 1 else (nc, *out_shape)
     result = Prediction(
-        mask=alloc(out_shape, "uint8" if nc <= 255 else "uint16"),
-        probabilities={lv: alloc(pshape, prob_dtype) for lv in keep_levels},
-        ensemble=alloc(pshape, prob_dtype) if want_ens else None,
+        mask=np.zeros(out_shape, "uint8" if nc <= 255 else "uint16"),
+        probabilities={lv: np.zeros(pshape, prob_dtype) for lv in keep_levels},
+        ensemble=np.zeros(pshape, prob_dtype) if want_ens else None,
         depth=k, mode=mode, threshold=threshold, axes=out_axes, device=str(dev), tiles=len(plan) * int(
             np.prod(loop_shape, dtype=np.int64)),
     )
@@ -388,7 +384,7 @@ def predict_iter(
     done = 0
     blenders: dict[tuple[int, ...], Blender] = {}
     remaining: dict[tuple[int, ...], int] = {}
-    for items in _batches(_tiles(src, loop_shape, plan, pad, norm, stats, n_ch, "C" in axes), runner.batch):
+    for items in _batches(_tiles(src, loop_shape, plan, pad, norm, stats, n_ch, lay.has_c), runner.batch):
         probs = runner.probs(np.stack([t for _, _, t in items]))  # (B, k, nc, ...)
         finished = []
         for (pidx, sl, _), pr in zip(items, probs):

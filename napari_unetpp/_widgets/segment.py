@@ -103,6 +103,7 @@ class SegmentWidget(Container):
         self._live = False  # after the first preview, scrolling through slices segments them too
         self._rendering = False  # our own layer writes must not re-enter through layer/choice events
         self._cancelled = False
+        self._model_shown: str | None = None
 
         self._depth_slider.changed.connect(self._on_depth_changed)
         self._mode.changed.connect(self._on_depth_changed)
@@ -175,7 +176,7 @@ class SegmentWidget(Container):
         return self._loaded[mid]
 
     def _on_model_changed(self, _=None) -> None:
-        if self._model.value == getattr(self, "_model_shown", None):
+        if self._model.value == self._model_shown:
             return
         try:
             lm = self.model
@@ -184,7 +185,7 @@ class SegmentWidget(Container):
             return
         if lm is None:
             return
-        self._model_shown = lm.card.id
+        self._model_shown = self._model.value  # the selection key: a registry id or a file path
         c = lm.card
         key = next((k for k in ("mean_iou", "dice", "iou") if c.scores and k in next(iter(c.scores.values()))), None)
         scores = " ".join(f"{lv} {s[key]:.3f}" for lv, s in c.scores.items()) if key else "no scores"
@@ -320,19 +321,20 @@ class SegmentWidget(Container):
         if self._all_levels.value:
             for lv in range(1, k + 1):
                 if lv in res.probs:
-                    self._write_plane(image, f"L{lv}", plane, self._fg(res.probs[lv]), visible=lv == k)
+                    self._write_plane(image, f"L{lv}", plane, self._fg(res.probs[lv], lm), visible=lv == k)
             if self._mode.value == "ensemble" and len(levels) == k:
-                self._write_plane(image, "ensemble", plane, self._fg(chosen.astype(np.float16)), visible=False)
+                self._write_plane(image, "ensemble", plane, self._fg(chosen.astype(np.float16), lm), visible=False)
         if self._disagreement.value and len(levels) > 1:
-            self._write_plane(image, "disagreement", plane, self._fg(level_disagreement(levels)), colormap="inferno",
-                              contrast=(0, 0.5))
+            self._write_plane(image, "disagreement", plane, self._fg(level_disagreement(levels), lm),
+                              colormap="inferno", contrast=(0, 0.5))
         if res.seconds:  # this slice's own timings (slices from a whole-stack run keep the run's summary)
             times = ", ".join(f"L{lv} {s:.2f} s" for lv, s in sorted(res.seconds.items()))
             self._timing.value = f"{times} (showing L{k}{' ensemble' if self._mode.value == 'ensemble' else ''})"
 
-    def _fg(self, prob: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _fg(prob: np.ndarray, lm: LoadedModel) -> np.ndarray:
         """Foreground probability of a 1-class map, or 1 - background for multi-class maps."""
-        return prob if prob.ndim == 0 or self.model.module.config.num_classes == 1 else (1 - prob[0].astype(np.float32))
+        return prob if lm.module.config.num_classes == 1 else (1 - prob[0].astype(np.float32))
 
     def _mask_from(self, prob: np.ndarray, lm: LoadedModel) -> np.ndarray:
         if lm.module.config.num_classes == 1:
