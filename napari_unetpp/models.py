@@ -321,7 +321,9 @@ def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: st
         card.weights_sha256 = _sha256(tw)
         while True:
             if directory is None:
-                versions = _user_versions(card.name)
+                versions = set(_user_versions(card.name))
+                if (shipped_weights_dir() / f"{card.name}.json").is_file():
+                    versions.add(1)  # a shipped model is version 1 of its name: never shadow it
                 card.version = max(versions, default=0) + 1
                 stem = folder / f"{card.name}-v{card.version}"
             else:
