@@ -1,4 +1,4 @@
-"""``napari-unetpp`` command line: ``predict``, ``models`` and ``demo``."""
+"""``napari-unetpp`` command line: ``predict``, ``train``, ``models`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -89,6 +89,96 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import threading
+
+    from .inference import InputError
+    from .io import ReadError, read_image
+    from .models import ModelFileError, load_model
+    from .training import TrainingDataError, TrainingPair, fine_tune, parse_slices
+
+    try:
+        slices = parse_slices(",".join(args.slices)) if args.slices else None
+        val_slices = parse_slices(",".join(args.val_slices)) if args.val_slices else None
+        img = read_image(args.image)
+        lab = read_image(args.labels)
+        base = load_model(args.base)
+    except (ReadError, ModelFileError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if val_slices and slices not in (None, "all") and set(val_slices) & set(slices):
+        raise CliError(f"slices {sorted(set(val_slices) & set(slices))} are both training and held-out slices.")
+    axes = args.axes or img.axes
+    options = {k: v for k, v in {"minutes": args.minutes, "epochs": args.epochs, "learning_rate": args.lr,
+                                 "train_depth": args.train_depth, "ignore_label": args.ignore_label,
+                                 "batch_size": args.batch_size, "patch_size": args.patch_size,
+                                 "seed": args.seed}.items() if v is not None}
+    stop = threading.Event()
+    gen = fine_tune(base, TrainingPair(img.data, lab.data, axes=axes, slices=slices, name=Path(args.image).name),
+                    device=args.device, name=args.out, stop=stop, **options)
+    res = None
+    while res is None:
+        try:
+            p = next(gen)
+        except StopIteration as done:
+            res = done.value
+            break
+        except KeyboardInterrupt:  # Ctrl-C: finish the step, validate, keep and save the best state
+            if stop.is_set():
+                raise
+            stop.set()
+            print("\nstopping: validating and saving the best state so far (Ctrl-C again to abort)",
+                  file=sys.stderr)
+            continue
+        except (TrainingDataError, InputError, ModelFileError, ValueError, FloatingPointError) as exc:
+            raise CliError(str(exc)) from None
+        except MemoryError as exc:
+            raise CliError(str(exc) or "out of memory; try --batch-size 1 or the CPU.") from None
+        except RuntimeError as exc:
+            raise CliError(str(exc).splitlines()[0]) from None
+        if args.quiet:
+            continue
+        if p.phase == "train":
+            sys.stderr.write(f"\r{p.fraction:4.0%} step {p.step} loss {p.loss:.4f}  {p.seconds:5.0f}s")
+            sys.stderr.flush()
+        else:
+            sys.stderr.write(("\n" if p.phase in ("validate", "saving", "retry") else "") + p.message + "\n")
+    print(f"{res.model.card.id}: fine-tuned from {base.card.id} in {res.seconds:.0f} s on {res.device}, "
+          f"{res.steps} steps ({res.stopped}); {res.data.get('train_pixels')} training and "
+          f"{res.data.get('val_pixels')} validation pixels")
+    print(f"{'level':6} {'Dice before':>11} {'Dice after':>10}")
+    for lv, d in res.scores.items():
+        mark = "  <- recommended" if lv == res.recommended_depth else ""
+        print(f"L{lv:<5} {res.baseline[lv]:11.3f} {d:10.3f}{mark}")
+    if not res.improved:
+        print("validation did not improve on the base model: the saved version keeps the base weights")
+    if val_slices:
+        _report_held_out(res, base, img, lab, axes, val_slices, args.device)
+    print(f"saved {res.path}\nuse it: napari-unetpp predict IMAGE.tif -o MASK.tif --model {res.model.card.id}")
+    return 0
+
+
+def _report_held_out(res, base, img, lab, axes: str, slices: list[int], device: str) -> None:
+    """Dice on whole held-out slices (never trained or validated on), before and after."""
+    import numpy as np
+
+    from .inference import predict
+    from .training import dice_score
+
+    sel = np.asarray(slices)
+    gt = np.asarray(lab.data)[sel]
+    sub = np.asarray(img.data)[sel]
+    k = res.model.module.max_depth
+    print(f"held-out slices {slices}: Dice per level (before -> after)")
+    before = predict(sub, base, axes=axes, depth=k, levels="all", device=device)
+    after = predict(sub, res.model, axes=axes, depth=k, levels="all", device=device)
+    nc = res.model.module.config.num_classes
+    for lv in range(1, k + 1):
+        b, a = before.probabilities[lv], after.probabilities[lv]
+        pb = b > 0.5 if nc == 1 else b.argmax(0)
+        pa = a > 0.5 if nc == 1 else a.argmax(0)
+        print(f"L{lv:<5} {dice_score(pb, gt, num_classes=nc):11.3f} {dice_score(pa, gt, num_classes=nc):10.3f}")
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models, shipped_weights_dir, user_models_dir
 
@@ -148,6 +238,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axes", default=None, help="axes of the input, e.g. ZYX, TZYX, ZCYX (default: from the file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
+
+    t = sub.add_parser("train", help="fine-tune a model on corrected labels and save it as a new version",
+                       description="Fine-tune on IMAGE with LABELS (0 = background; > 0 = objects, or class values). "
+                                   "Only the listed slices (default: slices holding any label) count as ground truth; "
+                                   "Ctrl-C stops early and keeps the best state.")
+    t.add_argument("--image", required=True, help="image TIFF")
+    t.add_argument("--labels", required=True, help="labels TIFF of the same shape (without channels)")
+    t.add_argument("--base", default=DEFAULT_MODEL, help=f"model to start from (default {DEFAULT_MODEL})")
+    t.add_argument("--slices", nargs="+", default=None,
+                   help="corrected slices, e.g. 3 7 10-12, or 'all' (default: every slice holding a label)")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 2)")
+    budget.add_argument("--epochs", type=int, default=None, help="epoch budget instead of minutes")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    t.add_argument("--out", default=None,
+                   help="name to save under (default: the base's name, or <base>-finetuned for shipped models)")
+    t.add_argument("--axes", default=None, help="axes of the image, e.g. ZYX (default: from the file)")
+    t.add_argument("--ignore-label", type=int, default=None, help="label value meaning 'not annotated'")
+    t.add_argument("--train-depth", type=int, default=None,
+                   help="train only the sub-network of this depth (fast update, e.g. 2; default all levels)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    t.add_argument("--batch-size", type=int, default=None, help="patches per step (default: automatic)")
+    t.add_argument("--patch-size", type=int, default=None, help="patch edge in pixels (default 256 in 2D)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--val-slices", nargs="+", default=None,
+                   help="also report Dice on these whole held-out slices (labels needed there), before and after")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("models", help="list shipped and user models")
     m.add_argument("-v", "--verbose", action="store_true")

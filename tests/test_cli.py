@@ -113,3 +113,47 @@ def test_corrupt_model_file(tmp_path):
 def test_help_and_version(argv):
     r = run(*argv)
     assert r.returncode == 0 and "napari-unetpp" in r.stdout
+
+
+def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_membrane):
+    """`train` fine-tunes on listed slices, prints per-level Dice and the recommended depth, and `predict --model`
+    finds the new version by name."""
+    r = run("train", "--image", str(DATA / "isbi_val_crop.tif"), "--labels", str(DATA / "isbi_val_crop_labels.tif"),
+            "--slices", "0", "1", "--epochs", "1", "--batch-size", "2", "--patch-size", "96", "--device", "cpu",
+            "--out", "my-em", "--val-slices", "2")
+    assert r.returncode == 0, r.stderr
+    assert "my-em@v1: fine-tuned from em-membranes@v1" in r.stdout
+    assert "<- recommended" in r.stdout and "held-out slices [2]" in r.stdout
+    assert "validation after" in r.stderr  # progress goes to stderr
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("L") and len(ln.split()) >= 3]
+    assert [row[0] for row in rows[:4]] == ["L1", "L2", "L3", "L4"]
+    out = tmp_path / "m.tif"
+    p = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(out), "--model", "my-em", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert "my-em@v1" in p.stdout
+    assert dice(tifffile.imread(out)[2], em_crop_membrane[2]) > 0.7
+    m = run("models", "-v")
+    assert "my-em@v1" in m.stdout and "parent: em-membranes@v1" in m.stdout
+
+
+@pytest.mark.parametrize("labels, extra, match", [
+    ("wrong-shape", [], "shape"),
+    ("empty", [], "no known pixels"),
+    ("background", ["--slices", "all"], "all background"),
+    ("ok", ["--slices", "7"], "outside"),
+    ("ok", ["--slices", "1", "--val-slices", "1"], "both training and held-out"),
+    ("ok", ["--slices", "x"], "cannot read slice"),
+])
+def test_train_failures_are_one_sentence_and_save_nothing(tmp_path, capsys, em_crop_membrane, labels, extra, match):
+    lab = {"wrong-shape": em_crop_membrane[:, :-3], "empty": np.zeros_like(em_crop_membrane),
+           "background": np.zeros_like(em_crop_membrane), "ok": em_crop_membrane}[labels]
+    path = tmp_path / "labels.tif"
+    tifffile.imwrite(path, lab, photometric="minisblack")
+    code = main(["train", "--image", str(DATA / "isbi_val_crop.tif"), "--labels", str(path), "--epochs", "1",
+                 "--device", "cpu", "-q", *extra])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and err.startswith("napari-unetpp: error:")
+    from napari_unetpp.models import list_models
+
+    assert all(m.shipped for m in list_models())
