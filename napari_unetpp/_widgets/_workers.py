@@ -14,7 +14,8 @@ from napari.utils.notifications import show_error
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = ("InputError", "ModelFileError", "ReadError", "ValueError", "MemoryError", "OutOfMemoryError")
+USER_ERRORS = ("InputError", "ModelFileError", "ReadError", "ValueError", "MemoryError", "OutOfMemoryError",
+               "TrainingDataError", "FloatingPointError")
 
 
 def user_message(exc: BaseException) -> str:

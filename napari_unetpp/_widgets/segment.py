@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,9 @@ class PlaneResult:
 
     probs: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
+
+
+_INSTANCES: list[weakref.ref] = []
 
 
 class SegmentWidget(Container):
@@ -121,6 +125,27 @@ class SegmentWidget(Container):
         napari_viewer.layers.events.removed.connect(self._on_layers_changed)
         napari_viewer.dims.events.current_step.connect(self._on_step)
         self._on_model_changed()
+        _INSTANCES[:] = [r for r in _INSTANCES if r() is not None] + [weakref.ref(self)]
+
+    @classmethod
+    def for_viewer(cls, viewer: napari.viewer.Viewer) -> SegmentWidget | None:
+        """The Segment widget docked in ``viewer`` (the newest if several), or None."""
+        # napari hands plugins a proxy of the viewer: compare the objects behind the proxies
+        target = getattr(viewer, "__wrapped__", viewer)
+        found = [w for w in (r() for r in _INSTANCES)
+                 if w is not None and getattr(w._viewer, "__wrapped__", w._viewer) is target]
+        return found[-1] if found else None
+
+    def show_new_model(self, model_id: str, depth: int, image: Image | None = None) -> None:
+        """Select a freshly saved model version at ``depth`` and re-segment what the user looks at (after
+        fine-tuning)."""
+        if image is not None and image in self._viewer.layers:
+            with self._image.changed.blocked():
+                self._image.value = image
+        with self._depth_slider.changed.blocked():
+            self.refresh_models(select=model_id)
+            self._depth_slider.value = min(depth, self._depth_slider.max)
+        self.preview()
 
     # ----------------------------------------------------------------- choices and model
     def _image_choices(self, _=None) -> list[tuple[str, Image]]:

@@ -1,0 +1,302 @@
+"""The "UNet++ Fine-tune" dock widget: retrain on the user's corrected labels in a worker, with a live plot; the new
+version is then selected in the Segment widget and the current view re-segmented."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+import napari
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info
+
+from ..device import DEVICE_CHOICES
+from ..models import ModelFileError, list_models, load_model
+from ..training import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune, parse_slices
+from ._workers import run_generator, user_message
+from .plot import TrainingPlot
+from .segment import SegmentWidget, image_axes
+
+log = logging.getLogger(__name__)
+
+TRUTH = ("edited slices", "listed slices", "all slices")
+LEVELS = {"all levels": None, "fast: L1-L2 only": 2}
+
+
+def painted(atoms: Any, ndim: int) -> tuple[set[tuple[int, ...]], list[tuple[np.ndarray, ...]]]:
+    """Slices (indices over the leading non-YX axes) and pixel coordinates touched by one napari paint event.
+
+    napari records either ``(indices, old_values, new_values)`` tuples or masked bounding-box atoms with a
+    ``slice_key`` and an optional ``mask``; both are handled.
+    """
+    lead = ndim - 2
+    slices: set[tuple[int, ...]] = set()
+    coords: list[tuple[np.ndarray, ...]] = []
+    for atom in atoms or []:
+        if hasattr(atom, "slice_key"):
+            key = tuple(atom.slice_key)
+            starts = [s.start or 0 for s in key]
+            if atom.mask is None:
+                shape = [s.stop - (s.start or 0) for s in key]
+                idx = np.nonzero(np.ones(shape, bool))
+            else:
+                idx = np.nonzero(atom.mask)
+            full = tuple(i + st for i, st in zip(idx, starts))
+        else:
+            full = tuple(np.asarray(i) for i in atom[0])
+        if not full or full[0].size == 0:
+            continue
+        coords.append(full)
+        if lead:
+            slices.update(map(tuple, np.unique(np.stack(full[:lead], 1), axis=0).tolist()))
+        else:
+            slices.add(())
+    return slices, coords
+
+
+class FineTuneWidget(Container):
+    """Fine-tune a model on corrected labels and re-segment with the new version.
+
+    Args:
+        napari_viewer: The viewer (injected by napari).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._image = ComboBox(label="image", choices=self._image_choices, nullable=True)
+        self._labels = ComboBox(label="corrected labels", choices=self._labels_choices, nullable=True,
+                                tooltip="Labels layer with your corrections (0 = background, > 0 = objects)")
+        self._base = ComboBox(label="start from", choices=self._model_choices,
+                              tooltip="The model to fine-tune (default: the one selected in UNet++ Segment)")
+        self._truth = ComboBox(label="ground truth", choices=list(TRUTH), value=TRUTH[0],
+                               tooltip="Which slices are correct. Pixels elsewhere are ignored, not background.")
+        self._slices = LineEdit(label="slices", value="",
+                                tooltip="For 'listed slices': e.g. 3, 7, 10-12 (first axis of a stack)")
+        self._edited = Label(label="edited", value="none yet: paint on the labels layer")
+        self._budget_kind = ComboBox(label="budget", choices=["minutes", "epochs"], value="minutes")
+        self._budget = FloatSpinBox(label="amount", min=0.1, max=600, step=0.5, value=2.0)
+        self._levels = ComboBox(label="train", choices=list(LEVELS), value="all levels",
+                                tooltip="fast: trains the depth-2 sub-network only (deeper levels share its encoder "
+                                        "and are re-validated)")
+        self._ignore = SpinBox(label="ignore label", min=-1, max=65535, value=-1,
+                               tooltip="Label value meaning 'not annotated' (-1: none)")
+        self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
+        self._name = LineEdit(label="save as", value="", tooltip="Model name (default: the base's own line, or "
+                                                                 "<shipped name>-finetuned); never overwrites")
+        self._start_btn = PushButton(text="Fine-tune")
+        self._stop_btn = PushButton(text="Stop (keep best)", enabled=False)
+        self._bar = ProgressBar(label="progress", min=0, max=1000, value=0)
+        self._status = Label(value="Correct the mask with the paint tools, then press Fine-tune.")
+        self._status.native.setWordWrap(True)
+        self._status.native.setMinimumWidth(320)
+        self._edited.native.setWordWrap(True)
+        self.extend([self._image, self._labels, self._base, self._truth, self._slices, self._edited,
+                     self._budget_kind, self._budget, self._levels, self._ignore, self._device, self._name,
+                     Container(widgets=[self._start_btn, self._stop_btn], layout="horizontal", labels=False),
+                     self._bar, Container(widgets=[self._status], labels=False)])
+        self.plot = TrainingPlot()
+        self.native.layout().addWidget(self.plot)
+
+        self._edits: dict[int, set[tuple[int, ...]]] = defaultdict(set)  # labels layer id -> edited slices
+        self._focus: dict[int, list[tuple[np.ndarray, ...]]] = defaultdict(list)  # -> changed pixel coords
+        self._hooked: set[int] = set()
+        self._worker: Any = None
+        self._stop: threading.Event | None = None
+        self.result: FineTuneResult | None = None
+
+        self._labels.changed.connect(self._show_edited)
+        self._truth.changed.connect(self._show_edited)
+        self._budget_kind.changed.connect(self._on_budget_kind)
+        self._base.changed.connect(self._on_base)
+        self._start_btn.changed.connect(self.start)
+        self._stop_btn.changed.connect(self.stop)
+        napari_viewer.layers.events.inserted.connect(self._on_layers_changed)
+        napari_viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._on_layers_changed()
+        seg = SegmentWidget.for_viewer(napari_viewer)
+        if seg is not None and seg._model.value in self._base.choices:
+            self._base.value = seg._model.value
+        self._on_base()
+
+    # ----------------------------------------------------------------- choices
+    def _image_choices(self, _=None) -> list[tuple[str, Image]]:
+        return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image) and "[UNet++" not in ly.name]
+
+    def _labels_choices(self, _=None) -> list[tuple[str, Labels]]:
+        return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Labels)]
+
+    def _model_choices(self, _=None) -> list[str]:
+        return [r.id for r in list_models()]
+
+    def reset_choices(self, *_: Any) -> None:
+        """Refresh the lists without side effects (napari calls this while it removes layers)."""
+        with contextlib.ExitStack() as stack:
+            for w in self:
+                if hasattr(w, "changed"):
+                    stack.enter_context(w.changed.blocked())
+            super().reset_choices()
+
+    def _on_layers_changed(self, _=None) -> None:
+        self.reset_choices()
+        for ly in self._viewer.layers:
+            if isinstance(ly, Labels) and id(ly) not in self._hooked:
+                ly.events.paint.connect(lambda e, layer=ly: self._on_paint(layer, e))
+                self._hooked.add(id(ly))
+        images = [c for c in self._image.choices if c is not None]
+        labels = [c for c in self._labels.choices if c is not None]
+        if self._image.value is None and images:
+            self._image.value = images[0]
+        if self._labels.value is None and labels:  # prefer the Segment widget's mask: that is what users correct
+            self._labels.value = ([c for c in labels if "[UNet++ mask" in c.name] or labels)[-1]
+        self._show_edited()
+
+    def _on_budget_kind(self, _=None) -> None:
+        self._budget.value = 2.0 if self._budget_kind.value == "minutes" else 20
+
+    def _on_base(self, _=None) -> None:
+        mid = self._base.value
+        if not mid:
+            return
+        try:
+            self._name.tooltip = f"default: {default_name(load_model(mid))}"
+        except ModelFileError as exc:
+            self._error(str(exc))
+
+    # ----------------------------------------------------------------- edits
+    def _on_paint(self, layer: Labels, event: Any) -> None:
+        slices, coords = painted(getattr(event, "value", None), layer.data.ndim)
+        self._edits[id(layer)].update(slices)
+        self._focus[id(layer)].extend(coords)
+        if layer is self._labels.value:
+            self._show_edited()
+
+    def edited_slices(self, layer: Labels | None = None) -> list[tuple[int, ...]]:
+        """Slices of ``layer`` (default: the chosen labels) the user painted on, sorted."""
+        layer = layer or self._labels.value
+        return sorted(self._edits.get(id(layer), set())) if layer is not None else []
+
+    def _show_edited(self, _=None) -> None:
+        ed = self.edited_slices()
+        if not ed:
+            self._edited.value = "none yet: paint on the labels layer"
+        elif ed == [()]:
+            self._edited.value = "the image (2D)"
+        else:
+            txt = ", ".join(",".join(map(str, s)) for s in ed[:12]) + (" ..." if len(ed) > 12 else "")
+            self._edited.value = f"{len(ed)} slice(s): {txt}"
+        self._slices.enabled = self._truth.value == "listed slices"
+
+    # ----------------------------------------------------------------- run
+    def _pair(self) -> TrainingPair:
+        image, labels = self._image.value, self._labels.value
+        if image is None or labels is None:
+            raise ValueError("Choose an image and the labels layer with your corrections.")
+        base = load_model(self._base.value)
+        axes = image_axes(image, base.module.config.spatial_dims)
+        shape = tuple(image.data.shape[:-1]) if image.rgb else tuple(image.data.shape)
+        if tuple(labels.data.shape) != shape:
+            raise ValueError(f"'{labels.name}' has shape {tuple(labels.data.shape)} but '{image.name}' {shape}; "
+                             f"choose the labels drawn on this image.")
+        lab = np.array(labels.data, copy=True)  # a snapshot: painting may go on while training runs
+        focus = None
+        known = None
+        slices: Any
+        if self._truth.value == "edited slices":
+            ed = self.edited_slices()
+            if not ed:
+                raise ValueError("No edited slices: correct some slices with the paint tools first, or choose "
+                                 "'listed slices' or 'all slices'.")
+            slices = "all" if ed == [()] else [s for s in ed]
+            focus = np.zeros(lab.shape, bool)
+            for c in self._focus.get(id(labels), []):
+                focus[c] = True
+        elif self._truth.value == "listed slices":
+            slices = parse_slices(self._slices.value)
+            if slices is None:
+                raise ValueError("List the corrected slices, e.g. 3, 7, 10-12.")
+        else:
+            slices = "all"
+        return TrainingPair(np.asarray(image.data), lab, axes=axes, slices=slices, known=known, focus=focus,
+                            name=f"{image.name} / {labels.name}")
+
+    def start(self, _=None) -> None:
+        """Fine-tune in a worker thread."""
+        if self._worker is not None:
+            show_info("Fine-tuning is already running; stop it first.")
+            return
+        try:
+            pair = self._pair()
+            base = load_model(self._base.value)
+        except (ValueError, ModelFileError) as exc:
+            self._error(user_message(exc))
+            return
+        budget = {"minutes": float(self._budget.value)} if self._budget_kind.value == "minutes" else \
+            {"epochs": max(1, int(round(self._budget.value)))}
+        self._stop = threading.Event()
+        stop = self._stop
+        options = dict(budget, train_depth=LEVELS[self._levels.value],
+                       ignore_label=None if self._ignore.value < 0 else int(self._ignore.value))
+        name = self._name.value.strip() or None
+        device = self._device.value
+        self.plot.clear()
+        self._bar.value = 0
+        self.result = None
+        self._status.value = "preparing ..."
+
+        def gen():
+            return (yield from fine_tune(base, pair, device=device, name=name, stop=stop, **options))
+
+        self._start_btn.enabled = False
+        self._stop_btn.enabled = True
+        self._worker = run_generator(gen, self._on_yield, self._on_return, self._error, self._finished)
+
+    def stop(self, _=None) -> None:
+        """End training at the next step; the best state so far is validated and saved."""
+        if self._stop is not None and not self._stop.is_set():
+            self._stop.set()
+            self._status.value = "stopping: validating and saving the best state so far ..."
+
+    def _on_yield(self, p: TrainProgress) -> None:
+        self._bar.value = int(1000 * p.fraction)
+        if p.phase == "train" and p.loss is not None:
+            self.plot.add_loss(p.step, p.loss)
+            if p.step % 5 == 0:
+                self._status.value = f"{p.message} ({p.seconds:.0f} s)"
+        elif p.val is not None:
+            self.plot.add_validation(p.step, p.val)
+            self._status.value = p.message
+        elif p.message:
+            self._status.value = p.message
+
+    def _on_return(self, res: FineTuneResult) -> None:
+        self.result = res
+        card = res.model.card
+        scores = ", ".join(f"L{k} {res.baseline[k]:.3f}->{v:.3f}" for k, v in res.scores.items())
+        note = "" if res.improved else " Validation did not improve: the new version keeps the base weights."
+        self._status.value = (f"Saved {card.id} ({res.stopped}, {res.steps} steps, {res.seconds:.0f} s). "
+                              f"Validation Dice {scores}; recommended L{res.recommended_depth}.{note}")
+        self._bar.value = 1000
+        show_info(f"Fine-tuned model saved as {card.id}; recommended depth L{res.recommended_depth}.")
+        with self._base.changed.blocked():
+            self._base.reset_choices()
+            if card.id in self._base.choices:
+                self._base.value = card.id  # the next round continues from this version
+        seg = SegmentWidget.for_viewer(self._viewer)
+        if seg is not None:
+            seg.show_new_model(card.id, res.recommended_depth, self._image.value)
+
+    def _finished(self) -> None:
+        self._worker = None
+        self._stop = None
+        self._start_btn.enabled = True
+        self._stop_btn.enabled = False
+
+    def _error(self, message: str) -> None:
+        show_error(message)
+        self._status.value = message
