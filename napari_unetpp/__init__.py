@@ -28,6 +28,13 @@ _EXPORTS = {
     "read_image": "napari_unetpp.io",
     "write_image": "napari_unetpp.io",
     "resolve_device": "napari_unetpp.device",
+    "fine_tune": "napari_unetpp.training",
+    "run_fine_tune": "napari_unetpp.training",
+    "TrainingPair": "napari_unetpp.training",
+    "FineTuneConfig": "napari_unetpp.training",
+    "FineTuneResult": "napari_unetpp.training",
+    "TrainProgress": "napari_unetpp.training",
+    "TrainingDataError": "napari_unetpp.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -697,8 +697,10 @@ def _lr_at(step: int, frac: float, cfg: FineTuneConfig) -> float:
 
 
 def _freeze_bn(module: nn.Module) -> None:
+    """Keep trained batch-norm statistics fixed; never-trained ones (a model from scratch) keep learning theirs."""
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                m.num_batches_tracked is None or int(m.num_batches_tracked) > 0):
             m.eval()
 
 

@@ -7,14 +7,15 @@ import sys
 
 CORE = ["napari_unetpp", "napari_unetpp.model", "napari_unetpp.tiling", "napari_unetpp.inference",
         "napari_unetpp.models", "napari_unetpp.io", "napari_unetpp.cli", "napari_unetpp.losses",
-        "napari_unetpp.device", "napari_unetpp.normalization", "napari_unetpp.postprocess"]
+        "napari_unetpp.device", "napari_unetpp.normalization", "napari_unetpp.postprocess",
+        "napari_unetpp.training"]
 
 
 def test_core_imports_no_gui():
     code = (
         "import sys, importlib\n"
         f"for m in {CORE!r}: importlib.import_module(m)\n"
-        "import napari_unetpp as p; p.predict; p.load_model; p.UNetPlusPlus\n"
+        "import napari_unetpp as p; p.predict; p.load_model; p.UNetPlusPlus; p.fine_tune\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', "
         "'napari', 'magicgui', 'vispy')]\n"
         "print(bad); sys.exit(1 if bad else 0)\n"

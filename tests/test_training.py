@@ -363,3 +363,28 @@ def test_saving_under_a_shipped_name_never_shadows_it(em_model):
     path = save_model(em_model.module, card)
     assert card.version == 2 and path.name == "em-membranes-v2.json"
     assert load_model("em-membranes@v1").shipped
+
+
+def test_3d_model_fine_tunes_on_known_planes_of_a_volume(em_crop, em_crop_membrane):
+    """A 3D model takes volumes; listed slices are z planes inside the volume, and the rest of it is unknown."""
+    torch.manual_seed(0)
+    base = LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 16), spatial_dims=3, norm="batch"), name="tiny3d")
+    ds = prepare_data(TrainingPair(em_crop, em_crop_membrane, axes="ZYX", slices=[0, 2]), base)
+    assert len(ds.items) == 1 and ds.items[0].image.shape == (1, 3, 161, 187)
+    known = ds.items[0].train | ds.items[0].val
+    assert known[[0, 2]].all() and not known[1].any()
+    res = run_fine_tune(base, TrainingPair(em_crop, em_crop_membrane, axes="ZYX", slices=[0, 2]), epochs=2,
+                        steps_per_epoch=3, batch_size=2, patch_size=64, device="cpu", learning_rate=3e-3)
+    assert res.steps == 6 and res.data["patch"] == [4, 64, 64] and set(res.scores) == {1, 2}
+    assert load_model(res.path).module.config.spatial_dims == 3
+
+
+def test_multi_class_labels_train_a_softmax_model(em_crop, em_crop_membrane):
+    """Class values (0 background, 1 membrane, 2 a made-up class) train a 3-class model; Dice averages classes."""
+    torch.manual_seed(0)
+    base = LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32), num_classes=3, norm="batch"), name="mc")
+    lab = em_crop_membrane.astype(np.int32)
+    lab[:, :, 120:][lab[:, :, 120:] == 0] = 2
+    res = run_fine_tune(base, TrainingPair(em_crop, lab, slices=[0, 1]), epochs=4, steps_per_epoch=6,
+                        batch_size=4, patch_size=96, device="cpu", learning_rate=3e-3, save=False, patience=0)
+    assert max(res.scores.values()) > max(res.baseline.values())
