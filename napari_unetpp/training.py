@@ -696,12 +696,16 @@ def _lr_at(step: int, frac: float, cfg: FineTuneConfig) -> float:
     return cfg.learning_rate * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def _freeze_bn(module: nn.Module) -> None:
-    """Keep trained batch-norm statistics fixed; never-trained ones (a model from scratch) keep learning theirs."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
-                m.num_batches_tracked is None or int(m.num_batches_tracked) > 0):
-            m.eval()
+def _trained_batchnorms(module: nn.Module) -> list[nn.Module]:
+    """Batch norms with statistics from earlier training; never-trained ones (a model from scratch) are left out."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)]
+
+
+def _freeze_bn(layers: list[nn.Module]) -> None:
+    """Keep these batch norms' running statistics fixed (eval mode) while the rest of the network trains."""
+    for m in layers:
+        m.eval()
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -780,9 +784,9 @@ def fine_tune(model: Any, data: TrainingPair | Sequence[TrainingPair], *, config
     yield TrainProgress("baseline", seconds=time.perf_counter() - t0, val=baseline, best=best,
                         message="base model: " + _fmt(baseline))
     step, epoch, since_best, stopped, improved, losses = 0, 0, 0, "budget", False, []
+    frozen = _trained_batchnorms(module) if cfg.freeze_batchnorm else []  # decided once, before any step
     module.train()
-    if cfg.freeze_batchnorm:
-        _freeze_bn(module)
+    _freeze_bn(frozen)
     try:
         while True:
             if should_stop():
@@ -817,8 +821,7 @@ def fine_tune(model: Any, data: TrainingPair | Sequence[TrainingPair], *, config
             if step % spe == 0 or fraction(step) >= 1.0 or should_stop():
                 epoch += 1
                 scores = validate(module, ds, dev, amp)
-                if cfg.freeze_batchnorm:
-                    _freeze_bn(module)
+                _freeze_bn(frozen)
                 mean = float(np.mean(list(scores.values())))
                 history.append({"step": step, "seconds": round(time.perf_counter() - t0, 2),
                                 "loss": round(float(np.mean(losses[-spe:])), 4), "val": scores})

@@ -388,3 +388,25 @@ def test_multi_class_labels_train_a_softmax_model(em_crop, em_crop_membrane):
     res = run_fine_tune(base, TrainingPair(em_crop, lab, slices=[0, 1]), epochs=4, steps_per_epoch=6,
                         batch_size=4, patch_size=96, device="cpu", learning_rate=3e-3, save=False, patience=0)
     assert max(res.scores.values()) > max(res.baseline.values())
+
+
+def test_unknown_pixels_cannot_poison_the_loss():
+    """An infinite logit on an unknown pixel (exploding activations far from the labels) must not become NaN."""
+    logits = torch.zeros(1, 1, 4, 4)
+    logits[0, 0, 0, 0] = float("inf")
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    loss = DeepSupervisionLoss()([logits], target, valid)
+    assert torch.isfinite(loss)
+
+
+def test_only_previously_trained_batch_norms_are_frozen(em_crop, em_crop_membrane, em_model):
+    from napari_unetpp.training import _trained_batchnorms
+
+    assert len(_trained_batchnorms(em_model.module)) == 30  # the shipped model: all its batch norms
+    assert _trained_batchnorms(tiny().module) == []  # from scratch: they learn their statistics
+    res = run_fine_tune(tiny(), TrainingPair(em_crop, em_crop_membrane, slices="all"), epochs=3, steps_per_epoch=2,
+                        batch_size=2, patch_size=64, device="cpu", save=False, min_delta=-1.0)
+    counts = {int(v) for k, v in res.model.module.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert counts == {6}  # updated at every step, also after validations
