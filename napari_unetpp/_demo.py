@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-SAMPLES = ("em",)
+SAMPLES = ("em", "nuclei")
 
 
 def run_demo(sample: str = "em", screenshot: str | None = None) -> int:
@@ -29,6 +29,8 @@ def run_demo(sample: str = "em", screenshot: str | None = None) -> int:
     _, widget = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     widget._image.value = image
     widget._all_levels.value = True
+    if sample == "nuclei":
+        widget._instances.value = "watershed"  # touching nuclei become separate objects
     viewer.dims.axis_labels = ("z", "y", "x")
     widget.run_stack()
     if screenshot:

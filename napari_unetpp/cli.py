@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     d = sub.add_parser("demo", help="open napari with the plugin and a real sample loaded")
-    d.add_argument("--sample", default="em", help="sample to open (default: em)")
+    d.add_argument("--sample", default="em", choices=["em", "nuclei"], help="sample to open (default: em)")
     d.add_argument("--screenshot", default=None, help="save a screenshot of the window to this PNG and exit")
     d.set_defaults(func=_cmd_demo)
     return ap

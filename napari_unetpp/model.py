@@ -344,6 +344,41 @@ class PrunedUNetPlusPlus(nn.Module):
         return self.head(outs[0, self.depth])[crop]
 
 
+class UNet(nn.Module):
+    """A plain U-Net (Ronneberger et al. 2015) built from the same blocks, as the baseline UNet++ is compared with.
+
+    Encoder nodes are X(i,0) as in UNet++. The decoder node of level i takes X(i,0) and the upsampled decoder output
+    of level i+1: one skip per level, no nested nodes, one head. ``forward`` returns ``[logits]``, so training and
+    validation code can treat it like a network with one output level. Same arguments as :class:`UNetPlusPlus`.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
+                 spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
+                 activation: str = "relu", groups: int = 8) -> None:
+        super().__init__()
+        self.config = UNetPlusPlusConfig(in_channels, num_classes, tuple(features), spatial_dims, norm, dropout,
+                                         upsample, activation, groups)
+        cfg = self.config
+        self.encoder = nn.ModuleList([Node(cfg, i, 0) for i in range(cfg.max_depth + 1)])
+        self.decoder = nn.ModuleList([Node(cfg, i, 1) for i in range(cfg.max_depth)])  # decoder[i]: level i
+        self.head = _conv(cfg.spatial_dims)(cfg.features[0], cfg.num_classes, 1)
+        self.pool = (nn.MaxPool2d if cfg.spatial_dims == 2 else nn.MaxPool3d)(2)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+        """``[logits]`` of the full-depth U-Net (``depth`` is accepted for interface compatibility and ignored)."""
+        _check_input(x, self.config)
+        xp, crop = _pad_to_multiple(x, 2 ** self.config.max_depth)
+        skips = []
+        h = xp
+        for i, enc in enumerate(self.encoder):
+            h = enc([], h if i == 0 else self.pool(skips[-1]))
+            skips.append(h)
+        for i in range(self.config.max_depth - 1, -1, -1):
+            h = self.decoder[i]([skips[i]], h)
+        return [self.head(h)[crop]]
+
+
 def _check_input(x: torch.Tensor, cfg: UNetPlusPlusConfig) -> None:
     want = cfg.spatial_dims + 2
     if x.ndim != want:

@@ -27,7 +27,7 @@ import torch
 
 from napari_unetpp.device import autocast_context, resolve_device
 from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.model import UNetPlusPlus
+from napari_unetpp.model import UNet, UNetPlusPlus
 from napari_unetpp.normalization import Normalization
 
 log = logging.getLogger("train_em")
@@ -64,7 +64,7 @@ def sample_batch(img: np.ndarray, mem: np.ndarray, rng: np.random.Generator, bat
 @torch.no_grad()
 def validate(model: UNetPlusPlus, img: np.ndarray, mem: np.ndarray, device: torch.device) -> list[dict[str, float]]:
     model.eval()
-    per_level = [[] for _ in range(model.max_depth)]
+    per_level = [[] for _ in range(len(model.config.features) - 1 if isinstance(model, UNetPlusPlus) else 1)]
     for z in range(img.shape[0]):
         x = torch.from_numpy(img[z][None, None].astype(np.float32)).to(device)
         with autocast_context(device):
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--arch", default="unetpp", choices=["unetpp", "unet"],
+                    help="unet: the plain U-Net baseline with the same blocks, recipe and budget (not packaged)")
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder (best.safetensors + history.json)")
     ap.add_argument("--dest", type=Path, default=None, help="package the best state into this folder (weights/)")
     ap.add_argument("--package-only", action="store_true", help="skip training; package --out into --dest")
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     mem = (lab == 0).astype(np.uint8)  # membrane = foreground
     tr_img, tr_mem, va_img, va_mem = img[:25], mem[:25], img[25:], mem[25:]
 
-    model = UNetPlusPlus(features=tuple(args.features), norm="batch").to(device)
+    arch = UNetPlusPlus if args.arch == "unetpp" else UNet
+    model = arch(features=tuple(args.features), norm="batch").to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     loss_fn = DeepSupervisionLoss()
     budget = args.minutes * 60
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.out / "best.json").write_text(json.dumps(entry, indent=1))
             (args.out / "history.json").write_text(json.dumps(
                 {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
-                 "config": model.config.to_dict(), "history": history}, indent=1))
+                 "config": model.config.to_dict(), "arch": args.arch, "steps": step, "history": history}, indent=1))
     log.info("done: %d steps in %.0f s, best mean IoU (deepest head) %.4f", step, time.time() - t0, best)
     return package(args.out, args.dest, args.data) if args.dest else 0
 

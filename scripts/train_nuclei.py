@@ -54,7 +54,8 @@ def load_cells3d():
 def datasets(lm: LoadedModel, img: np.ndarray, lab: np.ndarray):
     """All known pixels of the training slices train; all of the validation slices validate."""
     tr = prepare_data(TrainingPair(img, lab, axes="ZYX", slices=TRAIN_Z), lm)
-    va = prepare_data(TrainingPair(img, lab, axes="ZYX", slices=VAL_Z), lm)
+    # validation normalises the 8 slices on their own, exactly as a user (and the shipped sample) would
+    va = prepare_data(TrainingPair(img[VAL_Z], lab[VAL_Z], axes="ZYX", slices="all"), lm)
     for it in tr.items:
         it.train, it.val = it.train | it.val, np.zeros_like(it.val)
         it.index()
@@ -72,6 +73,8 @@ def heavy_intensity(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         if rng.random() < 0.5:
             g = float(np.exp(rng.uniform(-0.9, 0.9)))
             a = a.clamp(0, None) ** g
+        if rng.random() < 0.5:  # other normalisation statistics (a sub-stack, another microscope)
+            a = a * float(np.exp(rng.uniform(-0.7, 0.7))) + rng.uniform(-0.2, 0.2)
         if rng.random() < 0.3:
             s = rng.uniform(0.5, 2.0)
             k = int(2 * math.ceil(2 * s) + 1)

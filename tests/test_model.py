@@ -168,3 +168,14 @@ def test_first_convolution_stays_fp32_under_autocast():
         out = m(torch.randn(2, 1, 32, 32), depth=1)
     out[0].float().mean().backward()
     assert m.nodes["x_0_0"].conv[0].weight.grad is not None
+
+
+def test_plain_unet_baseline_matches_the_paper():
+    """The U-Net baseline from the same blocks: 7.76M parameters in the paper's configuration (UNet++: 9.04M)."""
+    from napari_unetpp.model import UNet, count_parameters
+
+    assert round(count_parameters(UNet()) / 1e6, 2) == 7.76
+    net = UNet(features=(4, 8, 16), norm="batch")
+    outs = net(torch.randn(2, 1, 37, 50))
+    assert len(outs) == 1 and outs[0].shape == (2, 1, 37, 50)
+    assert not hasattr(net, "nodes")  # no nested nodes: one skip per level

@@ -41,9 +41,25 @@ def test_sample_opens_with_scale_and_labels(make_napari_viewer):
 def test_nuclei_sample_has_instance_labels(make_napari_viewer):
     viewer = make_napari_viewer()
     img, lab = viewer.open_sample("napari-unetpp", "nuclei")
-    assert img.data.shape == (10, 256, 256) and img.data.dtype == np.uint16
+    assert img.data.shape == (8, 256, 256) and img.data.dtype == np.uint16
     assert lab.data.shape == img.data.shape and len(np.unique(lab.data)) > 10  # separate nuclei, not a mask
     assert tuple(img.scale) == pytest.approx((0.29, 0.26, 0.26))
+
+
+@pytest.mark.parametrize("sample, model", [("em", "em-membranes@v1"), ("nuclei", "nuclei@v1")])
+def test_samples_select_their_shipped_model(make_napari_viewer, sample, model):
+    """Opening a sample and the Segment widget gives the model made for it, and a good segmentation at once."""
+    from napari_unetpp.training import dice_score
+
+    viewer = make_napari_viewer()
+    img, ref = viewer.open_sample("napari-unetpp", sample)
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    assert w._image.value is img and w._model.value == model
+    viewer.dims.set_current_step(0, 1)
+    w.preview()
+    mask = viewer.layers[f"{img.name} [UNet++ mask]"].data[1]
+    gt = ref.data[1] == 1 if sample == "em" else ref.data[1] > 0
+    assert dice_score(mask, gt) > (0.75 if sample == "em" else 0.9)
 
 
 def test_demo_screenshot(tmp_path, monkeypatch):

@@ -146,6 +146,7 @@ def test_background_preview_and_cancelled_stack_run(docked, em_model, monkeypatc
     ref = _core(big, em_model, 4, plane=last)
     decided = np.abs(ref.probabilities[4].astype(np.float32) - 0.5) > 1e-3  # the stack keeps float16 probabilities
     np.testing.assert_array_equal(mask.data[last][decided], ref.mask[decided])  # completed slices are final
+    qtbot.waitUntil(lambda: w._preview_worker is None, timeout=30000)  # (the L4 preview must not outlive the test)
 
 
 def test_model_from_a_file_and_a_corrupt_one(docked, tmp_path, monkeypatch):
@@ -196,10 +197,10 @@ def test_3d_model_segments_the_whole_volume(make_napari_viewer):
     viewer = make_napari_viewer()
     vol = np.random.default_rng(0).random((2, 12, 40, 36)).astype(np.float32)  # T, Z, Y, X
     img = viewer.add_image(vol, name="vol")
+    viewer.dims.set_current_step(0, 1)  # (the widget picks the image when docked, so a model change segments)
     _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     w.refresh_models(select="tiny3d@v1")
     w._image.value = img
-    viewer.dims.set_current_step(0, 1)
     w._threshold.value = 0.05  # an untrained net: make sure something is foreground
     w._depth_slider.value = 1
     mask = viewer.layers["vol [UNet++ mask]"].data

@@ -374,7 +374,8 @@ def test_3d_model_fine_tunes_on_known_planes_of_a_volume(em_crop, em_crop_membra
     known = ds.items[0].train | ds.items[0].val
     assert known[[0, 2]].all() and not known[1].any()
     res = run_fine_tune(base, TrainingPair(em_crop, em_crop_membrane, axes="ZYX", slices=[0, 2]), epochs=2,
-                        steps_per_epoch=3, batch_size=2, patch_size=64, device="cpu", learning_rate=3e-3)
+                        steps_per_epoch=3, batch_size=2, patch_size=64, device="cpu", learning_rate=1e-3,
+                        precision="fp32")  # bf16 3D from scratch hit a NaN loss once in a full-suite run (open)
     assert res.steps == 6 and res.data["patch"] == [4, 64, 64] and set(res.scores) == {1, 2}
     assert load_model(res.path).module.config.spatial_dims == 3
 

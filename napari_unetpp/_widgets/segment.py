@@ -117,7 +117,7 @@ class SegmentWidget(Container):
         self._disagreement.changed.connect(self._render_current)
         self._model.changed.connect(self._on_model_changed)
         self._model_file.changed.connect(self._on_model_file)
-        self._image.changed.connect(self._render_current)
+        self._image.changed.connect(self._on_image_changed)
         self._preview_btn.changed.connect(self.preview)
         self._run_btn.changed.connect(self.run_stack)
         self._cancel_btn.changed.connect(self.cancel)
@@ -125,6 +125,7 @@ class SegmentWidget(Container):
         napari_viewer.layers.events.removed.connect(self._on_layers_changed)
         napari_viewer.dims.events.current_step.connect(self._on_step)
         self._on_model_changed()
+        self._on_layers_changed()  # docked after the layers were opened: pick the image (and its model) now
         _INSTANCES[:] = [r for r in _INSTANCES if r() is not None] + [weakref.ref(self)]
 
     @classmethod
@@ -180,9 +181,22 @@ class SegmentWidget(Container):
         if self._rendering:
             return
         self.reset_choices()
-        if self._image.value is None and self._image.choices:
+        images = [c for c in self._image.choices if c is not None]
+        if self._image.value is None and images:
             with self._image.changed.blocked():
-                self._image.value = self._image.choices[0]
+                self._image.value = images[0]
+            self._suggest_model()
+
+    def _on_image_changed(self, _=None) -> None:
+        self._suggest_model()
+        self._render_current()
+
+    def _suggest_model(self) -> None:
+        """Images that name their model (the samples: ``metadata["unetpp_model"]``) select it when it is shipped."""
+        image = self._image.value
+        name = image.metadata.get("unetpp_model") if image is not None else None
+        if name and f"{name}@v1" in self._model.choices and self._model.value != f"{name}@v1":
+            self._model.value = f"{name}@v1"
 
     def refresh_models(self, select: str | None = None) -> None:
         """Re-read the model list (after fine-tuning) and optionally select ``select``."""
@@ -306,7 +320,11 @@ class SegmentWidget(Container):
 
     def _preview_finished(self) -> None:
         self._preview_worker = None
-        self._set_busy_preview(False)
+        try:
+            self._set_busy_preview(False)
+        except RuntimeError:  # the dock widget was closed while the preview ran: nothing left to update
+            self._pending_preview = False
+            return
         if self._pending_preview:
             self._pending_preview = False
             self.preview()
