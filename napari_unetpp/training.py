@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import autocast_dtype, describe_device, resolve_device
-from .inference import InputError, _layout, _resolve_model, normalization_stats
+from .inference import InputError, _is_oom, _layout, _resolve_model, normalization_stats
 from .losses import DeepSupervisionLoss
 from .models import LoadedModel, ModelCard, save_model
 
@@ -663,10 +663,6 @@ def shrink_after_oom(batch: int, patch: Sequence[int], multiple: int) -> tuple[i
     if smaller == tuple(patch):
         raise MemoryError("out of memory even with one small patch per step; close other programs or use the CPU.")
     return 1, smaller
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
 
 
 def _defaults(ds: _Dataset, module: nn.Module, device: torch.device, cfg: FineTuneConfig
