@@ -860,8 +860,9 @@ def _fmt(scores: dict[int, float]) -> str:
     return "Dice " + ", ".join(f"L{k} {v:.3f}" for k, v in scores.items())
 
 
-def default_name(base: LoadedModel) -> str:
-    """Shipped models are fine-tuned into ``<name>-finetuned``; user models continue their own versions."""
+def default_name(base: LoadedModel | Any) -> str:
+    """Shipped models are fine-tuned into ``<name>-finetuned``; user models continue their own versions (``base``: a
+    :class:`LoadedModel` or a ``list_models`` row)."""
     return f"{base.card.name}-finetuned" if base.shipped else base.card.name
 
 

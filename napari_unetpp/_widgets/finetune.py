@@ -3,7 +3,6 @@ version is then selected in the Segment widget and the current view re-segmented
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections import defaultdict
@@ -16,11 +15,11 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
 from ..device import DEVICE_CHOICES
-from ..models import ModelFileError, list_models, load_model
+from ..models import LoadedModel, ModelFileError, list_models, load_model
 from ..training import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune, parse_slices
 from ._workers import run_generator, user_message
 from .plot import TrainingPlot
-from .segment import SegmentWidget, image_axes
+from .segment import SegmentWidget, children_blocked, image_axes, image_choices
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class FineTuneWidget(Container):
 
     # ----------------------------------------------------------------- choices
     def _image_choices(self, _=None) -> list[tuple[str, Image]]:
-        return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image) and "[UNet++" not in ly.name]
+        return image_choices(self._viewer)
 
     def _labels_choices(self, _=None) -> list[tuple[str, Labels]]:
         return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Labels)]
@@ -136,10 +135,7 @@ class FineTuneWidget(Container):
 
     def reset_choices(self, *_: Any) -> None:
         """Refresh the lists without side effects (napari calls this while it removes layers)."""
-        with contextlib.ExitStack() as stack:
-            for w in self:
-                if hasattr(w, "changed"):
-                    stack.enter_context(w.changed.blocked())
+        with children_blocked(self):
             super().reset_choices()
 
     def _on_layers_changed(self, _=None) -> None:
@@ -160,13 +156,9 @@ class FineTuneWidget(Container):
         self._budget.value = 2.0 if self._budget_kind.value == "minutes" else 20
 
     def _on_base(self, _=None) -> None:
-        mid = self._base.value
-        if not mid:
-            return
-        try:
-            self._name.tooltip = f"default: {default_name(load_model(mid))}"
-        except ModelFileError as exc:
-            self._error(str(exc))
+        row = next((r for r in list_models() if r.id == self._base.value), None)
+        if row is not None:
+            self._name.tooltip = f"default: {default_name(row)}"
 
     # ----------------------------------------------------------------- edits
     def _on_paint(self, layer: Labels, event: Any) -> None:
@@ -193,11 +185,10 @@ class FineTuneWidget(Container):
         self._slices.enabled = self._truth.value == "listed slices"
 
     # ----------------------------------------------------------------- run
-    def _pair(self) -> TrainingPair:
+    def _pair(self, base: LoadedModel) -> TrainingPair:
         image, labels = self._image.value, self._labels.value
         if image is None or labels is None:
             raise ValueError("Choose an image and the labels layer with your corrections.")
-        base = load_model(self._base.value)
         axes = image_axes(image, base.module.config.spatial_dims)
         shape = tuple(image.data.shape[:-1]) if image.rgb else tuple(image.data.shape)
         if tuple(labels.data.shape) != shape:
@@ -231,8 +222,8 @@ class FineTuneWidget(Container):
             show_info("Fine-tuning is already running; stop it first.")
             return
         try:
-            pair = self._pair()
             base = load_model(self._base.value)
+            pair = self._pair(base)
         except (ValueError, ModelFileError) as exc:
             self._error(user_message(exc))
             return

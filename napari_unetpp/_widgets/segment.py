@@ -41,6 +41,22 @@ def image_axes(layer: Image, spatial_dims: int) -> str:
     return base + ("C" if layer.rgb else "")
 
 
+def image_choices(viewer: Any) -> list[tuple[str, Image]]:
+    """The viewer's image layers a user may segment or train on (not our own result layers)."""
+    return [(ly.name, ly) for ly in viewer.layers if isinstance(ly, Image) and "[UNet++" not in ly.name]
+
+
+@contextlib.contextmanager
+def children_blocked(container: Container):
+    """Block the ``changed`` signals of a container's children: a choice refresh must not start work (napari
+    refreshes dock widgets while it removes layers)."""
+    with contextlib.ExitStack() as stack:
+        for w in container:
+            if hasattr(w, "changed"):
+                stack.enter_context(w.changed.blocked())
+        yield
+
+
 @dataclass
 class PlaneResult:
     """Probabilities of one plane (or one volume for 3D models), per level, with the time each depth took."""
@@ -150,7 +166,7 @@ class SegmentWidget(Container):
 
     # ----------------------------------------------------------------- choices and model
     def _image_choices(self, _=None) -> list[tuple[str, Image]]:
-        return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Image) and "[UNet++" not in ly.name]
+        return image_choices(self._viewer)
 
     def _model_choices(self, _=None) -> list[str]:
         return [r.id for r in list_models()] + self._files
@@ -171,10 +187,7 @@ class SegmentWidget(Container):
     def reset_choices(self, *_: Any) -> None:
         """Refresh the image and model lists (napari calls this on layer changes) without triggering a run: a
         list refresh must never compute or add layers (it happens while napari removes layers, too)."""
-        with contextlib.ExitStack() as stack:
-            for w in self:
-                if hasattr(w, "changed"):
-                    stack.enter_context(w.changed.blocked())
+        with children_blocked(self):
             super().reset_choices()
 
     def _on_layers_changed(self, event: Any = None) -> None:
