@@ -30,6 +30,8 @@ from napari_unetpp.losses import DeepSupervisionLoss
 from napari_unetpp.model import UNet, UNetPlusPlus
 from napari_unetpp.normalization import Normalization
 
+from _shipping import save_fp16_checked  # noqa: E402  (scripts/ is on sys.path when run)
+
 log = logging.getLogger("train_em")
 
 
@@ -163,7 +165,7 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
     from safetensors.torch import load_file
 
     from napari_unetpp.inference import predict
-    from napari_unetpp.models import LoadedModel, ModelCard, load_model, save_model
+    from napari_unetpp.models import LoadedModel, ModelCard
 
     hist = json.loads((ckpt / "history.json").read_text())
     best = json.loads((ckpt / "best.json").read_text())
@@ -213,14 +215,7 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
         scores=scores,
         recommended_depth=rec,
     )
-    dest.mkdir(parents=True, exist_ok=True)
-    path = save_model(model, card, directory=dest, storage_dtype="float16")
-    again = evaluate(load_model(path))
-    worst = max(abs(again[k]["mean_iou"] - scores[k]["mean_iou"]) for k in scores)
-    log.info("saved %s; per-level scores %s; recommended L%d; fp16 round trip changes mean IoU by <= %.4f",
-             path, {k: v["mean_iou"] for k, v in scores.items()}, rec, worst)
-    if worst > 0.002:
-        raise SystemExit(f"fp16 storage changed the scores by {worst:.4f}; save as float32 instead.")
+    save_fp16_checked(model, card, dest, evaluate, "mean_iou")
     return 0
 
 

@@ -34,6 +34,8 @@ from napari_unetpp.losses import DeepSupervisionLoss
 from napari_unetpp.model import UNetPlusPlus
 from napari_unetpp.models import LoadedModel
 from napari_unetpp.normalization import Normalization
+
+from _shipping import save_fp16_checked  # noqa: E402  (scripts/ is on sys.path when run)
 from napari_unetpp.training import TrainingPair, augment_batch, prepare_data, random_affine, sample_batch, train_step, \
     validate
 
@@ -203,7 +205,7 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
     from safetensors.torch import load_file
 
     from napari_unetpp.inference import predict
-    from napari_unetpp.models import ModelCard, load_model, save_model
+    from napari_unetpp.models import ModelCard
     from napari_unetpp.training import dice_score
 
     hist = json.loads((ckpt / "history.json").read_text())
@@ -262,14 +264,7 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
         scores=scores,
         recommended_depth=rec,
     )
-    dest.mkdir(parents=True, exist_ok=True)
-    path = save_model(model, card, directory=dest, storage_dtype="float16")
-    again = evaluate(load_model(path))
-    worst = max(abs(again[k]["dice"] - scores[k]["dice"]) for k in again)
-    log.info("saved %s; per-level %s; recommended L%d; fp16 round trip changes Dice by <= %.4f", path,
-             json.dumps(scores), rec, worst)
-    if worst > 0.002:
-        raise SystemExit(f"fp16 storage changed the scores by {worst:.4f}; save as float32 instead.")
+    save_fp16_checked(model, card, dest, evaluate, "dice")
     return 0
 
 
