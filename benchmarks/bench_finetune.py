@@ -99,7 +99,7 @@ def main() -> int:
     print(f"data: {what}; held-out slices {held}; device {describe_device(dev)}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     before = held_out_dice(base, img, lab, held, args.device)
-    print(f"base em-membranes on held-out slices: " + " ".join(f"L{k} {v:.3f}" for k, v in before.items()))
+    print("base em-membranes on held-out slices: " + " ".join(f"L{k} {v:.3f}" for k, v in before.items()))
     rows = []
     print(f"\n{'corrected':>9} {'budget':>7} {'steps':>5} {'wall s':>6} {'rec':>3}  held-out Dice L1 / L2 / L3 / L4 "
           f"(before -> after)   val Dice at rec")

@@ -38,7 +38,7 @@ def main() -> int:
             UNetPlusPlus.from_config(pp["config"]).pruned(lv + 1)), "steps": pp.get("steps"), **b["val"][lv],
             "at_step": b["step"]})
     b = best(un["history"], 0)
-    rows.append({"network": "U-Net", "params": count_parameters(UNet(**un["config"])), "steps": un.get("steps"),
+    rows.append({"network": "U-Net", "params": count_parameters(UNet.from_config(un["config"])), "steps": un.get("steps"),
                  **b["val"][0], "at_step": b["step"]})
     print(f"{'network':10} {'params':>8} {'steps':>6} {'best at':>7}  {'IoU membrane':>12} {'IoU cell':>8} "
           f"{'mean IoU':>8}")

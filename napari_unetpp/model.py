@@ -102,6 +102,10 @@ def _conv(dims: int) -> type[nn.Module]:
     return nn.Conv2d if dims == 2 else nn.Conv3d
 
 
+def _pool(dims: int) -> nn.Module:
+    return (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(2)
+
+
 def _norm(cfg: UNetPlusPlusConfig, ch: int) -> nn.Module:
     if cfg.norm == "none":
         return nn.Identity()
@@ -230,7 +234,27 @@ def _run_nodes(
     return out
 
 
-class UNetPlusPlus(nn.Module):
+class _ConfiguredNet(nn.Module):
+    """What UNet++ and the plain U-Net share: the constructor arguments (kept as :class:`UNetPlusPlusConfig`, which
+    model cards store), the pooling layer and ``from_config``."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
+                 spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
+                 activation: str = "relu", groups: int = 8) -> None:
+        super().__init__()
+        self.config = UNetPlusPlusConfig(in_channels, num_classes, tuple(features), spatial_dims, norm, dropout,
+                                         upsample, activation, groups)
+        self.pool = _pool(self.config.spatial_dims)
+
+    @classmethod
+    def from_config(cls, config: UNetPlusPlusConfig | dict[str, Any]):
+        """Build from a :class:`UNetPlusPlusConfig` or its dict form."""
+        if isinstance(config, dict):
+            config = UNetPlusPlusConfig.from_dict(config)
+        return cls(**{k: getattr(config, k) for k in config.to_dict()})
+
+
+class UNetPlusPlus(_ConfiguredNet):
     """Nested U-Net with deep supervision whose sub-networks of depth 1..max_depth can be pruned at inference.
 
     Args:
@@ -251,16 +275,13 @@ class UNetPlusPlus(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
                  spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
                  activation: str = "relu", groups: int = 8) -> None:
-        super().__init__()
-        self.config = UNetPlusPlusConfig(in_channels, num_classes, tuple(features), spatial_dims, norm, dropout,
-                                         upsample, activation, groups)
+        super().__init__(in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups)
         cfg = self.config
         self.nodes = nn.ModuleDict({n: Node(cfg, *map(int, n.split("_")[1:])) for n in node_names(cfg.max_depth)})
         conv = _conv(cfg.spatial_dims)
         self.heads = nn.ModuleDict(
             {f"head_{j}": conv(cfg.features[0], cfg.num_classes, 1) for j in range(1, cfg.max_depth + 1)}
         )
-        self.pool = (nn.MaxPool2d if cfg.spatial_dims == 2 else nn.MaxPool3d)(2)
         _init_weights(self)
 
     @classmethod
@@ -268,13 +289,6 @@ class UNetPlusPlus(nn.Module):
         """The published configuration: filters 32/64/128/256/512, two 3x3 conv + ReLU + dropout 0.5 per node,
         no normalisation, 2x2 stride-2 transposed-convolution upsampling, sigmoid (or softmax) heads."""
         return cls(in_channels, num_classes, (32, 64, 128, 256, 512), 2, "none", 0.5, "transpose", "relu")
-
-    @classmethod
-    def from_config(cls, config: UNetPlusPlusConfig | dict[str, Any]) -> "UNetPlusPlus":
-        """Build from a :class:`UNetPlusPlusConfig` or its dict form."""
-        if isinstance(config, dict):
-            config = UNetPlusPlusConfig.from_dict(config)
-        return cls(**{k: getattr(config, k) for k in config.to_dict()})
 
     @property
     def max_depth(self) -> int:
@@ -334,7 +348,7 @@ class PrunedUNetPlusPlus(nn.Module):
         self.pad_multiple = pad_multiple
         self.nodes = nn.ModuleDict({n: copy.deepcopy(m) for n, m in nodes.items()})
         self.head = copy.deepcopy(head)
-        self.pool = (nn.MaxPool2d if config.spatial_dims == 2 else nn.MaxPool3d)(2)
+        self.pool = _pool(config.spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Head k's logits ``(N, num_classes, *spatial)``."""
@@ -344,7 +358,7 @@ class PrunedUNetPlusPlus(nn.Module):
         return self.head(outs[0, self.depth])[crop]
 
 
-class UNet(nn.Module):
+class UNet(_ConfiguredNet):
     """A plain U-Net (Ronneberger et al. 2015) built from the same blocks, as the baseline UNet++ is compared with.
 
     Encoder nodes are X(i,0) as in UNet++. The decoder node of level i takes X(i,0) and the upsampled decoder output
@@ -355,14 +369,11 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
                  spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
                  activation: str = "relu", groups: int = 8) -> None:
-        super().__init__()
-        self.config = UNetPlusPlusConfig(in_channels, num_classes, tuple(features), spatial_dims, norm, dropout,
-                                         upsample, activation, groups)
+        super().__init__(in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups)
         cfg = self.config
         self.encoder = nn.ModuleList([Node(cfg, i, 0) for i in range(cfg.max_depth + 1)])
         self.decoder = nn.ModuleList([Node(cfg, i, 1) for i in range(cfg.max_depth)])  # decoder[i]: level i
         self.head = _conv(cfg.spatial_dims)(cfg.features[0], cfg.num_classes, 1)
-        self.pool = (nn.MaxPool2d if cfg.spatial_dims == 2 else nn.MaxPool3d)(2)
         _init_weights(self)
 
     def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
