@@ -64,13 +64,14 @@ def sample_batch(img: np.ndarray, mem: np.ndarray, rng: np.random.Generator, bat
 
 
 @torch.no_grad()
-def validate(model: UNetPlusPlus, img: np.ndarray, mem: np.ndarray, device: torch.device) -> list[dict[str, float]]:
+def validate(model: UNetPlusPlus | UNet, img: np.ndarray, mem: np.ndarray, device: torch.device) -> list[dict[str, float]]:
     model.eval()
-    per_level = [[] for _ in range(len(model.config.features) - 1 if isinstance(model, UNetPlusPlus) else 1)]
+    per_level: list[list[tuple[float, float]]] = []  # one list per output (UNet++: 4 levels, U-Net: 1)
     for z in range(img.shape[0]):
         x = torch.from_numpy(img[z][None, None].astype(np.float32)).to(device)
         with autocast_context(device):
             outs = model(x)
+        per_level += [[] for _ in range(len(outs) - len(per_level))]
         for j, o in enumerate(outs):
             per_level[j].append(iou_both(torch.sigmoid(o.float())[0, 0].cpu().numpy() > 0.5, mem[z] > 0))
     model.train()
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/isbi2012")
     ap.add_argument("--minutes", type=float, default=40.0)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train for exactly this many steps instead of --minutes (the learning-rate schedule then "
+                         "follows steps, so two architectures see identical schedules and batches)")
     ap.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--patch", type=int, default=256)
@@ -126,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    while time.time() - t0 < budget:
-        frac = min((time.time() - t0) / budget, 1.0)
+    def finished() -> bool:
+        return step >= args.steps if args.steps else time.time() - t0 >= budget
+
+    while not finished():
+        frac = step / args.steps if args.steps else min((time.time() - t0) / budget, 1.0)
         lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))) * min(1.0, (step + 1) / 50)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         step += 1
-        if step % args.val_every == 0 or time.time() - t0 >= budget:
+        if step % args.val_every == 0 or finished():
             scores = validate(model, va_img, va_mem, device)
             entry = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss), 4),
                      "lr": lr, "val": scores}
@@ -206,7 +213,7 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
             "recipe": "random 256x256 patches, flips, 90-degree rotations, gamma/gain/bias/noise jitter; AdamW "
                       "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
                       "BCE + soft Dice; bf16 autocast on CPU; best state by mean IoU of head 4",
-            "hyperparameters": {k: args[k] for k in ("batch", "patch", "lr", "minutes", "seed") if k in args},
+            "hyperparameters": {k: args[k] for k in ("batch", "patch", "lr", "minutes", "steps", "seed") if k in args},
             "steps": best["step"],
             "seconds": best["seconds"],
             "device": hist.get("device", "cpu"),
