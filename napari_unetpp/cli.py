@@ -114,7 +114,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                  "seed": args.seed}.items() if v is not None}
     stop = threading.Event()
     gen = fine_tune(base, TrainingPair(img.data, lab.data, axes=axes, slices=slices, name=Path(args.image).name),
-                    device=args.device, name=args.out, stop=stop, **options)
+                    device=args.device, name=args.out, stop=stop, classes=args.classes, **options)
     res = None
     while res is None:
         try:
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--out", default=None,
                    help="name to save under (default: the base's name, or <base>-finetuned for shipped models)")
+    t.add_argument("--classes", nargs="+", default=None,
+                   help="class name(s) for the new version's card, e.g. nucleus (default: the base's)")
     t.add_argument("--axes", default=None, help="axes of the image, e.g. ZYX (default: from the file)")
     t.add_argument("--ignore-label", type=int, default=None, help="label value meaning 'not annotated'")
     t.add_argument("--train-depth", type=int, default=None,

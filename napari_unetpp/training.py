@@ -707,8 +707,8 @@ def _freeze_bn(layers: list[nn.Module]) -> None:
 # ---------------------------------------------------------------------------------------------------- the loop
 def fine_tune(model: Any, data: TrainingPair | Sequence[TrainingPair], *, config: FineTuneConfig | None = None,
               device: str | torch.device = "auto", name: str | None = None, save: bool = True,
-              stop: threading.Event | Callable[[], bool] | None = None, **options: Any
-              ) -> Generator[TrainProgress, None, FineTuneResult]:
+              stop: threading.Event | Callable[[], bool] | None = None, classes: Sequence[str] | None = None,
+              **options: Any) -> Generator[TrainProgress, None, FineTuneResult]:
     """Fine-tune ``model`` on corrected labels; yield :class:`TrainProgress`, return :class:`FineTuneResult`.
 
     Args:
@@ -719,6 +719,8 @@ def fine_tune(model: Any, data: TrainingPair | Sequence[TrainingPair], *, config
         name: Name to save under (default: the base's name for user models, ``<base>-finetuned`` for shipped ones).
         save: Save the best state as a new model version (never overwrites anything).
         stop: An event (or callable) that ends training at the next step; the best state so far is kept and saved.
+        classes: Class names for the new version's card (default: the base's), e.g. ``["nucleus"]`` when an EM
+            membrane model is fine-tuned on nuclei.
 
     Raises:
         TrainingDataError, InputError: unusable data (one sentence saying what to do).
@@ -732,6 +734,7 @@ def fine_tune(model: Any, data: TrainingPair | Sequence[TrainingPair], *, config
     if cfg.minutes is None and cfg.epochs is None:
         cfg.minutes = 2.0
     base = _resolve_model(model)
+    class_names = _check_class_names(classes, base)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     should_stop = stop.is_set if isinstance(stop, threading.Event) else (stop or (lambda: False))
@@ -834,7 +837,7 @@ def fine_tune(model: Any, data: TrainingPair | Sequence[TrainingPair], *, config
     except GeneratorExit:  # the caller closed the generator: keep the best state, as with ``stop``
         if save and step:
             _save(base, best_state, best_scores, baseline, cfg, name, history, step, t0, dev, "stopped by user",
-                  improved, summary)
+                  improved, summary, classes=class_names)
         raise
     finally:
         del optimizer
@@ -843,7 +846,7 @@ def fine_tune(model: Any, data: TrainingPair | Sequence[TrainingPair], *, config
     yield TrainProgress("saving", step, epoch, time.perf_counter() - t0, 1.0, best=best,
                         message=f"{stopped} after {step} steps; saving" if save else f"{stopped} after {step} steps")
     result = _save(base, best_state, best_scores, baseline, cfg, name, history, step, t0, dev, stopped, improved,
-                   summary, write=save)
+                   summary, write=save, classes=class_names)
     _release(dev)
     return result
 
@@ -860,6 +863,20 @@ def _fmt(scores: dict[int, float]) -> str:
     return "Dice " + ", ".join(f"L{k} {v:.3f}" for k, v in scores.items())
 
 
+def _check_class_names(classes: Sequence[str] | str | None, base: LoadedModel) -> list[str] | None:
+    """Class names for the fine-tuned card, checked against the model: one name for a 1-class model, one per
+    foreground class (or per class, background first) otherwise."""
+    if classes is None:
+        return None
+    names = [c.strip() for c in ([classes] if isinstance(classes, str) else classes)]
+    n = base.module.config.num_classes
+    allowed = (1,) if n == 1 else (n - 1, n)
+    if any(not c for c in names) or len(names) not in allowed:
+        want = "one class name" if n == 1 else f"{n - 1} foreground class names (or {n} with background first)"
+        raise TrainingDataError(f"this model needs {want}, got {len(names)}: {', '.join(names) or 'none'}.")
+    return names
+
+
 def default_name(base: LoadedModel | Any) -> str:
     """Shipped models are fine-tuned into ``<name>-finetuned``; user models continue their own versions (``base``: a
     :class:`LoadedModel` or a ``list_models`` row)."""
@@ -868,7 +885,8 @@ def default_name(base: LoadedModel | Any) -> str:
 
 def _save(base: LoadedModel, state: dict[str, torch.Tensor], scores: dict[int, float], baseline: dict[int, float],
           cfg: FineTuneConfig, name: str | None, history: list, steps: int, t0: float, dev: torch.device,
-          stopped: str, improved: bool, summary: dict[str, Any], write: bool = True) -> FineTuneResult:
+          stopped: str, improved: bool, summary: dict[str, Any], write: bool = True,
+          classes: list[str] | None = None) -> FineTuneResult:
     net = copy.deepcopy(base.module).cpu()
     net.load_state_dict(state)
     net.eval()
@@ -878,8 +896,9 @@ def _save(base: LoadedModel, state: dict[str, torch.Tensor], scores: dict[int, f
         name=name or default_name(base),
         architecture=net.config.to_dict(),
         normalization=dict(base.card.normalization),
-        classes=list(base.card.classes),
-        description=(base.card.description or base.card.name) + " (fine-tuned on corrections)",
+        classes=classes or list(base.card.classes),
+        description=(base.card.description or base.card.name) + " (fine-tuned on corrections)"
+        + (f"; classes renamed from {', '.join(base.card.classes)}" if classes else ""),
         training={
             "data": f"fine-tuned from {base.card.id} on {summary.get('train_pixels', 0)} corrected pixels in "
                     f"{summary.get('n_items', 0)} slice(s) of " +

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from napari_unetpp.cli import main
+from napari_unetpp.models import load_model
 
 from .conftest import DATA, dice
 
@@ -120,7 +121,7 @@ def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_memb
     finds the new version by name."""
     r = run("train", "--image", str(DATA / "isbi_val_crop.tif"), "--labels", str(DATA / "isbi_val_crop_labels.tif"),
             "--slices", "0", "1", "--epochs", "1", "--batch-size", "2", "--patch-size", "96", "--device", "cpu",
-            "--out", "my-em", "--val-slices", "2")
+            "--out", "my-em", "--val-slices", "2", "--classes", "cell border")
     assert r.returncode == 0, r.stderr
     assert "my-em@v1: fine-tuned from em-membranes@v1" in r.stdout
     assert "<- recommended" in r.stdout and "held-out slices [2]" in r.stdout
@@ -134,6 +135,7 @@ def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_memb
     assert dice(tifffile.imread(out)[2], em_crop_membrane[2]) > 0.7
     m = run("models", "-v")
     assert "my-em@v1" in m.stdout and "parent: em-membranes@v1" in m.stdout
+    assert load_model("my-em").card.classes == ["cell border"]
 
 
 @pytest.mark.parametrize("labels, extra, match", [

@@ -38,6 +38,7 @@ def test_defaults_follow_the_segment_widget(both):
     assert ft._image.value is img and ft._labels.value.name == MASK
     assert ft._base.value == "em-membranes@v1"
     assert "em-membranes-finetuned" in ft._name.tooltip
+    assert ft._classes.native.placeholderText() == "membrane"  # empty keeps the base's class name
     assert ft._edited.value.startswith("none yet")
 
 
@@ -69,10 +70,12 @@ def test_fine_tune_hands_the_new_version_to_segment(both):
     ft._budget_kind.value = "epochs"
     ft._budget.value = 1
     ft._device.value = "cpu"
+    ft._classes.value = "cell border"
     ft.start()
     res = ft.result
     assert res is not None and res.path is not None, ft._status.value
     assert res.model.card.parent == "em-membranes@v1" and res.model.card.id == "em-membranes-finetuned@v1"
+    assert res.model.card.classes == ["cell border"]
     assert res.data["pairs"][0]["known_slices"] == [[1], [3]]
     assert "Saved em-membranes-finetuned@v1" in ft._status.value and "recommended L" in ft._status.value
     assert ft._bar.value == 1000 and ft.plot.loss and len(ft.plot.val) >= 2

@@ -351,9 +351,18 @@ def test_fast_update_trains_the_shallow_levels_only(em_crop, em_crop_membrane):
 def test_shipped_models_fine_tune_into_their_own_name(em_model, em_crop, em_crop_membrane):
     assert default_name(em_model) == "em-membranes-finetuned"
     res = run_fine_tune(em_model, TrainingPair(em_crop, em_crop_membrane, slices=[0]), epochs=1,
-                        steps_per_epoch=2, batch_size=2, patch_size=96, device="cpu")
+                        steps_per_epoch=2, batch_size=2, patch_size=96, device="cpu", classes=["cell border"])
     assert res.model.card.id == "em-membranes-finetuned@v1" and res.model.card.parent == "em-membranes@v1"
+    assert load_model("em-membranes-finetuned").card.classes == ["cell border"]
     assert load_model("em-membranes").shipped  # the shipped name still means the shipped model
+    assert load_model("em-membranes").card.classes == ["membrane"]
+
+
+@pytest.mark.parametrize("classes", [["a", "b"], [""], []])
+def test_class_names_must_fit_the_model(em_model, em_crop, em_crop_membrane, classes):
+    with pytest.raises(TrainingDataError, match="needs one class name"):
+        run_fine_tune(em_model, TrainingPair(em_crop, em_crop_membrane, slices=[0]), epochs=1, device="cpu",
+                      classes=classes)
 
 
 def test_saving_under_a_shipped_name_never_shadows_it(em_model):

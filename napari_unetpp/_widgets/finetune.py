@@ -88,6 +88,9 @@ class FineTuneWidget(Container):
         self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
         self._name = LineEdit(label="save as", value="", tooltip="Model name (default: the base's own line, or "
                                                                  "<shipped name>-finetuned); never overwrites")
+        self._classes = LineEdit(label="class name", value="",
+                                 tooltip="What the new model segments (empty: keep the base's name); "
+                                         "comma-separated for several classes")
         self._start_btn = PushButton(text="Fine-tune")
         self._stop_btn = PushButton(text="Stop (keep best)", enabled=False)
         self._bar = ProgressBar(label="progress", min=0, max=1000, value=0)
@@ -97,6 +100,7 @@ class FineTuneWidget(Container):
         self._edited.native.setWordWrap(True)
         self.extend([self._image, self._labels, self._base, self._truth, self._slices, self._edited,
                      self._budget_kind, self._budget, self._levels, self._ignore, self._device, self._name,
+                     self._classes,
                      Container(widgets=[self._start_btn, self._stop_btn], layout="horizontal", labels=False),
                      self._bar, Container(widgets=[self._status], labels=False)])
         self.plot = TrainingPlot()
@@ -159,6 +163,8 @@ class FineTuneWidget(Container):
         row = next((r for r in list_models() if r.id == self._base.value), None)
         if row is not None:
             self._name.tooltip = f"default: {default_name(row)}"
+            self._name.native.setPlaceholderText(default_name(row))
+            self._classes.native.setPlaceholderText(", ".join(row.card.classes))
 
     # ----------------------------------------------------------------- edits
     def _on_paint(self, layer: Labels, event: Any) -> None:
@@ -234,6 +240,7 @@ class FineTuneWidget(Container):
         options = dict(budget, train_depth=LEVELS[self._levels.value],
                        ignore_label=None if self._ignore.value < 0 else int(self._ignore.value))
         name = self._name.value.strip() or None
+        classes = [c for c in self._classes.value.split(",") if c.strip()] or None
         device = self._device.value
         self.plot.clear()
         self._bar.value = 0
@@ -241,7 +248,7 @@ class FineTuneWidget(Container):
         self._status.value = "preparing ..."
 
         def gen():
-            return (yield from fine_tune(base, pair, device=device, name=name, stop=stop, **options))
+            return (yield from fine_tune(base, pair, device=device, name=name, stop=stop, classes=classes, **options))
 
         self._start_btn.enabled = False
         self._stop_btn.enabled = True
