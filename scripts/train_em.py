@@ -64,7 +64,8 @@ def sample_batch(img: np.ndarray, mem: np.ndarray, rng: np.random.Generator, bat
 
 
 @torch.no_grad()
-def validate(model: UNetPlusPlus | UNet, img: np.ndarray, mem: np.ndarray, device: torch.device) -> list[dict[str, float]]:
+def validate(model: UNetPlusPlus | UNet, img: np.ndarray, mem: np.ndarray,
+             device: torch.device) -> list[dict[str, float]]:
     model.eval()
     per_level: list[list[tuple[float, float]]] = []  # one list per output (UNet++: 4 levels, U-Net: 1)
     for z in range(img.shape[0]):
