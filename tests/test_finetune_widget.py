@@ -58,6 +58,32 @@ def test_paint_events_mark_edited_slices(both):
     assert ft.edited_slices(other) == []
 
 
+def test_undone_edits_do_not_count(both):
+    """napari's undo sends no paint event; a slice painted and undone back to its original is no ground truth."""
+    viewer, seg, ft, img, ref = both
+    mask = viewer.layers[MASK]
+    mask.brush_size = 7
+    mask.paint((3, 100, 100), 1)
+    mask.paint((3, 120, 100), 0)
+    correct(mask, ref, 1)  # data_setitem: the other kind of history atom
+    assert ft.edited_slices() == [(1,), (3,)]
+    mask.undo()  # the correction of slice 1
+    assert ft.edited_slices(recheck=True) == [(3,)]
+    mask.undo()
+    mask.undo()  # both brush strokes on slice 3
+    assert ft.edited_slices(recheck=True) == []
+    mask.redo()
+    assert ft.edited_slices(recheck=True) == [(3,)]
+    # a mouse drag is staged: napari writes every dab first and sends one paint event at the end of the stroke
+    mask._begin_stroke()
+    for x in range(60, 140, 4):
+        mask.paint((2, 80, x), 1)
+    mask._commit_stroke()
+    assert ft.edited_slices(recheck=True) == [(2,), (3,)]
+    mask.undo()
+    assert ft.edited_slices(recheck=True) == [(3,)]
+
+
 def test_fine_tune_hands_the_new_version_to_segment(both):
     """Correct two slices, fine-tune for one epoch on CPU: the new version is saved as a child of the base, selected
     in the Segment widget at its recommended depth, and the current slice is re-segmented into a new layer (the

@@ -3,6 +3,7 @@ version is then selected in the Segment widget and the current view re-segmented
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import defaultdict
@@ -58,6 +59,42 @@ def painted(atoms: Any, ndim: int) -> tuple[set[tuple[int, ...]], list[tuple[np.
     return slices, coords
 
 
+def slice_before(data: Any, key: tuple[int, ...], atoms: Any) -> np.ndarray:
+    """The YX plane ``key`` of a labels array as it was before the edits in ``atoms`` (one paint event), rebuilt
+    from the current plane and the old values the atoms keep (the inverse of napari's own undo). Correct whether
+    napari emits the event before writing (single edits) or after (a staged mouse stroke)."""
+    lead = len(key)
+    plane = np.array(data[key] if lead else data, copy=True)
+    for atom in reversed(list(atoms or [])):
+        if hasattr(atom, "slice_key"):
+            sk = tuple(atom.slice_key)
+            starts = [s.start or 0 for s in sk]
+            if any(not starts[d] <= key[d] < sk[d].stop for d in range(lead)):
+                continue
+            (y0, x0), (ys, xs) = starts[lead:], sk[lead:]
+            if atom.mask is None:  # old_values is a snapshot of the whole box
+                old = np.asarray(atom.old_values)[tuple(key[d] - starts[d] for d in range(lead))]
+                plane[ys, xs] = old
+                continue
+            idx = np.nonzero(atom.mask)
+            sel = np.ones(idx[0].shape, bool)
+            for d in range(lead):
+                sel &= idx[d] == key[d] - starts[d]
+            plane[idx[lead][sel] + y0, idx[lead + 1][sel] + x0] = np.asarray(atom.old_values)[sel]
+        else:
+            idx = tuple(np.asarray(i) for i in atom[0])
+            old = np.broadcast_to(np.asarray(atom[1]), idx[0].shape)
+            sel = np.ones(idx[0].shape, bool)
+            for d in range(lead):
+                sel &= idx[d] == key[d]
+            plane[idx[lead][sel], idx[lead + 1][sel]] = old[sel]
+    return plane
+
+
+def _digest(plane: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(plane).tobytes(), digest_size=16).digest()
+
+
 class FineTuneWidget(Container):
     """Fine-tune a model on corrected labels and re-segment with the new version.
 
@@ -106,7 +143,10 @@ class FineTuneWidget(Container):
         self.plot = TrainingPlot()
         self.native.layout().addWidget(self.plot)
 
-        self._edits: dict[int, set[tuple[int, ...]]] = defaultdict(set)  # labels layer id -> edited slices
+        self._edits: dict[int, set[tuple[int, ...]]] = defaultdict(set)  # labels layer id -> painted slices
+        # labels layer id -> slice -> digest of the slice before its first edit (an undone edit restores it)
+        self._original: dict[int, dict[tuple[int, ...], bytes]] = defaultdict(dict)
+        self._restored: dict[int, set[tuple[int, ...]]] = defaultdict(set)  # painted, but back to the original
         self._focus: dict[int, list[tuple[np.ndarray, ...]]] = defaultdict(list)  # -> changed pixel coords
         self._hooked: set[int] = set()
         self._worker: Any = None
@@ -168,16 +208,35 @@ class FineTuneWidget(Container):
 
     # ----------------------------------------------------------------- edits
     def _on_paint(self, layer: Labels, event: Any) -> None:
-        slices, coords = painted(getattr(event, "value", None), layer.data.ndim)
-        self._edits[id(layer)].update(slices)
-        self._focus[id(layer)].extend(coords)
+        atoms = getattr(event, "value", None)
+        slices, coords = painted(atoms, layer.data.ndim)
+        lid = id(layer)
+        for s in slices:
+            if s not in self._original[lid]:
+                self._original[lid][s] = _digest(slice_before(layer.data, s, atoms))
+        self._edits[lid].update(slices)
+        self._restored[lid] -= slices  # napari sends this event before or after writing, so no re-read here
+        self._focus[lid].extend(coords)
         if layer is self._labels.value:
             self._show_edited()
 
-    def edited_slices(self, layer: Labels | None = None) -> list[tuple[int, ...]]:
-        """Slices of ``layer`` (default: the chosen labels) the user painted on, sorted."""
+    def _recheck(self, layer: Labels, slices: Any) -> None:
+        """Mark which of ``slices`` are back to their content before the first edit (napari's undo sends no
+        event, so this also runs before training starts)."""
+        lid = id(layer)
+        for s in slices:
+            now = _digest(np.asarray(layer.data[s] if s else layer.data))
+            (self._restored[lid].add if now == self._original[lid].get(s) else self._restored[lid].discard)(s)
+
+    def edited_slices(self, layer: Labels | None = None, recheck: bool = False) -> list[tuple[int, ...]]:
+        """Slices of ``layer`` (default: the chosen labels) the user painted on and did not undo back to what they
+        were, sorted. ``recheck`` re-reads every painted slice first (to catch undo)."""
         layer = layer or self._labels.value
-        return sorted(self._edits.get(id(layer), set())) if layer is not None else []
+        if layer is None:
+            return []
+        if recheck:
+            self._recheck(layer, self._edits.get(id(layer), set()))
+        return sorted(self._edits.get(id(layer), set()) - self._restored.get(id(layer), set()))
 
     def _show_edited(self, _=None) -> None:
         ed = self.edited_slices()
@@ -205,7 +264,8 @@ class FineTuneWidget(Container):
         known = None
         slices: Any
         if self._truth.value == "edited slices":
-            ed = self.edited_slices()
+            ed = self.edited_slices(recheck=True)
+            self._show_edited()
             if not ed:
                 raise ValueError("No edited slices: correct some slices with the paint tools first, or choose "
                                  "'listed slices' or 'all slices'.")
@@ -213,6 +273,11 @@ class FineTuneWidget(Container):
             focus = np.zeros(lab.shape, bool)
             for c in self._focus.get(id(labels), []):
                 focus[c] = True
+            if ed != [()]:  # pixels painted on slices that were undone are no focus
+                lead = lab.ndim - 2
+                keep = np.zeros(lab.shape[:lead], bool)
+                keep[tuple(np.array(ed).T)] = True
+                focus &= keep.reshape(keep.shape + (1, 1))
         elif self._truth.value == "listed slices":
             slices = parse_slices(self._slices.value)
             if slices is None:
