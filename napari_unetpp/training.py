@@ -558,7 +558,7 @@ def random_affine(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, rng: np.ran
     theta[:, :nd, :nd] = torch.eye(nd)
     for b in np.flatnonzero(chosen):
         ang = math.radians(rng.uniform(-max_degrees, max_degrees))
-        s = rng.uniform(*scale)
+        s = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1])))  # log-uniform: zoom in as often as out
         # affine_grid orders coordinates (x, y[, z]): the first two are the image plane
         theta[b, :2, :2] = torch.tensor([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]]) / s
     theta = theta.to(x.device)

