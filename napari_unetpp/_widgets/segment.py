@@ -429,7 +429,7 @@ class SegmentWidget(Container):
         if name in self._viewer.layers:
             return self._viewer.layers[name]
         return self._viewer.add_image(np.zeros(self._full_shape(image), np.float16), name=name,
-                                      colormap=kw.get("colormap", "magma"), blending="additive",
+                                      colormap=kw.get("colormap", "magma"), blending="additive", opacity=0.5,
                                       contrast_limits=kw.get("contrast", (0, 1)), visible=kw.get("visible", True),
                                       **geo)
 
