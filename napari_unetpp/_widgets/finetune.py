@@ -28,27 +28,33 @@ TRUTH = ("edited slices", "listed slices", "all slices")
 LEVELS = {"all levels": None, "fast: L1-L2 only": 2}
 
 
-def painted(atoms: Any, ndim: int) -> tuple[set[tuple[int, ...]], list[tuple[np.ndarray, ...]]]:
-    """Slices (indices over the leading non-YX axes) and pixel coordinates touched by one napari paint event.
+def _atom_changes(atom: Any) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Full-array coordinates of the pixels one napari history atom changed, and their values before the change.
 
-    napari records either ``(indices, old_values, new_values)`` tuples or masked bounding-box atoms with a
-    ``slice_key`` and an optional ``mask``; both are handled.
+    napari records either ``(indices, old_values, new_values)`` tuples (``data_setitem``) or masked bounding-box
+    atoms with a ``slice_key``, an optional ``mask`` (None: the whole box changed) and ``old_values``.
     """
+    if hasattr(atom, "slice_key"):
+        key = tuple(atom.slice_key)
+        starts = [s.start or 0 for s in key]
+        old = np.asarray(atom.old_values)
+        if atom.mask is None:  # old_values is a snapshot of the whole box
+            idx = np.nonzero(np.ones([s.stop - (s.start or 0) for s in key], bool))
+            old = old.ravel()
+        else:
+            idx = np.nonzero(atom.mask)
+        return tuple(i + st for i, st in zip(idx, starts)), old
+    idx = tuple(np.asarray(i) for i in atom[0])
+    return idx, np.broadcast_to(np.asarray(atom[1]), idx[0].shape if idx else ())
+
+
+def painted(atoms: Any, ndim: int) -> tuple[set[tuple[int, ...]], list[tuple[np.ndarray, ...]]]:
+    """Slices (indices over the leading non-YX axes) and pixel coordinates touched by one napari paint event."""
     lead = ndim - 2
     slices: set[tuple[int, ...]] = set()
     coords: list[tuple[np.ndarray, ...]] = []
     for atom in atoms or []:
-        if hasattr(atom, "slice_key"):
-            key = tuple(atom.slice_key)
-            starts = [s.start or 0 for s in key]
-            if atom.mask is None:
-                shape = [s.stop - (s.start or 0) for s in key]
-                idx = np.nonzero(np.ones(shape, bool))
-            else:
-                idx = np.nonzero(atom.mask)
-            full = tuple(i + st for i, st in zip(idx, starts))
-        else:
-            full = tuple(np.asarray(i) for i in atom[0])
+        full, _ = _atom_changes(atom)
         if not full or full[0].size == 0:
             continue
         coords.append(full)
@@ -64,30 +70,15 @@ def slice_before(data: Any, key: tuple[int, ...], atoms: Any) -> np.ndarray:
     from the current plane and the old values the atoms keep (the inverse of napari's own undo). Correct whether
     napari emits the event before writing (single edits) or after (a staged mouse stroke)."""
     lead = len(key)
-    plane = np.array(data[key] if lead else data, copy=True)
+    plane = np.array(data[key], copy=True)
     for atom in reversed(list(atoms or [])):
-        if hasattr(atom, "slice_key"):
-            sk = tuple(atom.slice_key)
-            starts = [s.start or 0 for s in sk]
-            if any(not starts[d] <= key[d] < sk[d].stop for d in range(lead)):
-                continue
-            (y0, x0), (ys, xs) = starts[lead:], sk[lead:]
-            if atom.mask is None:  # old_values is a snapshot of the whole box
-                old = np.asarray(atom.old_values)[tuple(key[d] - starts[d] for d in range(lead))]
-                plane[ys, xs] = old
-                continue
-            idx = np.nonzero(atom.mask)
-            sel = np.ones(idx[0].shape, bool)
-            for d in range(lead):
-                sel &= idx[d] == key[d] - starts[d]
-            plane[idx[lead][sel] + y0, idx[lead + 1][sel] + x0] = np.asarray(atom.old_values)[sel]
-        else:
-            idx = tuple(np.asarray(i) for i in atom[0])
-            old = np.broadcast_to(np.asarray(atom[1]), idx[0].shape)
-            sel = np.ones(idx[0].shape, bool)
-            for d in range(lead):
-                sel &= idx[d] == key[d]
-            plane[idx[lead][sel], idx[lead + 1][sel]] = old[sel]
+        full, old = _atom_changes(atom)
+        if not full or full[0].size == 0:
+            continue
+        sel = np.ones(full[0].shape, bool)
+        for d in range(lead):
+            sel &= full[d] == key[d]
+        plane[full[lead][sel], full[lead + 1][sel]] = old[sel]
     return plane
 
 
@@ -225,7 +216,7 @@ class FineTuneWidget(Container):
         event, so this also runs before training starts)."""
         lid = id(layer)
         for s in slices:
-            now = _digest(np.asarray(layer.data[s] if s else layer.data))
+            now = _digest(np.asarray(layer.data[s]))
             (self._restored[lid].add if now == self._original[lid].get(s) else self._restored[lid].discard)(s)
 
     def edited_slices(self, layer: Labels | None = None, recheck: bool = False) -> list[tuple[int, ...]]:
