@@ -1,12 +1,20 @@
-"""Shared by the training scripts: save a shipped model in fp16 and prove the stored file keeps its scores."""
+"""Shared by the training scripts: the learning-rate schedule, the checkpoint folder (best state, best entry,
+history), and packaging: the recommended depth, the card's run record, and an fp16 save that proves the stored file
+keeps its scores."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from napari_unetpp.model import UNetPlusPlus
 from napari_unetpp.models import ModelCard, load_model, save_model
+from napari_unetpp.training import recommend_depth
 
 log = logging.getLogger("shipping")
 
@@ -24,3 +32,44 @@ def save_fp16_checked(model: Any, card: ModelCard, dest: Path, evaluate: Callabl
     if worst > tolerance:
         raise SystemExit(f"fp16 storage changed the scores by {worst:.4f}; save as float32 instead.")
     return path
+
+
+def learning_rate(peak: float, frac: float, step: int) -> float:
+    """Cosine decay from ``peak`` to 2 % of it over the budget fraction ``frac``, after a 50-step linear warm-up."""
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))) * min(1.0, (step + 1) / 50)
+
+
+def write_checkpoint(out: Path, model: torch.nn.Module, entry: dict, run: dict, improved: bool) -> None:
+    """Update a checkpoint folder after a validation: when ``improved``, the state (``best.safetensors``) and its
+    validation ``entry`` (``best.json``); always ``history.json`` (``run``: args, device, config, history...)."""
+    from safetensors.torch import save_file
+
+    if improved:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(out / "best.safetensors"))
+        (out / "best.json").write_text(json.dumps(entry, indent=1))
+    (out / "history.json").write_text(json.dumps(run, indent=1))
+
+
+def load_best(ckpt: Path) -> tuple[UNetPlusPlus, dict, dict]:
+    """The best UNet++ state of a checkpoint folder, with the run's history and the best validation entry."""
+    from safetensors.torch import load_file
+
+    hist = json.loads((ckpt / "history.json").read_text())
+    best = json.loads((ckpt / "best.json").read_text())
+    model = UNetPlusPlus.from_config(hist["config"])
+    model.load_state_dict(load_file(str(ckpt / "best.safetensors")))
+    return model, hist, best
+
+
+def recommended(scores: dict[str, dict[str, float]], metric: str, margin: float) -> int:
+    """:func:`napari_unetpp.training.recommend_depth` over a card's ``{"L1": {metric: ...}, ...}`` scores."""
+    return recommend_depth({int(k[1:]): s[metric] for k, s in scores.items()}, margin)
+
+
+def run_record(hist: dict, best: dict, script: str) -> dict[str, Any]:
+    """The card's training fields every shipped model shares: hyperparameters, steps and seconds to the best
+    state, device and script."""
+    args = hist["args"]
+    return {"hyperparameters": {k: args[k] for k in ("batch", "patch", "lr", "minutes", "steps", "seed") if k in args},
+            "steps": best["step"], "seconds": best["seconds"], "device": hist.get("device", "cpu"), "script": script}

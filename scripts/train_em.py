@@ -14,9 +14,7 @@ deepest head) is saved as a model version with its card.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,8 @@ from napari_unetpp.losses import DeepSupervisionLoss
 from napari_unetpp.model import UNet, UNetPlusPlus
 from napari_unetpp.normalization import Normalization
 
-from _shipping import save_fp16_checked  # noqa: E402  (scripts/ is on sys.path when run)
+from _shipping import (  # noqa: E402  (scripts/ is on sys.path when run)
+    learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint)
 
 log = logging.getLogger("train_em")
 
@@ -129,14 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     step, best, history = 0, -1.0, []
     args.out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
 
     def finished() -> bool:
         return step >= args.steps if args.steps else time.time() - t0 >= budget
 
     while not finished():
         frac = step / args.steps if args.steps else min((time.time() - t0) / budget, 1.0)
-        lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))) * min(1.0, (step + 1) / 50)
+        lr = learning_rate(args.lr, frac, step)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = sample_batch(tr_img, tr_mem, rng, args.batch, args.patch)
@@ -154,14 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             history.append(entry)
             log.info("step %d %.0fs loss %.4f val mean IoU per level %s", step, entry["seconds"], float(loss),
                      [s["mean_iou"] for s in scores])
-            if scores[-1]["mean_iou"] > best:
-                best = scores[-1]["mean_iou"]
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                          str(args.out / "best.safetensors"))
-                (args.out / "best.json").write_text(json.dumps(entry, indent=1))
-            (args.out / "history.json").write_text(json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
-                 "config": model.config.to_dict(), "arch": args.arch, "steps": step, "history": history}, indent=1))
+            improved = scores[-1]["mean_iou"] > best
+            best = max(best, scores[-1]["mean_iou"])
+            write_checkpoint(args.out, model, entry, {
+                "args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
+                "config": model.config.to_dict(), "arch": args.arch, "steps": step, "history": history}, improved)
     log.info("done: %d steps in %.0f s, best mean IoU (deepest head) %.4f", step, time.time() - t0, best)
     return package(args.out, args.dest, args.data) if args.dest else 0
 
@@ -170,15 +165,10 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
     """Evaluate the best checkpoint per level through the real prediction path on slices 25-29, pick the
     recommended depth (shallowest level within ``margin`` mean IoU of the best), save fp16 weights + card into
     ``dest`` and check the saved file reproduces the scores."""
-    from safetensors.torch import load_file
-
     from napari_unetpp.inference import predict
     from napari_unetpp.models import LoadedModel, ModelCard
 
-    hist = json.loads((ckpt / "history.json").read_text())
-    best = json.loads((ckpt / "best.json").read_text())
-    model = UNetPlusPlus.from_config(hist["config"])
-    model.load_state_dict(load_file(str(ckpt / "best.safetensors")))
+    model, hist, best = load_best(ckpt)
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
     vol = tifffile.imread(data / "train-volume.tif")[25:]
     mem = tifffile.imread(data / "train-labels.tif")[25:] == 0
@@ -195,9 +185,7 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
 
     lm = LoadedModel.from_module(model, name=name, normalization=norm.to_dict())
     scores = evaluate(lm)
-    top = max(s["mean_iou"] for s in scores.values())
-    rec = min(int(k[1:]) for k, s in scores.items() if s["mean_iou"] >= top - margin)
-    args = hist["args"]
+    rec = recommended(scores, "mean_iou", margin)
     card = ModelCard(
         name=name,
         architecture=model.config.to_dict(),
@@ -214,11 +202,7 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
             "recipe": "random 256x256 patches, flips, 90-degree rotations, gamma/gain/bias/noise jitter; AdamW "
                       "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
                       "BCE + soft Dice; bf16 autocast on CPU; best state by mean IoU of head 4",
-            "hyperparameters": {k: args[k] for k in ("batch", "patch", "lr", "minutes", "steps", "seed") if k in args},
-            "steps": best["step"],
-            "seconds": best["seconds"],
-            "device": hist.get("device", "cpu"),
-            "script": "scripts/train_em.py",
+            **run_record(hist, best, "scripts/train_em.py"),
         },
         scores=scores,
         recommended_depth=rec,

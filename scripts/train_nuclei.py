@@ -21,7 +21,6 @@ the mask's objects against the points) and ndev-sampledata's DAPI and neocortex 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -38,7 +37,8 @@ from napari_unetpp.model import UNetPlusPlus
 from napari_unetpp.models import LoadedModel
 from napari_unetpp.normalization import Normalization
 
-from _shipping import save_fp16_checked  # noqa: E402  (scripts/ is on sys.path when run)
+from _shipping import (  # noqa: E402  (scripts/ is on sys.path when run)
+    learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint)
 from napari_unetpp.training import TrainingPair, augment_batch, prepare_data, random_affine, sample_batch, train_step, \
     validate
 
@@ -223,14 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     patch = (args.patch, args.patch)
     budget = args.minutes * 60
     args.out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
     t0 = time.time()
     step, best, history = 0, -1.0, []
     model.train()
     while time.time() - t0 < budget:
         frac = min((time.time() - t0) / budget, 1.0)
-        lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))) * min(1.0, (step + 1) / 50)
+        lr = learning_rate(args.lr, frac, step)
         for g in opt.param_groups:
             g["lr"] = lr
         xb, yb, vb = augment_batch(*sample_batch(tr, rng, args.batch, patch, 0.0, 0.5), rng)
@@ -248,14 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             history.append(entry)
             log.info("step %d %.0fs loss %.4f val Dice %s", step, entry["seconds"], loss, scores)
             mean = float(np.mean([d for per in scores.values() for d in per.values()]))
-            if mean > best:
-                best = mean
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                          str(args.out / "best.safetensors"))
-                (args.out / "best.json").write_text(json.dumps(entry, indent=1))
-            (args.out / "history.json").write_text(json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "device": describe_device(dev),
-                 "config": model.config.to_dict(), "history": history}, indent=1))
+            improved = mean > best
+            best = max(best, mean)
+            write_checkpoint(args.out, model, entry, {
+                "args": {k: str(v) for k, v in vars(args).items()}, "device": describe_device(dev),
+                "config": model.config.to_dict(), "history": history}, improved)
     log.info("done: %d steps in %.0f s, best mean val Dice %.4f", step, time.time() - t0, best)
     return package(args.out, args.dest) if args.dest else 0
 
@@ -288,23 +283,16 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
     """Score the best checkpoint per level through the real prediction path on both validation sets and on the
     unseen time lapse, pick the recommended depth, save fp16 weights + card into ``dest``, and check the saved file
     reproduces the scores."""
-    from safetensors.torch import load_file
-
     from napari_unetpp.models import ModelCard
 
-    hist = json.loads((ckpt / "history.json").read_text())
-    best = json.loads((ckpt / "best.json").read_text())
-    model = UNetPlusPlus.from_config(hist["config"])
-    model.load_state_dict(load_file(str(ckpt / "best.safetensors")))
+    model, hist, best = load_best(ckpt)
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
     lm = LoadedModel.from_module(model, name=name, normalization=norm.to_dict())
     scores = validation_scores(lm)
-    top = max(s["dice"] for s in scores.values())
-    rec = min(int(k[1:]) for k, s in scores.items() if s["dice"] >= top - margin)
+    rec = recommended(scores, "dice", margin)
     unseen = timelapse_check(lm)
     for k, s in unseen.items():
         scores[k].update({f"timelapse_{m}": v for m, v in s.items()})
-    args = hist["args"]
     card = ModelCard(
         name=name,
         architecture=model.config.to_dict(),
@@ -331,11 +319,7 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
                       "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
                       "BCE + soft Dice; bf16 autocast on CPU; labels with holes filled per slice; best state by "
                       "mean validation Dice over levels and both sources",
-            "hyperparameters": {k: args[k] for k in ("batch", "patch", "lr", "minutes", "seed") if k in args},
-            "steps": best["step"],
-            "seconds": best["seconds"],
-            "device": hist.get("device", "cpu"),
-            "script": "scripts/train_nuclei.py",
+            **run_record(hist, best, "scripts/train_nuclei.py"),
             "limitations": "On the unseen time lapse the mask finds {r} of the nuclei (point recall over levels) but "
                            "only {p} of its objects hold a nucleus: dim cytoplasm around bright nuclei becomes "
                            "crescent-shaped fragments. Large nuclei with bright chromocentres (ndev-sampledata neuron "
