@@ -34,7 +34,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .inference import InputError, predict_iter
-    from .io import ReadError, read_image, write_image
+    from .io import ReadError, read_image, write_images
     from .models import ModelFileError, load_model
 
     out = Path(args.output)
@@ -72,15 +72,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         outputs += [(out.with_name(f"{out.stem}_L{lv}{out.suffix}"), p) for lv, p in res.probabilities.items()]
         if res.ensemble is not None:
             outputs.append((out.with_name(f"{out.stem}_ensemble{out.suffix}"), res.ensemble))
-    written: list[Path] = []
     try:
-        for path, arr in outputs:
-            axes = res.axes if arr.ndim == len(res.axes) else "C" + res.axes
-            written.append(write_image(path, arr, axes, scale))
+        write_images([(path, arr, res.axes if arr.ndim == len(res.axes) else "C" + res.axes, scale)
+                      for path, arr in outputs])
     except OSError as exc:
-        for w in written:
-            w.unlink(missing_ok=True)
-        raise CliError(f"could not write {path}: {exc.strerror or exc}.") from None
+        raise CliError(f"could not write {exc.filename or out}: {exc.strerror or exc}; nothing was written.") from None
     fg = float(res.mask.mean()) if model.card.architecture.get("num_classes", 1) == 1 else None
     print(f"{args.input}: {res.axes} {tuple(res.mask.shape)} with {model.card.id} at L{res.depth} ({res.mode}) on "
           f"{res.device} in {res.seconds:.1f}s" + (f", foreground {fg:.1%}" if fg is not None else ""))

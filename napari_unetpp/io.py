@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tifffile
 
-__all__ = ["ImageData", "read_image", "write_image", "ReadError"]
+__all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError"]
 
 # tifffile series axes -> ours (TCZYX); I and Q (image sequence, unknown) are read as Z, S (samples) as C
 _AXIS_MAP = {"T": "T", "C": "C", "S": "C", "Z": "Z", "Y": "Y", "X": "X", "I": "Z", "Q": "Z"}
@@ -100,7 +103,39 @@ def write_image(path: str | os.PathLike[str], data: np.ndarray, axes: str | None
         axes: Axis letters recorded in the file's metadata.
         scale: Pixel size per axis letter (X/Y stored as resolution).
     """
-    p = Path(path)
+    return write_images([(path, data, axes, scale)])[0]
+
+
+def write_images(outputs: Sequence[tuple[str | os.PathLike[str], np.ndarray, str | None, dict[str, float] | None]]
+                 ) -> list[Path]:
+    """Write several TIFFs as one unit: all to temporary files first, then all renamed into place.
+
+    If any write fails (disk full, Ctrl-C), every temporary file is removed and no target is touched: files the
+    user had at those paths stay as they were. The renames run with Ctrl-C held back, so they are not split.
+
+    Args:
+        outputs: ``(path, data, axes, scale)`` per file, as for :func:`write_image`.
+
+    Returns:
+        The written paths.
+    """
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data, axes, scale in outputs:
+            p = Path(path)
+            temps.append((_write_temp(p, data, axes, scale), p))
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    with _sigint_held():
+        for tmp, p in temps:
+            os.replace(tmp, p)
+    return [p for _, p in temps]
+
+
+def _write_temp(p: Path, data: np.ndarray, axes: str | None, scale: dict[str, float] | None) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
     os.close(fd)
     try:
@@ -108,9 +143,21 @@ def write_image(path: str | os.PathLike[str], data: np.ndarray, axes: str | None
         if scale and "X" in scale and "Y" in scale:
             kw["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
         tifffile.imwrite(tmp, np.asarray(data), **kw)
-        os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return p
+    return tmp
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Ignore Ctrl-C for the few microseconds of a group of renames (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -227,15 +227,24 @@ def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device 
     return LoadedModel(module, card, weights, shipped)
 
 
+def _is_path(name: str) -> bool:
+    """A model is named by path when it has a model file's suffix or a folder part; anything else is a registry
+    name, so a folder called ``nuclei/`` in the working directory never shadows the model ``nuclei``."""
+    return name.endswith((".safetensors", ".json")) or "/" in name or os.sep in name or name.startswith(("~", "."))
+
+
 def _locate(name: str) -> tuple[Path, bool]:
-    p = Path(name).expanduser()
-    if p.suffix in (".safetensors", ".json") or p.exists():
+    if _is_path(name):
+        p = Path(name).expanduser()
+        if p.suffix not in (".safetensors", ".json"):
+            raise ModelFileError(f"{p}: a model file ends in .safetensors or .json.")
         if not (p.exists() or _pair(p)[1].exists()):
             raise ModelFileError(f"{p}: no such model file.")
         return p, False
     base, _, ver = name.partition("@")
     if not _NAME_RE.match(base) or (ver and not re.fullmatch(r"v?\d+", ver)):
-        raise ModelFileError(f"{name!r} is neither a model name (like 'em-membranes' or 'name@v2') nor a file.")
+        raise ModelFileError(f"{name!r} is neither a model name (like 'em-membranes' or 'name@v2') nor a model file "
+                             f"(.safetensors or .json).")
     versions = _user_versions(base)
     if ver:
         n = int(ver.lstrip("v"))
@@ -249,18 +258,32 @@ def _locate(name: str) -> tuple[Path, bool]:
     shipped = shipped_weights_dir() / f"{base}.json"
     if shipped.is_file():
         return shipped, True
-    raise ModelFileError(f"no model named {base!r}; `napari-unetpp models` lists the available ones.")
+    hint = (f" (to load the file {name!r}, give its path with the .safetensors or .json suffix)"
+            if Path(name).exists() else "")
+    raise ModelFileError(f"no model named {base!r}; `napari-unetpp models` lists the available ones{hint}.")
 
 
 def _user_versions(name: str) -> dict[int, Path]:
+    """Complete versions of a user model: a card that parses and the weights beside it. A version whose save was
+    interrupted (weights without a card, or a card still being written on a file system without hard links) is
+    not listed, so the newest *complete* version is what ``load_model(name)`` gets."""
     folder = user_models_dir() / name
     out: dict[int, Path] = {}
     if folder.is_dir():
         for f in folder.glob(f"{name}-v*.json"):
             m = re.fullmatch(rf"{re.escape(name)}-v(\d+)\.json", f.name)
-            if m:
+            if m and _complete(f):
                 out[int(m.group(1))] = f
     return out
+
+
+def _complete(card_path: Path) -> bool:
+    try:
+        _read_card(card_path)
+    except ModelFileError as exc:
+        log.warning("skipping an incomplete model version: %s", exc)
+        return False
+    return _pair(card_path)[0].is_file()
 
 
 def list_models() -> list[ModelInfo]:
@@ -314,35 +337,84 @@ def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: st
     else:
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as tmp:
+    _remove_stale_saves(folder)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=_SAVING) as tmp:
         tw = Path(tmp) / "w.safetensors"
         save_file(state, str(tw))
         os.chmod(tw, 0o644)
+        _fsync(tw)
         card.weights_sha256 = _sha256(tw)
-        while True:
-            if directory is None:
-                versions = set(_user_versions(card.name))
-                if (shipped_weights_dir() / f"{card.name}.json").is_file():
-                    versions.add(1)  # a shipped model is version 1 of its name: never shadow it
-                card.version = max(versions, default=0) + 1
-                stem = folder / f"{card.name}-v{card.version}"
-            else:
-                stem = folder / card.name
-            tc = Path(tmp) / "c.json"
-            tc.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        # The weights land first under a free name; the card, published last, is the commit point: a reader never
+        # sees a card whose weights are not complete, and a crash in between leaves weights without a card, which
+        # no reader lists (that version number is skipped by the next save).
+        if directory is None:
+            versions = set(_user_versions(card.name))
+            if (shipped_weights_dir() / f"{card.name}.json").is_file():
+                versions.add(1)  # a shipped model is version 1 of its name: never shadow it
+            n = max(versions, default=0) + 1
+            while True:
+                stem = folder / f"{card.name}-v{n}"
+                try:
+                    _publish(tw, stem.with_suffix(".safetensors"))
+                    break
+                except FileExistsError:  # another save holds this number (or a crashed one left its weights)
+                    n += 1
+            card.version = n
+        else:
+            stem = folder / card.name
+            if stem.with_suffix(".json").exists():
+                raise FileExistsError(f"{stem.with_suffix('.json')} exists; models are never overwritten.")
             try:
-                os.link(tc, stem.with_suffix(".json"))  # fails if the version exists: claims it atomically
+                _publish(tw, stem.with_suffix(".safetensors"))
             except FileExistsError:
-                if directory is not None:
-                    raise FileExistsError(
-                        f"{stem.with_suffix('.json')} exists; models are never overwritten.") from None
-                continue  # another process took this version number: take the next
-            try:
-                os.link(tw, stem.with_suffix(".safetensors"))
-            except FileExistsError:
-                os.unlink(stem.with_suffix(".json"))
                 raise FileExistsError(
                     f"{stem.with_suffix('.safetensors')} exists; models are never overwritten.") from None
-            break
+        tc = Path(tmp) / "c.json"
+        tc.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _fsync(tc)
+        _publish(tc, stem.with_suffix(".json"))
     log.info("saved model %s to %s", card.id, stem)
     return stem.with_suffix(".json")
+
+
+_SAVING = ".saving-"
+STALE_SAVE_SECONDS = 3600.0
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Make the complete file ``src`` appear at ``dst`` in one step, never over an existing file.
+
+    A hard link does both at once. Where hard links are not supported (FAT/exFAT, some network shares), ``dst`` is
+    first claimed by an exclusive create and then replaced by ``src`` (a rename within the folder).
+
+    Raises:
+        FileExistsError: ``dst`` exists.
+    """
+    try:
+        os.link(src, dst)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        log.debug("no hard link for %s (%s): exclusive create and rename instead", dst, exc)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    os.replace(src, dst)
+
+
+def _remove_stale_saves(folder: Path) -> None:
+    """Remove ``.saving-*`` folders that a killed save left behind (older than an hour: no save takes that long)."""
+    import shutil
+    import time
+
+    for d in folder.glob(f"{_SAVING}*"):
+        try:
+            if d.is_dir() and time.time() - d.stat().st_mtime > STALE_SAVE_SECONDS:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass

@@ -159,3 +159,32 @@ def test_train_failures_are_one_sentence_and_save_nothing(tmp_path, capsys, em_c
     from napari_unetpp.models import list_models
 
     assert all(m.shipped for m in list_models())
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_multi_output_failure_keeps_the_users_files(tmp_path, monkeypatch, capsys, failure):
+    """`--all-levels` writes several files as one unit: a failure (disk full, Ctrl-C) on a later file removes no
+    earlier one, leaves the files the user had at those paths as they were, and says so truthfully."""
+    from napari_unetpp import io
+
+    out = tmp_path / "m.tif"
+    before = {out: b"users mask", tmp_path / "m_L1.tif": b"users L1"}
+    for p, b in before.items():
+        p.write_bytes(b)
+    real, calls = io._write_temp, []
+
+    def failing(p, *a):
+        calls.append(p.name)
+        if len(calls) == 3:
+            raise failure
+        return real(p, *a)
+
+    monkeypatch.setattr(io, "_write_temp", failing)
+    code = main(["predict", str(DATA / "isbi_val_crop.tif"), "-o", str(out), "--all-levels", "--depth", "2",
+                 "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert calls == ["m.tif", "m_L1.tif", "m_L2.tif"]
+    assert code == (2 if isinstance(failure, OSError) else 130)
+    assert "nothing was written" in err or "no output was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "m_L1.tif"]
+    assert all(p.read_bytes() == b for p, b in before.items())
