@@ -26,11 +26,11 @@ import torch
 
 os.environ.setdefault("NAPARI_UNETPP_HOME", tempfile.mkdtemp(prefix="unetpp-bench-"))
 
-from napari_unetpp.device import describe_device, resolve_device  # noqa: E402
-from napari_unetpp.inference import predict  # noqa: E402
+from napari_unetpp.finetune import TrainingPair, dice_score, fine_tune, train_step  # noqa: E402
 from napari_unetpp.losses import DeepSupervisionLoss  # noqa: E402
-from napari_unetpp.models import load_model  # noqa: E402
-from napari_unetpp.training import TrainingPair, dice_score, run_fine_tune, train_step  # noqa: E402
+from napari_unetpp.prediction import predict  # noqa: E402
+from napari_unetpp.registry import load_model  # noqa: E402
+from napari_unetpp.runtime import describe_device, resolve_device  # noqa: E402
 
 
 def load_data():
@@ -62,7 +62,7 @@ def step_times(base, device, patch: int, batch: int, precision: str, reps: int =
     net = base.module.__class__.from_config(base.module.config).to(dev)
     net.load_state_dict(base.module.state_dict())
     net = net.to(memory_format=torch.channels_last).train()
-    from napari_unetpp.device import autocast_dtype
+    from napari_unetpp.runtime import autocast_dtype
 
     amp = autocast_dtype(dev, precision)
     x = torch.randn(batch, 1, patch, patch, device=dev).contiguous(memory_format=torch.channels_last)
@@ -96,40 +96,66 @@ def main() -> int:
     img, lab, sets, held, what = load_data()
     base = load_model("em-membranes")
     dev = resolve_device(args.device)
-    print(f"data: {what}; held-out slices {held}; device {describe_device(dev)}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"data: {what}; held-out slices {held}; device {describe_device(dev)}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     before = held_out_dice(base, img, lab, held, args.device)
     print("base em-membranes on held-out slices: " + " ".join(f"L{k} {v:.3f}" for k, v in before.items()))
     rows = []
-    print(f"\n{'corrected':>9} {'budget':>7} {'steps':>5} {'wall s':>6} {'rec':>3}  held-out Dice L1 / L2 / L3 / L4 "
-          f"(before -> after)   val Dice at rec")
+    print(
+        f"\n{'corrected':>9} {'budget':>7} {'steps':>5} {'wall s':>6} {'rec':>3}  held-out Dice L1 / L2 / L3 / L4 "
+        f"(before -> after)   val Dice at rec"
+    )
     for minutes in args.minutes:
         for n, slices in sets.items():
             t0 = time.perf_counter()
-            res = run_fine_tune(base, TrainingPair(img, lab, axes="ZYX", slices=slices, name="cells3d nuclei"),
-                                minutes=minutes, device=args.device, name=f"bench-{n}-{minutes:g}")
+            res = fine_tune(
+                base,
+                TrainingPair(img, lab, axes="ZYX", slices=slices, name="cells3d nuclei"),
+                minutes=minutes,
+                device=args.device,
+                name=f"bench-{n}-{minutes:g}",
+            )
             wall = time.perf_counter() - t0
             after = held_out_dice(res.model, img, lab, held, args.device)
-            rows.append({"corrected_slices": slices, "minutes": minutes, "steps": res.steps, "wall_s": round(wall, 1),
-                         "recommended_depth": res.recommended_depth, "held_out_before": before,
-                         "held_out_after": after, "val_baseline": res.baseline, "val_after": res.scores,
-                         "stopped": res.stopped})
-            print(f"{n:>9} {minutes:>6g}m {res.steps:>5} {wall:>6.0f} L{res.recommended_depth:<2}  " +
-                  " / ".join(f"{before[k]:.3f}->{after[k]:.3f}" for k in after) +
-                  f"   {res.scores[res.recommended_depth]:.3f}")
+            rows.append(
+                {
+                    "corrected_slices": slices,
+                    "minutes": minutes,
+                    "steps": res.steps,
+                    "wall_s": round(wall, 1),
+                    "recommended_depth": res.recommended_depth,
+                    "held_out_before": before,
+                    "held_out_after": after,
+                    "val_baseline": res.baseline,
+                    "val_after": res.scores,
+                    "stopped": res.stopped,
+                }
+            )
+            print(
+                f"{n:>9} {minutes:>6g}m {res.steps:>5} {wall:>6.0f} L{res.recommended_depth:<2}  "
+                + " / ".join(f"{before[k]:.3f}->{after[k]:.3f}" for k in after)
+                + f"   {res.scores[res.recommended_depth]:.3f}"
+            )
             sys.stdout.flush()
     steps = {}
     if not args.skip_steps:
         print("\nseconds per training step (batch 4 x 256x256, training the depth-k sub-network):")
-        for prec in (["auto", "fp32"] if dev.type == "cpu" else ["auto"]):
+        for prec in ["auto", "fp32"] if dev.type == "cpu" else ["auto"]:
             st = step_times(base, args.device, 256, 4, prec)
             steps[prec] = st
-            print(f"  {prec:5} " + "  ".join(f"L{k} {s:.3f} s" for k, s in st.items()) +
-                  f"   (L1/L4 {st[1] / st[4]:.2f})")
+            print(
+                f"  {prec:5} " + "  ".join(f"L{k} {s:.3f} s" for k, s in st.items()) + f"   (L1/L4 {st[1] / st[4]:.2f})"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": describe_device(dev), "data": what, "held_out": held,
-                                         "runs": rows, "step_seconds": steps}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"device": describe_device(dev), "data": what, "held_out": held, "runs": rows, "step_seconds": steps},
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -31,14 +31,14 @@ import torch
 
 from napari_unetpp import load_model, predict
 from napari_unetpp._sample_data import em_sample
-from napari_unetpp.device import autocast_context, cpu_supports_bf16
-from napari_unetpp.inference import optimize_for_inference
+from napari_unetpp.metrics import dice_score
+from napari_unetpp.runtime import autocast_context, cpu_supports_bf16, optimize_for_inference
 
 
 class PeakRSS:
     """Samples this process's resident memory every few ms; ``extra_mb`` = peak minus the level at start."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.base = self.peak = _rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -62,11 +62,6 @@ class PeakRSS:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
 def timed(fn, repeats: int):
@@ -98,8 +93,18 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None)
     t_ref, ref_probs = timed(lambda: reference_forward(ref, x), repeats)
     with PeakRSS() as mem:
         reference_forward(ref, x)
-    rows = [{"input": name, "level": "reference (all nodes, fp32 eager)", "seconds": t_ref, "mp_s": mp / t_ref,
-             "peak_extra_mb": mem.extra_mb, "vs_reference": 1.0, "dice_vs_reference": 1.0, "flips_near_0.5": "-"}]
+    rows = [
+        {
+            "input": name,
+            "level": "reference (all nodes, fp32 eager)",
+            "seconds": t_ref,
+            "mp_s": mp / t_ref,
+            "peak_extra_mb": mem.extra_mb,
+            "vs_reference": 1.0,
+            "dice_vs_reference": 1.0,
+            "flips_near_0.5": "-",
+        }
+    ]
     runs = [(f"L{k}", k, "auto", tile) for k in range(1, lm.max_depth + 1)]
     runs += [(f"L{lm.max_depth} fp32", lm.max_depth, "fp32", tile)]
     if max(img.shape[-2:]) > 1024:  # larger than the default tile budget: also show the untiled run
@@ -111,9 +116,18 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None)
         ref_k = ref_probs[k - 1]
         flips = pred.mask.astype(bool) != (ref_k >= 0.5)
         near = float((np.abs(ref_k[flips] - 0.5) < 0.05).mean()) if flips.any() else 1.0
-        rows.append({"input": name, "level": label, "seconds": t, "mp_s": mp / t, "peak_extra_mb": mem.extra_mb,
-                     "vs_reference": t_ref / t, "dice_vs_reference": dice(pred.mask, ref_k >= 0.5),
-                     "flips_near_0.5": f"{flips.mean():.4%} ({near:.0%})"})
+        rows.append(
+            {
+                "input": name,
+                "level": label,
+                "seconds": t,
+                "mp_s": mp / t,
+                "peak_extra_mb": mem.extra_mb,
+                "vs_reference": t_ref / t,
+                "dice_vs_reference": dice_score(pred.mask, ref_k >= 0.5),
+                "flips_near_0.5": f"{flips.mean():.4%} ({near:.0%})",
+            }
+        )
     return rows
 
 
@@ -130,17 +144,24 @@ def ablation(lm, img: np.ndarray, repeats: int) -> list[dict]:
         ("+ inference_mode", plain, "fp32", torch.inference_mode, False),
         ("+ batch norm folded", fused, "fp32", torch.inference_mode, False),
         ("+ channels-last (weights and input)", optimized, "fp32", torch.inference_mode, True),
-        ("+ bf16 autocast" if cpu_supports_bf16() else "+ bf16 autocast (no native bf16 here)", optimized, "bf16",
-         torch.inference_mode, True),
+        (
+            "+ bf16 autocast" if cpu_supports_bf16() else "+ bf16 autocast (no native bf16 here)",
+            optimized,
+            "bf16",
+            torch.inference_mode,
+            True,
+        ),
     ]
     rows = []
     base = None
     for label, net, prec, ctx, cl in variants:
+
         def run():
             with ctx(), autocast_context(cpu, prec):
                 for s in x:
                     inp = s[None].contiguous(memory_format=torch.channels_last) if cl else s[None]
                     net(inp, depth=4)
+
         t, _ = timed(run, repeats)
         base = base or t
         rows.append({"variant": label, "seconds": t, "speedup": base / t})
@@ -158,24 +179,43 @@ def stack_memory(model: str, depth: int | None, workdir: Path) -> dict:
             plane = mosaic * 200 + rng.integers(0, 200, mosaic.shape, dtype=np.uint16)
             tw.write(plane[None], contiguous=True, metadata={"axes": "ZYX"} if z == 0 else None)
     in_bytes = 64 * 2048 * 2048 * 2
-    cmd = [sys.executable, "-m", "napari_unetpp.cli", "predict", str(path), "-o", str(workdir / "mask.tif"),
-           "--model", model, "-q"] + (["--depth", str(depth)] if depth else [])
-    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_unetpp.cli",
+        "predict",
+        str(path),
+        "-o",
+        str(workdir / "mask.tif"),
+        "--model",
+        model,
+        "-q",
+    ] + (["--depth", str(depth)] if depth else [])
+    code = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+    )
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(r.stderr)
     peak = int(r.stdout.strip().splitlines()[-1]) * 1024
-    return {"input_gb": in_bytes / 2**30, "peak_rss_gb": peak / 2**30, "limit_gb": (in_bytes + 1.5 * 2**30) / 2**30,
-            "seconds": seconds, "mp_s": 64 * 2048 * 2048 / 1e6 / seconds, "cli": r.stdout.strip().splitlines()[0]}
+    return {
+        "input_gb": in_bytes / 2**30,
+        "peak_rss_gb": peak / 2**30,
+        "limit_gb": (in_bytes + 1.5 * 2**30) / 2**30,
+        "seconds": seconds,
+        "mp_s": 64 * 2048 * 2048 / 1e6 / seconds,
+        "cli": r.stdout.strip().splitlines()[0],
+    }
 
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     head = "| " + " | ".join(c[1] for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
-    return head + "\n".join("| " + " | ".join(format(r[c[0]], c[2]) if c[2] else str(r[c[0]]) for c in cols) + " |"
-                            for r in rows)
+    return head + "\n".join(
+        "| " + " | ".join(format(r[c[0]], c[2]) if c[2] else str(r[c[0]]) for c in cols) + " |" for r in rows
+    )
 
 
 def main() -> int:
@@ -187,22 +227,35 @@ def main() -> int:
     lm = load_model(args.model)
     slices = em_sample()[0][0]
     big = np.block([[slices[(i + j) % 5] for j in range(4)] for i in range(4)])[None]
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "bf16": cpu_supports_bf16(), "torch": torch.__version__, "model": lm.card.id}
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "bf16": cpu_supports_bf16(),
+        "torch": torch.__version__,
+        "model": lm.card.id,
+    }
     print(f"# napari-unetpp inference benchmark\n{info}\n")
     rows = bench_images(lm, "5 x 512x512", slices, args.repeats, None)
     rows += bench_images(lm, "2048x2048", big, max(1, args.repeats - 1), None)  # default tile budget
-    cols = [("input", "input", ""), ("level", "level", ""), ("seconds", "s", ".3f"), ("mp_s", "MP/s", ".2f"),
-            ("peak_extra_mb", "peak extra MB", ".0f"), ("vs_reference", "x reference", ".2f"),
-            ("dice_vs_reference", "mask Dice vs ref", ".4f"),
-            ("flips_near_0.5", "pixels flipped (share with ref p within 0.05 of 0.5)", "")]
+    cols = [
+        ("input", "input", ""),
+        ("level", "level", ""),
+        ("seconds", "s", ".3f"),
+        ("mp_s", "MP/s", ".2f"),
+        ("peak_extra_mb", "peak extra MB", ".0f"),
+        ("vs_reference", "x reference", ".2f"),
+        ("dice_vs_reference", "mask Dice vs ref", ".4f"),
+        ("flips_near_0.5", "pixels flipped (share with ref p within 0.05 of 0.5)", ""),
+    ]
     print(table(rows, cols))
     for name in ("5 x 512x512", "2048x2048"):
         by = {r["level"]: r for r in rows if r["input"] == name}
-        print(f"\n{name}: L1 is {by['L1']['mp_s'] / by['L4']['mp_s']:.2f}x faster than L4 (target >= 5); "
-              f"L4 is {by['L4']['vs_reference']:.2f}x the reference (target >= 2), mask Dice "
-              f"{by['L4']['dice_vs_reference']:.4f} (target >= 0.999); in fp32 {by['L4 fp32']['vs_reference']:.2f}x "
-              f"with Dice {by['L4 fp32']['dice_vs_reference']:.4f}")
+        print(
+            f"\n{name}: L1 is {by['L1']['mp_s'] / by['L4']['mp_s']:.2f}x faster than L4 (target >= 5); "
+            f"L4 is {by['L4']['vs_reference']:.2f}x the reference (target >= 2), mask Dice "
+            f"{by['L4']['dice_vs_reference']:.4f} (target >= 0.999); in fp32 {by['L4 fp32']['vs_reference']:.2f}x "
+            f"with Dice {by['L4 fp32']['dice_vs_reference']:.4f}"
+        )
     abl = ablation(lm, slices, args.repeats)
     print("\n## L4 forward on 5 x 512x512, what each step buys\n")
     print(table(abl, [("variant", "variant", ""), ("seconds", "s", ".3f"), ("speedup", "x reference", ".2f")]))
@@ -211,8 +264,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             st = stack_memory(args.model, None, Path(tmp))
         print("\n## 64 x 2048 x 2048 uint16 stack through the CLI (recommended depth)\n")
-        print(f"input {st['input_gb']:.2f} GB, peak RSS {st['peak_rss_gb']:.2f} GB (limit {st['limit_gb']:.2f} GB), "
-              f"{st['seconds']:.0f} s = {st['mp_s']:.2f} MP/s\n{st['cli']}")
+        print(
+            f"input {st['input_gb']:.2f} GB, peak RSS {st['peak_rss_gb']:.2f} GB (limit {st['limit_gb']:.2f} GB), "
+            f"{st['seconds']:.0f} s = {st['mp_s']:.2f} MP/s\n{st['cli']}"
+        )
         result["stack"] = st
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
 from napari_unetpp import predict  # noqa: E402
-from napari_unetpp.inference import normalization_stats, predict_iter  # noqa: E402
+from napari_unetpp.prediction import normalization_stats, predict_iter  # noqa: E402
 
 
 def wait(cond, timeout=300.0):
@@ -99,8 +99,10 @@ def main() -> int:
     wait(lambda: w._stack_worker is None)
     t_widget = time.perf_counter() - t0
     print(f"| widget Run whole stack (worker + streaming into layers) | {t_widget:.2f} | {mp / t_widget:.2f} |")
-    print(f"\ntorch threads inside the worker: {threads[0]}; worker/main time ratio {t_bare / t_main:.2f} (bare), "
-          f"{t_widget / t_main:.2f} (widget)")
+    print(
+        f"\ntorch threads inside the worker: {threads[0]}; worker/main time ratio {t_bare / t_main:.2f} (bare), "
+        f"{t_widget / t_main:.2f} (widget)"
+    )
     viewer.close()
     return 0
 

@@ -41,8 +41,7 @@ def main() -> int:
     rec = card.get("recommended_depth")
     if rec:
         ax.plot([mps[rec - 1]], [iou[rec - 1]], "s", ms=11, mfc="none", mec="black")
-        ax.annotate("recommended", (mps[rec - 1], iou[rec - 1]), textcoords="offset points", xytext=(8, 6),
-                    fontsize=8)
+        ax.annotate("recommended", (mps[rec - 1], iou[rec - 1]), textcoords="offset points", xytext=(8, 6), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = ROOT / "docs/levels_em.png"

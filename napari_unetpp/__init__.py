@@ -1,6 +1,15 @@
 """napari-unetpp: prunable UNet++ segmentation for microscopy and CT stacks, in napari, Python and the CLI.
 
 The public API is imported lazily so that ``import napari_unetpp`` stays cheap (no torch until needed).
+
+Where things live (the core imports no Qt, napari or magicgui):
+- ``network``: UNet++ (nodes ``x_i_j``, heads ``head_j``, ``forward(x, depth=k)`` runs only i + j <= k), U-Net;
+- ``registry``: model files (safetensors + JSON card), versions, names, crash-safe saving;
+- ``runtime``: device, precision, memory format, the inference copy of a network, out-of-memory handling;
+- ``axes``, ``normalization``, ``tiling``: what an image is, how it is scaled, how it is cut and blended;
+- ``prediction``: ``predict_iter`` / ``predict``; ``finetune``: ``fine_tune_iter`` / ``fine_tune``;
+- ``metrics``, ``losses``, ``postprocess``, ``io``, ``jobs``, ``errors``, ``cli``;
+- ``_widgets``, ``_demo``, ``_sample_data``: the napari side.
 """
 
 from __future__ import annotations
@@ -11,30 +20,33 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "UNetPlusPlus": "napari_unetpp.model",
-    "UNetPlusPlusConfig": "napari_unetpp.model",
-    "PrunedUNetPlusPlus": "napari_unetpp.model",
-    "predict": "napari_unetpp.inference",
-    "predict_iter": "napari_unetpp.inference",
-    "Prediction": "napari_unetpp.inference",
-    "Progress": "napari_unetpp.inference",
+    "UNetPlusPlus": "napari_unetpp.network",
+    "UNetPlusPlusConfig": "napari_unetpp.network",
+    "PrunedUNetPlusPlus": "napari_unetpp.network",
+    "predict": "napari_unetpp.prediction",
+    "predict_iter": "napari_unetpp.prediction",
+    "Prediction": "napari_unetpp.prediction",
+    "Progress": "napari_unetpp.prediction",
     "Normalization": "napari_unetpp.normalization",
-    "load_model": "napari_unetpp.models",
-    "save_model": "napari_unetpp.models",
-    "list_models": "napari_unetpp.models",
-    "ModelCard": "napari_unetpp.models",
-    "LoadedModel": "napari_unetpp.models",
-    "ModelFileError": "napari_unetpp.models",
+    "load_model": "napari_unetpp.registry",
+    "save_model": "napari_unetpp.registry",
+    "list_models": "napari_unetpp.registry",
+    "ModelCard": "napari_unetpp.registry",
+    "LoadedModel": "napari_unetpp.registry",
     "read_image": "napari_unetpp.io",
     "write_image": "napari_unetpp.io",
-    "resolve_device": "napari_unetpp.device",
-    "fine_tune": "napari_unetpp.training",
-    "run_fine_tune": "napari_unetpp.training",
-    "TrainingPair": "napari_unetpp.training",
-    "FineTuneConfig": "napari_unetpp.training",
-    "FineTuneResult": "napari_unetpp.training",
-    "TrainProgress": "napari_unetpp.training",
-    "TrainingDataError": "napari_unetpp.training",
+    "resolve_device": "napari_unetpp.runtime",
+    "fine_tune": "napari_unetpp.finetune",
+    "fine_tune_iter": "napari_unetpp.finetune",
+    "TrainingPair": "napari_unetpp.finetune",
+    "FineTuneConfig": "napari_unetpp.finetune",
+    "FineTuneResult": "napari_unetpp.finetune",
+    "TrainProgress": "napari_unetpp.finetune",
+    "UserError": "napari_unetpp.errors",
+    "InputError": "napari_unetpp.errors",
+    "ModelFileError": "napari_unetpp.errors",
+    "ReadError": "napari_unetpp.errors",
+    "TrainingDataError": "napari_unetpp.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

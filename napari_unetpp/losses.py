@@ -6,7 +6,8 @@ never treated as background.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,9 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                   smooth: float = 1.0) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, smooth: float = 1.0
+) -> torch.Tensor:
     """1 - soft Dice over the batch, averaged over classes (foreground only in the binary case).
 
     Args:
@@ -48,8 +50,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
 
 
-def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                ce_weight: float = 1.0, dice_weight: float = 1.0) -> torch.Tensor:
+def hybrid_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+) -> torch.Tensor:
     """The UNet++ paper's loss: (binary) cross-entropy plus soft Dice, ignoring pixels outside ``valid``.
 
     Args:
@@ -98,8 +105,14 @@ class DeepSupervisionLoss(nn.Module):
             raise ValueError("deep-supervision weights must sum to a positive number.")
         return [x / s for x in w]
 
-    def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, outputs: Sequence[torch.Tensor], target: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Weighted loss over ``outputs`` (the list returned by ``UNetPlusPlus.forward``)."""
-        return sum(w * hybrid_loss(o, target, valid, self.ce_weight, self.dice_weight)
-                   for w, o in zip(self.head_weights(len(outputs)), outputs))
+        return cast(
+            torch.Tensor,
+            sum(
+                w * hybrid_loss(o, target, valid, self.ce_weight, self.dice_weight)
+                for w, o in zip(self.head_weights(len(outputs)), outputs)
+            ),
+        )

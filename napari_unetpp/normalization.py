@@ -15,13 +15,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Normalization", "NonFiniteInputError"]
+from .errors import InputError, NonFiniteInputError
+
+__all__ = ["Normalization", "NonFiniteInputError", "check_pixels"]
 
 MODES = ("percentile", "window", "none")
-
-
-class NonFiniteInputError(ValueError):
-    """The image holds NaN or infinite values."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Normalization:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Normalization":
+    def from_dict(cls, d: dict[str, Any]) -> Normalization:
         """Inverse of :meth:`to_dict`."""
         return cls(**d)
 
@@ -64,8 +62,7 @@ class Normalization:
         if self.mode == "window":
             return float(self.low), float(self.high)
         sample = _strided_sample(image, self.max_samples)
-        if sample.dtype.kind == "f" and not np.isfinite(sample).all():
-            raise NonFiniteInputError("the image contains NaN or infinite values; replace them before segmenting.")
+        check_pixels(sample)
         if self.mode == "none":
             return 0.0, 1.0
         lo, hi = np.percentile(sample, [self.low, self.high])
@@ -105,3 +102,21 @@ def _strided_sample(image: Any, max_samples: int) -> np.ndarray:
         # one subscript with the stride, so memory maps and lazy arrays read only the sampled pixels
         parts.append(np.asarray(image[tuple(int(i) for i in ix) + (slice(None, None, step),) * 2]).ravel())
     return np.concatenate(parts)
+
+
+def check_pixels(block: np.ndarray, where: str = "", task: str = "segmenting") -> None:
+    """Raise a one-sentence error for pixels no network can take: NaN or infinite values, or non-numbers.
+
+    Args:
+        block: Pixels about to be normalised.
+        where: Where they come from, appended to the message (e.g. ``" in plane (3,)"``).
+        task: What the user is about to do, for the message (default ``"segmenting"``).
+
+    Raises:
+        NonFiniteInputError: NaN or infinite values.
+        InputError: a dtype that is not a number.
+    """
+    if block.dtype.kind not in "biuf":
+        raise InputError(f"cannot use an image of dtype {block.dtype}; convert it to numbers before {task}.")
+    if block.dtype.kind == "f" and not np.isfinite(block).all():
+        raise NonFiniteInputError(f"the image contains NaN or infinite values{where}; replace them before {task}.")

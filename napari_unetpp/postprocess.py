@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -12,8 +12,13 @@ __all__ = ["INSTANCE_METHODS", "split_instances", "level_disagreement"]
 INSTANCE_METHODS = ("none", "connected components", "watershed")
 
 
-def split_instances(mask: np.ndarray, method: str = "connected components", spatial_dims: int = 2,
-                    min_distance: int | None = None, min_size: int = 8) -> np.ndarray:
+def split_instances(
+    mask: np.ndarray,
+    method: str = "connected components",
+    spatial_dims: int = 2,
+    min_distance: int | None = None,
+    min_size: int = 8,
+) -> np.ndarray:
     """Label objects in a binary mask, per plane for 2D models (the last ``spatial_dims`` axes form a plane).
 
     Args:
@@ -43,8 +48,11 @@ def split_instances(mask: np.ndarray, method: str = "connected components", spat
     for idx in np.ndindex(*lead) if lead else [()]:
         block = fg[idx]
         if min_size > 1 and block.any():
-            block = remove_small_objects(block, max_size=min_size - 1) if _new_skimage() else \
-                remove_small_objects(block, min_size=min_size)
+            block = (
+                remove_small_objects(block, max_size=min_size - 1)
+                if _new_skimage()
+                else remove_small_objects(block, min_size=min_size)
+            )
         if method == "connected components":
             lab = label(block, connectivity=1)
         else:

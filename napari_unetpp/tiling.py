@@ -9,8 +9,8 @@ memory is bounded by ``tile[0] x (other extents)``, never by the whole image or 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -137,8 +137,13 @@ class Blender:
         weights: Per-tile weights (default: :func:`gaussian_weights` of the tile shape).
     """
 
-    def __init__(self, plan: TilePlan, channels: int, sink: Callable[[int, int, np.ndarray], None],
-                 weights: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        plan: TilePlan,
+        channels: int,
+        sink: Callable[[int, int, np.ndarray], None],
+        weights: np.ndarray | None = None,
+    ) -> None:
         self.plan = plan
         self.sink = sink
         self._single = len(plan) == 1  # one tile covers everything: nothing to blend
@@ -164,8 +169,10 @@ class Blender:
         while self.row_starts[self._row] != start0:
             self._advance()
         local = (slice(start0 - self._origin, tile[0].stop - self._origin), *tile[1:])
-        self._acc[(slice(None), *local)] += values * self.weights
-        self._wsum[local] += self.weights
+        weights = self.weights
+        assert weights is not None  # several tiles: the plan made Gaussian weights
+        self._acc[(slice(None), *local)] += values * weights
+        self._wsum[local] += weights
 
     def _advance(self) -> None:
         """All tiles of the current row are in: rows before the next row's start are final."""
@@ -189,3 +196,31 @@ class Blender:
     def finish(self) -> None:
         """Flush the remaining rows; call once after the last tile."""
         self._emit(self.plan.shape[0])
+
+
+def padding_for(shape: Sequence[int], multiple: int) -> list[tuple[int, int]]:
+    """Padding ``(before, after)`` per axis that brings each size up to a multiple of ``multiple``, split evenly
+    (the extra pixel after). Prediction pads every plane this way, and the network pads odd inputs the same way."""
+    out = []
+    for n in shape:
+        total = (-int(n)) % multiple
+        out.append((total // 2, total - total // 2))
+    return out
+
+
+def source_index(tile: slice, before: int, size: int, edge: bool = False) -> np.ndarray:
+    """Image indices of the padded positions ``tile`` along one axis: ``numpy.pad``'s ``"reflect"`` (or ``"edge"``)
+    rule, so a tile read from the image equals the same tile cut from the padded image.
+
+    Args:
+        tile: Positions in the padded axis.
+        before: Padding before the image on this axis.
+        size: The image's size on this axis.
+        edge: Repeat the edge value instead of reflecting (numpy's ``"edge"``).
+    """
+    i = np.arange(tile.start, tile.stop) - before
+    if edge or size == 1:
+        return np.clip(i, 0, size - 1)
+    period = 2 * (size - 1)
+    m = np.mod(i, period)
+    return np.where(m < size, m, period - m)

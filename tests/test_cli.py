@@ -10,20 +10,33 @@ import pytest
 import tifffile
 
 from napari_unetpp.cli import main
-from napari_unetpp.models import load_model
+from napari_unetpp.registry import load_model
 
 from .conftest import DATA, dice
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "napari_unetpp.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "napari_unetpp.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_predict_writes_mask_and_levels(tmp_path, em_crop, em_crop_membrane):
     out = tmp_path / "mask.tif"
-    r = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(out), "--depth", "3", "--all-levels",
-            "--ensemble", "--device", "cpu", "--tile", "128")
+    r = run(
+        "predict",
+        str(DATA / "isbi_val_crop.tif"),
+        "-o",
+        str(out),
+        "--depth",
+        "3",
+        "--all-levels",
+        "--ensemble",
+        "--device",
+        "cpu",
+        "--tile",
+        "128",
+    )
     assert r.returncode == 0, r.stderr
     assert "tiles" in r.stderr and "3/3" not in r.stdout  # the progress bar goes to stderr
     mask = tifffile.imread(out)
@@ -82,8 +95,13 @@ def test_wrong_dimensionality_and_channels(tmp_path):
     _bad(tmp_path, [str(tmp_path / "rgb.tif"), "--axes", "ZYXC"], "expects 1 channel")
     _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--axes", "YX"], "do not match")
     _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--model", "no-such-model"], "no model named")
-    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--device", "cuda"] if not _has_cuda() else
-         [str(DATA / "isbi_val_crop.tif"), "--depth", "9"], "CUDA" if not _has_cuda() else "depth")
+    _bad(
+        tmp_path,
+        [str(DATA / "isbi_val_crop.tif"), "--device", "cuda"]
+        if not _has_cuda()
+        else [str(DATA / "isbi_val_crop.tif"), "--depth", "9"],
+        "CUDA" if not _has_cuda() else "depth",
+    )
 
 
 def _has_cuda() -> bool:
@@ -101,7 +119,7 @@ def test_bad_depth_and_output(tmp_path):
 def test_corrupt_model_file(tmp_path):
     import shutil
 
-    from napari_unetpp.models import shipped_weights_dir
+    from napari_unetpp.registry import shipped_weights_dir
 
     for ext in (".json", ".safetensors"):
         shutil.copy(shipped_weights_dir() / f"em-membranes{ext}", tmp_path / f"copy{ext}")
@@ -119,9 +137,30 @@ def test_help_and_version(argv):
 def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_membrane):
     """`train` fine-tunes on listed slices, prints per-level Dice and the recommended depth, and `predict --model`
     finds the new version by name."""
-    r = run("train", "--image", str(DATA / "isbi_val_crop.tif"), "--labels", str(DATA / "isbi_val_crop_labels.tif"),
-            "--slices", "0", "1", "--epochs", "1", "--batch-size", "2", "--patch-size", "96", "--device", "cpu",
-            "--out", "my-em", "--val-slices", "2", "--classes", "cell border")
+    r = run(
+        "train",
+        "--image",
+        str(DATA / "isbi_val_crop.tif"),
+        "--labels",
+        str(DATA / "isbi_val_crop_labels.tif"),
+        "--slices",
+        "0",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--patch-size",
+        "96",
+        "--device",
+        "cpu",
+        "--out",
+        "my-em",
+        "--val-slices",
+        "2",
+        "--classes",
+        "cell border",
+    )
     assert r.returncode == 0, r.stderr
     assert "my-em@v1: fine-tuned from em-membranes@v1" in r.stdout
     assert "<- recommended" in r.stdout and "held-out slices [2]" in r.stdout
@@ -138,25 +177,45 @@ def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_memb
     assert load_model("my-em").card.classes == ["cell border"]
 
 
-@pytest.mark.parametrize("labels, extra, match", [
-    ("wrong-shape", [], "shape"),
-    ("empty", [], "no known pixels"),
-    ("background", ["--slices", "all"], "all background"),
-    ("ok", ["--slices", "7"], "outside"),
-    ("ok", ["--slices", "1", "--val-slices", "1"], "both training and held-out"),
-    ("ok", ["--slices", "x"], "cannot read slice"),
-])
+@pytest.mark.parametrize(
+    "labels, extra, match",
+    [
+        ("wrong-shape", [], "shape"),
+        ("empty", [], "no known pixels"),
+        ("background", ["--slices", "all"], "all background"),
+        ("ok", ["--slices", "7"], "outside"),
+        ("ok", ["--slices", "1", "--val-slices", "1"], "both training and held-out"),
+        ("ok", ["--slices", "x"], "cannot read slice"),
+    ],
+)
 def test_train_failures_are_one_sentence_and_save_nothing(tmp_path, capsys, em_crop_membrane, labels, extra, match):
-    lab = {"wrong-shape": em_crop_membrane[:, :-3], "empty": np.zeros_like(em_crop_membrane),
-           "background": np.zeros_like(em_crop_membrane), "ok": em_crop_membrane}[labels]
+    lab = {
+        "wrong-shape": em_crop_membrane[:, :-3],
+        "empty": np.zeros_like(em_crop_membrane),
+        "background": np.zeros_like(em_crop_membrane),
+        "ok": em_crop_membrane,
+    }[labels]
     path = tmp_path / "labels.tif"
     tifffile.imwrite(path, lab, photometric="minisblack")
-    code = main(["train", "--image", str(DATA / "isbi_val_crop.tif"), "--labels", str(path), "--epochs", "1",
-                 "--device", "cpu", "-q", *extra])
+    code = main(
+        [
+            "train",
+            "--image",
+            str(DATA / "isbi_val_crop.tif"),
+            "--labels",
+            str(path),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "-q",
+            *extra,
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1 and err.startswith("napari-unetpp: error:")
-    from napari_unetpp.models import list_models
+    from napari_unetpp.registry import list_models
 
     assert all(m.shipped for m in list_models())
 
@@ -180,8 +239,20 @@ def test_multi_output_failure_keeps_the_users_files(tmp_path, monkeypatch, capsy
         return real(p, *a)
 
     monkeypatch.setattr(io, "_write_temp", failing)
-    code = main(["predict", str(DATA / "isbi_val_crop.tif"), "-o", str(out), "--all-levels", "--depth", "2",
-                 "--device", "cpu", "-q"])
+    code = main(
+        [
+            "predict",
+            str(DATA / "isbi_val_crop.tif"),
+            "-o",
+            str(out),
+            "--all-levels",
+            "--depth",
+            "2",
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert calls == ["m.tif", "m_L1.tif", "m_L2.tif"]
     assert code == (2 if isinstance(failure, OSError) else 130)

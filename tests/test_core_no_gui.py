@@ -5,10 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE = ["napari_unetpp", "napari_unetpp.model", "napari_unetpp.tiling", "napari_unetpp.inference",
-        "napari_unetpp.models", "napari_unetpp.io", "napari_unetpp.cli", "napari_unetpp.losses",
-        "napari_unetpp.device", "napari_unetpp.normalization", "napari_unetpp.postprocess",
-        "napari_unetpp.training"]
+CORE = [
+    "napari_unetpp",
+    "napari_unetpp.network",
+    "napari_unetpp.tiling",
+    "napari_unetpp.prediction",
+    "napari_unetpp.registry",
+    "napari_unetpp.io",
+    "napari_unetpp.cli",
+    "napari_unetpp.losses",
+    "napari_unetpp.runtime",
+    "napari_unetpp.normalization",
+    "napari_unetpp.postprocess",
+    "napari_unetpp.finetune",
+]
 
 
 def test_core_imports_no_gui():
@@ -25,8 +35,12 @@ def test_core_imports_no_gui():
 
 
 def test_package_import_is_light():
-    r = subprocess.run([sys.executable, "-c", "import sys, napari_unetpp; print('torch' in sys.modules)"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, napari_unetpp; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.stdout.strip() == "False", r.stderr
 
 

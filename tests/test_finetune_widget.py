@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unetpp.models import list_models, load_model
+from napari_unetpp.registry import list_models, load_model
 
 pytestmark = pytest.mark.gui
 
@@ -134,12 +134,15 @@ def test_stop_keeps_the_best_state(both):
     assert ft._start_btn.enabled and not ft._stop_btn.enabled
 
 
-@pytest.mark.parametrize("case, match", [
-    ("no edits", "No edited slices"),
-    ("shape", "choose the labels drawn on this image"),
-    ("background", "all background"),
-    ("listed empty", "List the corrected slices"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no edits", "No edited slices"),
+        ("shape", "choose the labels drawn on this image"),
+        ("background", "all background"),
+        ("listed empty", "List the corrected slices"),
+    ],
+)
 def test_errors_are_one_sentence_and_save_nothing(both, monkeypatch, case, match):
     viewer, seg, ft, img, ref = both
     shown = []

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.gui
 def test_manifest_validates_and_every_python_name_imports():
     from npe2 import PluginManifest
 
-    r = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-unetpp"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "napari-unetpp"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "valid" in r.stdout, r.stdout + r.stderr
     pm = PluginManifest.from_distribution("napari-unetpp")
     names = [c.python_name for c in pm.contributions.commands or []]
@@ -49,7 +50,7 @@ def test_nuclei_sample_has_instance_labels(make_napari_viewer):
 @pytest.mark.parametrize("sample, model", [("em", "em-membranes@v1"), ("nuclei", "nuclei@v1")])
 def test_samples_select_their_shipped_model(make_napari_viewer, sample, model):
     """Opening a sample and the Segment widget gives the model made for it, and a good segmentation at once."""
-    from napari_unetpp.training import dice_score
+    from napari_unetpp.finetune import dice_score
 
     viewer = make_napari_viewer()
     img, ref = viewer.open_sample("napari-unetpp", sample)

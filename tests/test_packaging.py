@@ -25,8 +25,12 @@ def test_wheel_installs_and_npe2_sees_the_plugin(tmp_path):
     _sh(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", tmp_path / "dist", ROOT, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("napari_unetpp-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("napari_unetpp/napari.yaml", "napari_unetpp/weights/em-membranes.safetensors",
-                   "napari_unetpp/weights/em-membranes.json", "napari_unetpp/_samples/isbi2012_z25-29.tif"):
+    for needed in (
+        "napari_unetpp/napari.yaml",
+        "napari_unetpp/weights/em-membranes.safetensors",
+        "napari_unetpp/weights/em-membranes.json",
+        "napari_unetpp/_samples/isbi2012_z25-29.tif",
+    ):
         assert needed in names, needed
     manifest = zipfile.ZipFile(wheel).read("napari_unetpp/napari.yaml").decode()
     assert manifest == (ROOT / "napari.yaml").read_text()  # the top-level manifest is what ships
@@ -39,13 +43,23 @@ def test_wheel_installs_and_npe2_sees_the_plugin(tmp_path):
     _sh(sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index", "-q", wheel)
     (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = _sh(py, "-c", "import napari_unetpp, pathlib; print(pathlib.Path(napari_unetpp.__file__).parent)",
-                cwd=tmp_path, env=env).stdout.strip()
+    where = _sh(
+        py,
+        "-c",
+        "import napari_unetpp, pathlib; print(pathlib.Path(napari_unetpp.__file__).parent)",
+        cwd=tmp_path,
+        env=env,
+    ).stdout.strip()
     assert where.startswith(str(site)), where
     listed = _sh(py, "-m", "npe2", "list", cwd=tmp_path, env=env).stdout
     assert "napari-unetpp" in listed
     assert "valid" in _sh(py, "-m", "npe2", "validate", "napari-unetpp", cwd=tmp_path, env=env).stdout
     models = _sh(venv / "bin" / "napari-unetpp", "models", cwd=tmp_path, env=env).stdout
     assert "em-membranes@v1" in models and "shipped" in models
-    _sh(py, "-c", "from napari_unetpp._sample_data import em_sample; assert em_sample()[0][0].shape == (5, 512, 512)",
-        cwd=tmp_path, env=env)
+    _sh(
+        py,
+        "-c",
+        "from napari_unetpp._sample_data import em_sample; assert em_sample()[0][0].shape == (5, 512, 512)",
+        cwd=tmp_path,
+        env=env,
+    )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_unetpp import predict
-from napari_unetpp.inference import normalization_stats
+from napari_unetpp.prediction import normalization_stats
 
 pytestmark = pytest.mark.gui
 
@@ -52,8 +52,9 @@ def test_slider_segments_current_slice_at_every_level(docked, em_model, monkeypa
         assert not mask.data[[0, 1, 3, 4]].any()  # only the slice on screen was computed
         for lv in range(1, k + 1):
             layer = viewer.layers[f"ISBI 2012 EM [UNet++ L{lv}]"]
-            np.testing.assert_allclose(layer.data[2].astype(np.float32), ref.probabilities[lv].astype(np.float32),
-                                       atol=2e-3)
+            np.testing.assert_allclose(
+                layer.data[2].astype(np.float32), ref.probabilities[lv].astype(np.float32), atol=2e-3
+            )
             assert tuple(layer.scale) == (50.0, 4.0, 4.0)
         assert f"L{k}" in w._timing.value
     n_layers = len(viewer.layers)
@@ -153,7 +154,7 @@ def test_model_from_a_file_and_a_corrupt_one(docked, tmp_path, monkeypatch):
     import shutil
 
     from napari_unetpp._widgets import segment
-    from napari_unetpp.models import shipped_weights_dir
+    from napari_unetpp.registry import shipped_weights_dir
 
     viewer, w, img = docked
     for ext in (".json", ".safetensors"):
@@ -189,7 +190,7 @@ def test_3d_model_segments_the_whole_volume(make_napari_viewer):
     import torch
 
     from napari_unetpp import UNetPlusPlus
-    from napari_unetpp.models import ModelCard, save_model
+    from napari_unetpp.registry import ModelCard, save_model
 
     torch.manual_seed(0)
     net = UNetPlusPlus(features=(4, 8, 8), spatial_dims=3, norm="group")
@@ -206,6 +207,13 @@ def test_3d_model_segments_the_whole_volume(make_napari_viewer):
     mask = viewer.layers["vol [UNet++ mask]"].data
     assert w._depth_slider.max == 2 and mask.shape == vol.shape
     assert mask[1].any() and not mask[0].any()  # the whole volume at the current time point
-    ref = predict(vol[1], w.model, axes="ZYX", depth=1, threshold=0.05,
-                  stats=normalization_stats(vol, w.model, axes="TZYX"), precision="auto")
+    ref = predict(
+        vol[1],
+        w.model,
+        axes="ZYX",
+        depth=1,
+        threshold=0.05,
+        stats=normalization_stats(vol, w.model, axes="TZYX"),
+        precision="auto",
+    )
     assert (mask[1] == ref.mask).mean() > 0.999

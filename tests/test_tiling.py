@@ -8,15 +8,16 @@ import pytest
 from napari_unetpp.tiling import Blender, TilePlan, axis_starts, gaussian_weights
 
 
-@pytest.mark.parametrize("size,tile,overlap", [(512, 512, 0.25), (513, 256, 0.25), (1000, 96, 0.5), (50, 64, 0.25),
-                                               (300, 128, 0.0)])
+@pytest.mark.parametrize(
+    "size,tile,overlap", [(512, 512, 0.25), (513, 256, 0.25), (1000, 96, 0.5), (50, 64, 0.25), (300, 128, 0.0)]
+)
 def test_axis_starts_cover_with_overlap(size, tile, overlap):
     s = axis_starts(size, tile, overlap)
     t = min(tile, size)
     assert s[0] == 0 and s[-1] == size - t
     covered = np.zeros(size, bool)
     for a in s:
-        covered[a:a + t] = True
+        covered[a : a + t] = True
     assert covered.all()
     if len(s) > 1:
         assert min(np.diff(s)) > 0 and max(np.diff(s)) <= int(t * (1 - overlap))
@@ -29,8 +30,9 @@ def test_gaussian_weights_centre_and_floor():
     assert w[32, 24] > w[0, 0]
 
 
-@pytest.mark.parametrize("shape,tile", [((161, 187), (64, 64)), ((37, 200), (64, 50)), ((20, 33, 41), (8, 16, 16)),
-                                        ((10, 10), (32, 32))])
+@pytest.mark.parametrize(
+    "shape,tile", [((161, 187), (64, 64)), ((37, 200), (64, 50)), ((20, 33, 41), (8, 16, 16)), ((10, 10), (32, 32))]
+)
 def test_blender_reproduces_a_known_field_exactly(shape, tile):
     rng = np.random.default_rng(0)
     truth = rng.random((2, *shape)).astype(np.float32)
@@ -54,8 +56,9 @@ def test_blender_weights_average_overlapping_tiles():
     plan = TilePlan((10, 30), (10, 20), 0.5)
     assert len(plan) == 2
     out = np.zeros((1, 10, 30), np.float32)
-    bl = Blender(plan, 1, lambda a, b, v: out.__setitem__((slice(None), slice(a, b)), v),
-                 weights=np.ones((10, 20), np.float32))
+    bl = Blender(
+        plan, 1, lambda a, b, v: out.__setitem__((slice(None), slice(a, b)), v), weights=np.ones((10, 20), np.float32)
+    )
     for value, sl in zip((0.0, 1.0), plan):
         bl.add(sl, np.full((1, 10, 20), value, np.float32))
     bl.finish()
@@ -72,8 +75,10 @@ def test_plan_validation():
     assert plan.tile_shape == (58, 58) and len(list(plan)) == len(plan) == 4  # two tiles per axis, shrunk evenly
 
 
-@pytest.mark.parametrize("size,tile,overlap,align", [(2048, 1024, 0.125, 16), (2048, 512, 0.25, 16),
-                                                     (1000, 256, 0.25, 1), (513, 512, 0.125, 1), (176, 96, 0.5, 16)])
+@pytest.mark.parametrize(
+    "size,tile,overlap,align",
+    [(2048, 1024, 0.125, 16), (2048, 512, 0.25, 16), (1000, 256, 0.25, 1), (513, 512, 0.125, 1), (176, 96, 0.5, 16)],
+)
 def test_fitted_tiles_cover_with_overlap_and_less_waste(size, tile, overlap, align):
     from napari_unetpp.tiling import fit_tile
 
@@ -97,4 +102,4 @@ def test_fitted_tiles_cover_with_overlap_and_less_waste(size, tile, overlap, ali
 def test_fitted_2048_plane_computes_less_than_fixed_tiles():
     plan = TilePlan((2048, 2048), (1024, 1024), 0.125, 16)
     assert plan.tile_shape == (768, 768) and len(plan) == 9
-    assert len(plan) * 768 ** 2 / 2048 ** 2 < 1.3
+    assert len(plan) * 768**2 / 2048**2 < 1.3

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Generator
+import weakref
+from collections.abc import Callable, Generator
+from typing import Any
 
+import torch
 from napari.utils.notifications import show_error
+
+from ..errors import UserError
+from ..jobs import run_to_end
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = ("InputError", "ModelFileError", "ReadError", "ValueError", "MemoryError", "OutOfMemoryError",
-               "TrainingDataError", "FloatingPointError")
+USER_ERRORS = (UserError, ValueError, MemoryError, FloatingPointError, torch.cuda.OutOfMemoryError)
 
 
 def user_message(exc: BaseException) -> str:
     """One sentence for the user: the message of our own errors, a generic one with the cause otherwise."""
-    if type(exc).__name__ in USER_ERRORS and str(exc):
+    if isinstance(exc, USER_ERRORS) and str(exc):
         return str(exc).splitlines()[0]
     if "out of memory" in str(exc).lower():
         return "Out of memory: choose a smaller tile size or the CPU."
@@ -32,23 +37,22 @@ def synchronous() -> bool:
     return os.environ.get("NAPARI_UNETPP_SYNC") == "1"
 
 
-def run_generator(gen_factory: Callable[[], Generator[Any, None, Any]], on_yield: Callable[[Any], None],
-                  on_return: Callable[[Any], None], on_error: Callable[[str], None] | None = None,
-                  on_finish: Callable[[], None] | None = None) -> Any:
+def run_generator(
+    gen_factory: Callable[[], Generator[Any, None, Any]],
+    on_yield: Callable[[Any], None],
+    on_return: Callable[[Any], None],
+    on_error: Callable[[str], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
+) -> Any:
     """Start ``gen_factory()`` in a napari thread worker; return the worker (None when run synchronously)."""
+
     def error(exc: BaseException) -> None:
         log.debug("worker error", exc_info=exc)
         (on_error or show_error)(user_message(exc))
 
     if synchronous():
         try:
-            gen = gen_factory()
-            while True:
-                try:
-                    on_yield(next(gen))
-                except StopIteration as stop:
-                    on_return(stop.value)
-                    break
+            on_return(run_to_end(gen_factory(), on_yield))
         except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence
             error(exc)
         finally:
@@ -69,3 +73,18 @@ def run_generator(gen_factory: Callable[[], Generator[Any, None, Any]], on_yield
         worker.finished.connect(on_finish)
     worker.start()
     return worker
+
+
+class WeakHandler:
+    """An event callback that calls ``getattr(owner, method)(*args, event)`` while ``owner`` lives, holding it only
+    weakly: a layer's event keeps no closed widget alive (a lambda over ``self`` would)."""
+
+    def __init__(self, owner: Any, method: str, *args: Any) -> None:
+        self._owner = weakref.ref(owner)
+        self._method = method
+        self._args = args
+
+    def __call__(self, event: Any) -> None:
+        owner = self._owner()
+        if owner is not None:
+            getattr(owner, self._method)(*self._args, event)

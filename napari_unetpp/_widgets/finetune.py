@@ -15,10 +15,11 @@ from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit,
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
-from ..device import DEVICE_CHOICES
-from ..models import LoadedModel, ModelFileError, list_models, load_model
-from ..training import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune, parse_slices
-from ._workers import run_generator, user_message
+from ..errors import ModelFileError
+from ..finetune import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune_iter, parse_slices
+from ..registry import LoadedModel, list_models, load_model
+from ..runtime import DEVICE_CHOICES
+from ._workers import WeakHandler, run_generator, user_message
 from .plot import TrainingPlot
 from .segment import SegmentWidget, children_blocked, image_axes, image_choices
 
@@ -97,28 +98,49 @@ class FineTuneWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._image = ComboBox(label="image", choices=self._image_choices, nullable=True)
-        self._labels = ComboBox(label="corrected labels", choices=self._labels_choices, nullable=True,
-                                tooltip="Labels layer with your corrections (0 = background, > 0 = objects)")
-        self._base = ComboBox(label="start from", choices=self._model_choices,
-                              tooltip="The model to fine-tune (default: the one selected in UNet++ Segment)")
-        self._truth = ComboBox(label="ground truth", choices=list(TRUTH), value=TRUTH[0],
-                               tooltip="Which slices are correct. Pixels elsewhere are ignored, not background.")
-        self._slices = LineEdit(label="slices", value="",
-                                tooltip="For 'listed slices': e.g. 3, 7, 10-12 (first axis of a stack)")
+        self._labels = ComboBox(
+            label="corrected labels",
+            choices=self._labels_choices,
+            nullable=True,
+            tooltip="Labels layer with your corrections (0 = background, > 0 = objects)",
+        )
+        self._base = ComboBox(
+            label="start from",
+            choices=self._model_choices,
+            tooltip="The model to fine-tune (default: the one selected in UNet++ Segment)",
+        )
+        self._truth = ComboBox(
+            label="ground truth",
+            choices=list(TRUTH),
+            value=TRUTH[0],
+            tooltip="Which slices are correct. Pixels elsewhere are ignored, not background.",
+        )
+        self._slices = LineEdit(
+            label="slices", value="", tooltip="For 'listed slices': e.g. 3, 7, 10-12 (first axis of a stack)"
+        )
         self._edited = Label(label="edited", value="none yet: paint on the labels layer")
         self._budget_kind = ComboBox(label="budget", choices=["minutes", "epochs"], value="minutes")
         self._budget = FloatSpinBox(label="amount", min=0.1, max=600, step=0.5, value=2.0)
-        self._levels = ComboBox(label="train", choices=list(LEVELS), value="all levels",
-                                tooltip="fast: trains the depth-2 sub-network only (deeper levels share its encoder "
-                                        "and are re-validated)")
-        self._ignore = SpinBox(label="ignore label", min=-1, max=65535, value=-1,
-                               tooltip="Label value meaning 'not annotated' (-1: none)")
+        self._levels = ComboBox(
+            label="train",
+            choices=list(LEVELS),
+            value="all levels",
+            tooltip="fast: trains the depth-2 sub-network only (deeper levels share its encoder and are re-validated)",
+        )
+        self._ignore = SpinBox(
+            label="ignore label", min=-1, max=65535, value=-1, tooltip="Label value meaning 'not annotated' (-1: none)"
+        )
         self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
-        self._name = LineEdit(label="save as", value="", tooltip="Model name (default: the base's own line, or "
-                                                                 "<shipped name>-finetuned); never overwrites")
-        self._classes = LineEdit(label="class name", value="",
-                                 tooltip="What the new model segments (empty: keep the base's name); "
-                                         "comma-separated for several classes")
+        self._name = LineEdit(
+            label="save as",
+            value="",
+            tooltip="Model name (default: the base's own line, or <shipped name>-finetuned); never overwrites",
+        )
+        self._classes = LineEdit(
+            label="class name",
+            value="",
+            tooltip="What the new model segments (empty: keep the base's name); comma-separated for several classes",
+        )
         self._start_btn = PushButton(text="Fine-tune")
         self._stop_btn = PushButton(text="Stop (keep best)", enabled=False)
         self._bar = ProgressBar(label="progress", min=0, max=1000, value=0)
@@ -126,11 +148,26 @@ class FineTuneWidget(Container):
         self._status.native.setWordWrap(True)
         self._status.native.setMinimumWidth(320)
         self._edited.native.setWordWrap(True)
-        self.extend([self._image, self._labels, self._base, self._truth, self._slices, self._edited,
-                     self._budget_kind, self._budget, self._levels, self._ignore, self._device, self._name,
-                     self._classes,
-                     Container(widgets=[self._start_btn, self._stop_btn], layout="horizontal", labels=False),
-                     self._bar, Container(widgets=[self._status], labels=False)])
+        self.extend(
+            [
+                self._image,
+                self._labels,
+                self._base,
+                self._truth,
+                self._slices,
+                self._edited,
+                self._budget_kind,
+                self._budget,
+                self._levels,
+                self._ignore,
+                self._device,
+                self._name,
+                self._classes,
+                Container(widgets=[self._start_btn, self._stop_btn], layout="horizontal", labels=False),
+                self._bar,
+                Container(widgets=[self._status], labels=False),
+            ]
+        )
         self.plot = TrainingPlot()
         self.native.layout().addWidget(self.plot)
 
@@ -154,8 +191,8 @@ class FineTuneWidget(Container):
         napari_viewer.layers.events.removed.connect(self._on_layers_changed)
         self._on_layers_changed()
         seg = SegmentWidget.for_viewer(napari_viewer)
-        if seg is not None and seg._model.value in self._base.choices:
-            self._base.value = seg._model.value
+        if seg is not None and seg.selected_model_id in self._base.choices:
+            self._base.value = seg.selected_model_id
         self._on_base()
 
     # ----------------------------------------------------------------- choices
@@ -177,7 +214,7 @@ class FineTuneWidget(Container):
         self.reset_choices()
         for ly in self._viewer.layers:
             if isinstance(ly, Labels) and id(ly) not in self._hooked:
-                ly.events.paint.connect(lambda e, layer=ly: self._on_paint(layer, e))
+                ly.events.paint.connect(WeakHandler(self, "_on_paint", ly))
                 self._hooked.add(id(ly))
         images = [c for c in self._image.choices if c is not None]
         labels = [c for c in self._labels.choices if c is not None]
@@ -248,8 +285,10 @@ class FineTuneWidget(Container):
         axes = image_axes(image, base.module.config.spatial_dims)
         shape = tuple(image.data.shape[:-1]) if image.rgb else tuple(image.data.shape)
         if tuple(labels.data.shape) != shape:
-            raise ValueError(f"'{labels.name}' has shape {tuple(labels.data.shape)} but '{image.name}' {shape}; "
-                             f"choose the labels drawn on this image.")
+            raise ValueError(
+                f"'{labels.name}' has shape {tuple(labels.data.shape)} but '{image.name}' {shape}; "
+                f"choose the labels drawn on this image."
+            )
         lab = np.array(labels.data, copy=True)  # a snapshot: painting may go on while training runs
         focus = None
         known = None
@@ -258,8 +297,10 @@ class FineTuneWidget(Container):
             ed = self.edited_slices(recheck=True)
             self._show_edited()
             if not ed:
-                raise ValueError("No edited slices: correct some slices with the paint tools first, or choose "
-                                 "'listed slices' or 'all slices'.")
+                raise ValueError(
+                    "No edited slices: correct some slices with the paint tools first, or choose "
+                    "'listed slices' or 'all slices'."
+                )
             slices = "all" if ed == [()] else [s for s in ed]
             focus = np.zeros(lab.shape, bool)
             for c in self._focus.get(id(labels), []):
@@ -275,8 +316,15 @@ class FineTuneWidget(Container):
                 raise ValueError("List the corrected slices, e.g. 3, 7, 10-12.")
         else:
             slices = "all"
-        return TrainingPair(np.asarray(image.data), lab, axes=axes, slices=slices, known=known, focus=focus,
-                            name=f"{image.name} / {labels.name}")
+        return TrainingPair(
+            np.asarray(image.data),
+            lab,
+            axes=axes,
+            slices=slices,
+            known=known,
+            focus=focus,
+            name=f"{image.name} / {labels.name}",
+        )
 
     def start(self, _=None) -> None:
         """Fine-tune in a worker thread."""
@@ -289,12 +337,18 @@ class FineTuneWidget(Container):
         except (ValueError, ModelFileError) as exc:
             self._error(user_message(exc))
             return
-        budget = {"minutes": float(self._budget.value)} if self._budget_kind.value == "minutes" else \
-            {"epochs": max(1, int(round(self._budget.value)))}
+        budget = (
+            {"minutes": float(self._budget.value)}
+            if self._budget_kind.value == "minutes"
+            else {"epochs": max(1, int(round(self._budget.value)))}
+        )
         self._stop = threading.Event()
         stop = self._stop
-        options = dict(budget, train_depth=LEVELS[self._levels.value],
-                       ignore_label=None if self._ignore.value < 0 else int(self._ignore.value))
+        options = dict(
+            budget,
+            train_depth=LEVELS[self._levels.value],
+            ignore_label=None if self._ignore.value < 0 else int(self._ignore.value),
+        )
         name = self._name.value.strip() or None
         classes = [c for c in self._classes.value.split(",") if c.strip()] or None
         device = self._device.value
@@ -304,7 +358,9 @@ class FineTuneWidget(Container):
         self._status.value = "preparing ..."
 
         def gen():
-            return (yield from fine_tune(base, pair, device=device, name=name, stop=stop, classes=classes, **options))
+            return (
+                yield from fine_tune_iter(base, pair, device=device, name=name, stop=stop, classes=classes, **options)
+            )
 
         self._start_btn.enabled = False
         self._stop_btn.enabled = True
@@ -333,8 +389,10 @@ class FineTuneWidget(Container):
         card = res.model.card
         scores = ", ".join(f"L{k} {res.baseline[k]:.3f}->{v:.3f}" for k, v in res.scores.items())
         note = "" if res.improved else " Validation did not improve: the new version keeps the base weights."
-        self._status.value = (f"Saved {card.id} ({res.stopped}, {res.steps} steps, {res.seconds:.0f} s). "
-                              f"Validation Dice {scores}; recommended L{res.recommended_depth}.{note}")
+        self._status.value = (
+            f"Saved {card.id} ({res.stopped}, {res.steps} steps, {res.seconds:.0f} s). "
+            f"Validation Dice {scores}; recommended L{res.recommended_depth}.{note}"
+        )
         self._bar.value = 1000
         show_info(f"Fine-tuned model saved as {card.id}; recommended depth L{res.recommended_depth}.")
         with self._base.changed.blocked():

@@ -62,8 +62,11 @@ class TrainingPlot(QWidget):
         p.drawText(QRectF(0, area.bottom() - 8, left - 4, 14), Qt.AlignmentFlag.AlignRight, "0")
         p.drawText(QRectF(area.right() + 4, top - 6, right, 14), Qt.AlignmentFlag.AlignLeft, "1.0")
         p.drawText(QRectF(area.right() + 4, area.bottom() - 8, right, 14), Qt.AlignmentFlag.AlignLeft, "0")
-        p.drawText(QRectF(area.left(), area.bottom() + 2, area.width(), 16), Qt.AlignmentFlag.AlignCenter,
-                   f"step (last {smax})")
+        p.drawText(
+            QRectF(area.left(), area.bottom() + 2, area.width(), 16),
+            Qt.AlignmentFlag.AlignCenter,
+            f"step (last {smax})",
+        )
         # grid at Dice 0.5 / 0.8 / 0.9
         p.setPen(QPen(QColor("#3b3f48"), 1, Qt.PenStyle.DashLine))
         for g in (0.5, 0.8, 0.9):
@@ -72,7 +75,7 @@ class TrainingPlot(QWidget):
         if self.loss:
             vals = [v for _, v in self.loss]
             k = max(1, len(vals) // 60)
-            smooth = [sum(vals[max(0, i - k):i + 1]) / len(vals[max(0, i - k):i + 1]) for i in range(len(vals))]
+            smooth = [sum(vals[max(0, i - k) : i + 1]) / len(vals[max(0, i - k) : i + 1]) for i in range(len(vals))]
             p.setPen(QPen(QColor("#9aa0aa"), 1.5))
             p.drawPolyline(QPolygonF([xy(s, v / lmax) for (s, _), v in zip(self.loss, smooth)]))
         # validation Dice per level

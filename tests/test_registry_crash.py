@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp import UNetPlusPlus
-from napari_unetpp import models as registry
-from napari_unetpp.models import ModelCard, list_models, load_model, save_model, user_models_dir
+from napari_unetpp import UNetPlusPlus, registry
+from napari_unetpp.registry import ModelCard, list_models, load_model, save_model, user_models_dir
 
 
 def tiny(seed=0) -> UNetPlusPlus:
@@ -65,7 +64,11 @@ def test_save_without_hard_links(monkeypatch):
         for a, b in zip(ref.state_dict().values(), got.module.state_dict().values()):
             assert torch.equal(a, b)
     assert sorted(p.name for p in (user_models_dir() / "fat").iterdir()) == [
-        "fat-v1.json", "fat-v1.safetensors", "fat-v2.json", "fat-v2.safetensors"]
+        "fat-v1.json",
+        "fat-v1.safetensors",
+        "fat-v2.json",
+        "fat-v2.safetensors",
+    ]
 
 
 def test_stale_saving_folders_are_removed_and_fresh_ones_kept():
@@ -97,7 +100,7 @@ def test_a_folder_named_like_a_model_does_not_shadow_it(tmp_path, monkeypatch):
 _SAVER = r"""
 import sys, torch
 from napari_unetpp import UNetPlusPlus
-from napari_unetpp.models import ModelCard, save_model
+from napari_unetpp.registry import ModelCard, save_model
 torch.manual_seed(0)
 net = UNetPlusPlus(features=(4, 8, 8), norm="batch").eval()
 print("ready", flush=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_unetpp import UNetPlusPlus, predict, predict_iter
-from napari_unetpp.inference import InputError, guess_axes
+from napari_unetpp.prediction import InputError, guess_axes
 
 from .conftest import dice
 
@@ -87,8 +87,9 @@ def test_levels_ensemble_and_outputs(em_model, em_crop):
     np.testing.assert_array_equal(pred.mask[decided], (pred.ensemble.astype(np.float32) >= 0.5)[decided])
     # pruned depth 2 returns the same head-2 map as depth 3 computed it
     p2 = predict(em_crop[:1], em_model, depth=2, precision="fp32")
-    np.testing.assert_allclose(p2.probabilities[2].astype(np.float32), pred.probabilities[2].astype(np.float32),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        p2.probabilities[2].astype(np.float32), pred.probabilities[2].astype(np.float32), atol=1e-3
+    )
     # recommended depth from the card is the default
     assert predict(em_crop[:1], em_model).depth == em_model.card.recommended_depth
 
@@ -106,8 +107,9 @@ def test_bf16_autocast_agrees_with_fp32(em_model, em_crop):
     assert dice(a.mask, b.mask) > 0.98
 
 
-@pytest.mark.parametrize("axes,shape", [("YX", (37, 41)), ("ZYX", (3, 37, 41)), ("TZYX", (2, 2, 37, 41)),
-                                        ("YXZ", (37, 41, 3))])
+@pytest.mark.parametrize(
+    "axes,shape", [("YX", (37, 41)), ("ZYX", (3, 37, 41)), ("TZYX", (2, 2, 37, 41)), ("YXZ", (37, 41, 3))]
+)
 def test_axes_2d_model(axes, shape):
     m = tiny()
     img = np.random.default_rng(0).random(shape).astype(np.float32)
@@ -200,7 +202,7 @@ def test_progress_and_cancellation(em_model, em_crop):
 
 
 def test_out_of_memory_halves_the_batch(monkeypatch, em_model, em_crop):
-    from napari_unetpp import inference
+    from napari_unetpp import prediction as inference
 
     calls = []
     real = inference._Runner._forward
@@ -221,7 +223,7 @@ def test_out_of_memory_halves_the_batch(monkeypatch, em_model, em_crop):
 
 
 def test_slice_with_stack_stats_matches_stack_result(em_model, em_crop):
-    from napari_unetpp.inference import normalization_stats
+    from napari_unetpp.prediction import normalization_stats
 
     stack = predict(em_crop, em_model, depth=2, precision="fp32")
     stats = normalization_stats(em_crop, em_model)

@@ -1,4 +1,4 @@
-"""Model files and the model registry.
+"""The model registry: model files (weights + card), versions, names, and crash-safe saving.
 
 A model version is two files side by side: ``<stem>.safetensors`` (weights, no pickle) and ``<stem>.json`` (its
 card: architecture, normalisation, classes, training data, per-level validation scores, recommended depth,
@@ -25,19 +25,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import UNetPlusPlus, UNetPlusPlusConfig
+from .errors import ModelFileError
+from .network import UNetPlusPlus, UNetPlusPlusConfig
 from .normalization import Normalization
+from .runtime import optimize_for_inference
 
-__all__ = ["ModelCard", "LoadedModel", "ModelFileError", "load_model", "save_model", "list_models",
-           "shipped_weights_dir", "user_models_dir", "ModelInfo"]
+__all__ = [
+    "ModelCard",
+    "LoadedModel",
+    "ModelFileError",
+    "load_model",
+    "save_model",
+    "list_models",
+    "resolve_model",
+    "shipped_weights_dir",
+    "user_models_dir",
+    "ModelInfo",
+]
 
 log = logging.getLogger(__name__)
 CARD_FORMAT = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class ModelFileError(RuntimeError):
-    """A model file is missing, corrupt, truncated or does not match its card (the message names the file)."""
 
 
 @dataclass
@@ -46,7 +54,7 @@ class ModelCard:
 
     Attributes:
         name: Model name (letters, digits, ``._-``).
-        architecture: :class:`~napari_unetpp.model.UNetPlusPlusConfig` as a dict.
+        architecture: :class:`~napari_unetpp.network.UNetPlusPlusConfig` as a dict.
         normalization: :class:`~napari_unetpp.normalization.Normalization` as a dict.
         classes: Class names; for 1-class models the foreground name (default ``["foreground"]``).
         description: One line for humans.
@@ -83,7 +91,7 @@ class ModelCard:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         """Build from a dict, ignoring keys this version does not know (newer cards stay readable)."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -103,9 +111,10 @@ class LoadedModel:
     path: Path | None = None
     shipped: bool = False
     _cache: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_module(cls, module: UNetPlusPlus, name: str = "unsaved", **card: Any) -> "LoadedModel":
+    def from_module(cls, module: UNetPlusPlus, name: str = "unsaved", **card: Any) -> LoadedModel:
         """Wrap an in-memory network with a minimal card (e.g. right after training)."""
         return cls(module, ModelCard(name=name, architecture=module.config.to_dict(), **card))
 
@@ -119,10 +128,22 @@ class LoadedModel:
         """Deepest level."""
         return self.module.max_depth
 
+    @property
+    def fingerprint(self) -> str:
+        """What identifies these weights: the card's SHA-256 of the weights file, else (a model only in memory) a
+        hash of its parameters, computed once. Two different files with the same ``name@vN`` differ here."""
+        if self.card.weights_sha256:
+            return self.card.weights_sha256
+        if "fingerprint" not in self._memo:
+            h = hashlib.sha256()
+            for k, v in self.module.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            self._memo["fingerprint"] = h.hexdigest()
+        return str(self._memo["fingerprint"])
+
     def inference_module(self, device: torch.device | str = "cpu") -> UNetPlusPlus:
         """Eval-mode copy on ``device`` with batch norms folded in; cached per device."""
-        from .inference import optimize_for_inference
-
         key = str(device)
         if key not in self._cache:
             self._cache[key] = optimize_for_inference(self.module, torch.device(device))
@@ -180,8 +201,9 @@ def _read_card(card_path: Path) -> ModelCard:
         UNetPlusPlusConfig.from_dict(card.architecture)
         Normalization.from_dict(card.normalization)
     except FileNotFoundError:
-        raise ModelFileError(f"{card_path}: the model card is missing; every weights file needs its .json card "
-                             f"beside it.") from None
+        raise ModelFileError(
+            f"{card_path}: the model card is missing; every weights file needs its .json card beside it."
+        ) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelFileError(f"{card_path}: the model card is unreadable or invalid ({exc}).") from None
     return card
@@ -203,8 +225,10 @@ def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device 
     if not weights.is_file():
         raise ModelFileError(f"{weights}: the weights file is missing.")
     if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
-        raise ModelFileError(f"{weights}: the weights file is corrupt or truncated (its checksum does not match "
-                             f"{card_path.name}); restore or re-save it.")
+        raise ModelFileError(
+            f"{weights}: the weights file is corrupt or truncated (its checksum does not match "
+            f"{card_path.name}); restore or re-save it."
+        )
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -218,9 +242,15 @@ def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device 
     extra = sorted(set(state) - set(ref))
     wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
     if missing or extra or wrong:
-        detail = "; ".join(s for s in (f"missing {missing[:3]}" if missing else "",
-                                       f"unexpected {extra[:3]}" if extra else "",
-                                       f"wrong shape {wrong[:3]}" if wrong else "") if s)
+        detail = "; ".join(
+            s
+            for s in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {extra[:3]}" if extra else "",
+                f"wrong shape {wrong[:3]}" if wrong else "",
+            )
+            if s
+        )
         raise ModelFileError(f"{weights}: the weights do not match the architecture in {card_path.name} ({detail}).")
     module.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
     module.to(device).eval()
@@ -243,8 +273,10 @@ def _locate(name: str) -> tuple[Path, bool]:
         return p, False
     base, _, ver = name.partition("@")
     if not _NAME_RE.match(base) or (ver and not re.fullmatch(r"v?\d+", ver)):
-        raise ModelFileError(f"{name!r} is neither a model name (like 'em-membranes' or 'name@v2') nor a model file "
-                             f"(.safetensors or .json).")
+        raise ModelFileError(
+            f"{name!r} is neither a model name (like 'em-membranes' or 'name@v2') nor a model file "
+            f"(.safetensors or .json)."
+        )
     versions = _user_versions(base)
     if ver:
         n = int(ver.lstrip("v"))
@@ -258,8 +290,11 @@ def _locate(name: str) -> tuple[Path, bool]:
     shipped = shipped_weights_dir() / f"{base}.json"
     if shipped.is_file():
         return shipped, True
-    hint = (f" (to load the file {name!r}, give its path with the .safetensors or .json suffix)"
-            if Path(name).exists() else "")
+    hint = (
+        f" (to load the file {name!r}, give its path with the .safetensors or .json suffix)"
+        if Path(name).exists()
+        else ""
+    )
     raise ModelFileError(f"no model named {base!r}; `napari-unetpp models` lists the available ones{hint}.")
 
 
@@ -286,6 +321,22 @@ def _complete(card_path: Path) -> bool:
     return _pair(card_path)[0].is_file()
 
 
+def resolve_model(model: Any) -> LoadedModel:
+    """Accept a :class:`LoadedModel`, a model name or path, or a bare ``UNetPlusPlus``; return a LoadedModel.
+
+    Raises:
+        ModelFileError: an unknown name or a bad file.
+        TypeError: anything else.
+    """
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        return load_model(os.fsdecode(model))
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, UNetPlusPlus):
+        return LoadedModel.from_module(model)
+    raise TypeError(f"expected a model name, path, LoadedModel or UNetPlusPlus, got {type(model).__name__}.")
+
+
 def list_models() -> list[ModelInfo]:
     """Every shipped model and every user model version; unreadable cards are skipped with a warning."""
     rows: list[ModelInfo] = []
@@ -305,8 +356,12 @@ def list_models() -> list[ModelInfo]:
     return rows
 
 
-def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: str | os.PathLike[str] | None = None,
-               storage_dtype: str = "float32") -> Path:
+def save_model(
+    model: UNetPlusPlus | LoadedModel,
+    card: ModelCard,
+    directory: str | os.PathLike[str] | None = None,
+    storage_dtype: str = "float32",
+) -> Path:
     """Save a new version of ``card.name`` and return the card's path; never overwrites anything.
 
     With ``directory=None`` the version number is the next free one in the user models folder and is written into
@@ -327,8 +382,10 @@ def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: st
     if storage_dtype not in ("float32", "float16"):
         raise ValueError(f"storage_dtype must be float32 or float16, got {storage_dtype!r}.")
     dt = torch.float16 if storage_dtype == "float16" else torch.float32
-    state = {k: (v.detach().to("cpu", dt) if v.is_floating_point() else v.detach().cpu()).contiguous()
-             for k, v in module.state_dict().items()}
+    state = {
+        k: (v.detach().to("cpu", dt) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in module.state_dict().items()
+    }
     card.architecture = module.config.to_dict()
     card.weights_dtype = storage_dtype
     if directory is None:
@@ -368,7 +425,8 @@ def save_model(model: UNetPlusPlus | LoadedModel, card: ModelCard, directory: st
                 _publish(tw, stem.with_suffix(".safetensors"))
             except FileExistsError:
                 raise FileExistsError(
-                    f"{stem.with_suffix('.safetensors')} exists; models are never overwritten.") from None
+                    f"{stem.with_suffix('.safetensors')} exists; models are never overwritten."
+                ) from None
         tc = Path(tmp) / "c.json"
         tc.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
         _fsync(tc)

@@ -1,0 +1,119 @@
+"""The pieces of a fine-tuning step, each a small function with its own test: one optimiser step, the learning-rate
+schedule, batch and patch sizes, the out-of-memory fallback, and which batch norms stay frozen."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..losses import DeepSupervisionLoss
+from ..network import UNetPlusPlus
+from .data import TrainingSet
+
+__all__ = [
+    "batch_and_patch",
+    "freeze_batchnorms",
+    "learning_rate",
+    "shrink_after_oom",
+    "train_step",
+    "trained_batchnorms",
+]
+
+
+def train_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: DeepSupervisionLoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: torch.Tensor,
+    depth: int,
+    amp: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """One optimiser step of deep supervision over heads 1..``depth`` on known pixels; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    if amp is not None:
+        with torch.autocast(device_type=x.device.type, dtype=amp):
+            outs = module(x, depth=depth)
+    else:
+        outs = module(x, depth=depth)
+    loss = loss_fn(outs, y, v)
+    if not torch.isfinite(loss):
+        raise FloatingPointError("the training loss became NaN or infinite; lower the learning rate.")
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def shrink_after_oom(batch: int, patch: Sequence[int], multiple: int) -> tuple[int, tuple[int, ...]]:
+    """Next smaller (batch, patch) after an out-of-memory error: halve the batch, then the patch (kept a multiple
+    of ``multiple``, at least 2 ``multiple``s)."""
+    if batch > 1:
+        return batch // 2, tuple(patch)
+    smaller = tuple(max(2 * multiple, (p // 2) // multiple * multiple) for p in patch)
+    if smaller == tuple(patch):
+        raise MemoryError("out of memory even with one small patch per step; close other programs or use the CPU.")
+    return 1, smaller
+
+
+def batch_and_patch(
+    ds: TrainingSet,
+    module: UNetPlusPlus,
+    device: torch.device,
+    patch_size: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[int, tuple[int, ...]]:
+    """Patches per step and patch shape: the given ones, else 256^2 in 2D (32 x 96^2 in 3D on CPU, 64 x 96^2 on
+    GPUs), capped by the data and kept multiples of 2**max_depth; 4 patches on CPU, on CUDA as many as half the
+    free memory holds (2-32)."""
+    mult = 2**module.max_depth
+    shape = np.max([it.target.shape for it in ds.items], axis=0)
+    if patch_size:
+        base = [int(patch_size)] * ds.spatial_dims
+    elif ds.spatial_dims == 2:
+        base = [256, 256]
+    else:
+        base = [32 if device.type == "cpu" else 64, 96, 96]
+    patch = tuple(int(min(p, math.ceil(d / mult) * mult)) for p, d in zip(base, shape))
+    patch = tuple(max(mult, p // mult * mult) for p in patch)
+    if batch_size:
+        return int(batch_size), patch
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # measured: about 4 kB per pixel for a 16-filter network in mixed precision; scale with the width
+        per_sample = 4e3 * (module.config.features[0] / 16) * float(np.prod(patch))
+        return int(np.clip(0.5 * free // per_sample, 2, 32)), patch
+    return 4, patch
+
+
+def learning_rate(step: int, fraction: float, peak: float, warmup_steps: int = 5, floor: float = 0.05) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay from ``peak`` to ``floor * peak`` as ``fraction`` (of
+    the budget) goes from 0 to 1. Fine-tuning uses the defaults; the training scripts their own warm-up and floor."""
+    warm = min(1.0, (step + 1) / max(warmup_steps, 1))
+    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0))))
+
+
+def trained_batchnorms(module: nn.Module) -> list[nn.Module]:
+    """Batch norms with statistics from earlier training; never-trained ones (a model from scratch) are left out."""
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)
+    ]
+
+
+def freeze_batchnorms(layers: list[nn.Module]) -> None:
+    """Keep these batch norms' running statistics fixed (eval mode) while the rest of the network trains."""
+    for m in layers:
+        m.eval()

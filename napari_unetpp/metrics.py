@@ -1,0 +1,69 @@
+"""Scores: Dice, the recommended depth, and how a card's per-level scores are read.
+
+One copy of each, used by fine-tuning, the CLI, the widgets, the training scripts and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "RECOMMEND_MARGIN",
+    "SCORE_KEYS",
+    "dice_from_counts",
+    "dice_score",
+    "format_scores",
+    "headline_score",
+    "recommend_depth",
+]
+
+#: The recommended depth is the shallowest level within this much of the best level's score (fine-tuning, the
+#: training scripts and the cards all use it).
+RECOMMEND_MARGIN = 0.01
+
+#: The score a card's level is summarised by, in order of preference.
+SCORE_KEYS = ("dice", "mean_iou", "iou")
+
+
+def dice_from_counts(intersection: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Dice ``2|P & T| / (|P| + |T|)`` from counts (element-wise); 1.0 where both are empty."""
+    intersection, sums = np.asarray(intersection, float), np.asarray(sums, float)
+    return np.where(sums > 0, 2 * intersection / np.maximum(sums, 1), 1.0)
+
+
+def dice_score(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, num_classes: int = 1) -> float:
+    """Dice of foreground (1-class) or mean Dice over classes 1..C-1, on ``mask`` pixels; 1.0 when both are empty."""
+    if mask is not None:
+        pred, target = pred[mask], target[mask]
+    classes = [1] if num_classes == 1 else range(1, num_classes)
+    inter, sums = [], []
+    for c in classes:
+        p, t = (pred > 0, target > 0) if num_classes == 1 else (pred == c, target == c)
+        inter.append(int((p & t).sum()))
+        sums.append(int(p.sum()) + int(t.sum()))
+    return float(np.mean(dice_from_counts(np.array(inter), np.array(sums))))
+
+
+def recommend_depth(scores: dict[int, float], margin: float = RECOMMEND_MARGIN) -> int:
+    """The shallowest level whose score is within ``margin`` of the best (the paper picks its pruning depth on
+    validation data)."""
+    best = max(scores.values())
+    return min(lv for lv, s in scores.items() if s >= best - margin)
+
+
+def headline_score(level_scores: Any) -> tuple[str, float] | None:
+    """``(key, value)`` that summarises one level of a card's scores (the first of :data:`SCORE_KEYS` present), or
+    None. A bare number counts as ``("score", value)``."""
+    if isinstance(level_scores, dict):
+        key = next((k for k in SCORE_KEYS if k in level_scores), None)
+        return (key, float(level_scores[key])) if key else None
+    if isinstance(level_scores, (int, float)):
+        return "score", float(level_scores)
+    return None
+
+
+def format_scores(scores: dict[int, float]) -> str:
+    """``"Dice L1 0.812, L2 0.900"``."""
+    return "Dice " + ", ".join(f"L{k} {v:.3f}" for k, v in scores.items())

@@ -1,0 +1,532 @@
+"""Prediction on images, stacks and volumes: normalise -> tile -> pruned UNet++ -> blend -> per-level outputs.
+
+Where the depth flows: :func:`predict_iter` takes ``depth=k`` (default: the card's recommended depth); the plan
+keeps it, :class:`_Runner` calls ``net(tiles, depth=k)``, which evaluates only the nodes X(i, j) with i + j <= k and
+returns heads 1..k; the plane writer blends the kept levels and makes the mask from head k (or the mean of heads
+1..k in ``"ensemble"`` mode).
+
+Three parts, in reading order:
+- :func:`plan_prediction` checks the inputs and decides everything up front: axes, depth, levels, tile grid, padding,
+  normalisation statistics, batch size;
+- :class:`PlaneWriter` receives blended rows of a plane and writes probabilities and the mask into the result;
+- :func:`predict_iter` is the short loop: read tiles lazily, run batches, blend, yield :class:`Progress`.
+
+:func:`predict_iter` is a generator that yields :class:`Progress` after every batch of tiles and returns a
+:class:`Prediction`; :func:`predict` runs it to the end. Closing the generator stops the work before the next batch
+and nothing is returned, so no half-written result reaches the caller. Planes announced in ``Progress.planes_done``
+are complete in ``Progress.partial`` (that is how the napari widget streams results into its layers).
+
+Axes use the letters T (time), C (channel), Z, Y, X (see :mod:`napari_unetpp.axes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .axes import Layout, guess_axes, layout
+from .errors import InputError
+from .jobs import run_to_end
+from .network import UNetPlusPlus
+from .normalization import Normalization, check_pixels
+from .registry import LoadedModel, resolve_model
+from .runtime import autocast_context, is_oom, memory_format, release_memory, resolve_device
+from .tiling import Blender, TilePlan, gaussian_weights, padding_for, source_index
+
+__all__ = [
+    "Progress",
+    "Prediction",
+    "PredictionPlan",
+    "PlaneWriter",
+    "predict",
+    "predict_iter",
+    "plan_prediction",
+    "guess_axes",
+    "InputError",
+    "normalization_stats",
+]
+
+log = logging.getLogger(__name__)
+Allocator = Callable[[tuple[int, ...], str], Any]
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`predict`.
+
+    Attributes:
+        mask: Binary mask (0/1, uint8) for 1-class models or class labels for multi-class models, with the image's
+            axes minus C (``axes``).
+        probabilities: Level -> probability map (``prob_dtype``); binary models: same shape as ``mask``;
+            multi-class: ``(classes, *mask.shape)``.
+        ensemble: Mean of heads 1..k (the paper's accurate mode), when computed.
+        depth: The level k that produced ``mask`` (with ``mode``).
+        mode: ``"pruned"`` (head k alone) or ``"ensemble"`` (mean of heads 1..k).
+        threshold: Foreground threshold used for 1-class models.
+        axes: Axes of ``mask``.
+        seconds: Wall-clock time of the run.
+        device: Device description.
+        tiles: Number of tiles evaluated.
+    """
+
+    mask: np.ndarray
+    probabilities: dict[int, np.ndarray]
+    ensemble: np.ndarray | None
+    depth: int
+    mode: str
+    threshold: float
+    axes: str
+    seconds: float = 0.0
+    device: str = "cpu"
+    tiles: int = 0
+
+
+@dataclass
+class Progress:
+    """Progress of :func:`predict_iter`.
+
+    Attributes:
+        done: Tiles evaluated so far.
+        total: Tiles in the whole run.
+        planes_done: Indices (over the non-spatial, non-channel axes) of the planes completed since the last report.
+        partial: The result being filled; the planes reported done are final in it.
+    """
+
+    done: int
+    total: int
+    planes_done: list[tuple[int, ...]] = field(default_factory=list)
+    partial: Prediction | None = None
+
+    @property
+    def fraction(self) -> float:
+        """Completed fraction in [0, 1]."""
+        return self.done / max(self.total, 1)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+@dataclass
+class PredictionPlan:
+    """Everything :func:`predict_iter` decided before the first tile: see :func:`plan_prediction`."""
+
+    model: LoadedModel
+    net: UNetPlusPlus
+    device: torch.device
+    depth: int
+    mode: str
+    keep_levels: list[int]  # probability maps the caller gets
+    blend_levels: list[int]  # levels blended (kept ones, plus k for a pruned mask)
+    threshold: float
+    prob_dtype: str
+    lay: Layout
+    shape: tuple[int, ...]  # the image's
+    loop_shape: tuple[int, ...]  # planes to run (over the loop axes)
+    spatial_shape: tuple[int, ...]
+    pad: list[tuple[int, int]]  # per spatial axis, to a multiple of 2**max_depth
+    tiles: TilePlan  # over the padded plane
+    norm: Normalization
+    stats: list[tuple[float, float]]
+    batch: int
+
+    @property
+    def num_classes(self) -> int:
+        """Output classes of the network (1: sigmoid foreground)."""
+        return int(self.net.config.num_classes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Shape of the mask: the image's shape without C, in the image's axis order."""
+        return tuple(self.shape[self.lay.axes.index(a)] for a in self.lay.out_axes)
+
+    @property
+    def channels(self) -> int:
+        """Blended channels per tile: classes for each blended level, plus the ensemble's."""
+        return (len(self.blend_levels) + (self.mode == "ensemble")) * self.num_classes
+
+    @property
+    def total_tiles(self) -> int:
+        """Tiles in the whole run."""
+        return len(self.tiles) * int(np.prod(self.loop_shape, dtype=np.int64))
+
+    def allocate(self, allocate: Allocator | None = None) -> Prediction:
+        """An empty :class:`Prediction` of the right shapes (``allocate(shape, dtype)`` makes each array; default
+        ``np.zeros``)."""
+        alloc = allocate or (lambda shape, dtype: np.zeros(shape, dtype))
+        nc, shape = self.num_classes, self.out_shape
+        pshape = shape if nc == 1 else (nc, *shape)
+        return Prediction(
+            mask=alloc(shape, "uint8" if nc <= 255 else "uint16"),
+            probabilities={lv: alloc(pshape, self.prob_dtype) for lv in self.keep_levels},
+            ensemble=alloc(pshape, self.prob_dtype) if self.mode == "ensemble" else None,
+            depth=self.depth,
+            mode=self.mode,
+            threshold=self.threshold,
+            axes=self.lay.out_axes,
+            device=str(self.device),
+            tiles=self.total_tiles,
+        )
+
+
+def plan_prediction(
+    image: Any,
+    model: Any,
+    *,
+    axes: str | None = None,
+    depth: int | None = None,
+    mode: str = "pruned",
+    levels: Iterable[int] | str | None = None,
+    threshold: float = 0.5,
+    tile: int | Sequence[int] | None = None,
+    overlap: float = 0.125,
+    batch_size: int | None = None,
+    device: str | torch.device | None = "auto",
+    normalization: Normalization | None = None,
+    prob_dtype: str = "float16",
+    stats: Sequence[tuple[float, float]] | None = None,
+) -> PredictionPlan:
+    """Check the inputs and decide how to run them (arguments as for :func:`predict_iter`, without ``precision``).
+
+    Raises:
+        InputError: wrong dimensions, axes, channel count or dtype, or non-finite values (one sentence).
+    """
+    loaded = resolve_model(model)
+    dev = resolve_device(device)
+    net = loaded.inference_module(dev)
+    cfg = net.config
+    norm = normalization or loaded.normalization
+    k = net.check_depth(depth if depth is not None else loaded.card.recommended_depth)
+    if mode not in ("pruned", "ensemble"):
+        raise ValueError(f"mode must be 'pruned' or 'ensemble', got {mode!r}.")
+    keep_levels = _levels(levels, k)
+    if prob_dtype not in ("float16", "float32", "uint8"):
+        raise ValueError(f"prob_dtype must be float16, float32 or uint8, got {prob_dtype!r}.")
+    shape = tuple(int(s) for s in image.shape)
+    if any(s == 0 for s in shape):
+        raise InputError(f"the image is empty (shape {shape}).")
+    if np.dtype(image.dtype).kind not in "biuf":
+        raise InputError(f"cannot segment an image of dtype {image.dtype}; convert it to numbers first.")
+    lay = layout(image, axes, cfg.spatial_dims)
+    if lay.n_ch != cfg.in_channels:
+        raise InputError(
+            f"the model expects {cfg.in_channels} channel(s) but the image has {lay.n_ch}"
+            f"{' (axis C)' if lay.has_c else ' (no C axis)'}; pick another model or image."
+        )
+    if stats is None:
+        stats = _stats(lay, norm)
+    elif len(stats) != lay.n_ch:
+        raise ValueError(f"stats has {len(stats)} entries for an image with {lay.n_ch} channel(s).")
+    tile = tile if tile is not None else loaded.card.tile
+    if tile is None:
+        tile_t = _default_tile(cfg.spatial_dims)
+    elif isinstance(tile, (int, np.integer)):
+        tile_t = (int(tile),) * cfg.spatial_dims
+    else:
+        tile_t = tuple(int(t) for t in tile)
+    if len(tile_t) != cfg.spatial_dims:
+        raise ValueError(f"tile needs {cfg.spatial_dims} sizes for a {cfg.spatial_dims}D model, got {tile_t}.")
+    # Each plane is reflect-padded to a multiple of 2**max_depth and tiles are multiples of it, so the network never
+    # pads inside a tile: whole-image and tiled runs see the same image borders.
+    mult = 2**net.max_depth
+    sp_shape = tuple(shape[lay.axes.index(a)] for a in lay.spatial)
+    pad = padding_for(sp_shape, mult)
+    padded = tuple(n + a + b for n, (a, b) in zip(sp_shape, pad))
+    tile_t = tuple(max(mult, t // mult * mult) for t in tile_t)
+    tiles = TilePlan(padded, tile_t, overlap, align=mult)
+    return PredictionPlan(
+        model=loaded,
+        net=net,
+        device=dev,
+        depth=k,
+        mode=mode,
+        keep_levels=keep_levels,
+        blend_levels=sorted(set(keep_levels) | ({k} if mode == "pruned" else set())),
+        threshold=threshold,
+        prob_dtype=prob_dtype,
+        lay=lay,
+        shape=shape,
+        loop_shape=tuple(shape[lay.axes.index(a)] for a in lay.loop),
+        spatial_shape=sp_shape,
+        pad=pad,
+        tiles=tiles,
+        norm=norm,
+        stats=list(stats),
+        batch=batch_size or _default_batch(tiles.tile_shape, dev),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the writer
+class PlaneWriter:
+    """Writes the blended rows of each plane into a :class:`Prediction`: the kept levels' probabilities, the
+    ensemble, and the mask (threshold or argmax of head k, or of the ensemble)."""
+
+    def __init__(self, plan: PredictionPlan, result: Prediction) -> None:
+        self.plan, self.result = plan, result
+        lay = plan.lay
+        # views of the outputs in (loop..., spatial...) order, so a plane index and rows address them directly
+        self._order = [lay.out_axes.index(a) for a in lay.loop + list(lay.spatial)]
+        self._mask = result.mask.transpose(self._order)
+        self._probs = {lv: self._view(p) for lv, p in result.probabilities.items()}
+        self._ens = self._view(result.ensemble) if result.ensemble is not None else None
+        pad, sp = plan.pad, plan.spatial_shape
+        self._crop_rest = tuple(slice(a, a + n) for (a, _), n in zip(pad[1:], sp[1:]))
+
+    def _view(self, arr: Any) -> Any:
+        return arr.transpose(self._order if self.plan.num_classes == 1 else [0, *[o + 1 for o in self._order]])
+
+    def sink(self, pidx: tuple[int, ...]) -> Callable[[int, int, np.ndarray], None]:
+        """The callback a plane's :class:`~napari_unetpp.tiling.Blender` hands its finished rows to."""
+        return functools.partial(self.write_rows, pidx)
+
+    def write_rows(self, pidx: tuple[int, ...], a: int, b: int, vals: np.ndarray) -> None:
+        """Rows ``a:b`` of the padded plane ``pidx`` (``(channels, rows, ...)`` blended values) -> the outputs,
+        with the padding cropped off."""
+        plan, nc = self.plan, self.plan.num_classes
+        top, n_rows = plan.pad[0][0], plan.spatial_shape[0]
+        lo, hi = max(a, top), min(b, top + n_rows)
+        if lo >= hi:
+            return
+        vals = vals[(slice(None), slice(lo - a, hi - a), *self._crop_rest)]
+        a, b = lo - top, hi - top
+        vals = vals.reshape(-1, nc, *vals.shape[1:])  # (channels, classes, rows, ...)
+        chosen = None
+        for ci, lv in enumerate(plan.blend_levels):
+            if lv in self._probs:
+                self._store(self._probs[lv], pidx, a, b, vals[ci])
+            if lv == plan.depth and plan.mode == "pruned":
+                chosen = vals[ci]
+        if self._ens is not None:
+            self._store(self._ens, pidx, a, b, vals[-1])
+            chosen = vals[-1]
+        assert chosen is not None
+        self._mask[pidx][a:b] = (chosen[0] >= plan.threshold) if nc == 1 else np.argmax(chosen, axis=0)
+
+    def _store(self, view: Any, pidx: tuple[int, ...], a: int, b: int, vals: np.ndarray) -> None:
+        if self.plan.prob_dtype == "uint8":
+            vals = np.clip(np.rint(vals * 255.0), 0, 255)
+        if self.plan.num_classes == 1:
+            view[pidx][a:b] = vals[0]
+        else:
+            view[(slice(None), *pidx)][:, a:b] = vals
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def predict_iter(
+    image: Any,
+    model: Any,
+    *,
+    axes: str | None = None,
+    depth: int | None = None,
+    mode: str = "pruned",
+    levels: Iterable[int] | str | None = None,
+    threshold: float = 0.5,
+    tile: int | Sequence[int] | None = None,
+    overlap: float = 0.125,
+    batch_size: int | None = None,
+    device: str | torch.device | None = "auto",
+    precision: str = "auto",
+    normalization: Normalization | None = None,
+    prob_dtype: str = "float16",
+    stats: Sequence[tuple[float, float]] | None = None,
+    allocate: Allocator | None = None,
+) -> Generator[Progress, None, Prediction]:
+    """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
+
+    Args:
+        image: numpy array, memmap or dask array (read tile by tile; never loaded whole).
+        model: A :class:`~napari_unetpp.registry.LoadedModel`, a model name or file path, or a ``UNetPlusPlus``.
+        axes: Letters from TCZYX describing ``image`` (default: :func:`~napari_unetpp.axes.guess_axes`).
+        depth: Pruned depth k in 1..max_depth (default: the model card's recommended depth, else the maximum).
+            Only the nodes with i + j <= k are computed.
+        mode: ``"pruned"`` (default; mask from head k) or ``"ensemble"`` (mask from the mean of heads 1..k).
+        levels: Levels whose probability maps to keep: ``None`` (default: k only), ``"all"`` (1..k), a list
+            of levels <= k, or ``()`` for the mask alone (least memory). Heads 1..k come from the same depth-k
+            pass, so extra levels cost no extra convolution.
+        threshold: Foreground threshold for 1-class models (default 0.5).
+        tile: Largest tile per spatial axis, int or tuple (default: the card's, else 1024 in 2D, 96 in 3D). Planes
+            that fit are processed whole; larger ones get the fewest tiles that cover them, shrunk evenly.
+        overlap: Minimum tile overlap as a fraction of ``tile`` (default 0.125: 128 pixels of a 1024 tile).
+        batch_size: Tiles per forward pass (default: from a memory budget for the device).
+        device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"mps"``.
+        precision: ``"auto"`` (default: bf16 on capable CPUs, fp16/bf16 on GPUs), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        normalization: Override the model card's normalisation.
+        prob_dtype: ``"float16"`` (default), ``"float32"`` or ``"uint8"`` (probability x 255).
+        stats: Normalisation statistics per channel from :func:`normalization_stats` of a larger image (default:
+            computed from ``image``). Pass the stack's statistics when predicting one of its slices, so the slice
+            matches the whole-stack result.
+        allocate: ``allocate(shape, dtype)`` makes each output array (default ``np.zeros``); e.g. a memory map, for
+            outputs larger than memory.
+
+    Raises:
+        InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
+    """
+    t_start = time.perf_counter()
+    plan = plan_prediction(
+        image,
+        model,
+        axes=axes,
+        depth=depth,
+        mode=mode,
+        levels=levels,
+        threshold=threshold,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        normalization=normalization,
+        prob_dtype=prob_dtype,
+        stats=stats,
+    )
+    result = plan.allocate(allocate)
+    writer = PlaneWriter(plan, result)
+    runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch)
+    weights = gaussian_weights(plan.tiles.tile_shape) if len(plan.tiles) > 1 else None  # shared by every plane
+    blenders: dict[tuple[int, ...], Blender] = {}
+    remaining: dict[tuple[int, ...], int] = {}
+    done = 0
+    try:
+        for items in _batches(_tiles(plan), runner.batch):
+            probs = runner.probs(np.stack([t for _, _, t in items]))  # (B, k, classes, ...)
+            finished = []
+            for (pidx, sl, _), pr in zip(items, probs):
+                if pidx not in blenders:
+                    blenders[pidx] = Blender(plan.tiles, plan.channels, writer.sink(pidx), weights)
+                    remaining[pidx] = len(plan.tiles)
+                chans = [pr[lv - 1] for lv in plan.blend_levels] + (
+                    [pr.mean(axis=0)] if plan.mode == "ensemble" else []
+                )
+                blenders[pidx].add(sl, np.concatenate(chans, axis=0))
+                remaining[pidx] -= 1
+                if remaining[pidx] == 0:
+                    blenders.pop(pidx).finish()
+                    finished.append(pidx)
+            done += len(items)
+            yield Progress(done, plan.total_tiles, finished, result)
+    finally:  # finished, failed or cancelled: give cached accelerator memory back
+        if plan.device.type != "cpu":
+            release_memory(plan.device)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def predict(image: Any, model: Any, **kwargs: Any) -> Prediction:
+    """Run :func:`predict_iter` to the end and return its :class:`Prediction` (same arguments)."""
+    return run_to_end(predict_iter(image, model, **kwargs))
+
+
+def normalization_stats(
+    image: Any, model: Any, axes: str | None = None, normalization: Normalization | None = None
+) -> list[tuple[float, float]]:
+    """Per-channel normalisation statistics of ``image`` under ``model``'s recipe (see ``predict_iter(stats=...)``).
+
+    Raises:
+        InputError: bad axes or channels, or non-finite values.
+    """
+    loaded = resolve_model(model)
+    lay = layout(image, axes, loaded.module.config.spatial_dims)
+    return _stats(lay, normalization or loaded.normalization)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+class _Runner:
+    """Runs batches of tiles through the model at depth k; halves the batch on out-of-memory."""
+
+    def __init__(self, model: UNetPlusPlus, depth: int, device: torch.device, precision: str, batch: int) -> None:
+        self.model, self.depth, self.device, self.precision, self.batch = model, depth, device, precision, batch
+        self.sigmoid = model.config.num_classes == 1
+        self.fmt = memory_format(model, device)
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """``(B, C, *tile)`` float32 input -> ``(B, k, classes, *tile)`` float32 probabilities."""
+        outs = []
+        i = 0
+        while i < len(x):
+            chunk = x[i : i + self.batch]
+            try:
+                outs.append(self._forward(chunk))
+                i += len(chunk)
+            except (RuntimeError, MemoryError) as exc:
+                if not is_oom(exc):
+                    raise
+                release_memory(self.device)
+                if self.batch == 1:
+                    raise MemoryError(
+                        "out of memory even for a single tile; choose a smaller tile size (--tile) or the CPU."
+                    ) from exc
+                self.batch = max(1, self.batch // 2)
+                log.warning("out of memory: retrying with %d tile(s) per batch", self.batch)
+        return np.concatenate(outs)
+
+    def _forward(self, chunk: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            t = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+            logits = torch.stack(self.model(t, depth=self.depth), dim=1).float()  # (B, k, classes, ...)
+            p = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=2)
+            return p.cpu().numpy()
+
+
+def _default_tile(spatial_dims: int) -> tuple[int, ...]:
+    return (1024, 1024) if spatial_dims == 2 else (96, 96, 96)
+
+
+def _default_batch(tile_shape: Sequence[int], device: torch.device) -> int:
+    budget = 2**20 if device.type == "cpu" else 2**22
+    return max(1, budget // int(np.prod(tile_shape)))
+
+
+def _stats(lay: Layout, norm: Normalization) -> list[tuple[float, float]]:
+    n_loop = len(lay.loop)
+    return [
+        norm.compute_stats(lay.src[(slice(None),) * n_loop + (c,)] if lay.has_c else lay.src) for c in range(lay.n_ch)
+    ]
+
+
+def _levels(levels: Iterable[int] | str | None, k: int) -> list[int]:
+    if levels is None:
+        return [k]
+    if isinstance(levels, str):
+        if levels != "all":
+            raise ValueError(f"levels must be None, 'all' or a list of levels, got {levels!r}.")
+        return list(range(1, k + 1))
+    out = sorted({int(lv) for lv in levels})
+    if not out:
+        return []
+    if out[0] < 1 or out[-1] > k:
+        raise ValueError(f"levels must lie in 1..{k} (the depth computed), got {out}.")
+    return out
+
+
+def _tiles(plan: PredictionPlan) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...], np.ndarray]]:
+    """(plane index, tile slices, normalised ``(C, *tile)`` float32) in plane then raster order. Tiles index the
+    padded plane; each is read from the image on its own (only its pixels, reflected at the borders)."""
+    lay, n_ch = plan.lay, plan.lay.n_ch
+    edge = min(plan.spatial_shape) <= 1
+    for pidx in np.ndindex(*plan.loop_shape) if plan.loop_shape else [()]:
+        plane = lay.src[pidx] if pidx else lay.src
+        for sl in plan.tiles:
+            idx = [source_index(s, a, n, edge) for s, (a, _), n in zip(sl, plan.pad, plan.spatial_shape)]
+            box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+            block = np.asarray(plane[(slice(None), *box)] if lay.has_c else plane[box])
+            if not lay.has_c:
+                block = block[None]
+            if any(len(i) != b.stop - b.start for i, b in zip(idx, box)):  # reflected at a border
+                local: tuple[Any, ...] = (slice(None), *np.ix_(*[i - b.start for i, b in zip(idx, box)]))
+                block = block[local]
+            check_pixels(block, f" in plane {pidx}" if pidx else "")
+            yield pidx, sl, np.stack([plan.norm.apply(block[c], plan.stats[c]) for c in range(n_ch)])
+
+
+def _batches(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in it:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
