@@ -140,10 +140,23 @@ def test_sample_batch_centres_on_training_pixels_and_hides_validation(em_crop, e
         assert it.train[c] and it.target[c] == 1 and not it.val[c]
     assert {ii for ii, _ in centres} == {0, 1, 2}
     # validation pixels are never known in a batch: compare each patch's known mask with the items' masks
-    x1, y1, v1 = sample_batch(ds, rng, 64, (1, 1), focus_fraction=0, foreground_fraction=0)
-    assert v1.all()
-    assert sum(v1.sum() for _ in [0]) == 64
-    assert (y1 == 1).mean() < 0.6  # without the foreground preference, about the membrane share
+    centres = []
+    x1, y1, v1 = sample_batch(ds, rng, 64, (64, 64), focus_fraction=0, foreground_fraction=0, centres=centres)
+    seen_val = 0
+    for b, (ii, c) in enumerate(centres):
+        it = ds.items[ii]
+        sl = tuple(
+            slice(int(np.clip(ci - 32, 0, d - 64)), int(np.clip(ci - 32, 0, d - 64)) + 64)
+            for ci, d in zip(c, it.target.shape)
+        )
+        np.testing.assert_array_equal(x1[b, 0], it.image[0][sl])
+        np.testing.assert_array_equal(y1[b], it.target[sl])
+        np.testing.assert_array_equal(v1[b], it.train[sl])  # known = training pixels of the item, exactly
+        assert not (v1[b] & it.val[sl]).any()
+        seen_val += int(it.val[sl].sum())
+    assert seen_val > 0  # the patches did reach into validation blocks: their pixels were seen, never as labels
+    centre_labels = np.array([ds.items[ii].target[c] for ii, c in centres])
+    assert (centre_labels == 1).mean() < 0.6  # without the foreground preference, about the membrane share
 
 
 def test_sample_batch_prefers_changed_pixels(em_crop, em_crop_membrane):
@@ -276,7 +289,6 @@ def test_fine_tune_raises_validation_dice_and_saves_a_child_version(em_crop, em_
         device="cpu",
         on_progress=lambda p: phases.append(p.phase),
     )
-    print(res.baseline, res.scores)
     assert phases[:2] == ["prepared", "baseline"] and phases[-1] == "saving"
     assert phases.count("validate") == 6 and phases.count("train") == 48
     assert res.steps == 48 and res.stopped == "budget" and res.improved

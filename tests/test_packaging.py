@@ -33,7 +33,8 @@ def test_wheel_installs_and_npe2_sees_the_plugin(tmp_path):
     ):
         assert needed in names, needed
     manifest = zipfile.ZipFile(wheel).read("napari_unetpp/napari.yaml").decode()
-    assert manifest == (ROOT / "napari.yaml").read_text()  # the top-level manifest is what ships
+    assert manifest == (ROOT / "napari_unetpp" / "napari.yaml").read_text()  # the one manifest is what ships
+    assert not (ROOT / "napari_unetpp" / "napari.yaml").is_symlink()  # Windows checkouts keep it
 
     # a throwaway venv with only the wheel; the dependencies come from this environment's site-packages
     venv = tmp_path / "venv"

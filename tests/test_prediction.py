@@ -138,12 +138,16 @@ def test_channels_axis_and_mismatch():
 
 
 def test_3d_model_on_volume_and_errors():
-    m = tiny(spatial_dims=3, features=(4, 8, 8), norm="group")
+    # batch norm in eval mode: per-voxel, so tiles differ from the whole volume only by the context they lack (group
+    # norm would normalise each tile on its own statistics)
+    m = tiny(spatial_dims=3, features=(4, 8, 8), norm="batch")
     vol = np.random.default_rng(0).random((2, 19, 40, 37)).astype(np.float32)
     whole = predict(vol, m, axes="TZYX", tile=64, levels="all", precision="fp32")
     tiled = predict(vol, m, axes="TZYX", tile=(16, 24, 24), overlap=0.5, levels="all", precision="fp32")
-    assert whole.mask.shape == vol.shape and tiled.tiles > whole.tiles
-    assert np.abs(whole.probabilities[2].astype(np.float32) - tiled.probabilities[2].astype(np.float32)).mean() < 0.1
+    assert whole.mask.shape == vol.shape and tiled.tiles > 8 * whole.tiles
+    a, b = (p.probabilities[2].astype(np.float32) for p in (whole, tiled))
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95  # measured 0.968; a misplaced tile drops it far below
+    assert np.abs(a - b).mean() < 0.25 * a.std()  # measured 0.16 of the signal's spread
     with pytest.raises(InputError, match="3D model needs a Z axis"):
         predict(vol[0, 0], m, axes="YX")
 
@@ -229,7 +233,10 @@ def test_slice_with_stack_stats_matches_stack_result(em_model, em_crop):
     stats = normalization_stats(em_crop, em_model)
     alone = predict(em_crop[1], em_model, depth=2, precision="fp32", stats=stats)
     np.testing.assert_array_equal(alone.mask, stack.mask[1])
-    own = predict(em_crop[1], em_model, depth=2, precision="fp32")  # its own statistics differ slightly
-    assert own.mask.shape == alone.mask.shape
+    own_stats = normalization_stats(em_crop[1], em_model)  # its own statistics differ slightly ...
+    assert own_stats != stats
+    own = predict(em_crop[1], em_model, depth=2, precision="fp32")
+    assert not np.array_equal(own.mask, alone.mask)
+    assert dice(own.mask, alone.mask) > 0.97  # ... and move a few boundary pixels, no more
     with pytest.raises(ValueError, match="stats has 2 entries"):
         predict(em_crop[1], em_model, stats=stats * 2)

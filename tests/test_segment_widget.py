@@ -32,7 +32,7 @@ def test_widget_defaults_from_the_card(docked, em_model):
     viewer, w, img = docked
     assert w._depth_slider.max == 4 and w._depth_slider.value == em_model.card.recommended_depth
     assert "ISBI" in w._card.value and "L1" in w._card.tooltip and "Cardona" in w._card.tooltip
-    assert w._image.value is img and "CPU" in w._detected.value or "CUDA" in w._detected.value
+    assert w._image.value is img and ("CPU" in w._detected.value or "CUDA" in w._detected.value)
 
 
 def test_slider_segments_current_slice_at_every_level(docked, em_model, monkeypatch):
@@ -217,3 +217,79 @@ def test_3d_model_segments_the_whole_volume(make_napari_viewer):
         precision="auto",
     )
     assert (mask[1] == ref.mask).mean() > 0.999
+
+
+def test_results_are_keyed_by_layer_and_weights_not_names(docked, em_model):
+    """A new layer with the old one's name, or another file with the same name@vN, never shows a stale result."""
+    from napari_unetpp.registry import LoadedModel
+
+    viewer, w, img = docked
+    w._depth_slider.value = 1
+    k1 = w._key(img, w.model, (0,))
+    inverted = viewer.add_image(255 - np.asarray(img.data), name=img.name + " copy", scale=img.scale)
+    assert w._key(inverted, w.model, (0,)) != k1
+    other = LoadedModel(em_model.module, em_model.card, None)
+    other.card = type(em_model.card)(**{**em_model.card.to_dict(), "weights_sha256": "0" * 64})
+    assert other.card.id == w.model.card.id and w._key(img, other, (0,)) != k1
+    viewer.layers.remove(img)
+    assert not any(k[0] == img.unique_id for k in w._cache._entries)  # forgotten with its layer
+
+
+def test_whole_stack_objects_have_unique_ids_and_only_shown_levels_are_kept(docked):
+    viewer, w, img = docked
+    w._depth_slider.value = 1
+    w._instances.value = "connected components"
+    w.run_stack()
+    lab = viewer.layers["ISBI 2012 EM [UNet++ mask]"].data
+    ids = [set(np.unique(lab[z])) - {0} for z in range(lab.shape[0])]
+    assert all(ids) and all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1 :])  # no id in two slices
+    assert all(set(e.probs) == {1} for e in w._cache._entries.values())  # head k only: no level layers shown
+
+
+def test_multiscale_image_uses_the_finest_level(make_napari_viewer, em_model):
+    viewer = make_napari_viewer()
+    from napari_unetpp._sample_data import em_sample
+
+    data = np.asarray(em_sample()[0][0][0])
+    img = viewer.add_image([data, data[::2, ::2]], multiscale=True, name="pyramid")
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w._image.value = img
+    w._model.value = "em-membranes@v1"
+    w._depth_slider.value = 1
+    mask = viewer.layers["pyramid [UNet++ mask]"].data
+    assert mask.shape == data.shape
+    np.testing.assert_array_equal(mask, predict(data, em_model, depth=1).mask)
+
+
+def test_a_closed_widget_is_collected(make_napari_viewer):
+    import gc
+    import weakref
+
+    viewer = make_napari_viewer()
+    img = viewer.open_sample("napari-unetpp", "em")[0]
+    dock, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w._image.value = img
+    w._depth_slider.value = 1  # creates the mask layer, whose paint event the widget listens to
+    ref = weakref.ref(w)
+    viewer.window.remove_dock_widget(dock)
+    del w, dock
+    gc.collect()
+    assert ref() is None
+    viewer.layers["ISBI 2012 EM [UNet++ mask]"].paint((0, 10, 10), 1)  # a hook of the dead widget does nothing
+
+
+def test_whole_stack_in_real_thread_workers(docked, qtbot, monkeypatch, em_model):
+    """The path users get: napari thread workers, not the synchronous test mode."""
+    monkeypatch.setenv("NAPARI_UNETPP_SYNC", "0")
+    viewer, w, img = docked
+    with monkeypatch.context() as m:
+        m.setenv("NAPARI_UNETPP_SYNC", "1")
+        w._depth_slider.value = 1
+    w.run_stack()
+    assert w._stack_worker is not None
+    qtbot.waitUntil(lambda: w._stack_worker is None, timeout=120_000)
+    mask = viewer.layers["ISBI 2012 EM [UNet++ mask]"].data
+    ref = _core(img, em_model, 1).mask
+    # the same result; a few threshold pixels move with the float summation order torch picks in another thread
+    assert mask[:].any(axis=(1, 2)).all() and (mask != ref).mean() < 1e-4
+    assert "whole stack L1" in w._timing.value

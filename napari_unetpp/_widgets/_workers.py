@@ -88,3 +88,23 @@ class WeakHandler:
         owner = self._owner()
         if owner is not None:
             getattr(owner, self._method)(*self._args, event)
+
+
+def abandon(workers: list[Any], *_: Any, stop: Any = None) -> None:
+    """A widget is going away: disconnect its running workers from it and ask them to stop (``stop``: an event the
+    job polls, e.g. fine-tuning's, which then saves its best state). Connected to the widget's ``destroyed`` signal
+    with the list itself, never the widget, so nothing keeps a closed widget alive and no handler runs on a deleted
+    one."""
+    if stop is not None:
+        stop.set()
+    for w in list(workers):
+        for sig in ("yielded", "returned", "errored", "finished"):
+            try:
+                getattr(w, sig).disconnect()
+            except (TypeError, RuntimeError):  # nothing connected, or already deleted
+                pass
+        try:
+            w.quit()
+        except RuntimeError:
+            pass
+    workers.clear()

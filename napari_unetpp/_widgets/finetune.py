@@ -3,6 +3,7 @@ version is then selected in the Segment widget and the current view re-segmented
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -19,7 +20,7 @@ from ..errors import ModelFileError
 from ..finetune import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune_iter, parse_slices
 from ..registry import LoadedModel, list_models, load_model
 from ..runtime import DEVICE_CHOICES
-from ._workers import WeakHandler, run_generator, user_message
+from ._workers import WeakHandler, abandon, run_generator, user_message
 from .plot import TrainingPlot
 from .segment import SegmentWidget, children_blocked, image_axes, image_choices
 
@@ -189,6 +190,8 @@ class FineTuneWidget(Container):
         self._stop_btn.changed.connect(self.stop)
         napari_viewer.layers.events.inserted.connect(self._on_layers_changed)
         napari_viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._jobs: list[tuple[Any, threading.Event]] = []  # running (worker, stop), ended when the widget goes
+        self.native.destroyed.connect(functools.partial(_abandon_jobs, self._jobs))
         self._on_layers_changed()
         seg = SegmentWidget.for_viewer(napari_viewer)
         if seg is not None and seg.selected_model_id in self._base.choices:
@@ -365,6 +368,8 @@ class FineTuneWidget(Container):
         self._start_btn.enabled = False
         self._stop_btn.enabled = True
         self._worker = run_generator(gen, self._on_yield, self._on_return, self._error, self._finished)
+        if self._worker is not None:
+            self._jobs.append((self._worker, stop))
 
     def stop(self, _=None) -> None:
         """End training at the next step; the best state so far is validated and saved."""
@@ -404,6 +409,7 @@ class FineTuneWidget(Container):
             seg.show_new_model(card.id, res.recommended_depth, self._image.value)
 
     def _finished(self) -> None:
+        self._jobs[:] = [j for j in self._jobs if j[0] is not self._worker]
         self._worker = None
         self._stop = None
         self._start_btn.enabled = True
@@ -412,3 +418,10 @@ class FineTuneWidget(Container):
     def _error(self, message: str) -> None:
         show_error(message)
         self._status.value = message
+
+
+def _abandon_jobs(jobs: list[tuple[Any, threading.Event]], *_: Any) -> None:
+    """The widget is going: stop each training run (it saves its best state) and disconnect it from the widget."""
+    for worker, stop in list(jobs):
+        abandon([worker], stop=stop)
+    jobs.clear()

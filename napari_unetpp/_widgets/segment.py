@@ -4,10 +4,11 @@ current slice, and whole-stack runs in a worker thread."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import tempfile
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import napari
@@ -23,7 +24,8 @@ from ..postprocess import INSTANCE_METHODS, level_disagreement, split_instances
 from ..prediction import Prediction, normalization_stats, predict_iter
 from ..registry import LoadedModel, list_models, load_model
 from ..runtime import DEVICE_CHOICES, describe_device, resolve_device
-from ._workers import WeakHandler, run_generator, user_message
+from ._workers import WeakHandler, abandon, run_generator, user_message
+from .cache import PlaneResult, ResultCache
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,31 @@ def layer_name(image: str, tag: str) -> str:
     return f"{image} [UNet++ {tag}]"
 
 
+def pixels(layer: Image) -> Any:
+    """The layer's full-resolution array: the finest level of a multiscale (pyramid) layer, else its data. Lazy
+    arrays (dask, zarr) stay lazy."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
 def image_axes(layer: Image, spatial_dims: int) -> str:
     """Axes of a napari Image layer's data for a model with ``spatial_dims`` (RGB layers carry a C axis last)."""
-    return layer_axes(layer.data.ndim, layer.rgb, spatial_dims)
+    return layer_axes(pixels(layer).ndim, layer.rgb, spatial_dims)
+
+
+def blank(shape: tuple[int, ...], dtype: Any, like: Any) -> np.ndarray:
+    """Zeros for a result layer: in memory when the image is an in-memory array, else (dask, zarr, pyramids)
+    a memory map on an anonymous temporary file, so results of stacks larger than memory do not fill it."""
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, dtype)
+    return np.memmap(tempfile.TemporaryFile(prefix="napari-unetpp-"), dtype=dtype, mode="w+", shape=shape)
+
+
+def plane_mask(prob: np.ndarray, num_classes: int, threshold: float, objects: str, spatial_dims: int) -> np.ndarray:
+    """A plane's mask from its probabilities: threshold (1 class) or argmax, then the object split (1 class)."""
+    if num_classes == 1:
+        mask = (prob >= threshold).astype(np.uint8)
+        return split_instances(mask, objects, spatial_dims) if objects != "none" else mask
+    return np.argmax(prob, axis=0).astype(np.uint8)
 
 
 def image_choices(viewer: Any) -> list[tuple[str, Image]]:
@@ -52,14 +76,6 @@ def children_blocked(container: Container):
             if hasattr(w, "changed"):
                 stack.enter_context(w.changed.blocked())
         yield
-
-
-@dataclass
-class PlaneResult:
-    """Probabilities of one plane (or one volume for 3D models), per level, with the time each depth took."""
-
-    probs: dict[int, np.ndarray] = field(default_factory=dict)
-    seconds: dict[int, float] = field(default_factory=dict)
 
 
 _INSTANCES: list[weakref.ref] = []
@@ -146,7 +162,8 @@ class SegmentWidget(Container):
             ]
         )
 
-        self._cache: dict[tuple, PlaneResult] = {}
+        self._cache = ResultCache()
+        self._next_label: dict[int, int] = {}  # mask layer id -> next free object id (unique across the stack)
         self._stats: dict[tuple, list] = {}
         self._mask_layer: dict[str, Labels] = {}  # image name -> the mask layer we write
         self._edited: set[int] = set()  # ids of mask layers the user painted on
@@ -177,6 +194,8 @@ class SegmentWidget(Container):
         self._on_model_changed()
         self._on_layers_changed()  # docked after the layers were opened: pick the image (and its model) now
         _INSTANCES[:] = [r for r in _INSTANCES if r() is not None] + [weakref.ref(self)]
+        self._workers: list[Any] = []  # running thread workers, stopped and disconnected when the widget goes
+        self.native.destroyed.connect(functools.partial(abandon, self._workers))
 
     @classmethod
     def for_viewer(cls, viewer: napari.viewer.Viewer) -> SegmentWidget | None:
@@ -230,12 +249,26 @@ class SegmentWidget(Container):
     def _on_layers_changed(self, event: Any = None) -> None:
         if self._rendering:
             return
+        self._forget_gone()
         self.reset_choices()
         images = [c for c in self._image.choices if c is not None]
         if self._image.value is None and images:
             with self._image.changed.blocked():
                 self._image.value = images[0]
             self._suggest_model()
+
+    def _forget_gone(self) -> None:
+        """Drop cached results, statistics and models of layers and models that went away."""
+        present = {ly.unique_id for ly in self._viewer.layers}
+        choices = set(self._model.choices) | set(self._files)
+        for mid in [m for m in self._loaded if m not in choices and m != self._model.value]:
+            del self._loaded[mid]
+        self._cache.keep_only(present, {lm.fingerprint for lm in self._loaded.values()})
+        self._stats = {k: v for k, v in self._stats.items() if k[0] in present}
+        ids = {id(ly) for ly in self._viewer.layers}
+        self._mask_layer = {k: v for k, v in self._mask_layer.items() if id(v) in ids}
+        self._edited &= ids
+        self._next_label = {k: v for k, v in self._next_label.items() if k in ids}
 
     def _on_image_changed(self, _=None) -> None:
         self._suggest_model()
@@ -301,16 +334,19 @@ class SegmentWidget(Container):
         if n_loop == 0:
             return axes, ()
         pos = image.world_to_data(self._viewer.dims.point)
-        idx = tuple(int(np.clip(round(float(p)), 0, image.data.shape[i] - 1)) for i, p in enumerate(pos[:n_loop]))
+        shape = pixels(image).shape
+        idx = tuple(int(np.clip(round(float(p)), 0, shape[i] - 1)) for i, p in enumerate(pos[:n_loop]))
         return axes, idx
 
     def _key(self, image: Image, lm: LoadedModel, plane: tuple[int, ...]) -> tuple:
-        return (id(image), image.data.shape, lm.card.id, plane)
+        """Layer (unique id and shape), weights (fingerprint) and plane: never a stale result from a new layer that
+        reuses an ``id()`` or from another file with the same ``name@vN``."""
+        return (image.unique_id, tuple(pixels(image).shape), lm.fingerprint, plane)
 
     def _image_stats(self, image: Image, lm: LoadedModel, axes: str) -> list:
-        key = (id(image), image.data.shape, lm.card.id)
+        key = (image.unique_id, tuple(pixels(image).shape), lm.fingerprint)
         if key not in self._stats:
-            self._stats[key] = normalization_stats(image.data, lm, axes=axes)
+            self._stats[key] = normalization_stats(pixels(image), lm, axes=axes)
         return self._stats[key]
 
     # ----------------------------------------------------------------- preview of the current slice
@@ -350,14 +386,14 @@ class SegmentWidget(Container):
         if self._preview_worker is not None:  # one at a time; the newest request wins
             self._pending_preview = True
             return
-        data = image.data[plane] if plane else image.data
+        data = pixels(image)[plane] if plane else pixels(image)  # read tile by tile by predict, never whole
         sub_axes = axes[len(plane) :]
         key = self._key(image, lm, plane)
 
         def gen():
             t0 = time.perf_counter()
             pred = yield from predict_iter(
-                np.asarray(data),
+                data,
                 lm,
                 axes=sub_axes,
                 depth=k,
@@ -370,15 +406,13 @@ class SegmentWidget(Container):
 
         def done(out: tuple[Prediction, float]) -> None:
             pred, seconds = out
-            entry = self._cache.setdefault(key, PlaneResult())
-            for lv, p in pred.probabilities.items():
-                entry.probs[lv] = p
-            entry.seconds[k] = seconds
+            entry = self._cache.put(key, pred.probabilities, {k: seconds})
             if self._key(image, lm, self._plane(image, lm)[1]) == key:
                 self._render(image, lm, plane, entry)
 
         self._set_busy_preview(True)
         self._preview_worker = run_generator(gen, lambda p: None, done, self._error, self._preview_finished)
+        self._track(self._preview_worker)
 
     def _set_busy_preview(self, busy: bool) -> None:
         self._preview_btn.enabled = not busy
@@ -408,24 +442,29 @@ class SegmentWidget(Container):
             self._render(image, lm, plane, res)
 
     # ----------------------------------------------------------------- layers
-    def _render(self, image: Image, lm: LoadedModel, plane: tuple[int, ...], res: PlaneResult) -> None:
+    def _render(
+        self, image: Image, lm: LoadedModel, plane: tuple[int, ...], res: PlaneResult, mask: np.ndarray | None = None
+    ) -> None:
         """Show the cached result of one plane at the slider's depth: mask, and levels if asked."""
         if self._rendering or self._depth_slider.value not in res.probs:
             return  # (not computed: e.g. a whole-stack run at a shallower depth while the slider moved deeper)
         self._rendering = True
         try:
-            self._render_layers(image, lm, plane, res)
+            self._render_layers(image, lm, plane, res, mask)
         finally:
             self._rendering = False
 
-    def _render_layers(self, image: Image, lm: LoadedModel, plane: tuple[int, ...], res: PlaneResult) -> None:
+    def _render_layers(
+        self, image: Image, lm: LoadedModel, plane: tuple[int, ...], res: PlaneResult, mask: np.ndarray | None = None
+    ) -> None:
         k = self._depth_slider.value
         levels = [res.probs[lv] for lv in range(1, k + 1) if lv in res.probs]
         if self._mode.value == "ensemble" and len(levels) == k:
             chosen = np.mean([p.astype(np.float32) for p in levels], axis=0)
         else:
             chosen = res.probs[k].astype(np.float32)
-        mask = self._mask_from(chosen, lm)
+        if mask is None:  # (a whole-stack run made it in its worker)
+            mask = self._mask_from(chosen, lm)
         self._write_plane(image, "mask", plane, mask, labels=True)
         if self._all_levels.value:
             for lv in range(1, k + 1):
@@ -452,16 +491,12 @@ class SegmentWidget(Container):
         return prob if lm.module.config.num_classes == 1 else (1 - prob[0].astype(np.float32))
 
     def _mask_from(self, prob: np.ndarray, lm: LoadedModel) -> np.ndarray:
-        if lm.module.config.num_classes == 1:
-            mask = (prob >= self._threshold.value).astype(np.uint8)
-        else:
-            mask = np.argmax(prob, axis=0).astype(np.uint8)
-        if self._instances.value != "none" and lm.module.config.num_classes == 1:
-            mask = split_instances(mask, self._instances.value, lm.module.config.spatial_dims)
-        return mask
+        cfg = lm.module.config
+        return plane_mask(prob, cfg.num_classes, self._threshold.value, self._instances.value, cfg.spatial_dims)
 
     def _full_shape(self, image: Image) -> tuple[int, ...]:
-        return tuple(image.data.shape[:-1]) if image.rgb else tuple(image.data.shape)
+        shape = tuple(pixels(image).shape)
+        return shape[:-1] if image.rgb else shape
 
     def _layer_for(self, image: Image, tag: str, labels: bool, dtype: Any, **kw: Any):
         name = layer_name(image.name, tag)
@@ -480,7 +515,9 @@ class SegmentWidget(Container):
                     show_info(f"'{layer.name}' has your edits and is kept; the new result is in '{name}'.")
                 layer = None
             if layer is None:
-                layer = self._viewer.add_labels(np.zeros(self._full_shape(image), dtype), name=name, opacity=0.5, **geo)
+                layer = self._viewer.add_labels(
+                    blank(self._full_shape(image), dtype, pixels(image)), name=name, opacity=0.5, **geo
+                )
                 layer.events.paint.connect(WeakHandler(self, "_on_mask_painted", layer))
                 self._mask_layer[image.name] = layer
             elif layer.data.dtype != dtype and np.dtype(dtype).itemsize > layer.data.dtype.itemsize:
@@ -489,7 +526,7 @@ class SegmentWidget(Container):
         if name in self._viewer.layers:
             return self._viewer.layers[name]
         return self._viewer.add_image(
-            np.zeros(self._full_shape(image), np.float16),
+            blank(self._full_shape(image), np.float16, pixels(image)),
             name=name,
             colormap=kw.get("colormap", "magma"),
             blending="additive",
@@ -514,6 +551,10 @@ class SegmentWidget(Container):
         **kw: Any,
     ) -> None:
         layer = self._layer_for(image, tag, labels, values.dtype if labels else np.float16, visible=visible, **kw)
+        if labels and values.dtype == np.uint32 and values.any():  # objects: ids unique across the whole stack
+            start = self._next_label.get(id(layer), 0)
+            values = np.where(values > 0, values + np.uint32(start), 0).astype(np.uint32)
+            self._next_label[id(layer)] = int(values.max())
         layer.data[plane] = values
         layer.refresh()
 
@@ -534,26 +575,56 @@ class SegmentWidget(Container):
             self._error(user_message(exc))
             return
         k = self._depth_slider.value
-        data = image.data
+        data = pixels(image)
+        cfg = lm.module.config
+        # keep only what is shown: every level for the level layers, the ensemble or the disagreement, else head k
+        levels = (
+            "all" if (self._all_levels.value or self._disagreement.value or self._mode.value == "ensemble") else [k]
+        )
+        post = (self._threshold.value, self._instances.value, self._mode.value)
         from napari.utils import progress
 
         self._progress = progress(total=0, desc=f"UNet++ L{k} on {image.name}")
         t0 = time.perf_counter()
 
         def gen():
-            return (
-                yield from predict_iter(
-                    data, lm, axes=axes, depth=k, levels="all", device=self._device.value, stats=stats
-                )
+            """In the worker: predict, then copy each finished plane and make its mask (objects too) here."""
+            run = predict_iter(
+                data,
+                lm,
+                axes=axes,
+                depth=k,
+                levels=levels,
+                device=self._device.value,
+                stats=stats,
+                allocate=lambda shape, dtype: blank(shape, dtype, data),
             )
+            while True:
+                try:
+                    p = next(run)
+                except StopIteration as stop:
+                    return stop.value
+                planes = []
+                for plane in p.planes_done:
+                    probs = {lv: np.array(a[plane]) for lv, a in p.partial.probabilities.items()}
+                    chosen = (
+                        np.mean([probs[lv].astype(np.float32) for lv in range(1, k + 1)], axis=0)
+                        if post[2] == "ensemble"
+                        else probs[k].astype(np.float32)
+                    )
+                    planes.append(
+                        (plane, probs, plane_mask(chosen, cfg.num_classes, post[0], post[1], cfg.spatial_dims))
+                    )
+                yield p, planes
 
-        def on_yield(p) -> None:
+        def on_yield(item) -> None:
+            p, planes = item
             if self._progress is not None:
                 self._progress.total = p.total
                 self._progress.n = p.done
                 self._progress.refresh()
-            for plane in p.planes_done:
-                self._store_plane(image, lm, plane, p.partial, k)
+            for plane, probs, mask in planes:
+                self._store_plane(image, lm, plane, probs, mask if self._depth_slider.value == k else None)
 
         def on_return(pred: Prediction) -> None:
             self._timing.value = (
@@ -565,12 +636,18 @@ class SegmentWidget(Container):
         self._cancel_btn.enabled = True
         self._cancelled = False
         self._stack_worker = run_generator(gen, on_yield, on_return, self._error, self._stack_finished)
+        self._track(self._stack_worker)
 
-    def _store_plane(self, image: Image, lm: LoadedModel, plane: tuple[int, ...], partial: Prediction, k: int) -> None:
-        entry = self._cache.setdefault(self._key(image, lm, plane), PlaneResult())
-        for lv, p in partial.probabilities.items():
-            entry.probs[lv] = p[plane]
-        self._render(image, lm, plane, entry)
+    def _store_plane(
+        self,
+        image: Image,
+        lm: LoadedModel,
+        plane: tuple[int, ...],
+        probs: dict[int, np.ndarray],
+        mask: np.ndarray | None,
+    ) -> None:
+        entry = self._cache.put(self._key(image, lm, plane), probs)
+        self._render(image, lm, plane, entry, mask)
 
     def _stack_finished(self) -> None:
         if self._cancelled:
@@ -582,6 +659,11 @@ class SegmentWidget(Container):
             self._progress.close()
             self._progress = None
 
+    def _track(self, worker: Any) -> None:
+        if worker is not None:  # (None: it ran synchronously)
+            self._workers.append(worker)
+            worker.finished.connect(functools.partial(_forget, self._workers, worker))
+
     def cancel(self, _=None) -> None:
         """Stop the whole-stack run at its next tile; planes already shown stay."""
         if self._stack_worker is not None:
@@ -591,3 +673,8 @@ class SegmentWidget(Container):
     def _error(self, message: str) -> None:
         show_error(message)
         self._timing.value = message[:80]
+
+
+def _forget(workers: list[Any], worker: Any) -> None:
+    if worker in workers:
+        workers.remove(worker)
