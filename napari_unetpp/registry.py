@@ -299,26 +299,29 @@ def _locate(name: str) -> tuple[Path, bool]:
 
 
 def _user_versions(name: str) -> dict[int, Path]:
-    """Complete versions of a user model: a card that parses and the weights beside it. A version whose save was
-    interrupted (weights without a card, or a card still being written on a file system without hard links) is
-    not listed, so the newest *complete* version is what ``load_model(name)`` gets."""
+    """Card paths of the complete versions of a user model (see :func:`_user_cards`)."""
+    return {n: path for n, (path, _) in _user_cards(name).items()}
+
+
+def _user_cards(name: str) -> dict[int, tuple[Path, ModelCard]]:
+    """Complete versions of a user model, with their cards: a card that parses and the weights beside it. A version
+    whose save was interrupted (weights without a card, or a card still being written on a file system without hard
+    links) is not listed, so the newest *complete* version is what ``load_model(name)`` gets."""
     folder = user_models_dir() / name
-    out: dict[int, Path] = {}
+    out: dict[int, tuple[Path, ModelCard]] = {}
     if folder.is_dir():
         for f in folder.glob(f"{name}-v*.json"):
             m = re.fullmatch(rf"{re.escape(name)}-v(\d+)\.json", f.name)
-            if m and _complete(f):
-                out[int(m.group(1))] = f
+            if not m:
+                continue
+            try:
+                card = _read_card(f)
+            except ModelFileError as exc:
+                log.warning("skipping an incomplete model version: %s", exc)
+                continue
+            if _pair(f)[0].is_file():
+                out[int(m.group(1))] = (f, card)
     return out
-
-
-def _complete(card_path: Path) -> bool:
-    try:
-        _read_card(card_path)
-    except ModelFileError as exc:
-        log.warning("skipping an incomplete model version: %s", exc)
-        return False
-    return _pair(card_path)[0].is_file()
 
 
 def resolve_model(model: Any) -> LoadedModel:
@@ -341,18 +344,18 @@ def list_models() -> list[ModelInfo]:
     """Every shipped model and every user model version; unreadable cards are skipped with a warning."""
     rows: list[ModelInfo] = []
     wdir = shipped_weights_dir()
-    cards = [(p, True) for p in sorted(wdir.glob("*.json"))] if wdir.is_dir() else []
-    udir = user_models_dir()
-    if udir.is_dir():
-        for folder in sorted(p for p in udir.iterdir() if p.is_dir()):
-            cards += [(p, False) for _, p in sorted(_user_versions(folder.name).items())]
-    for path, shipped in cards:
+    for path in sorted(wdir.glob("*.json")) if wdir.is_dir() else []:
         try:
             card = _read_card(path)
         except ModelFileError as exc:
             log.warning("%s", exc)
             continue
-        rows.append(ModelInfo(card.id, card.name, card.version, shipped, path, card))
+        rows.append(ModelInfo(card.id, card.name, card.version, True, path, card))
+    udir = user_models_dir()
+    if udir.is_dir():
+        for folder in sorted(p for p in udir.iterdir() if p.is_dir()):
+            for _, (path, card) in sorted(_user_cards(folder.name).items()):  # read once, already checked
+                rows.append(ModelInfo(card.id, card.name, card.version, False, path, card))
     return rows
 
 
