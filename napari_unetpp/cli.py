@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -100,14 +101,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .finetune import TrainingPair, TrainProgress, fine_tune_iter, parse_slices
     from .io import read_image
     from .jobs import run_to_end
-    from .registry import load_model
 
     try:
         slices = parse_slices(",".join(args.slices)) if args.slices else None
         val_slices = parse_slices(",".join(args.val_slices)) if args.val_slices else None
         img = read_image(args.image)
         lab = read_image(args.labels)
-        base = load_model(args.base)
+        base = _base_for(args)
     except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if val_slices == "all":
@@ -116,6 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     both = sorted(set(held) & set(slices)) if isinstance(slices, list) else []
     if both:
         raise CliError(f"slices {both} are both training and held-out slices.")
+    if held and slices is None:  # the default (every labelled slice) must leave the held-out ones out
+        slices = _labelled_slices_except(lab.data, held)
     axes = args.axes or img.axes
     options = {
         k: v
@@ -123,6 +125,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "minutes": args.minutes,
             "epochs": args.epochs,
             "learning_rate": args.lr,
+            "recipe": args.recipe,
             "train_depth": args.train_depth,
             "ignore_label": args.ignore_label,
             "batch_size": args.batch_size,
@@ -139,6 +142,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if p.phase == "train":
             sys.stderr.write(f"\r{p.fraction:4.0%} step {p.step} loss {p.loss:.4f}  {p.seconds:5.0f}s")
             sys.stderr.flush()
+        elif p.phase in ("baseline", "statistics"):
+            sys.stderr.write(p.message + "\n")  # the recipe chosen, and why
         else:
             sys.stderr.write(("\n" if p.phase in ("validate", "saving", "retry") else "") + p.message + "\n")
 
@@ -160,11 +165,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CliError(str(exc) or "out of memory; try --batch-size 1 or the CPU.") from None
     except RuntimeError as exc:
         raise CliError(str(exc).splitlines()[0]) from None
+    origin = "trained from scratch" if res.model.card.parent is None else f"fine-tuned from {base.card.id}"
     print(
-        f"{res.model.card.id}: fine-tuned from {base.card.id} in {res.seconds:.0f} s on {res.device}, "
+        f"{res.model.card.id}: {origin} in {res.seconds:.0f} s on {res.device}, "
         f"{res.steps} steps ({res.stopped}); {res.data.get('train_pixels')} training and "
         f"{res.data.get('val_pixels')} validation pixels"
     )
+    rec = res.data.get("recipe", {})
+    if rec:
+        print(
+            f"recipe {rec['name']}: {rec['reason']}; learning rate {rec['learning_rate']:.1e}, batch-norm statistics "
+            f"{'frozen' if rec['freeze_batchnorm'] else 'trained'}"
+            + (", re-estimated on your images first" if rec["reestimate_batchnorm"] else "")
+        )
     print(f"{'level':6} {'Dice before':>11} {'Dice after':>10}")
     for lv, d in res.scores.items():
         mark = "  <- recommended" if lv == res.recommended_depth else ""
@@ -175,6 +188,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _report_held_out(res, base, img, lab, axes, val_slices, args.device)
     print(f"saved {res.path}\nuse it: napari-unetpp predict IMAGE.tif -o MASK.tif --model {res.model.card.id}")
     return 0
+
+
+def _base_for(args: argparse.Namespace) -> Any:
+    """The model to start from: ``--base``, or a fresh network with ``--new --modality``."""
+    from .modalities import new_model
+    from .registry import load_model
+
+    if args.new:
+        if not args.modality:
+            raise CliError("--new needs --modality fluorescence, brightfield, em or ct (it picks the normalisation).")
+        return new_model(args.modality, classes=args.classes or ["foreground"], name=args.out)
+    if args.modality:
+        raise CliError("--modality goes with --new; a base model keeps its own normalisation.")
+    return load_model(args.base)
+
+
+def _labelled_slices_except(labels: Any, held: list[int]) -> list[int]:
+    """Slices (over the first axis) holding any label, without the held-out ones."""
+    import numpy as np
+
+    lab = np.asarray(labels)
+    if lab.ndim < 3:
+        raise CliError("--val-slices needs a stack of slices; this image is a single plane.")
+    annotated = np.flatnonzero((lab != 0).reshape(lab.shape[0], -1).any(axis=1))
+    keep = [int(i) for i in annotated if int(i) not in set(held)]
+    if not keep:
+        raise CliError("every labelled slice is held out; label another slice or list the training --slices.")
+    return keep
 
 
 @contextlib.contextmanager
@@ -299,6 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", required=True, help="labels TIFF of the same shape (without channels)")
     t.add_argument("--base", default=DEFAULT_MODEL, help=f"model to start from (default {DEFAULT_MODEL})")
     t.add_argument(
+        "--new",
+        action="store_true",
+        help="train a fresh network instead of starting from --base (for data no shipped model resembles); "
+        "needs --modality",
+    )
+    t.add_argument(
+        "--modality",
+        choices=["fluorescence", "brightfield", "em", "ct"],
+        default=None,
+        help="with --new: the intensity normalisation (ct: Hounsfield units in the soft-tissue window)",
+    )
+    t.add_argument(
+        "--recipe",
+        choices=["auto", "gentle", "adapt", "scratch"],
+        default=None,
+        help="how to train (default auto: gentle when the base already does well on your validation pixels, "
+        "adapt when it does not, scratch for --new)",
+    )
+    t.add_argument(
         "--slices",
         nargs="+",
         default=None,
@@ -327,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train only the sub-network of this depth (fast update, e.g. 2; default all levels)",
     )
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     t.add_argument("--batch-size", type=int, default=None, help="patches per step (default: automatic)")
     t.add_argument("--patch-size", type=int, default=None, help="patch edge in pixels (default 256 in 2D)")
     t.add_argument("--seed", type=int, default=None)

@@ -18,6 +18,7 @@ from napari.utils.notifications import show_error, show_info
 
 from ..errors import ModelFileError
 from ..finetune import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune_iter, parse_slices
+from ..modalities import MODALITIES, new_model
 from ..registry import LoadedModel, list_models, load_model
 from ..runtime import DEVICE_CHOICES
 from ._workers import WeakHandler, abandon, run_generator, user_message
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TRUTH = ("edited slices", "listed slices", "all slices")
 LEVELS = {"all levels": None, "fast: L1-L2 only": 2}
+NEW_MODEL = "new model ({})"  # base choices that train a fresh network for the modality
 
 
 def _atom_changes(atom: Any) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -108,7 +110,8 @@ class FineTuneWidget(Container):
         self._base = ComboBox(
             label="start from",
             choices=self._model_choices,
-            tooltip="The model to fine-tune (default: the one selected in UNet++ Segment)",
+            tooltip="The model to fine-tune (default: the one selected in UNet++ Segment), or a new network for "
+            "images no shipped model resembles (its modality picks the intensity normalisation)",
         )
         self._truth = ComboBox(
             label="ground truth",
@@ -206,7 +209,12 @@ class FineTuneWidget(Container):
         return [(ly.name, ly) for ly in self._viewer.layers if isinstance(ly, Labels)]
 
     def _model_choices(self, _=None) -> list[str]:
-        return [r.id for r in list_models()]
+        return [r.id for r in list_models()] + [NEW_MODEL.format(m) for m in MODALITIES]
+
+    def _new_modality(self) -> str | None:
+        """The modality when "new model (...)" is chosen, else None."""
+        value = str(self._base.value or "")
+        return next((m for m in MODALITIES if value == NEW_MODEL.format(m)), None)
 
     def reset_choices(self, *_: Any) -> None:
         """Refresh the lists without side effects (napari calls this while it removes layers)."""
@@ -231,6 +239,12 @@ class FineTuneWidget(Container):
         self._budget.value = 2.0 if self._budget_kind.value == "minutes" else 20
 
     def _on_base(self, _=None) -> None:
+        modality = self._new_modality()
+        if modality is not None:
+            self._name.tooltip = f"default: {modality}-new"
+            self._name.native.setPlaceholderText(f"{modality}-new")
+            self._classes.native.setPlaceholderText("foreground")
+            return
         row = next((r for r in list_models() if r.id == self._base.value), None)
         if row is not None:
             self._name.tooltip = f"default: {default_name(row)}"
@@ -334,8 +348,19 @@ class FineTuneWidget(Container):
         if self._worker is not None:
             show_info("Fine-tuning is already running; stop it first.")
             return
+        modality = self._new_modality()
+        classes = [c for c in self._classes.value.split(",") if c.strip()] or None
         try:
-            base = load_model(self._base.value)
+            if modality is not None:
+                img = self._image.value
+                base = new_model(
+                    modality,
+                    classes=classes or ["foreground"],
+                    in_channels=int(img.data.shape[-1]) if img is not None and img.rgb else 1,
+                    name=self._name.value.strip() or None,
+                )
+            else:
+                base = load_model(self._base.value)
             pair = self._pair(base)
         except (ValueError, ModelFileError) as exc:
             self._error(user_message(exc))
@@ -353,7 +378,6 @@ class FineTuneWidget(Container):
             ignore_label=None if self._ignore.value < 0 else int(self._ignore.value),
         )
         name = self._name.value.strip() or None
-        classes = [c for c in self._classes.value.split(",") if c.strip()] or None
         device = self._device.value
         self.plot.clear()
         self._bar.value = 0

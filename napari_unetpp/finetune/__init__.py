@@ -4,8 +4,9 @@
     for progress in gen: ...            # or: result = fine_tune(...)
 
 The package, in reading order: :mod:`.data` (known pixels, normalised items, the validation split),
-:mod:`.augment` (patch sampling and augmentation), :mod:`.validation` (per-level Dice), :mod:`.loop` (the loop,
-its configuration, progress and result) and :mod:`.steps` (its small parts).
+:mod:`.augment` (patch sampling and augmentation), :mod:`.validation` (per-level Dice), :mod:`.recipe` (how to
+train, decided from the base model's baseline), :mod:`.loop` (the loop, its configuration, budget, progress and
+result) and :mod:`.steps` (its small parts).
 
 Which pixels are ground truth
     Only *known* pixels enter the loss; everything else is ignored, never treated as background. Known pixels are,
@@ -21,12 +22,14 @@ Validation
 
 Training
     Patches centred on known training pixels, preferring pixels the user changed (``focus``) and foreground; flips,
-    90-degree rotations, intensity jitter and a mild random affine; AdamW with warm-up and cosine decay at a small
-    learning rate; batch norms frozen (their running statistics stay those of the base model); deep supervision with
-    the hybrid loss over every head up to the trained depth. Mixed precision on CUDA, bf16 on CPUs that support it.
-    The base model's validation score is measured first and counts as a candidate, so the saved version is never
-    worse on validation than its parent. Stopping (the ``stop`` event, or closing the generator) saves the best
-    state seen so far.
+    90-degree rotations (half-turns on non-square patches), intensity jitter and a mild random affine. The recipe is
+    decided from the base model's baseline (:mod:`.recipe`): ``gentle`` when it already does well, ``adapt`` (batch
+    norm statistics re-estimated and trained, a learning rate that moves, small patches first) when it does not,
+    ``scratch`` for a fresh network (:func:`napari_unetpp.modalities.new_model`). AdamW with warm-up and cosine decay;
+    deep supervision with the hybrid loss over every head up to the trained depth. Mixed precision on CUDA, bf16 on
+    CPUs that support it. The wall-clock budget includes validation and saving. The base model's validation score is
+    measured first and counts as a candidate, so the saved version is never worse on validation than its parent.
+    Stopping with the ``stop`` event saves the best state seen so far; closing the generator cancels.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ from ..metrics import dice_score, recommend_depth
 from .augment import augment_batch, random_affine, sample_batch
 from .data import TrainingDataError, TrainingItem, TrainingPair, TrainingSet, pad_item, parse_slices, prepare_data
 from .loop import FineTuneConfig, FineTuneResult, TrainProgress, default_name, fine_tune, fine_tune_iter
+from .recipe import Recipe, choose_recipe, reestimate_batchnorm
 from .steps import batch_and_patch, freeze_batchnorms, learning_rate, shrink_after_oom, train_step, trained_batchnorms
 from .validation import validate
 
 __all__ = [
     "FineTuneConfig",
     "FineTuneResult",
+    "Recipe",
     "TrainProgress",
     "TrainingDataError",
     "TrainingItem",
@@ -48,6 +53,7 @@ __all__ = [
     "TrainingSet",
     "augment_batch",
     "batch_and_patch",
+    "choose_recipe",
     "default_name",
     "dice_score",
     "fine_tune",
@@ -59,6 +65,7 @@ __all__ = [
     "prepare_data",
     "random_affine",
     "recommend_depth",
+    "reestimate_batchnorm",
     "sample_batch",
     "shrink_after_oom",
     "train_step",

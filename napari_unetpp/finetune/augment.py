@@ -62,12 +62,14 @@ def sample_batch(
 def augment_batch(
     x: np.ndarray, y: np.ndarray, v: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flips (every axis), 90-degree rotations (in YX), and per-channel gamma, gain, offset and noise."""
+    """Flips (every axis), 90-degree rotations (in YX; half-turns only on non-square patches, whose quarter-turns
+    would not stack), and per-channel gamma, gain, offset and noise."""
     xs, ys, vs = [], [], []
     nd = y.ndim - 1
+    square = y.shape[-1] == y.shape[-2]
     for b in range(x.shape[0]):
         a, t, m = x[b], y[b], v[b]
-        k = int(rng.integers(4))
+        k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
         if k:
             a, t, m = np.rot90(a, k, axes=(-2, -1)), np.rot90(t, k, axes=(-2, -1)), np.rot90(m, k, axes=(-2, -1))
         for ax in range(nd):

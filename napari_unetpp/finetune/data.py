@@ -151,14 +151,21 @@ def _split(known: np.ndarray, key: str, val_fraction: float) -> np.ndarray:
     return val
 
 
-def _fallback_block(known: np.ndarray, key: str) -> np.ndarray:
-    """The known block with the smallest hash: validation when no block fell under the fraction."""
-    cands = [(_hash01(f"{key}|{pos}"), sl) for pos, sl in _blocks(known.shape) if known[sl].any()]
-    val = np.zeros_like(known)
+def _fallback_block(items: Sequence[TrainingItem], keys: Sequence[str]) -> None:
+    """When no block fell under the fraction: the known block with the smallest hash over *all* items goes to
+    validation. The choice depends only on the blocks' keys, not on how much is painted where, so it stays put
+    when the user paints more; a new slice moves it only to a block the earlier model never trained on."""
+    cands = [
+        (_hash01(f"{key}|{pos}"), ii, sl)
+        for ii, (it, key) in enumerate(zip(items, keys))
+        for pos, sl in _blocks(it.train.shape)
+        if it.train[sl].any()
+    ]
     if cands:
-        sl = min(cands, key=lambda c: c[0])[1]
-        val[sl] = known[sl]
-    return val
+        _, ii, sl = min(cands, key=lambda c: c[0])
+        it = items[ii]
+        it.val[sl] = it.train[sl]
+        it.train = it.train & ~it.val
 
 
 def _known_mask(pair: TrainingPair, labels: np.ndarray, ignore_label: int | None) -> np.ndarray:
@@ -214,6 +221,7 @@ def prepare_data(
     if not pairs:
         raise TrainingDataError("no training data: give at least one image with its labels.")
     items: list[TrainingItem] = []
+    keys: list[str] = []  # the split's key per item
     summary: dict[str, Any] = {"pairs": []}
     for pi, pair in enumerate(pairs):
         lay = layout(pair.image, pair.axes, cfg.spatial_dims)
@@ -262,6 +270,7 @@ def prepare_data(
                     f"repaint it."
                 )
             key = f"{pi}:{idx}"
+            keys.append(key)
             val = _split(kn, key, val_fraction)
             items.append(
                 TrainingItem(
@@ -285,9 +294,7 @@ def prepare_data(
         )
     n_val = sum(int(it.val.sum()) for it in items)
     if n_val == 0:  # no block fell into validation: take the stablest one
-        it = max(items, key=lambda i: i.train.sum())
-        it.val = _fallback_block(it.train, it.source)
-        it.train = it.train & ~it.val
+        _fallback_block(items, keys)
     _check_classes(items, cfg.num_classes)
     for it in items:
         it.index()

@@ -3,14 +3,19 @@
     for progress in fine_tune_iter("em-membranes", TrainingPair(image, labels, slices=[3, 7]), minutes=2): ...
     result = fine_tune(...)             # the same, run to the end
 
-Patches centred on known training pixels (see :mod:`.augment`); AdamW with warm-up and cosine decay at a small
-learning rate (:func:`learning_rate`); batch norms frozen (their running statistics stay those of the base model);
-deep supervision with the hybrid loss over every head up to the trained depth. Mixed precision on CUDA, bf16 on CPUs
-that support it. The base model's validation score is measured first and counts as a candidate, so the saved version
-is never worse on validation than its parent. Stopping (the ``stop`` event, or closing the generator) saves the best
-state seen so far. Where the depth flows: ``train_depth=k`` trains the sub-network of depth k (heads 1..k, nodes
-i + j <= k); validation scores every level, and the recommended depth is the shallowest within
-:data:`~napari_unetpp.metrics.RECOMMEND_MARGIN` of the best.
+Patches centred on known training pixels (see :mod:`.augment`). How to train is decided from the base model's own
+baseline on the validation pixels (see :mod:`.recipe`): ``gentle`` (small learning rate, frozen batch-norm
+statistics) when the base already does well, ``adapt`` (batch-norm statistics re-estimated on the user's images and
+trained, a learning rate that moves, small patches first, fewer validations early) when it does not, ``scratch`` for
+a fresh network from :func:`~napari_unetpp.modalities.new_model`. AdamW with warm-up and cosine decay; deep
+supervision with the hybrid loss over every head up to the trained depth. Mixed precision on CUDA, bf16 on CPUs that
+support it. The budget is the user's wall clock: data preparation, validation and saving count, and training stops
+early enough for the final validation and the save. The base model's validation score is measured first and counts
+as a candidate, so the saved version is never worse on validation than its parent. Stopping (the ``stop`` event)
+validates and saves the best state so far; closing the generator cancels and saves nothing. Where the depth flows:
+``train_depth=k`` trains the sub-network of depth k (heads 1..k, nodes i + j <= k); validation scores every level,
+the best state and the recommended depth (the shallowest within
+:data:`~napari_unetpp.metrics.RECOMMEND_MARGIN` of the best) are chosen on the trained levels only.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..jobs import run_to_end
 from ..losses import DeepSupervisionLoss
@@ -35,8 +41,17 @@ from ..network import UNetPlusPlus
 from ..registry import LoadedModel, ModelCard, resolve_model, save_model
 from ..runtime import autocast_dtype, describe_device, is_oom, release_memory, resolve_device
 from .augment import augment_batch, random_affine, sample_batch
-from .data import TrainingDataError, TrainingPair, pad_item, prepare_data
-from .steps import batch_and_patch, freeze_batchnorms, learning_rate, shrink_after_oom, train_step, trained_batchnorms
+from .data import TrainingDataError, TrainingPair, TrainingSet, pad_item, prepare_data
+from .recipe import RECIPES, choose_recipe, patch_at, reestimate_batchnorm
+from .steps import (
+    batch_and_patch,
+    freeze_batchnorms,
+    learning_rate,
+    shrink_after_oom,
+    small_patch_for,
+    train_step,
+    trained_batchnorms,
+)
 from .validation import validate
 
 __all__ = ["FineTuneConfig", "FineTuneResult", "TrainProgress", "default_name", "fine_tune", "fine_tune_iter"]
@@ -53,11 +68,15 @@ class FineTuneConfig:
         epochs: Epoch budget; an epoch is ``steps_per_epoch`` steps.
         steps_per_epoch: Steps between validations (default: enough patches to cover the training pixels once,
             at least 10).
-        learning_rate: AdamW peak learning rate (default 3e-4: small, so the base model is adapted, not wrecked).
+        recipe: ``"auto"`` (decided from the base model's baseline, see :mod:`.recipe`), ``"gentle"``, ``"adapt"``
+            or ``"scratch"``.
+        learning_rate: AdamW peak learning rate (default: the recipe's; 3e-4 gentle, 6e-4..2e-3 adapt, 2e-3
+            scratch).
         weight_decay: AdamW weight decay (default 1e-4).
         warmup_steps: Linear warm-up steps (default 5).
         batch_size: Patches per step (default: 4 on CPU; on CUDA sized from free memory).
         patch_size: Patch edge in pixels (default 256 in 2D, 96 in 3D (32 along Z on CPU), capped by the image).
+        small_patch_size: Patch edge for the first half of ``adapt``/``scratch`` runs (default half the patch).
         train_depth: Train the sub-network of this depth only (fast update: 1 or 2); default all levels.
         deep_supervision_weights: One weight per head (default equal, as in the paper).
         ce_weight: Cross-entropy weight in the hybrid loss (default 1).
@@ -69,7 +88,9 @@ class FineTuneConfig:
         focus_fraction: Share of patches centred on pixels the user changed (default 0.5).
         foreground_fraction: Share of the others centred on foreground (default 0.33).
         affine_probability: Chance of a random rotation (+-15 degrees) and scaling (0.85-1.15) (default 0.3).
-        freeze_batchnorm: Keep batch-norm running statistics fixed (default True).
+        freeze_batchnorm: Keep batch-norm running statistics fixed (default: the recipe's; True for gentle).
+        reestimate_statistics: Re-estimate batch-norm statistics on the images before training (default: the
+            recipe's; True for adapt).
         ignore_label: Label value meaning "unknown" (default None).
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (default auto).
         seed: Random seed (default 0).
@@ -78,11 +99,13 @@ class FineTuneConfig:
     minutes: float | None = None
     epochs: int | None = None
     steps_per_epoch: int | None = None
-    learning_rate: float = 3e-4
+    recipe: str = "auto"
+    learning_rate: float | None = None
     weight_decay: float = 1e-4
     warmup_steps: int = 5
     batch_size: int | None = None
     patch_size: int | None = None
+    small_patch_size: int | None = None
     train_depth: int | None = None
     deep_supervision_weights: tuple[float, ...] | None = None
     ce_weight: float = 1.0
@@ -94,7 +117,8 @@ class FineTuneConfig:
     focus_fraction: float = 0.5
     foreground_fraction: float = 0.33
     affine_probability: float = 0.3
-    freeze_batchnorm: bool = True
+    freeze_batchnorm: bool | None = None
+    reestimate_statistics: bool | None = None
     ignore_label: int | None = None
     precision: str = "auto"
     seed: int = 0
@@ -106,8 +130,10 @@ class FineTuneConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}.")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}.")
 
 
 @dataclass
@@ -115,7 +141,8 @@ class TrainProgress:
     """What a fine-tuning run is doing.
 
     Attributes:
-        phase: ``"prepared"``, ``"baseline"``, ``"train"``, ``"validate"``, ``"retry"`` (out of memory, smaller
+        phase: ``"prepared"``, ``"baseline"`` (with the recipe chosen), ``"statistics"`` (batch-norm statistics
+            re-estimated), ``"train"``, ``"validate"``, ``"retry"`` (out of memory, smaller
             batch), ``"saving"``.
         step: Optimiser steps done.
         epoch: Validations done since the baseline.
@@ -186,13 +213,15 @@ def fine_tune_iter(
     """Fine-tune ``model`` on corrected labels; yield :class:`TrainProgress`, return :class:`FineTuneResult`.
 
     Args:
-        model: Base model (name, ``name@vN``, path, :class:`LoadedModel` or ``UNetPlusPlus``); never modified.
+        model: Base model (name, ``name@vN``, path, :class:`LoadedModel` or ``UNetPlusPlus``), or a fresh network
+            from :func:`~napari_unetpp.registry.new_model`; never modified.
         data: One or more :class:`TrainingPair`.
         config: Hyperparameters; keywords in ``options`` override its fields (e.g. ``minutes=2``).
         device: ``"auto"`` (CUDA, MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
         name: Name to save under (default: the base's name for user models, ``<base>-finetuned`` for shipped ones).
         save: Save the best state as a new model version (never overwrites anything).
-        stop: An event (or callable) that ends training at the next step; the best state so far is kept and saved.
+        stop: An event (or callable) that ends training at the next step; the best state so far is validated, kept
+            and saved. Closing the generator instead cancels the run: nothing is saved.
         classes: Class names for the new version's card (default: the base's), e.g. ``["nucleus"]`` when an EM
             membrane model is fine-tuned on nuclei.
 
@@ -209,7 +238,7 @@ def fine_tune_iter(
         cfg.minutes = 2.0
     base = resolve_model(model)
     class_names = _check_class_names(classes, base)
-    t0 = time.perf_counter()
+    clock = _Clock(cfg.minutes, cfg.epochs)
     dev = resolve_device(device)
     should_stop = stop.is_set if isinstance(stop, threading.Event) else (stop or (lambda: False))
     rng = np.random.default_rng(cfg.seed)
@@ -219,54 +248,75 @@ def fine_tune_iter(
     module: UNetPlusPlus = copy.deepcopy(base.module).float().to(dev)
     max_depth = module.max_depth
     depth = module.check_depth(cfg.train_depth)
-    batch, patch = batch_and_patch(ds, module, dev, cfg.patch_size, cfg.batch_size)
+    levels = list(range(1, depth + 1))  # the heads that train: the best state is chosen on these only
+    batch, full_patch = batch_and_patch(ds, module, dev, cfg.patch_size, cfg.batch_size)
+    small_patch = small_patch_for(full_patch, 2**max_depth, cfg.small_patch_size)
     for it in ds.items:
-        pad_item(it, patch)
+        pad_item(it, full_patch)
     amp = autocast_dtype(dev, cfg.precision) if dev.type != "mps" else None
     fmt = torch.channels_last if (ds.spatial_dims == 2 and dev.type in ("cpu", "cuda")) else torch.contiguous_format
     module = module.to(memory_format=fmt)  # type: ignore[call-overload]
-    params = [p for _, m in module.modules_for_depth(depth) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and amp == torch.float16)
-    loss_fn = DeepSupervisionLoss(cfg.deep_supervision_weights, cfg.ce_weight, cfg.dice_weight)
-    spe = cfg.steps_per_epoch or max(10, math.ceil(ds.n_train / (batch * float(np.prod(patch)))))
-    budget_s = None if cfg.minutes is None else cfg.minutes * 60.0
-    budget_steps = None if cfg.epochs is None else cfg.epochs * spe
-
-    def fraction(step: int) -> float:
-        fr = []
-        if budget_s is not None:
-            fr.append((time.perf_counter() - t0) / budget_s)
-        if budget_steps is not None:
-            fr.append(step / budget_steps)
-        return float(min(1.0, max(fr)))
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-    summary = {**ds.summary, "patch": list(patch), "batch": batch, "steps_per_epoch": spe}
+    statistics = trained_batchnorms(module)  # batch norms that carry statistics from earlier training
+    fresh = bool(base.card.training.get("untrained")) or not statistics
+    summary = {**ds.summary, "patch": list(full_patch), "batch": batch}
     yield TrainProgress(
         "prepared",
-        seconds=time.perf_counter() - t0,
+        seconds=clock.elapsed(),
         message=f"{ds.n_train} training and {ds.n_val} validation pixels in {len(ds.items)} "
-        f"slice(s); patches {'x'.join(map(str, patch))}, batch {batch}, on "
-        f"{describe_device(dev)}",
+        f"slice(s); patches {'x'.join(map(str, full_patch))}, batch {batch}, on {describe_device(dev)}",
     )
+    t_val = time.perf_counter()
     baseline = validate(module, ds, dev, amp)
-    best_state, best_scores = snapshot(), baseline
-    best = float(np.mean(list(baseline.values())))
-    history: list[dict[str, Any]] = [
-        {"step": 0, "seconds": round(time.perf_counter() - t0, 2), "loss": None, "val": baseline}
-    ]
+    clock.val_seconds = time.perf_counter() - t_val
+    recipe = choose_recipe(
+        baseline,
+        levels,
+        fresh=fresh,
+        requested=cfg.recipe,
+        learning_rate=cfg.learning_rate,
+        freeze_batchnorm=cfg.freeze_batchnorm,
+        reestimate=cfg.reestimate_statistics,
+    )
+    if recipe.small_patch_until == 0 or small_patch == full_patch:
+        recipe = replace(recipe, small_patch_until=0.0)
+    summary.update(recipe=recipe.to_dict(), small_patch=list(small_patch) if recipe.small_patch_until else None)
+    best_state, best_scores = _snapshot(module), baseline
+    best = _mean(baseline, levels)
+    history: list[dict[str, Any]] = [{"step": 0, "seconds": round(clock.elapsed(), 2), "loss": None, "val": baseline}]
     yield TrainProgress(
         "baseline",
-        seconds=time.perf_counter() - t0,
+        seconds=clock.elapsed(),
         val=baseline,
         best=best,
-        message="base model: " + format_scores(baseline),
+        message=f"base model: {format_scores(baseline)}; recipe {recipe.name}: {recipe.reason} (learning rate "
+        f"{recipe.learning_rate:.1e}, batch-norm statistics {'frozen' if recipe.freeze_batchnorm else 'trained'}"
+        + (f", patches {'x'.join(map(str, small_patch))} first" if recipe.small_patch_until else "")
+        + ")",
     )
+    if recipe.reestimate_batchnorm:
+        n = reestimate_batchnorm(module, _statistics_batches(ds, rng, batch, full_patch, dev, fmt))
+        scores = validate(module, ds, dev, amp)
+        history.append({"step": 0, "seconds": round(clock.elapsed(), 2), "loss": None, "val": scores, "note": "AdaBN"})
+        if _mean(scores, levels) > best:
+            best, best_scores, best_state = _mean(scores, levels), scores, _snapshot(module)
+        yield TrainProgress(
+            "statistics",
+            seconds=clock.elapsed(),
+            fraction=clock.fraction(0),
+            val=scores,
+            best=best,
+            message=f"batch-norm statistics re-estimated on {n} batches of your images: {format_scores(scores)}",
+        )
+    params = [p for _, m in module.modules_for_depth(depth) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and amp == torch.float16)
+    loss_fn = DeepSupervisionLoss(cfg.deep_supervision_weights, cfg.ce_weight, cfg.dice_weight)
+    spe = cfg.steps_per_epoch or max(10, math.ceil(ds.n_train / (batch * float(np.prod(full_patch)))))
+    clock.steps_per_epoch = spe
+    summary["steps_per_epoch"] = spe
     step, epoch, since_best, stopped, improved, losses = 0, 0, 0, "budget", False, []
-    frozen = trained_batchnorms(module) if cfg.freeze_batchnorm else []  # decided once, before any step
+    last_val_step, last_val_time = 0, clock.elapsed()
+    frozen = statistics if recipe.freeze_batchnorm else []  # decided once, before any step
     module.train()
     freeze_batchnorms(frozen)
     try:
@@ -274,17 +324,20 @@ def fine_tune_iter(
             if should_stop():
                 stopped = "stopped by user"
                 break
-            if fraction(step) >= 1.0:
+            if clock.done(step):
                 break
-            lr = learning_rate(step, fraction(step), cfg.learning_rate, cfg.warmup_steps)
+            frac = clock.fraction(step)
+            lr = learning_rate(step, frac, recipe.learning_rate, cfg.warmup_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            patch = patch_at(frac, full_patch, small_patch, recipe.small_patch_until)
             xb, yb, vb = augment_batch(
                 *sample_batch(ds, rng, batch, patch, cfg.focus_fraction, cfg.foreground_fraction), rng
             )
             x = torch.from_numpy(xb).to(dev).contiguous(memory_format=fmt)
             y, v = torch.from_numpy(yb).to(dev), torch.from_numpy(vb).to(dev)
             x, y, v = random_affine(x, y, v, rng, cfg.affine_probability)
+            t_step = time.perf_counter()
             try:
                 loss = train_step(module, optimizer, loss_fn, x, y, v, depth, amp, scaler)
             except (RuntimeError, MemoryError) as exc:
@@ -292,51 +345,64 @@ def fine_tune_iter(
                     raise
                 del x, y, v
                 release_memory(dev)
-                batch, patch = shrink_after_oom(batch, patch, 2**max_depth)
+                batch, smaller = shrink_after_oom(batch, patch, 2**max_depth)
+                full_patch = tuple(min(a, b) for a, b in zip(full_patch, smaller))
+                small_patch = tuple(min(a, b) for a, b in zip(small_patch, smaller))
                 yield TrainProgress(
                     "retry",
                     step,
                     epoch,
-                    time.perf_counter() - t0,
-                    fraction(step),
-                    message=f"out of memory: retrying with batch {batch}, patches {'x'.join(map(str, patch))}",
+                    clock.elapsed(),
+                    clock.fraction(step),
+                    message=f"out of memory: retrying with batch {batch}, patches {'x'.join(map(str, smaller))}",
                 )
                 continue
+            clock.step_seconds = time.perf_counter() - t_step
             step += 1
             losses.append(loss)
             yield TrainProgress(
                 "train",
                 step,
                 epoch,
-                time.perf_counter() - t0,
-                fraction(step),
+                clock.elapsed(),
+                clock.fraction(step),
                 loss=loss,
                 best=best,
                 message=f"step {step}: loss {loss:.4f}",
             )
-            if step % spe == 0 or fraction(step) >= 1.0 or should_stop():
+            last = clock.done(step) or should_stop()
+            due = step - last_val_step >= spe
+            if not cfg.steps_per_epoch and recipe.name != "gentle":  # fewer validations while the network moves fast
+                due = due and clock.fraction(step) >= recipe.first_validation
+                if clock.budget_s is not None:
+                    due = due and clock.elapsed() - last_val_time >= 0.1 * clock.budget_s
+            if last or due:
                 epoch += 1
+                t_val = time.perf_counter()
                 scores = validate(module, ds, dev, amp)
+                clock.val_seconds = time.perf_counter() - t_val
                 freeze_batchnorms(frozen)
-                mean = float(np.mean(list(scores.values())))
+                last_val_step, last_val_time = step, clock.elapsed()
+                mean = _mean(scores, levels)
                 history.append(
                     {
                         "step": step,
-                        "seconds": round(time.perf_counter() - t0, 2),
+                        "seconds": round(clock.elapsed(), 2),
                         "loss": round(float(np.mean(losses[-spe:])), 4),
                         "val": scores,
+                        "patch": list(patch),
                     }
                 )
                 if mean > best + cfg.min_delta or (mean > best and not improved):
-                    best, best_scores, best_state, since_best, improved = mean, scores, snapshot(), 0, True
+                    best, best_scores, best_state, since_best, improved = mean, scores, _snapshot(module), 0, True
                 else:
                     since_best += 1
                 yield TrainProgress(
                     "validate",
                     step,
                     epoch,
-                    time.perf_counter() - t0,
-                    fraction(step),
+                    clock.elapsed(),
+                    clock.fraction(step),
                     loss=history[-1]["loss"],
                     val=scores,
                     best=best,
@@ -345,26 +411,7 @@ def fine_tune_iter(
                 if cfg.patience and since_best >= cfg.patience:
                     stopped = "early stopping"
                     break
-    except GeneratorExit:  # the caller closed the generator: keep the best state, as with ``stop``
-        if save and step:
-            _save(
-                base,
-                best_state,
-                best_scores,
-                baseline,
-                cfg,
-                name,
-                history,
-                step,
-                t0,
-                dev,
-                "stopped by user",
-                improved,
-                summary,
-                classes=class_names,
-            )
-        raise
-    finally:
+    finally:  # also when the caller closes the generator: that cancels the run, and nothing is saved
         del optimizer
         module.to("cpu")
         release_memory(dev)
@@ -372,7 +419,7 @@ def fine_tune_iter(
         "saving",
         step,
         epoch,
-        time.perf_counter() - t0,
+        clock.elapsed(),
         1.0,
         best=best,
         message=f"{stopped} after {step} steps; saving" if save else f"{stopped} after {step} steps",
@@ -386,16 +433,76 @@ def fine_tune_iter(
         name,
         history,
         step,
-        t0,
+        clock.t0,
         dev,
         stopped,
         improved,
         summary,
         write=save,
         classes=class_names,
+        levels=levels,
     )
     release_memory(dev)
     return result
+
+
+class _Clock:
+    """The budget: wall-clock minutes (validation and saving included) and/or epochs.
+
+    Training ends when the time left no longer holds another step plus the final validation and the save, so the
+    whole run, from preparing the data to the saved card, ends within the budget.
+    """
+
+    SAVE_SECONDS = 1.0  # writing weights and card (measured: 0.1-0.3 s for the shipped size), with room
+
+    def __init__(self, minutes: float | None, epochs: int | None) -> None:
+        self.t0 = time.perf_counter()
+        self.budget_s = None if minutes is None else minutes * 60.0
+        self.epochs = epochs
+        self.steps_per_epoch = 10
+        self.val_seconds = 0.0
+        self.step_seconds = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _train_budget(self) -> float:
+        assert self.budget_s is not None
+        return max(1e-6, self.budget_s - 1.2 * self.val_seconds - self.SAVE_SECONDS)
+
+    def fraction(self, step: int) -> float:
+        """Share of the training budget used (0..1), for schedules and progress bars."""
+        fr = []
+        if self.budget_s is not None:
+            fr.append(self.elapsed() / self._train_budget())
+        if self.epochs is not None:
+            fr.append(step / (self.epochs * self.steps_per_epoch))
+        return float(min(1.0, max(fr)))
+
+    def done(self, step: int) -> bool:
+        """No time (or epoch) left for another step."""
+        if self.epochs is not None and step >= self.epochs * self.steps_per_epoch:
+            return True
+        return self.budget_s is not None and self.elapsed() + 0.5 * self.step_seconds >= self._train_budget()
+
+
+def _mean(scores: dict[int, float], levels: Sequence[int]) -> float:
+    return float(np.mean([scores[k] for k in levels]))
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _statistics_batches(
+    ds: TrainingSet, rng: np.random.Generator, batch: int, patch: Sequence[int], dev: torch.device, fmt: Any
+) -> Iterator[torch.Tensor]:
+    """Un-augmented patches of the user's images (labels unused) for re-estimating batch-norm statistics: enough
+    to see every training pixel about once, 4-16 batches."""
+    n = int(np.clip(math.ceil(ds.n_train / (batch * float(np.prod(patch)))), 4, 16))
+    for _ in range(n):
+        xb, _, _ = sample_batch(ds, rng, batch, patch, 0.0, 0.0)
+        yield torch.from_numpy(xb).to(dev).contiguous(memory_format=fmt)
 
 
 def _check_class_names(classes: Sequence[str] | str | None, base: LoadedModel) -> list[str] | None:
@@ -434,11 +541,13 @@ def _save(
     summary: dict[str, Any],
     write: bool = True,
     classes: list[str] | None = None,
+    levels: Sequence[int] | None = None,
 ) -> FineTuneResult:
     net = copy.deepcopy(base.module).cpu()
     net.load_state_dict(state)
     net.eval()
-    rec = recommend_depth(scores, cfg.margin)
+    trained = {k: v for k, v in scores.items() if levels is None or k in levels}
+    rec = recommend_depth(trained, cfg.margin)
     seconds = time.perf_counter() - t0
     card = ModelCard(
         name=name or default_name(base),
@@ -446,17 +555,21 @@ def _save(
         normalization=dict(base.card.normalization),
         classes=classes or list(base.card.classes),
         description=(base.card.description or base.card.name)
-        + " (fine-tuned on corrections)"
+        + ("" if base.card.training.get("untrained") else " (fine-tuned on corrections)")
         + (f"; classes renamed from {', '.join(base.card.classes)}" if classes else ""),
         training={
-            "data": f"fine-tuned from {base.card.id} on {summary.get('train_pixels', 0)} corrected pixels in "
+            "data": (
+                "trained from scratch" if base.card.training.get("untrained") else f"fine-tuned from {base.card.id}"
+            )
+            + f" on {summary.get('train_pixels', 0)} corrected pixels in "
             f"{summary.get('n_items', 0)} slice(s) of " + ", ".join(p["name"] for p in summary.get("pairs", [])),
             "data_summary": summary,
             "validation": f"{summary.get('val_pixels', 0)} held-out corrected pixels (hashed blocks, stable "
             f"across rounds)",
-            "recipe": "napari_unetpp.training.fine_tune: patches favouring corrected pixels, flips, rot90, "
-            "intensity jitter, mild affine; AdamW + cosine; frozen batch-norm statistics; deep "
+            "recipe": f"napari_unetpp.finetune ({summary.get('recipe', {}).get('name', 'gentle')}): patches favouring "
+            "corrected pixels, flips, rot90, intensity jitter, mild affine; AdamW + warm-up + cosine; deep "
             "supervision with BCE/CE + soft Dice on known pixels only",
+            "decision": summary.get("recipe", {}),
             "hyperparameters": {k: v for k, v in asdict(cfg).items() if v is not None},
             "baseline_scores": {f"L{k}": {"dice": v} for k, v in baseline.items()},
             "history": history[-50:],
@@ -470,7 +583,7 @@ def _save(
         },
         scores={f"L{k}": {"dice": v} for k, v in scores.items()},
         recommended_depth=rec,
-        parent=base.card.id,
+        parent=None if base.card.training.get("untrained") else base.card.id,
         tile=base.card.tile,
     )
     path = save_model(net, card) if write else None

@@ -19,6 +19,7 @@ __all__ = [
     "freeze_batchnorms",
     "learning_rate",
     "shrink_after_oom",
+    "small_patch_for",
     "train_step",
     "trained_batchnorms",
 ]
@@ -94,6 +95,18 @@ def batch_and_patch(
         per_sample = 4e3 * (module.config.features[0] / 16) * float(np.prod(patch))
         return int(np.clip(0.5 * free // per_sample, 2, 32)), patch
     return 4, patch
+
+
+def small_patch_for(full: Sequence[int], multiple: int, size: int | None = None) -> tuple[int, ...]:
+    """The early, cheap patch: ``size`` per axis when given, else half of ``full``; kept a multiple of ``multiple``,
+    at least 4 ``multiple``s in-plane (2 along Z), and never larger than ``full``."""
+    nd = len(full)
+    out = []
+    for ax, p in enumerate(full):
+        least = (2 if (nd == 3 and ax == 0) else 4) * multiple
+        want = int(size) if size else p // 2
+        out.append(min(p, max(least, want // multiple * multiple)))
+    return tuple(out)
 
 
 def learning_rate(step: int, fraction: float, peak: float, warmup_steps: int = 5, floor: float = 0.05) -> float:

@@ -1,0 +1,399 @@
+"""How fine-tuning decides to train: each decision on its own, then the bugs found in review, each with the case
+that failed before its fix."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unetpp.finetune import TrainingPair, augment_batch, fine_tune, fine_tune_iter, prepare_data
+from napari_unetpp.finetune.data import _blocks
+from napari_unetpp.finetune.recipe import (
+    ADAPT_LR,
+    GENTLE_LR,
+    GOOD_BASELINE,
+    SCRATCH_LR,
+    adapt_learning_rate,
+    choose_recipe,
+    patch_at,
+    reestimate_batchnorm,
+)
+from napari_unetpp.finetune.steps import small_patch_for
+from napari_unetpp.modalities import MODALITIES, new_model
+from napari_unetpp.network import UNetPlusPlus
+from napari_unetpp.prediction import predict
+from napari_unetpp.registry import LoadedModel, list_models, load_model, save_model
+
+from .conftest import DATA, dice
+
+
+def tiny(depth: int = 2, seed: int = 0) -> LoadedModel:
+    torch.manual_seed(seed)
+    return LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32, 64, 128)[: depth + 1], norm="batch"), name="tiny")
+
+
+# ------------------------------------------------------------------------------------------------ decisions
+def test_recipe_follows_the_baseline_of_the_trained_levels():
+    good = choose_recipe({1: 0.80, 2: 0.9}, [1, 2])
+    assert good.name == "gentle" and good.learning_rate == GENTLE_LR and good.freeze_batchnorm
+    assert not good.reestimate_batchnorm and good.small_patch_until == 0
+    poor = choose_recipe({1: 0.3, 2: 0.5}, [1, 2])
+    assert poor.name == "adapt" and not poor.freeze_batchnorm and poor.reestimate_batchnorm
+    assert poor.small_patch_until > 0 and poor.first_validation > 0
+    assert "0.50" in poor.reason  # the figure behind the decision is in the card and on screen
+    # fast mode (train depth 2): a good L3 the run will not train does not make the recipe gentle
+    assert choose_recipe({1: 0.2, 2: 0.3, 3: 0.9}, [1, 2]).name == "adapt"
+    assert choose_recipe({1: 0.2, 2: 0.3, 3: 0.9}, [1, 2, 3]).name == "gentle"
+    assert choose_recipe({1: 0.9}, [1], fresh=True).name == "scratch"
+    assert choose_recipe({1: 0.9}, [1], fresh=True).learning_rate == SCRATCH_LR
+
+
+def test_learning_rate_moves_more_the_worse_the_baseline():
+    rates = [adapt_learning_rate(d) for d in (0.9, GOOD_BASELINE, 0.7, 0.6, 0.5, 0.0)]
+    assert rates[0] == rates[1] == pytest.approx(ADAPT_LR[0])
+    assert rates[-1] == rates[-2] == pytest.approx(ADAPT_LR[1])
+    assert all(a < b for a, b in zip(rates[1:4], rates[2:5]))
+    assert choose_recipe({1: 0.6}, [1]).learning_rate == pytest.approx(adapt_learning_rate(0.6))
+
+
+def test_the_users_choices_override_the_recipe():
+    r = choose_recipe({1: 0.1}, [1], learning_rate=1e-5, freeze_batchnorm=True)
+    assert r.name == "adapt" and r.learning_rate == 1e-5 and r.freeze_batchnorm and not r.reestimate_batchnorm
+    assert choose_recipe({1: 0.95}, [1], requested="adapt").name == "adapt"
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        choose_recipe({1: 0.5}, [1], requested="fast")
+
+
+def test_patch_schedule():
+    assert small_patch_for((256, 256), 16) == (128, 128)
+    assert small_patch_for((176, 192), 16) == (80, 96)
+    assert small_patch_for((64, 64), 16) == (64, 64)  # never below 4 multiples in-plane
+    assert small_patch_for((32, 96, 96), 16) == (32, 64, 64)  # at least 2 multiples along Z, 4 in-plane
+    assert small_patch_for((64, 192, 192), 16) == (32, 96, 96)
+    assert small_patch_for((256, 256), 16, 96) == (96, 96)
+    assert patch_at(0.2, (256, 256), (128, 128), 0.5) == (128, 128)
+    assert patch_at(0.5, (256, 256), (128, 128), 0.5) == (256, 256)
+    assert patch_at(0.0, (256, 256), (128, 128), 0.0) == (256, 256)
+
+
+def test_batchnorm_statistics_are_re_estimated_from_the_users_images():
+    torch.manual_seed(0)
+    net = UNetPlusPlus(features=(8, 16, 32), norm="batch")
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    first = bns[0]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    net.train()
+    bns[3].eval()  # a frozen one stays frozen afterwards
+    data = [torch.randn(2, 1, 32, 32) * 5 + 40 for _ in range(3)]
+    assert reestimate_batchnorm(net, iter(data)) == 3
+    # the first batch norm sees the first convolution's output: its running mean is that output's mean
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        expect = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x in data]).mean(0)
+    torch.testing.assert_close(first.running_mean, expect, rtol=1e-4, atol=1e-4)
+    assert first.momentum == 0.1 and net.training and not bns[3].training and bns[2].training
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())  # statistics only
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+def test_a_base_that_does_not_fit_is_adapted(em_model, em_crop, em_crop_membrane):
+    """The EM membrane model asked for cell interiors: a poor baseline, so statistics are re-estimated, the
+    learning rate moves and the decision is recorded in the card."""
+    phases, messages = [], []
+    res = fine_tune(
+        em_model,
+        TrainingPair(em_crop, 1 - em_crop_membrane, slices=[0, 1], name="interiors"),
+        epochs=2,
+        steps_per_epoch=3,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        classes=["interior"],
+        on_progress=lambda p: (phases.append(p.phase), messages.append(p.message)),
+    )
+    rec = res.data["recipe"]
+    assert max(res.baseline.values()) < GOOD_BASELINE and rec["name"] == "adapt"
+    assert rec["learning_rate"] == pytest.approx(adapt_learning_rate(max(res.baseline.values())))
+    assert phases[:3] == ["prepared", "baseline", "statistics"] and "recipe adapt" in messages[1]
+    card = load_model(res.path).card
+    assert card.training["decision"]["name"] == "adapt" and card.training["decision"]["reason"] == rec["reason"]
+    assert card.training["hyperparameters"].get("learning_rate") is None  # the user did not set one
+    assert card.parent == "em-membranes@v1"
+    # re-estimated statistics differ from the shipped ones
+    key = next(k for k in em_model.module.state_dict() if k.endswith("running_mean"))
+    assert not torch.equal(em_model.module.state_dict()[key], res.model.module.state_dict()[key])
+
+
+def test_a_base_that_fits_is_adjusted_gently(em_model, em_crop, em_crop_membrane):
+    res = fine_tune(
+        em_model,
+        TrainingPair(em_crop, em_crop_membrane, slices=[0, 1]),
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        save=False,
+    )
+    assert max(res.baseline.values()) >= GOOD_BASELINE and res.data["recipe"]["name"] == "gentle"
+    key = next(k for k in em_model.module.state_dict() if k.endswith("running_mean"))
+    assert torch.equal(em_model.module.state_dict()[key], res.model.module.state_dict()[key])  # frozen
+
+
+def test_new_model_trains_from_scratch_end_to_end(em_crop, em_crop_membrane):
+    lm = new_model("em", classes=["membrane"], name="fresh-em")
+    assert lm.card.training["untrained"] and lm.normalization == MODALITIES["em"]["normalization"]
+    res = fine_tune(
+        lm,
+        TrainingPair(em_crop, em_crop_membrane, slices=[0, 1]),
+        epochs=8,
+        steps_per_epoch=6,
+        batch_size=4,
+        patch_size=96,
+        device="cpu",
+        patience=0,
+    )
+    card = load_model("fresh-em").card
+    assert res.data["recipe"]["name"] == "scratch" and card.parent is None
+    assert card.training["data"].startswith("trained from scratch") and "untrained" not in card.training
+    assert card.normalization == MODALITIES["em"]["normalization"].to_dict() and card.classes == ["membrane"]
+    assert max(res.scores.values()) > max(res.baseline.values()) + 0.2
+    mask = predict(em_crop[2], load_model("fresh-em"), precision="fp32").mask
+    assert dice(mask, em_crop_membrane[2]) > 0.5  # a slice it never saw
+    with pytest.raises(ValueError, match="modality must be one of"):
+        new_model("xray")
+
+
+def test_the_wall_clock_budget_includes_validation_and_saving(em_crop, em_crop_membrane, monkeypatch):
+    """A slow validation (2 s here) is reserved for: the run, saving included, ends within 5 % of the budget."""
+    import napari_unetpp.finetune.loop as loop
+
+    real = loop.validate
+
+    def slow(*a, **k):
+        time.sleep(2.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "validate", slow)
+    t0 = time.perf_counter()
+    res = fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        minutes=0.25,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        name="timed",
+    )
+    wall = time.perf_counter() - t0
+    assert res.stopped == "budget" and res.steps > 5 and res.path is not None
+    assert 0.75 * 15 < wall < 1.05 * 15, wall
+
+
+# ------------------------------------------------------------------------------------------ bugs from review
+@pytest.mark.parametrize("shape", [(32, 32), (24, 40), (6, 24, 40)])
+def test_augment_keeps_non_square_patches_stackable_and_aligned(shape):
+    """Quarter turns of non-square patches made mismatched shapes and np.stack crashed (e.g. 176 x 192)."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((8, *shape)) > 0.5).astype(np.int64)
+    v = rng.random((8, *shape)) > 0.3
+    xa, ya, va = augment_batch(y[:, None].astype(np.float32), y, v, rng)
+    assert xa.shape == (8, 1, *shape) and ya.shape == y.shape and va.sum() == v.sum()
+    for b in range(8):
+        assert ((xa[b, 0] > 0.5 * (xa[b, 0].max() + xa[b, 0].min())) == (ya[b] == 1)).mean() > 0.99
+
+
+def test_odd_sized_images_fine_tune_with_the_default_patch(em_crop, em_crop_membrane):
+    res = fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices=[0, 1]),
+        epochs=1,
+        steps_per_epoch=6,
+        device="cpu",
+        batch_size=4,
+        save=False,
+    )
+    assert res.steps == 6 and tuple(res.data["patch"]) == (164, 188)  # 161 x 187 rounded up to multiples of 4
+
+
+def test_fast_mode_chooses_the_best_state_on_the_levels_it_trains(em_crop, em_crop_membrane, monkeypatch):
+    """With train_depth=1 only head 1 trains; a state where L1 got worse but untrained L2 looked better was
+    chosen before (mean over all levels)."""
+    import napari_unetpp.finetune.loop as loop
+
+    scores = iter([{1: 0.5, 2: 0.1}, {1: 0.4, 2: 0.9}, {1: 0.45, 2: 0.8}])
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: next(scores))
+    res = fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        train_depth=1,
+        save=False,
+        recipe="adapt",
+        freeze_batchnorm=True,
+    )
+    assert not res.improved and res.scores == {1: 0.5, 2: 0.1} and res.recommended_depth == 1
+
+
+def test_the_fallback_validation_block_stays_put_when_more_is_painted(em_crop, em_crop_membrane):
+    """With too few blocks for the fraction, one block validates; it used to sit in whichever slice had the most
+    training pixels, so painting more elsewhere moved it (and the old validation pixels became training)."""
+    lab = em_crop_membrane[:2].astype(np.int64)
+    base = tiny()
+
+    def val_blocks(known):
+        ds = prepare_data(TrainingPair(em_crop[:2], lab, known=known), base, val_fraction=0.01)
+        return [(i, np.flatnonzero(it.val)) for i, it in enumerate(ds.items) if it.val.any()]
+
+    known = np.zeros(lab.shape, bool)
+    known[0, :100, :] = True
+    known[1, :120, ::4] = True
+    first = val_blocks(known)
+    known[1, :120, :] = True  # the user fills in slice 1's rows: it now has the most training pixels
+    second = val_blocks(known)
+    assert len(first) == len(second) == 1 and first[0][0] == second[0][0]
+    assert set(first[0][1]) <= set(second[0][1])  # the same block, now with more known pixels
+    assert len(list(_blocks(lab.shape[1:]))) > 1
+
+
+def test_closing_the_generator_cancels_and_saves_nothing(em_crop, em_crop_membrane):
+    """Closing (or garbage-collecting) a half-run generator is a cancel: it used to save a model from inside the
+    garbage collector. Stopping with the event is how to end early and keep the best state."""
+    before = {r.id for r in list_models()}
+    gen = fine_tune_iter(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        minutes=5,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        name="closed-run",
+    )
+    for p in gen:
+        if p.phase == "train" and p.step == 3:
+            break
+    gen.close()
+    gen2 = fine_tune_iter(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        minutes=5,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        name="collected-run",
+    )
+    for p in gen2:
+        if p.phase == "train" and p.step == 2:
+            break
+    del gen2
+    gc.collect()
+    assert {r.id for r in list_models()} == before
+
+
+def _train_cli(*extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "napari_unetpp.cli",
+            "train",
+            "--image",
+            str(DATA / "isbi_val_crop.tif"),
+            "--labels",
+            str(DATA / "isbi_val_crop_labels.tif"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--patch-size",
+            "64",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_in_train_saves_the_best_state(tmp_path):
+    """A real SIGINT mid-run: the CLI validates, saves the best state and exits 0 (it used to crash on
+    ``res.model`` after the generator ended)."""
+    base = tiny()
+    path = save_model(base.module, base.card.__class__(name="sigint-base", architecture=base.card.architecture))
+    proc = _train_cli(
+        "--base",
+        str(path),
+        "--minutes",
+        "5",
+        "--out",
+        "after-sigint",
+        "--slices",
+        "0",
+        "1",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ch = proc.stderr.read(1)
+        seen += ch
+        if "step 3 " in seen or not ch:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, seen + err
+    assert "stopped by user" in out and "saved" in out
+    assert load_model("after-sigint").card.training["stopped"] == "stopped by user"
+
+
+def test_val_slices_alone_are_never_trained_on(tmp_path):
+    """``--val-slices 2`` without ``--slices``: the default (every labelled slice) included slice 2."""
+    proc = _train_cli("--epochs", "1", "--out", "held-2", "--val-slices", "2")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    card = load_model("held-2").card
+    assert card.training["data_summary"]["pairs"][0]["known_slices"] == [[0], [1]]
+    assert "held-out slices [2]" in out
+
+
+def test_cli_new_model_trains_and_predicts(tmp_path, em_crop_membrane):
+    proc = _train_cli(
+        "--new", "--modality", "em", "--classes", "membrane", "--epochs", "3", "--out", "cli-new", "--slices", "0", "1"
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "cli-new@v1: trained from scratch" in out and "recipe scratch" in out
+    card = load_model("cli-new").card
+    assert card.parent is None and card.classes == ["membrane"] and card.training["decision"]["name"] == "scratch"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_unetpp.cli",
+            "train",
+            "--image",
+            str(DATA / "isbi_val_crop.tif"),
+            "--labels",
+            str(DATA / "isbi_val_crop_labels.tif"),
+            "--new",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "--new needs --modality" in r.stderr
