@@ -257,7 +257,11 @@ def main() -> int:
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--train", nargs="*", type=int, default=None, help="override the training slices")
     ap.add_argument("--option", nargs="*", default=[], help="KEY=VALUE fine-tuning options for the adaptive recipe")
+    ap.add_argument("--summarize", type=Path, default=None, help="print the markdown table of a results JSON")
     args = ap.parse_args()
+    if args.summarize:
+        print(summarize(json.loads(args.summarize.read_text())))
+        return 0
     amp = autocast_dtype(torch.device("cpu"), "auto")
     precision = "bf16 autocast" if amp == torch.bfloat16 else "fp32"
     print(
@@ -325,6 +329,33 @@ def main() -> int:
             sys.stdout.flush()
             _write(args.json, out)
     return _write(args.json, out)
+
+
+def summarize(out: dict) -> str:
+    """Markdown: held-out Dice per shift and budget for each recipe (steps in brackets), best in bold."""
+    runs = [r for r in out["runs"] if r["recipe"] in ("old", "adaptive", "fresh")]
+    shifts = list(dict.fromkeys(r["shift"] for r in runs))
+    budgets = sorted({r["minutes"] for r in runs})
+    lines = [
+        f"CPU flags: {out['cpu_flags']}; precision {out['precision']}; {out['threads']} threads",
+        "",
+        "| shift | budget | old recipe | adaptive | fresh (plain loop) | adaptive chose |",
+        "|---|---|---|---|---|---|",
+    ]
+    for sh in shifts:
+        for m in budgets:
+            cell = {r["recipe"]: r for r in runs if r["shift"] == sh and r["minutes"] == m}
+            best = max((c["held_out"] for c in cell.values()), default=0)
+            fmt = [
+                ("**{:.3f}**" if c["held_out"] == best else "{:.3f}").format(c["held_out"]) + f" ({c['steps']})"
+                if (c := cell.get(k))
+                else "-"
+                for k in ("old", "adaptive", "fresh")
+            ]
+            a = cell.get("adaptive", {})
+            chose = f"{a.get('chosen')}, lr {a.get('learning_rate'):.1e}, L{a.get('recommended')}" if a else ""
+            lines.append(f"| {sh} | {m:g} min | " + " | ".join(fmt) + f" | {chose} |")
+    return "\n".join(lines)
 
 
 def _write(path: Path | None, out: dict) -> int:

@@ -42,6 +42,7 @@ _EXPORTS = {
     "FineTuneConfig": "napari_unetpp.finetune",
     "FineTuneResult": "napari_unetpp.finetune",
     "TrainProgress": "napari_unetpp.finetune",
+    "new_model": "napari_unetpp.modalities",
     "UserError": "napari_unetpp.errors",
     "InputError": "napari_unetpp.errors",
     "ModelFileError": "napari_unetpp.errors",

@@ -18,6 +18,9 @@ CORE = [
     "napari_unetpp.normalization",
     "napari_unetpp.postprocess",
     "napari_unetpp.finetune",
+    "napari_unetpp.finetune.recipe",
+    "napari_unetpp.modalities",
+    "napari_unetpp.metrics",
 ]
 
 

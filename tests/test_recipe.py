@@ -165,6 +165,7 @@ def test_new_model_trains_from_scratch_end_to_end(em_crop, em_crop_membrane):
     assert res.data["recipe"]["name"] == "scratch" and card.parent is None
     assert card.training["data"].startswith("trained from scratch") and "untrained" not in card.training
     assert card.normalization == MODALITIES["em"]["normalization"].to_dict() and card.classes == ["membrane"]
+    assert card.training["modality"] == "em" and "normalization" in card.training["decision"]
     assert max(res.scores.values()) > max(res.baseline.values()) + 0.2
     mask = predict(em_crop[2], load_model("fresh-em"), precision="fp32").mask
     assert dice(mask, em_crop_membrane[2]) > 0.5  # a slice it never saw
@@ -397,3 +398,49 @@ def test_cli_new_model_trains_and_predicts(tmp_path, em_crop_membrane):
         timeout=120,
     )
     assert r.returncode != 0 and "--new needs --modality" in r.stderr
+
+
+def test_out_of_memory_on_a_small_patch_halves_the_batch_and_keeps_the_full_patch(
+    em_crop, em_crop_membrane, monkeypatch
+):
+    import napari_unetpp.finetune.loop as loop
+
+    real, shapes = loop.train_step, []
+
+    def flaky(module, opt, loss_fn, x, *a, **k):
+        shapes.append(tuple(x.shape))
+        if len(shapes) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(module, opt, loss_fn, x, *a, **k)
+
+    monkeypatch.setattr(loop, "train_step", flaky)
+    fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        epochs=1,
+        steps_per_epoch=6,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        save=False,
+        recipe="scratch",
+    )
+    assert shapes[0] == (2, 1, 32, 32) and shapes[1] == (1, 1, 32, 32)  # the small patch first, then batch 1
+    assert shapes[-1] == (1, 1, 64, 64)  # the second half still gets full-size patches
+
+
+def test_budget_reserves_the_last_validation_and_the_save(monkeypatch):
+    from napari_unetpp.finetune.steps import Budget
+
+    now = [100.0]
+    monkeypatch.setattr("napari_unetpp.finetune.steps.time.perf_counter", lambda: now[0])
+    b = Budget(minutes=1.0, epochs=None)
+    b.val_seconds, b.step_seconds = 5.0, 2.0
+    train_s = 60.0 - 1.2 * 5.0 - Budget.SAVE_SECONDS
+    now[0] = 100.0 + train_s - 0.5  # another step would eat into the time kept for validating and saving
+    assert b.done(0) and b.fraction(0) == pytest.approx((train_s - 0.5) / train_s)
+    now[0] = 100.0 + train_s - 3.0
+    assert not b.done(0)
+    e = Budget(minutes=None, epochs=2)
+    e.steps_per_epoch = 5
+    assert not e.done(9) and e.done(10) and e.fraction(5) == 0.5

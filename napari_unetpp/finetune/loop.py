@@ -26,8 +26,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -36,14 +35,16 @@ from torch import nn
 
 from ..jobs import run_to_end
 from ..losses import DeepSupervisionLoss
-from ..metrics import RECOMMEND_MARGIN, format_scores, recommend_depth
+from ..metrics import RECOMMEND_MARGIN, format_scores
 from ..network import UNetPlusPlus
-from ..registry import LoadedModel, ModelCard, resolve_model, save_model
+from ..registry import resolve_model
 from ..runtime import autocast_dtype, describe_device, is_oom, release_memory, resolve_device
 from .augment import augment_batch, random_affine, sample_batch
-from .data import TrainingDataError, TrainingPair, TrainingSet, pad_item, prepare_data
+from .data import TrainingPair, TrainingSet, pad_item, prepare_data
 from .recipe import RECIPES, choose_recipe, patch_at, reestimate_batchnorm
+from .saving import FineTuneResult, check_class_names, default_name, save_result
 from .steps import (
+    Budget,
     batch_and_patch,
     freeze_batchnorms,
     learning_rate,
@@ -165,39 +166,6 @@ class TrainProgress:
     message: str = ""
 
 
-@dataclass
-class FineTuneResult:
-    """The outcome of :func:`fine_tune`.
-
-    Attributes:
-        model: The fine-tuned model (best validation state), with its card.
-        path: Card path of the saved version (None with ``save=False``).
-        scores: Per-level validation Dice of the saved state.
-        baseline: Per-level validation Dice of the base model on the same pixels.
-        recommended_depth: Shallowest level within ``margin`` of the best.
-        history: One dict per validation (step, seconds, loss, per-level Dice).
-        steps: Optimiser steps done.
-        seconds: Wall-clock time.
-        stopped: ``"budget"``, ``"early stopping"`` or ``"stopped by user"``.
-        improved: Whether any trained state beat the base model on validation.
-        device: Where it ran.
-        data: Summary of the training data (for the card).
-    """
-
-    model: LoadedModel
-    path: Path | None
-    scores: dict[int, float]
-    baseline: dict[int, float]
-    recommended_depth: int
-    history: list[dict[str, Any]]
-    steps: int
-    seconds: float
-    stopped: str
-    improved: bool
-    device: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
 def fine_tune_iter(
     model: Any,
     data: TrainingPair | Sequence[TrainingPair],
@@ -237,8 +205,8 @@ def fine_tune_iter(
     if cfg.minutes is None and cfg.epochs is None:
         cfg.minutes = 2.0
     base = resolve_model(model)
-    class_names = _check_class_names(classes, base)
-    clock = _Clock(cfg.minutes, cfg.epochs)
+    class_names = check_class_names(classes, base)
+    clock = Budget(cfg.minutes, cfg.epochs)
     dev = resolve_device(device)
     should_stop = stop.is_set if isinstance(stop, threading.Event) else (stop or (lambda: False))
     rng = np.random.default_rng(cfg.seed)
@@ -345,9 +313,11 @@ def fine_tune_iter(
                     raise
                 del x, y, v
                 release_memory(dev)
+                was = batch
                 batch, smaller = shrink_after_oom(batch, patch, 2**max_depth)
-                full_patch = tuple(min(a, b) for a, b in zip(full_patch, smaller))
-                small_patch = tuple(min(a, b) for a, b in zip(small_patch, smaller))
+                if batch == was:  # already one patch per step: the patches shrink
+                    full_patch = tuple(min(a, b) for a, b in zip(full_patch, smaller))
+                    small_patch = tuple(min(a, b) for a, b in zip(small_patch, smaller))
                 yield TrainProgress(
                     "retry",
                     step,
@@ -424,7 +394,7 @@ def fine_tune_iter(
         best=best,
         message=f"{stopped} after {step} steps; saving" if save else f"{stopped} after {step} steps",
     )
-    result = _save(
+    result = save_result(
         base,
         best_state,
         best_scores,
@@ -446,46 +416,6 @@ def fine_tune_iter(
     return result
 
 
-class _Clock:
-    """The budget: wall-clock minutes (validation and saving included) and/or epochs.
-
-    Training ends when the time left no longer holds another step plus the final validation and the save, so the
-    whole run, from preparing the data to the saved card, ends within the budget.
-    """
-
-    SAVE_SECONDS = 1.0  # writing weights and card (measured: 0.1-0.3 s for the shipped size), with room
-
-    def __init__(self, minutes: float | None, epochs: int | None) -> None:
-        self.t0 = time.perf_counter()
-        self.budget_s = None if minutes is None else minutes * 60.0
-        self.epochs = epochs
-        self.steps_per_epoch = 10
-        self.val_seconds = 0.0
-        self.step_seconds = 0.0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def _train_budget(self) -> float:
-        assert self.budget_s is not None
-        return max(1e-6, self.budget_s - 1.2 * self.val_seconds - self.SAVE_SECONDS)
-
-    def fraction(self, step: int) -> float:
-        """Share of the training budget used (0..1), for schedules and progress bars."""
-        fr = []
-        if self.budget_s is not None:
-            fr.append(self.elapsed() / self._train_budget())
-        if self.epochs is not None:
-            fr.append(step / (self.epochs * self.steps_per_epoch))
-        return float(min(1.0, max(fr)))
-
-    def done(self, step: int) -> bool:
-        """No time (or epoch) left for another step."""
-        if self.epochs is not None and step >= self.epochs * self.steps_per_epoch:
-            return True
-        return self.budget_s is not None and self.elapsed() + 0.5 * self.step_seconds >= self._train_budget()
-
-
 def _mean(scores: dict[int, float], levels: Sequence[int]) -> float:
     return float(np.mean([scores[k] for k in levels]))
 
@@ -503,96 +433,6 @@ def _statistics_batches(
     for _ in range(n):
         xb, _, _ = sample_batch(ds, rng, batch, patch, 0.0, 0.0)
         yield torch.from_numpy(xb).to(dev).contiguous(memory_format=fmt)
-
-
-def _check_class_names(classes: Sequence[str] | str | None, base: LoadedModel) -> list[str] | None:
-    """Class names for the fine-tuned card, checked against the model: one name for a 1-class model, one per
-    foreground class (or per class, background first) otherwise."""
-    if classes is None:
-        return None
-    names = [c.strip() for c in ([classes] if isinstance(classes, str) else classes)]
-    n = base.module.config.num_classes
-    allowed = (1,) if n == 1 else (n - 1, n)
-    if any(not c for c in names) or len(names) not in allowed:
-        want = "one class name" if n == 1 else f"{n - 1} foreground class names (or {n} with background first)"
-        raise TrainingDataError(f"this model needs {want}, got {len(names)}: {', '.join(names) or 'none'}.")
-    return names
-
-
-def default_name(base: LoadedModel | Any) -> str:
-    """Shipped models are fine-tuned into ``<name>-finetuned``; user models continue their own versions (``base``: a
-    :class:`LoadedModel` or a ``list_models`` row)."""
-    return f"{base.card.name}-finetuned" if base.shipped else base.card.name
-
-
-def _save(
-    base: LoadedModel,
-    state: dict[str, torch.Tensor],
-    scores: dict[int, float],
-    baseline: dict[int, float],
-    cfg: FineTuneConfig,
-    name: str | None,
-    history: list,
-    steps: int,
-    t0: float,
-    dev: torch.device,
-    stopped: str,
-    improved: bool,
-    summary: dict[str, Any],
-    write: bool = True,
-    classes: list[str] | None = None,
-    levels: Sequence[int] | None = None,
-) -> FineTuneResult:
-    net = copy.deepcopy(base.module).cpu()
-    net.load_state_dict(state)
-    net.eval()
-    trained = {k: v for k, v in scores.items() if levels is None or k in levels}
-    rec = recommend_depth(trained, cfg.margin)
-    seconds = time.perf_counter() - t0
-    card = ModelCard(
-        name=name or default_name(base),
-        architecture=net.config.to_dict(),
-        normalization=dict(base.card.normalization),
-        classes=classes or list(base.card.classes),
-        description=(base.card.description or base.card.name)
-        + ("" if base.card.training.get("untrained") else " (fine-tuned on corrections)")
-        + (f"; classes renamed from {', '.join(base.card.classes)}" if classes else ""),
-        training={
-            "data": (
-                "trained from scratch" if base.card.training.get("untrained") else f"fine-tuned from {base.card.id}"
-            )
-            + f" on {summary.get('train_pixels', 0)} corrected pixels in "
-            f"{summary.get('n_items', 0)} slice(s) of " + ", ".join(p["name"] for p in summary.get("pairs", [])),
-            "data_summary": summary,
-            "validation": f"{summary.get('val_pixels', 0)} held-out corrected pixels (hashed blocks, stable "
-            f"across rounds)",
-            "recipe": f"napari_unetpp.finetune ({summary.get('recipe', {}).get('name', 'gentle')}): patches favouring "
-            "corrected pixels, flips, rot90, intensity jitter, mild affine; AdamW + warm-up + cosine; deep "
-            "supervision with BCE/CE + soft Dice on known pixels only",
-            "decision": summary.get("recipe", {}),
-            "hyperparameters": {k: v for k, v in asdict(cfg).items() if v is not None},
-            "baseline_scores": {f"L{k}": {"dice": v} for k, v in baseline.items()},
-            "history": history[-50:],
-            "steps": steps,
-            "seconds": round(seconds, 1),
-            "stopped": stopped,
-            "improved": improved,
-            "device": describe_device(dev),
-            "citations": base.card.training.get("citations", []),
-            "licence": base.card.training.get("licence", ""),
-        },
-        scores={f"L{k}": {"dice": v} for k, v in scores.items()},
-        recommended_depth=rec,
-        parent=None if base.card.training.get("untrained") else base.card.id,
-        tile=base.card.tile,
-    )
-    path = save_model(net, card) if write else None
-    lm = LoadedModel(net, card, None if path is None else path.with_suffix(".safetensors"), False)
-    if path is not None:
-        log.info("fine-tuned %s -> %s (%s; recommended L%d)", base.card.id, card.id, format_scores(scores), rec)
-    return FineTuneResult(
-        lm, path, scores, baseline, rec, history, steps, seconds, stopped, improved, describe_device(dev), summary
-    )
 
 
 def fine_tune(

@@ -1,9 +1,11 @@
 """The pieces of a fine-tuning step, each a small function with its own test: one optimiser step, the learning-rate
-schedule, batch and patch sizes, the out-of-memory fallback, and which batch norms stay frozen."""
+schedule, batch and patch sizes, the out-of-memory fallback, which batch norms stay frozen, and the wall-clock
+:class:`Budget`."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +17,7 @@ from ..network import UNetPlusPlus
 from .data import TrainingSet
 
 __all__ = [
+    "Budget",
     "batch_and_patch",
     "freeze_batchnorms",
     "learning_rate",
@@ -130,3 +133,43 @@ def freeze_batchnorms(layers: list[nn.Module]) -> None:
     """Keep these batch norms' running statistics fixed (eval mode) while the rest of the network trains."""
     for m in layers:
         m.eval()
+
+
+class Budget:
+    """The budget: wall-clock minutes (validation and saving included) and/or epochs.
+
+    Training ends when the time left no longer holds another step plus the final validation and the save, so the
+    whole run, from preparing the data to the saved card, ends within the budget.
+    """
+
+    SAVE_SECONDS = 1.0  # writing weights and card (measured: 0.1-0.3 s for the shipped size), with room
+
+    def __init__(self, minutes: float | None, epochs: int | None) -> None:
+        self.t0 = time.perf_counter()
+        self.budget_s = None if minutes is None else minutes * 60.0
+        self.epochs = epochs
+        self.steps_per_epoch = 10
+        self.val_seconds = 0.0
+        self.step_seconds = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _train_budget(self) -> float:
+        assert self.budget_s is not None
+        return max(1e-6, self.budget_s - 1.2 * self.val_seconds - self.SAVE_SECONDS)
+
+    def fraction(self, step: int) -> float:
+        """Share of the training budget used (0..1), for schedules and progress bars."""
+        fr = []
+        if self.budget_s is not None:
+            fr.append(self.elapsed() / self._train_budget())
+        if self.epochs is not None:
+            fr.append(step / (self.epochs * self.steps_per_epoch))
+        return float(min(1.0, max(fr)))
+
+    def done(self, step: int) -> bool:
+        """No time (or epoch) left for another step."""
+        if self.epochs is not None and step >= self.epochs * self.steps_per_epoch:
+            return True
+        return self.budget_s is not None and self.elapsed() + 0.5 * self.step_seconds >= self._train_budget()

@@ -1,0 +1,150 @@
+"""Saving a fine-tuned state as a new model version: its card (parent, data, recipe and why, scores, history) and
+the :class:`FineTuneResult` the loop returns."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..metrics import format_scores, recommend_depth
+from ..registry import LoadedModel, ModelCard, save_model
+from ..runtime import describe_device
+from .data import TrainingDataError
+
+__all__ = ["FineTuneResult", "check_class_names", "default_name", "save_result"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FineTuneResult:
+    """The outcome of :func:`fine_tune`.
+
+    Attributes:
+        model: The fine-tuned model (best validation state), with its card.
+        path: Card path of the saved version (None with ``save=False``).
+        scores: Per-level validation Dice of the saved state.
+        baseline: Per-level validation Dice of the base model on the same pixels.
+        recommended_depth: Shallowest level within ``margin`` of the best.
+        history: One dict per validation (step, seconds, loss, per-level Dice).
+        steps: Optimiser steps done.
+        seconds: Wall-clock time.
+        stopped: ``"budget"``, ``"early stopping"`` or ``"stopped by user"``.
+        improved: Whether any trained state beat the base model on validation.
+        device: Where it ran.
+        data: Summary of the training data (for the card).
+    """
+
+    model: LoadedModel
+    path: Path | None
+    scores: dict[int, float]
+    baseline: dict[int, float]
+    recommended_depth: int
+    history: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    stopped: str
+    improved: bool
+    device: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def check_class_names(classes: Sequence[str] | str | None, base: LoadedModel) -> list[str] | None:
+    """Class names for the fine-tuned card, checked against the model: one name for a 1-class model, one per
+    foreground class (or per class, background first) otherwise."""
+    if classes is None:
+        return None
+    names = [c.strip() for c in ([classes] if isinstance(classes, str) else classes)]
+    n = base.module.config.num_classes
+    allowed = (1,) if n == 1 else (n - 1, n)
+    if any(not c for c in names) or len(names) not in allowed:
+        want = "one class name" if n == 1 else f"{n - 1} foreground class names (or {n} with background first)"
+        raise TrainingDataError(f"this model needs {want}, got {len(names)}: {', '.join(names) or 'none'}.")
+    return names
+
+
+def default_name(base: LoadedModel | Any) -> str:
+    """Shipped models are fine-tuned into ``<name>-finetuned``; user models continue their own versions (``base``: a
+    :class:`LoadedModel` or a ``list_models`` row)."""
+    return f"{base.card.name}-finetuned" if base.shipped else base.card.name
+
+
+def save_result(
+    base: LoadedModel,
+    state: dict[str, torch.Tensor],
+    scores: dict[int, float],
+    baseline: dict[int, float],
+    cfg: Any,
+    name: str | None,
+    history: list,
+    steps: int,
+    t0: float,
+    dev: torch.device,
+    stopped: str,
+    improved: bool,
+    summary: dict[str, Any],
+    write: bool = True,
+    classes: list[str] | None = None,
+    levels: Sequence[int] | None = None,
+) -> FineTuneResult:
+    net = copy.deepcopy(base.module).cpu()
+    net.load_state_dict(state)
+    net.eval()
+    trained = {k: v for k, v in scores.items() if levels is None or k in levels}
+    rec = recommend_depth(trained, cfg.margin)
+    seconds = time.perf_counter() - t0
+    card = ModelCard(
+        name=name or default_name(base),
+        architecture=net.config.to_dict(),
+        normalization=dict(base.card.normalization),
+        classes=classes or list(base.card.classes),
+        description=(base.card.description or base.card.name)
+        + ("" if base.card.training.get("untrained") else " (fine-tuned on corrections)")
+        + (f"; classes renamed from {', '.join(base.card.classes)}" if classes else ""),
+        training={
+            "data": (
+                "trained from scratch" if base.card.training.get("untrained") else f"fine-tuned from {base.card.id}"
+            )
+            + f" on {summary.get('train_pixels', 0)} corrected pixels in "
+            f"{summary.get('n_items', 0)} slice(s) of " + ", ".join(p["name"] for p in summary.get("pairs", [])),
+            "data_summary": summary,
+            "validation": f"{summary.get('val_pixels', 0)} held-out corrected pixels (hashed blocks, stable "
+            f"across rounds)",
+            "recipe": f"napari_unetpp.finetune ({summary.get('recipe', {}).get('name', 'gentle')}): patches favouring "
+            "corrected pixels, flips, rot90, intensity jitter, mild affine; AdamW + warm-up + cosine; deep "
+            "supervision with BCE/CE + soft Dice on known pixels only",
+            "decision": {
+                **(base.card.training.get("decision", {}) if base.card.training.get("untrained") else {}),
+                **summary.get("recipe", {}),
+            },
+            **({"modality": base.card.training["modality"]} if "modality" in base.card.training else {}),
+            "hyperparameters": {k: v for k, v in asdict(cfg).items() if v is not None},
+            "baseline_scores": {f"L{k}": {"dice": v} for k, v in baseline.items()},
+            "history": history[-50:],
+            "steps": steps,
+            "seconds": round(seconds, 1),
+            "stopped": stopped,
+            "improved": improved,
+            "device": describe_device(dev),
+            "citations": base.card.training.get("citations", []),
+            "licence": base.card.training.get("licence", ""),
+        },
+        scores={f"L{k}": {"dice": v} for k, v in scores.items()},
+        recommended_depth=rec,
+        parent=None if base.card.training.get("untrained") else base.card.id,
+        tile=base.card.tile,
+    )
+    path = save_model(net, card) if write else None
+    lm = LoadedModel(net, card, None if path is None else path.with_suffix(".safetensors"), False)
+    if path is not None:
+        log.info("fine-tuned %s -> %s (%s; recommended L%d)", base.card.id, card.id, format_scores(scores), rec)
+    return FineTuneResult(
+        lm, path, scores, baseline, rec, history, steps, seconds, stopped, improved, describe_device(dev), summary
+    )
