@@ -161,3 +161,27 @@ def test_errors_are_one_sentence_and_save_nothing(both, monkeypatch, case, match
     assert ft._status.value == shown[0]
     assert all(m.shipped for m in list_models())
     assert ft._start_btn.enabled
+
+
+def test_new_model_choice_trains_a_fresh_network(both):
+    """'new model (em)' in *start from*: a fresh network with the EM normalisation trains from scratch on the
+    corrections, is saved under the given name with no parent, and goes to the Segment widget."""
+    viewer, seg, ft, img, ref = both
+    assert "new model (ct)" in ft._base.choices and "new model (em)" in ft._base.choices
+    mask = viewer.layers[MASK]
+    for z in (1, 3):
+        correct(mask, ref, z)
+    ft._base.value = "new model (em)"
+    assert ft._name.native.placeholderText() == "em-new"
+    ft._budget_kind.value = "epochs"
+    ft._budget.value = 2
+    ft._device.value = "cpu"
+    ft._name.value = "my-em"
+    ft._classes.value = "membrane"
+    ft.start()
+    res = ft.result
+    assert res is not None and res.path is not None, ft._status.value
+    card = res.model.card
+    assert card.id == "my-em@v1" and card.parent is None and card.classes == ["membrane"]
+    assert card.training["decision"]["name"] == "scratch" and card.training["modality"] == "em"
+    assert seg._model.value == "my-em@v1"
