@@ -306,29 +306,25 @@ def main() -> int:
                 opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
                 rows = [run_recipe(shift, recipe, m, data, opts) for m in args.minutes]
             for r in rows:
-                out["runs"].append(r)
-                lr = f"{r['learning_rate']:.0e}" if r.get("learning_rate") else "1e-03"
-                print(
-                    f"{shift:16} {recipe:9} {r['minutes']:4g} {r['wall_s']:6.1f} {r['steps']:5d} {r['chosen']:8} "
-                    f"{lr:>7} L{r['recommended']:<2} {r['held_out']:13.3f}   "
-                    + " ".join(f"{v:.3f}" for v in r["levels"].values())
-                )
-                sys.stdout.flush()
-                _write(args.json, out)
+                _record(r, out, args.json)
     mid = sorted(args.minutes)[len(args.minutes) // 2]
     for shift in args.ablations:
         data = load_shift(shift)
         for recipe in ("adaptive-no-adabn", "adaptive-one-patch"):
-            r = run_recipe(shift, recipe, mid, data)
-            out["runs"].append(r)
-            print(
-                f"{shift:16} {recipe:9} {mid:4g} {r['wall_s']:6.1f} {r['steps']:5d} {r['chosen']:8} "
-                f"{r['learning_rate']:7.0e} L{r['recommended']:<2} {r['held_out']:13.3f}   "
-                + " ".join(f"{v:.3f}" for v in r["levels"].values())
-            )
-            sys.stdout.flush()
-            _write(args.json, out)
+            _record(run_recipe(shift, recipe, mid, data), out, args.json)
     return _write(args.json, out)
+
+
+def _record(r: dict, out: dict, path: Path | None) -> None:
+    """Print one run's row and write the results so far."""
+    out["runs"].append(r)
+    lr = f"{r['learning_rate']:.1e}" if r.get("learning_rate") else "1.0e-03"  # the plain loop's constant rate
+    print(
+        f"{r['shift']:16} {r['recipe']:9} {r['minutes']:4g} {r['wall_s']:6.1f} {r['steps']:5d} {r['chosen']:8} "
+        f"{lr:>7} L{r['recommended']:<2} {r['held_out']:13.3f}   " + " ".join(f"{v:.3f}" for v in r["levels"].values())
+    )
+    sys.stdout.flush()
+    _write(path, out)
 
 
 def summarize(out: dict) -> str:

@@ -98,7 +98,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .errors import UserError
-    from .finetune import TrainingPair, TrainProgress, fine_tune_iter, parse_slices
+    from .finetune import Recipe, TrainingPair, TrainProgress, fine_tune_iter, parse_slices
     from .io import read_image
     from .jobs import run_to_end
 
@@ -117,7 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if both:
         raise CliError(f"slices {both} are both training and held-out slices.")
     if held and slices is None:  # the default (every labelled slice) must leave the held-out ones out
-        slices = _labelled_slices_except(lab.data, held)
+        slices = _labelled_slices_except(lab.data, held, args.ignore_label)
     axes = args.axes or img.axes
     options = {
         k: v
@@ -171,13 +171,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{res.steps} steps ({res.stopped}); {res.data.get('train_pixels')} training and "
         f"{res.data.get('val_pixels')} validation pixels"
     )
-    rec = res.data.get("recipe", {})
-    if rec:
-        print(
-            f"recipe {rec['name']}: {rec['reason']}; learning rate {rec['learning_rate']:.1e}, batch-norm statistics "
-            f"{'frozen' if rec['freeze_batchnorm'] else 'trained'}"
-            + (", re-estimated on your images first" if rec["reestimate_batchnorm"] else "")
-        )
+    if res.data.get("recipe"):
+        print(Recipe(**res.data["recipe"]).describe())
     print(f"{'level':6} {'Dice before':>11} {'Dice after':>10}")
     for lv, d in res.scores.items():
         mark = "  <- recommended" if lv == res.recommended_depth else ""
@@ -204,15 +199,17 @@ def _base_for(args: argparse.Namespace) -> Any:
     return load_model(args.base)
 
 
-def _labelled_slices_except(labels: Any, held: list[int]) -> list[int]:
-    """Slices (over the first axis) holding any label, without the held-out ones."""
+def _labelled_slices_except(labels: Any, held: list[int], ignore_label: int | None) -> list[int]:
+    """The default ground truth (slices over the first axis holding any label), without the held-out ones."""
     import numpy as np
+
+    from .finetune.data import annotated_slices
 
     lab = np.asarray(labels)
     if lab.ndim < 3:
         raise CliError("--val-slices needs a stack of slices; this image is a single plane.")
-    annotated = np.flatnonzero((lab != 0).reshape(lab.shape[0], -1).any(axis=1))
-    keep = [int(i) for i in annotated if int(i) not in set(held)]
+    annotated = annotated_slices(lab, ignore_label).reshape(lab.shape[0], -1).any(axis=1)
+    keep = [int(i) for i in np.flatnonzero(annotated) if int(i) not in set(held)]
     if not keep:
         raise CliError("every labelled slice is held out; label another slice or list the training --slices.")
     return keep

@@ -273,32 +273,25 @@ def test_closing_the_generator_cancels_and_saves_nothing(em_crop, em_crop_membra
     """Closing (or garbage-collecting) a half-run generator is a cancel: it used to save a model from inside the
     garbage collector. Stopping with the event is how to end early and keep the best state."""
     before = {r.id for r in list_models()}
-    gen = fine_tune_iter(
-        tiny(),
-        TrainingPair(em_crop, em_crop_membrane, slices="all"),
-        minutes=5,
-        batch_size=2,
-        patch_size=64,
-        device="cpu",
-        name="closed-run",
-    )
-    for p in gen:
-        if p.phase == "train" and p.step == 3:
-            break
-    gen.close()
-    gen2 = fine_tune_iter(
-        tiny(),
-        TrainingPair(em_crop, em_crop_membrane, slices="all"),
-        minutes=5,
-        batch_size=2,
-        patch_size=64,
-        device="cpu",
-        name="collected-run",
-    )
-    for p in gen2:
-        if p.phase == "train" and p.step == 2:
-            break
-    del gen2
+
+    def half_run(name: str, steps: int):
+        gen = fine_tune_iter(
+            tiny(),
+            TrainingPair(em_crop, em_crop_membrane, slices="all"),
+            minutes=5,
+            batch_size=2,
+            patch_size=64,
+            device="cpu",
+            name=name,
+        )
+        for p in gen:
+            if p.phase == "train" and p.step == steps:
+                break
+        return gen
+
+    half_run("closed-run", 3).close()
+    collected = half_run("collected-run", 2)
+    del collected
     gc.collect()
     assert {r.id for r in list_models()} == before
 

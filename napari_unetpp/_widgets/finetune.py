@@ -349,6 +349,7 @@ class FineTuneWidget(Container):
             show_info("Fine-tuning is already running; stop it first.")
             return
         modality = self._new_modality()
+        name = self._name.value.strip() or None
         classes = [c for c in self._classes.value.split(",") if c.strip()] or None
         try:
             if modality is not None:
@@ -357,7 +358,7 @@ class FineTuneWidget(Container):
                     modality,
                     classes=classes or ["foreground"],
                     in_channels=int(img.data.shape[-1]) if img is not None and img.rgb else 1,
-                    name=self._name.value.strip() or None,
+                    name=name,
                 )
             else:
                 base = load_model(self._base.value)
@@ -377,7 +378,6 @@ class FineTuneWidget(Container):
             train_depth=LEVELS[self._levels.value],
             ignore_label=None if self._ignore.value < 0 else int(self._ignore.value),
         )
-        name = self._name.value.strip() or None
         device = self._device.value
         self.plot.clear()
         self._bar.value = 0

@@ -29,6 +29,7 @@ __all__ = [
     "TrainingItem",
     "TrainingPair",
     "TrainingSet",
+    "annotated_slices",
     "pad_item",
     "parse_slices",
     "prepare_data",
@@ -168,6 +169,15 @@ def _fallback_block(items: Sequence[TrainingItem], keys: Sequence[str]) -> None:
         it.train = it.train & ~it.val
 
 
+def annotated_slices(labels: np.ndarray, ignore_label: int | None = None) -> np.ndarray:
+    """Which slices (over the leading, non-YX axes) hold a label other than 0 and ``ignore_label``: the default
+    ground truth. A bool array of the leading shape (0-d for a single plane)."""
+    nonzero = labels != 0
+    if ignore_label is not None:
+        nonzero &= labels != ignore_label
+    return nonzero.any(axis=(-2, -1)) if labels.ndim > 2 else np.asarray(nonzero.any())
+
+
 def _known_mask(pair: TrainingPair, labels: np.ndarray, ignore_label: int | None) -> np.ndarray:
     lead = labels.ndim - 2
     if pair.known is not None:
@@ -180,10 +190,7 @@ def _known_mask(pair: TrainingPair, labels: np.ndarray, ignore_label: int | None
             raise ValueError(f"slices must be a list of indices, 'all' or None, got {pair.slices!r}.")
         known = np.ones(labels.shape, bool)
     elif pair.slices is None:
-        nonzero = labels != 0
-        if ignore_label is not None:
-            nonzero &= labels != ignore_label
-        annotated = nonzero.any(axis=(-2, -1)) if lead else np.asarray(nonzero.any())
+        annotated = annotated_slices(labels, ignore_label)
         known = np.broadcast_to(annotated.reshape(annotated.shape + (1, 1)), labels.shape).copy()
     else:
         if lead == 0:

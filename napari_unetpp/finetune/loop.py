@@ -71,7 +71,7 @@ class FineTuneConfig:
             at least 10).
         recipe: ``"auto"`` (decided from the base model's baseline, see :mod:`.recipe`), ``"gentle"``, ``"adapt"``
             or ``"scratch"``.
-        learning_rate: AdamW peak learning rate (default: the recipe's; 3e-4 gentle, 6e-4..2e-3 adapt, 2e-3
+        learning_rate: AdamW peak learning rate (default: the recipe's; 3e-4 gentle, 1e-3..2e-3 adapt, 2e-3
             scratch).
         weight_decay: AdamW weight decay (default 1e-4).
         warmup_steps: Linear warm-up steps (default 5).
@@ -182,7 +182,7 @@ def fine_tune_iter(
 
     Args:
         model: Base model (name, ``name@vN``, path, :class:`LoadedModel` or ``UNetPlusPlus``), or a fresh network
-            from :func:`~napari_unetpp.registry.new_model`; never modified.
+            from :func:`~napari_unetpp.modalities.new_model`; never modified.
         data: One or more :class:`TrainingPair`.
         config: Hyperparameters; keywords in ``options`` override its fields (e.g. ``minutes=2``).
         device: ``"auto"`` (CUDA, MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
@@ -233,9 +233,15 @@ def fine_tune_iter(
         message=f"{ds.n_train} training and {ds.n_val} validation pixels in {len(ds.items)} "
         f"slice(s); patches {'x'.join(map(str, full_patch))}, batch {batch}, on {describe_device(dev)}",
     )
-    t_val = time.perf_counter()
-    baseline = validate(module, ds, dev, amp)
-    clock.val_seconds = time.perf_counter() - t_val
+
+    def validated() -> dict[int, float]:
+        """Per-level validation Dice; its duration is what the budget keeps for the last validation."""
+        t_val = time.perf_counter()
+        scores = validate(module, ds, dev, amp)
+        clock.val_seconds = time.perf_counter() - t_val
+        return scores
+
+    baseline = validated()
     recipe = choose_recipe(
         baseline,
         levels,
@@ -245,7 +251,7 @@ def fine_tune_iter(
         freeze_batchnorm=cfg.freeze_batchnorm,
         reestimate=cfg.reestimate_statistics,
     )
-    if recipe.small_patch_until == 0 or small_patch == full_patch:
+    if small_patch == full_patch:  # nothing smaller to start with
         recipe = replace(recipe, small_patch_until=0.0)
     summary.update(recipe=recipe.to_dict(), small_patch=list(small_patch) if recipe.small_patch_until else None)
     best_state, best_scores = _snapshot(module), baseline
@@ -256,14 +262,12 @@ def fine_tune_iter(
         seconds=clock.elapsed(),
         val=baseline,
         best=best,
-        message=f"base model: {format_scores(baseline)}; recipe {recipe.name}: {recipe.reason} (learning rate "
-        f"{recipe.learning_rate:.1e}, batch-norm statistics {'frozen' if recipe.freeze_batchnorm else 'trained'}"
-        + (f", patches {'x'.join(map(str, small_patch))} first" if recipe.small_patch_until else "")
-        + ")",
+        message=f"base model: {format_scores(baseline)}; {recipe.describe()}"
+        + (f"; patches {'x'.join(map(str, small_patch))} first" if recipe.small_patch_until else ""),
     )
     if recipe.reestimate_batchnorm:
         n = reestimate_batchnorm(module, _statistics_batches(ds, rng, batch, full_patch, dev, fmt))
-        scores = validate(module, ds, dev, amp)
+        scores = validated()
         history.append({"step": 0, "seconds": round(clock.elapsed(), 2), "loss": None, "val": scores, "note": "AdaBN"})
         if _mean(scores, levels) > best:
             best, best_scores, best_state = _mean(scores, levels), scores, _snapshot(module)
@@ -348,9 +352,7 @@ def fine_tune_iter(
                     due = due and clock.elapsed() - last_val_time >= 0.1 * clock.budget_s
             if last or due:
                 epoch += 1
-                t_val = time.perf_counter()
-                scores = validate(module, ds, dev, amp)
-                clock.val_seconds = time.perf_counter() - t_val
+                scores = validated()
                 freeze_batchnorms(frozen)
                 last_val_step, last_val_time = step, clock.elapsed()
                 mean = _mean(scores, levels)

@@ -66,6 +66,14 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line for people: the recipe, why, and what it sets (shown by the widget and the CLI)."""
+        return (
+            f"recipe {self.name}: {self.reason}; learning rate {self.learning_rate:.1e}, batch-norm statistics "
+            f"{'frozen' if self.freeze_batchnorm else 'trained'}"
+            + (", re-estimated on your images first" if self.reestimate_batchnorm else "")
+        )
+
 
 def adapt_learning_rate(best_baseline: float) -> float:
     """Peak learning rate for ``adapt``: log-linear from ``ADAPT_LR[0]`` at a baseline Dice of

@@ -94,6 +94,9 @@ def save_result(
     classes: list[str] | None = None,
     levels: Sequence[int] | None = None,
 ) -> FineTuneResult:
+    """Build the best state's card (parent, data, recipe and why, scores, recommended depth on the trained
+    ``levels``), save it as a new version unless ``write`` is False, and return the :class:`FineTuneResult`."""
+    untrained = bool(base.card.training.get("untrained"))  # a new_model: trained from scratch, no parent
     net = copy.deepcopy(base.module).cpu()
     net.load_state_dict(state)
     net.eval()
@@ -106,12 +109,10 @@ def save_result(
         normalization=dict(base.card.normalization),
         classes=classes or list(base.card.classes),
         description=(base.card.description or base.card.name)
-        + ("" if base.card.training.get("untrained") else " (fine-tuned on corrections)")
+        + ("" if untrained else " (fine-tuned on corrections)")
         + (f"; classes renamed from {', '.join(base.card.classes)}" if classes else ""),
         training={
-            "data": (
-                "trained from scratch" if base.card.training.get("untrained") else f"fine-tuned from {base.card.id}"
-            )
+            "data": ("trained from scratch" if untrained else f"fine-tuned from {base.card.id}")
             + f" on {summary.get('train_pixels', 0)} corrected pixels in "
             f"{summary.get('n_items', 0)} slice(s) of " + ", ".join(p["name"] for p in summary.get("pairs", [])),
             "data_summary": summary,
@@ -121,7 +122,7 @@ def save_result(
             "corrected pixels, flips, rot90, intensity jitter, mild affine; AdamW + warm-up + cosine; deep "
             "supervision with BCE/CE + soft Dice on known pixels only",
             "decision": {
-                **(base.card.training.get("decision", {}) if base.card.training.get("untrained") else {}),
+                **(base.card.training.get("decision", {}) if untrained else {}),
                 **summary.get("recipe", {}),
             },
             **({"modality": base.card.training["modality"]} if "modality" in base.card.training else {}),
@@ -138,7 +139,7 @@ def save_result(
         },
         scores={f"L{k}": {"dice": v} for k, v in scores.items()},
         recommended_depth=rec,
-        parent=None if base.card.training.get("untrained") else base.card.id,
+        parent=None if untrained else base.card.id,
         tile=base.card.tile,
     )
     path = save_model(net, card) if write else None
