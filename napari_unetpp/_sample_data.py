@@ -49,3 +49,54 @@ def nuclei_sample() -> list[LayerData]:
     trained on) with reference instance labels; voxels
     0.29 x 0.26 x 0.26 um."""
     return _sample("cells3d_nuclei_z40-47", "cells3d nuclei", (0.29, 0.26, 0.26), NUCLEI_CITATION, "um", "nuclei")
+
+
+CT_CITATION = (
+    "abdominal CT series and organ labels from the TotalSegmentator repository's test files (Wasserthal et al., "
+    "Radiology: Artificial Intelligence 2023; Apache-2.0); the labels are TotalSegmentator --fast predictions, "
+    "not manual annotations"
+)
+CT_CLASSES = {
+    1: "spleen",
+    2: "kidney_right",
+    3: "kidney_left",
+    4: "gallbladder",
+    5: "liver",
+    6: "stomach",
+    7: "pancreas",
+}
+
+
+def ct_sample() -> list[LayerData]:
+    """A real abdominal CT series (20 axial slices, rows 144-495 of 512: the body), in Hounsfield units, shown with
+    the soft-tissue window W400 L40, with TotalSegmentator's organ labels (1 spleen, 5 liver, 6 stomach, 7 pancreas;
+    its other classes, bones, muscles and vessels, are left out). Voxels 2 x 0.977 x 0.977 mm."""
+    from .ct import WINDOWS
+
+    window = WINDOWS["soft-tissue"]
+    scale = (2.0, 0.9765625, 0.9765625)
+    meta = {
+        "source": CT_CITATION,
+        "units": "mm",
+        "Modality": "CT",
+        "unetpp_window": window.describe(),
+        "unetpp_classes": CT_CLASSES,
+    }
+    return [
+        (
+            tifffile.imread(SAMPLES / "ct_abdomen.tif"),
+            {
+                "name": "abdominal CT",
+                "scale": scale,
+                "contrast_limits": (window.low, window.high),
+                "colormap": "gray",
+                "metadata": meta,
+            },
+            "image",
+        ),
+        (
+            tifffile.imread(SAMPLES / "ct_abdomen_labels.tif"),
+            {"name": "abdominal CT organs (reference)", "scale": scale, "opacity": 0.4, "metadata": meta},
+            "labels",
+        ),
+    ]

@@ -16,6 +16,10 @@ from typing import Any
 __all__ = ["main"]
 
 DEFAULT_MODEL = "em-membranes"
+WINDOW_HELP = (
+    "CT models: Hounsfield window, a preset (soft-tissue, liver, mediastinum, lung, bone, brain), dicom (the "
+    "file's own), or WIDTH,LEVEL (e.g. 400,40)"
+)
 
 
 class CliError(Exception):
@@ -37,20 +41,26 @@ def _progress_bar(done: int, total: int, t0: float, stream=sys.stderr) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .ct import spacing_note
     from .errors import UserError
-    from .io import read_image, write_images
+    from .io import output_kind, read_image, write_images
     from .jobs import run_to_end
     from .prediction import predict_iter
     from .registry import load_model
 
     out = Path(args.output)
-    if out.suffix.lower() not in (".tif", ".tiff"):
-        raise CliError(f"the output {out} must end in .tif or .tiff.")
+    try:
+        output_kind(out)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if not out.parent.is_dir():
         raise CliError(f"the output folder {out.parent} does not exist.")
     try:
         img = read_image(args.input)
-        model = load_model(args.model)
+        model = _with_window(load_model(args.model), args.window, img)
+        note = spacing_note(model.card.training.get("spacing"), img.scale, img.units)
+        if note:
+            print(f"napari-unetpp: note: {note}", file=sys.stderr)
         t0 = time.perf_counter()
         gen = predict_iter(
             img.data,
@@ -77,23 +87,45 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     scale = {k: v for k, v in img.scale.items() if k in res.axes}
     outputs: list[tuple[Path, np.ndarray]] = [(out, res.mask)]
     if args.all_levels:
-        outputs += [(out.with_name(f"{out.stem}_L{lv}{out.suffix}"), p) for lv, p in res.probabilities.items()]
+        outputs += [(_beside(out, f"_L{lv}"), p) for lv, p in res.probabilities.items()]
         if res.ensemble is not None:
-            outputs.append((out.with_name(f"{out.stem}_ensemble{out.suffix}"), res.ensemble))
+            outputs.append((_beside(out, "_ensemble"), res.ensemble))
     try:
         write_images(
-            [(path, arr, res.axes if arr.ndim == len(res.axes) else "C" + res.axes, scale) for path, arr in outputs]
+            [(path, arr, res.axes if arr.ndim == len(res.axes) else "C" + res.axes, scale) for path, arr in outputs],
+            geometry=img.geometry if res.axes == "ZYX" else None,
         )
     except OSError as exc:
         raise CliError(f"could not write {exc.filename or out}: {exc.strerror or exc}; nothing was written.") from None
     fg = float(res.mask.mean()) if model.card.architecture.get("num_classes", 1) == 1 else None
+    window = model.normalization.describe() if model.normalization.mode == "window" else ""
     print(
         f"{args.input}: {res.axes} {tuple(res.mask.shape)} with {model.card.id} at L{res.depth} ({res.mode}) on "
-        f"{res.device} in {res.seconds:.1f}s" + (f", foreground {fg:.1%}" if fg is not None else "")
+        f"{res.device} in {res.seconds:.1f}s"
+        + (f", foreground {fg:.1%}" if fg is not None else "")
+        + (f", {window}" if window else "")
     )
     for path, _ in outputs:
         print(f"wrote {path}")
     return 0
+
+
+def _beside(out: Path, tag: str) -> Path:
+    """``mask.nii.gz`` + ``_L2`` -> ``mask_L2.nii.gz`` (compound extensions kept whole)."""
+    name = out.name
+    ext = ".nii.gz" if name.lower().endswith(".nii.gz") else out.suffix
+    return out.with_name(name[: len(name) - len(ext)] + tag + ext)
+
+
+def _with_window(model: Any, spec: str | None, img: Any = None) -> Any:
+    """``model`` with its Hounsfield window replaced by ``--window`` (CT models only)."""
+    from .ct import parse_window, with_window
+
+    if spec is None:
+        return model
+    if model.normalization.mode != "window":
+        raise CliError(f"--window is for CT models; {model.card.id} normalises by {model.normalization.describe()}.")
+    return with_window(model, parse_window(spec, img.windows if img is not None else ()))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -107,9 +139,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_slices = parse_slices(",".join(args.val_slices)) if args.val_slices else None
         img = read_image(args.image)
         lab = read_image(args.labels)
-        base = _base_for(args)
+        names, values = _class_map(args.classes)
+        base = _with_window(_base_for(args, names), args.window, img)
     except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    if values:
+        lab.data = _remap(lab.data, values, args.ignore_label)
     if val_slices == "all":
         raise CliError("--val-slices takes slice numbers, e.g. 40-47.")
     held = val_slices if isinstance(val_slices, list) else []
@@ -149,11 +184,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     gen = fine_tune_iter(
         base,
-        TrainingPair(img.data, lab.data, axes=axes, slices=slices, name=Path(args.image).name),
+        TrainingPair(img.data, lab.data, axes=axes, slices=slices, name=Path(args.image).name, spacing=img.scale),
         device=args.device,
         name=args.out,
         stop=stop,
-        classes=args.classes,
+        classes=names,
         **options,
     )
     try:
@@ -185,7 +220,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _base_for(args: argparse.Namespace) -> Any:
+def _class_map(classes: list[str] | None) -> tuple[list[str] | None, list[int]]:
+    """``--classes`` as names, and the label values they come from when given as NAME=VALUE (e.g. liver=5
+    spleen=1): then class k is the k-th pair and every other label value is background."""
+    if not classes:
+        return None, []
+    pairs = [c.split("=", 1) for c in classes]
+    if all(len(p) == 1 for p in pairs):
+        return classes, []
+    if not all(len(p) == 2 for p in pairs):
+        raise CliError("--classes takes names (liver) or NAME=VALUE pairs (liver=5 spleen=1), not a mix.")
+    try:
+        values = [int(v) for _, v in pairs]
+    except ValueError:
+        raise CliError("--classes NAME=VALUE needs whole-number label values, e.g. liver=5.") from None
+    if len(set(values)) != len(values) or min(values) < 1:
+        raise CliError("--classes NAME=VALUE needs distinct label values of 1 or more.")
+    return [n.strip() for n, _ in pairs], values
+
+
+def _remap(labels: Any, values: list[int], ignore_label: int | None) -> Any:
+    """Label value ``values[k]`` -> class k + 1, every other value -> 0 (background); the ignore label is kept."""
+    import numpy as np
+
+    lab = np.asarray(labels)
+    out = np.zeros(lab.shape, np.int32 if ignore_label is not None and ignore_label > 255 else np.uint8)
+    for k, v in enumerate(values, start=1):
+        out[lab == v] = k
+    if ignore_label is not None:
+        out[lab == ignore_label] = ignore_label
+    missing = [v for v in values if not (lab == v).any()]
+    if missing:
+        raise CliError(f"the labels hold no voxel of value {missing}; check --classes NAME=VALUE.")
+    return out
+
+
+def _base_for(args: argparse.Namespace, classes: list[str] | None) -> Any:
     """The model to start from: ``--base``, or a fresh network with ``--new --modality``."""
     from .modalities import new_model
     from .registry import load_model
@@ -193,7 +263,9 @@ def _base_for(args: argparse.Namespace) -> Any:
     if args.new:
         if not args.modality:
             raise CliError("--new needs --modality fluorescence, brightfield, em or ct (it picks the normalisation).")
-        return new_model(args.modality, classes=args.classes or ["foreground"], name=args.out)
+        return new_model(args.modality, classes=classes or ["foreground"], name=args.out, spatial_dims=args.dims or 2)
+    if args.dims:
+        raise CliError("--dims goes with --new; a base model keeps its own (use a 3D base for 3D).")
     if args.modality:
         raise CliError("--modality goes with --new; a base model keeps its own normalisation.")
     return load_model(args.base)
@@ -291,20 +363,32 @@ def _score(s: object) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    return run_demo(sample=args.sample, screenshot=args.screenshot)
+    return run_demo(sample=args.sample, screenshot=args.screenshot, minutes=args.minutes)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     from . import __version__
 
-    ap = argparse.ArgumentParser(prog="napari-unetpp", description="Prunable UNet++ segmentation of TIFF stacks.")
+    ap = argparse.ArgumentParser(
+        prog="napari-unetpp", description="Prunable UNet++ segmentation of microscopy stacks and CT volumes."
+    )
     ap.add_argument("--version", action="version", version=f"napari-unetpp {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("predict", help="segment a TIFF image or stack")
-    p.add_argument("input", help="input TIFF (2D, stack, time series; grey or multi-channel)")
-    p.add_argument("-o", "--output", required=True, help="mask TIFF to write (uint8: 0/1 or class labels)")
+    p = sub.add_parser("predict", help="segment an image, stack or CT volume")
+    p.add_argument(
+        "input",
+        help="input TIFF (2D, stack, time series; grey or multi-channel), or a CT volume: a DICOM series folder, "
+        "a DICOM file, .nii/.nii.gz",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="mask to write (uint8: 0/1 or class labels): .tif/.tiff, or .nii/.nii.gz (over the input's "
+        "geometry when it is a CT volume)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, name@vN or file (default {DEFAULT_MODEL})")
     p.add_argument("--depth", type=int, default=None, help="pruned depth L1..Lmax (default: the card's recommended)")
     p.add_argument("--ensemble", action="store_true", help="mask from the mean of heads 1..k (accurate mode)")
@@ -323,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: automatic)")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold (default 0.5)")
     p.add_argument("--axes", default=None, help="axes of the input, e.g. ZYX, TZYX, ZCYX (default: from the file)")
+    p.add_argument("--window", default=None, help=WINDOW_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
@@ -333,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Only the listed slices (default: slices holding any label) count as ground truth; "
         "Ctrl-C stops early and keeps the best state.",
     )
-    t.add_argument("--image", required=True, help="image TIFF")
-    t.add_argument("--labels", required=True, help="labels TIFF of the same shape (without channels)")
+    t.add_argument("--image", required=True, help="image TIFF, or a CT volume (DICOM series folder, .nii/.nii.gz)")
+    t.add_argument("--labels", required=True, help="labels of the same shape (without channels): TIFF or NIfTI")
     t.add_argument("--base", default=DEFAULT_MODEL, help=f"model to start from (default {DEFAULT_MODEL})")
     t.add_argument(
         "--new",
@@ -348,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --new: the intensity normalisation (ct: Hounsfield units in the soft-tissue window)",
     )
+    t.add_argument(
+        "--dims",
+        type=int,
+        choices=[2, 3],
+        default=None,
+        help="with --new: 2 trains slice by slice (default), 3 a volumetric model (pools only in-plane while the "
+        "voxels are anisotropic)",
+    )
+    t.add_argument("--window", default=None, help=WINDOW_HELP + "; stored in the new model's card")
     t.add_argument(
         "--recipe",
         choices=["auto", "gentle", "adapt", "scratch"],
@@ -374,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes",
         nargs="+",
         default=None,
-        help="class name(s) for the new version's card, e.g. nucleus (default: the base's)",
+        help="class name(s) for the new version's card, e.g. nucleus (default: the base's); NAME=VALUE pairs "
+        "(liver=5 spleen=1) pick label values from a multi-organ label map, every other value is background",
     )
     t.add_argument("--axes", default=None, help="axes of the image, e.g. ZYX (default: from the file)")
     t.add_argument("--ignore-label", type=int, default=None, help="label value meaning 'not annotated'")
@@ -402,8 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     d = sub.add_parser("demo", help="open napari with the plugin and a real sample loaded")
-    d.add_argument("--sample", default="em", choices=["em", "nuclei"], help="sample to open (default: em)")
+    d.add_argument("--sample", default="em", choices=["em", "nuclei", "ct"], help="sample to open (default: em)")
     d.add_argument("--screenshot", default=None, help="save a screenshot of the window to this PNG and exit")
+    d.add_argument(
+        "--minutes", type=float, default=2.0, help="ct: the fine-tuning budget set in the widget (default 2)"
+    )
     d.set_defaults(func=_cmd_demo)
     return ap
 

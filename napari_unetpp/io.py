@@ -1,4 +1,8 @@
-"""TIFF input and output with axes and pixel size; outputs are written atomically (no partial files)."""
+"""Image input and output with axes and pixel size; outputs are written atomically (no partial files).
+
+One reader for every format: TIFF here, and CT volumes (a DICOM series folder, a DICOM file, NIfTI) through
+:mod:`napari_unetpp.ct`, which keeps their geometry so outputs overlay the input. The output format follows the
+output path's extension (``.tif``/``.tiff``, ``.nii``/``.nii.gz``), whatever the input's."""
 
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import tifffile
 from .axes import guess_axes
 from .errors import ReadError
 
-__all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError"]
+__all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError", "OUTPUT_SUFFIXES", "output_kind"]
+
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz")
 
 # tifffile series axes -> ours (TCZYX); I and Q (image sequence, unknown) are read as Z, S (samples) as C
 _AXIS_MAP = {"T": "T", "C": "C", "S": "C", "Z": "Z", "Y": "Y", "X": "X", "I": "Z", "Q": "Z"}
@@ -32,20 +38,37 @@ class ImageData:
         data: numpy array or read-only memmap (uncompressed TIFFs are memory-mapped, not loaded).
         axes: Letters from TCZYX, one per dimension.
         scale: Pixel size per axis letter when the file records it (e.g. ``{"Z": 0.05, "Y": 0.004}``).
+        units: Unit of ``scale`` when known (``"mm"`` for CT volumes).
+        geometry: For CT volumes, the :class:`~napari_unetpp.ct.Geometry` that maps outputs back to the file's voxel
+            order and affine.
+        windows: The DICOM file's own Hounsfield windows (:class:`~napari_unetpp.ct.Window`), if any.
+        metadata: What the file says about itself (modality, series description, orientation ...).
     """
 
     data: Any
     axes: str
     scale: dict[str, float] = field(default_factory=dict)
+    units: str = ""
+    geometry: Any = None
+    windows: list[Any] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def read_image(path: str | os.PathLike[str]) -> ImageData:
-    """Read a TIFF (memory-mapped when possible) with its axes and pixel size.
+    """Read an image with its axes and pixel size: a TIFF (memory-mapped when possible), or a CT volume (a DICOM
+    series folder, a DICOM file, ``.nii``/``.nii.gz``) as a ``ZYX`` array in the canonical orientation of
+    :mod:`napari_unetpp.ct`, in Hounsfield units, with its spacing in mm and its geometry.
 
     Raises:
-        ReadError: the file is missing or not a readable TIFF (one sentence naming the file).
+        ReadError: the file is missing or not readable (one sentence naming the file and what to do).
     """
     p = Path(path)
+    from .ct import is_ct_path
+
+    if p.exists() and is_ct_path(p) or p.name.lower().endswith((".nii", ".nii.gz")):
+        return _read_ct(p)
+    if p.is_dir():
+        raise ReadError(f"{p}: a folder without DICOM files; give an image file or a DICOM series folder.")
     if not p.is_file():
         raise ReadError(f"{p}: no such file.")
     try:
@@ -66,6 +89,27 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
         data = np.squeeze(data) if data.ndim > 2 else data
         axes = guess_axes(data.shape)
     return ImageData(data, axes, {k: v for k, v in scale.items() if k in axes})
+
+
+def _read_ct(p: Path) -> ImageData:
+    from .ct import read_dicom, read_nifti
+
+    vol = read_nifti(p) if p.name.lower().endswith((".nii", ".nii.gz")) else read_dicom(p)
+    return ImageData(vol.data, "ZYX", vol.spacing, "mm", vol.geometry, vol.windows, vol.metadata)
+
+
+def output_kind(path: str | os.PathLike[str]) -> str:
+    """``"tiff"`` or ``"nifti"`` from the output path's extension.
+
+    Raises:
+        ValueError: another extension (the message lists the ones that work).
+    """
+    name = Path(path).name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".tif", ".tiff")):
+        return "tiff"
+    raise ValueError(f"the output {path} must end in {', '.join(OUTPUT_SUFFIXES)}.")
 
 
 def _squeeze_to(data: Any, shape: tuple[int, ...]) -> Any:
@@ -93,29 +137,38 @@ def _scale(tf: tifffile.TiffFile, raw_axes: str) -> dict[str, float]:
 
 
 def write_image(
-    path: str | os.PathLike[str], data: np.ndarray, axes: str | None = None, scale: dict[str, float] | None = None
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    axes: str | None = None,
+    scale: dict[str, float] | None = None,
+    geometry: Any = None,
 ) -> Path:
-    """Write ``data`` to a TIFF atomically: to a temporary file beside ``path``, renamed when complete.
+    """Write ``data`` atomically: to a temporary file beside ``path``, renamed when complete.
 
     Args:
-        path: Target ``.tif`` path (its folder must exist).
+        path: Target path (its folder must exist); ``.tif``/``.tiff`` writes a TIFF, ``.nii``/``.nii.gz`` NIfTI.
         data: The array (uint8/uint16/float16/float32 ...).
-        axes: Axis letters recorded in the file's metadata.
-        scale: Pixel size per axis letter (X/Y stored as resolution).
+        axes: Axis letters recorded in a TIFF's metadata.
+        scale: Pixel size per axis letter (TIFF: X/Y stored as resolution; NIfTI: the voxel size when there is no
+            geometry).
+        geometry: NIfTI only: the input's :class:`~napari_unetpp.ct.Geometry`, so a ``ZYX`` (or ``CZYX``) array is
+            written in the input's voxel order with its affine.
     """
-    return write_images([(path, data, axes, scale)])[0]
+    return write_images([(path, data, axes, scale)], geometry=geometry)[0]
 
 
 def write_images(
     outputs: Sequence[tuple[str | os.PathLike[str], np.ndarray, str | None, dict[str, float] | None]],
+    geometry: Any = None,
 ) -> list[Path]:
-    """Write several TIFFs as one unit: all to temporary files first, then all renamed into place.
+    """Write several images as one unit: all to temporary files first, then all renamed into place.
 
     If any write fails (disk full, Ctrl-C), every temporary file is removed and no target is touched: files the
     user had at those paths stay as they were. The renames run with Ctrl-C held back, so they are not split.
 
     Args:
         outputs: ``(path, data, axes, scale)`` per file, as for :func:`write_image`.
+        geometry: As for :func:`write_image`; used by the NIfTI outputs.
 
     Returns:
         The written paths.
@@ -124,7 +177,12 @@ def write_images(
     try:
         for path, data, axes, scale in outputs:
             p = Path(path)
-            temps.append((_write_temp(p, data, axes, scale), p))
+            if output_kind(p) == "nifti":
+                from .ct import nifti_image, save_nifti_temp
+
+                temps.append((save_nifti_temp(p, nifti_image(data, geometry, scale)), p))
+            else:
+                temps.append((_write_temp(p, data, axes, scale), p))
     except BaseException:
         for tmp, _ in temps:
             with contextlib.suppress(OSError):

@@ -33,7 +33,7 @@ MODALITIES: dict[str, dict[str, Any]] = {
         "why": "percentiles 1-99.8 of the stack, as the shipped EM model",
     },
     "ct": {
-        "normalization": Normalization("window", -160.0, 240.0),
+        "normalization": Normalization("window", -160.0, 240.0, name="soft-tissue"),
         "why": "Hounsfield units clipped to the abdominal soft-tissue window W400 L40 (-160..240 HU) and scaled to "
         "0..1, the same for every scan",
     },

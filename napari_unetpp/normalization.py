@@ -31,12 +31,14 @@ class Normalization:
         low: Lower percentile (percentile mode) or lower HU bound (window mode) (default 1.0).
         high: Upper percentile or upper HU bound (default 99.8).
         max_samples: Voxels sampled (strided) to estimate percentiles (default 4,000,000).
+        name: The window's name in window mode (e.g. ``"soft-tissue"``), for people; empty otherwise.
     """
 
     mode: str = "percentile"
     low: float = 1.0
     high: float = 99.8
     max_samples: int = 4_000_000
+    name: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -47,6 +49,16 @@ class Normalization:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line for people, e.g. ``HU window soft-tissue W400 L40 (-160..240 HU)`` or ``percentiles 1-99.8``."""
+        if self.mode == "window":
+            width, level = self.high - self.low, (self.high + self.low) / 2
+            name = f"{self.name} " if self.name else ""
+            return f"HU window {name}W{width:g} L{level:g} ({self.low:g}..{self.high:g} HU)"
+        if self.mode == "percentile":
+            return f"percentiles {self.low:g}-{self.high:g} of the stack"
+        return "no normalisation"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalization:

@@ -20,6 +20,8 @@ CORE = [
     "napari_unetpp.finetune",
     "napari_unetpp.finetune.recipe",
     "napari_unetpp.modalities",
+    "napari_unetpp.ct",
+    "napari_unetpp._napari_io",
     "napari_unetpp.metrics",
 ]
 

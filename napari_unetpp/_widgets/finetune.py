@@ -16,6 +16,7 @@ from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit,
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
+from ..ct import parse_window, with_window
 from ..errors import ModelFileError
 from ..finetune import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune_iter, parse_slices
 from ..modalities import MODALITIES, new_model
@@ -23,7 +24,7 @@ from ..registry import LoadedModel, list_models, load_model
 from ..runtime import DEVICE_CHOICES
 from ._workers import WeakHandler, abandon, run_generator, user_message
 from .plot import TrainingPlot
-from .segment import SegmentWidget, children_blocked, image_axes, image_choices
+from .segment import WINDOW_CHOICES, SegmentWidget, children_blocked, image_axes, image_choices
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,14 @@ class FineTuneWidget(Container):
             tooltip="The model to fine-tune (default: the one selected in UNet++ Segment), or a new network for "
             "images no shipped model resembles (its modality picks the intensity normalisation)",
         )
+        self._window = ComboBox(
+            label="HU window",
+            choices=list(WINDOW_CHOICES),
+            value=WINDOW_CHOICES[0],
+            visible=False,
+            tooltip="CT: the Hounsfield window the network sees, stored in the new model's card (model's: the base's; "
+            "a new CT model starts from soft-tissue W400 L40; dicom: the file's own)",
+        )
         self._truth = ComboBox(
             label="ground truth",
             choices=list(TRUTH),
@@ -157,6 +166,7 @@ class FineTuneWidget(Container):
                 self._image,
                 self._labels,
                 self._base,
+                self._window,
                 self._truth,
                 self._slices,
                 self._edited,
@@ -240,12 +250,14 @@ class FineTuneWidget(Container):
 
     def _on_base(self, _=None) -> None:
         modality = self._new_modality()
+        row = next((r for r in list_models() if r.id == self._base.value), None)
+        is_ct = modality == "ct" or (row is not None and row.card.normalization.get("mode") == "window")
+        self._window.visible = is_ct
         if modality is not None:
             self._name.tooltip = f"default: {modality}-new"
             self._name.native.setPlaceholderText(f"{modality}-new")
             self._classes.native.setPlaceholderText("foreground")
             return
-        row = next((r for r in list_models() if r.id == self._base.value), None)
         if row is not None:
             self._name.tooltip = f"default: {default_name(row)}"
             self._name.native.setPlaceholderText(default_name(row))
@@ -341,6 +353,7 @@ class FineTuneWidget(Container):
             known=known,
             focus=focus,
             name=f"{image.name} / {labels.name}",
+            spacing=_spacing(image, axes),
         )
 
     def start(self, _=None) -> None:
@@ -362,6 +375,10 @@ class FineTuneWidget(Container):
                 )
             else:
                 base = load_model(self._base.value)
+            if self._window.visible and self._window.value != WINDOW_CHOICES[0]:
+                img = self._image.value
+                dicom = img.metadata.get("unetpp_windows", []) if img is not None else []
+                base = with_window(base, parse_window(str(self._window.value), dicom))
             pair = self._pair(base)
         except (ValueError, ModelFileError) as exc:
             self._error(user_message(exc))
@@ -449,3 +466,10 @@ def _abandon_jobs(jobs: list[tuple[Any, threading.Event]], *_: Any) -> None:
     for worker, stop in list(jobs):
         abandon([worker], stop=stop)
     jobs.clear()
+
+
+def _spacing(image: Image, axes: str) -> dict[str, float] | None:
+    """The image layer's pixel size per spatial axis, when it has one (a scale other than all ones)."""
+    scale = [float(s) for s in image.scale]
+    spatial = {a: s for a, s in zip(axes, scale) if a in "ZYX"}
+    return spatial if any(abs(s - 1.0) > 1e-9 for s in spatial.values()) else None

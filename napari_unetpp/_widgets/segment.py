@@ -18,6 +18,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..axes import layer_axes
+from ..ct import WINDOWS, parse_window, with_window
 from ..errors import InputError, ModelFileError
 from ..metrics import headline_score
 from ..postprocess import INSTANCE_METHODS, level_disagreement, split_instances
@@ -79,6 +80,12 @@ def children_blocked(container: Container):
 
 
 _INSTANCES: list[weakref.ref] = []
+WINDOW_CHOICES = ("model's", *WINDOWS, "dicom")
+
+
+def _norm_key(lm: LoadedModel) -> tuple:
+    """The model's normalisation as a hashable key: results under one HU window are not another's."""
+    return tuple(sorted(lm.card.normalization.items()))
 
 
 class SegmentWidget(Container):
@@ -92,6 +99,7 @@ class SegmentWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._loaded: dict[str, LoadedModel] = {}
+        self._windowed: dict[tuple[str, str], LoadedModel] = {}  # (model, window) -> the model with that window
         self._files: list[str] = []  # models opened from files, listed after the registry's
         self._image = ComboBox(
             label="image",
@@ -130,6 +138,14 @@ class SegmentWidget(Container):
             value="none",
             tooltip="Split the mask into objects (touching nuclei: watershed)",
         )
+        self._window = ComboBox(
+            label="HU window",
+            choices=list(WINDOW_CHOICES),
+            value=WINDOW_CHOICES[0],
+            tooltip="CT models: the Hounsfield window the image is clipped to before the network (model's: the one it "
+            "was trained with; dicom: the file's own)",
+        )
+        self._window_shown = Label(label="active", value="")
         self._all_levels = CheckBox(text="every level as a layer", value=False)
         self._disagreement = CheckBox(text="level disagreement layer", value=False)
         self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
@@ -151,6 +167,8 @@ class SegmentWidget(Container):
                 self._mode,
                 self._threshold,
                 self._instances,
+                self._window,
+                self._window_shown,
                 self._all_levels,
                 self._disagreement,
                 self._device,
@@ -183,6 +201,7 @@ class SegmentWidget(Container):
         self._all_levels.changed.connect(self._render_current)
         self._disagreement.changed.connect(self._render_current)
         self._model.changed.connect(self._on_model_changed)
+        self._window.changed.connect(self._on_window_changed)
         self._model_file.changed.connect(self._on_model_file)
         self._image.changed.connect(self._on_image_changed)
         self._preview_btn.changed.connect(self.preview)
@@ -300,7 +319,28 @@ class SegmentWidget(Container):
             return None
         if mid not in self._loaded:
             self._loaded[mid] = load_model(mid)
-        return self._loaded[mid]
+        lm = self._loaded[mid]
+        choice = str(self._window.value)
+        if lm.normalization.mode != "window" or choice == WINDOW_CHOICES[0]:
+            return lm
+        key = (mid, choice)
+        if key not in self._windowed:
+            image = self._image.value
+            dicom = image.metadata.get("unetpp_windows", []) if image is not None else []
+            self._windowed[key] = with_window(lm, parse_window(choice, dicom))
+        return self._windowed[key]
+
+    def _on_window_changed(self, _=None) -> None:
+        try:
+            lm = self.model
+        except InputError as exc:
+            self._window.value = WINDOW_CHOICES[0]
+            self._error(user_message(exc))
+            return
+        if lm is not None:
+            self._window_shown.value = lm.normalization.describe()
+        if self._image.value is not None and self._live:
+            self.preview()
 
     def _on_model_changed(self, _=None) -> None:
         if self._model.value == self._model_shown:
@@ -325,6 +365,9 @@ class SegmentWidget(Container):
         self._model.tooltip = self._card.tooltip
         self._depth_slider.max = lm.max_depth
         self._depth_slider.value = c.recommended_depth or lm.max_depth
+        is_ct = lm.normalization.mode == "window"
+        self._window.visible = self._window_shown.visible = is_ct
+        self._window_shown.value = self.model.normalization.describe() if is_ct and self.model else ""
 
     # ----------------------------------------------------------------- where we are
     def _plane(self, image: Image, lm: LoadedModel) -> tuple[str, tuple[int, ...]]:
@@ -341,10 +384,10 @@ class SegmentWidget(Container):
     def _key(self, image: Image, lm: LoadedModel, plane: tuple[int, ...]) -> tuple:
         """Layer (unique id and shape), weights (fingerprint) and plane: never a stale result from a new layer that
         reuses an ``id()`` or from another file with the same ``name@vN``."""
-        return (image.unique_id, tuple(pixels(image).shape), lm.fingerprint, plane)
+        return (image.unique_id, tuple(pixels(image).shape), lm.fingerprint, plane, _norm_key(lm))
 
     def _image_stats(self, image: Image, lm: LoadedModel, axes: str) -> list:
-        key = (image.unique_id, tuple(pixels(image).shape), lm.fingerprint)
+        key = (image.unique_id, tuple(pixels(image).shape), lm.fingerprint, _norm_key(lm))
         if key not in self._stats:
             self._stats[key] = normalization_stats(pixels(image), lm, axes=axes)
         return self._stats[key]
@@ -503,6 +546,8 @@ class SegmentWidget(Container):
         geo = {
             "scale": tuple(image.scale)[: len(self._full_shape(image))],
             "translate": tuple(image.translate)[: len(self._full_shape(image))],
+            # a CT image's geometry travels with its results, so a mask saved to NIfTI overlays the scan
+            "metadata": {k: v for k, v in image.metadata.items() if k == "unetpp_geometry"},
         }
         if labels:
             layer = self._mask_layer.get(image.name)

@@ -50,6 +50,8 @@ class TrainingPair:
         known: Explicit bool mask of known pixels (labels' shape); overrides ``slices``.
         focus: Bool mask of pixels the user changed (sampled more often); optional.
         name: Where the pair came from (layer or file name), for the model card.
+        spacing: Pixel size per axis letter (e.g. ``{"Z": 2.0, "Y": 0.98, "X": 0.98}`` mm), recorded in the card so
+            predictions at another pixel size can be flagged.
     """
 
     image: Any
@@ -59,6 +61,7 @@ class TrainingPair:
     known: np.ndarray | None = None
     focus: np.ndarray | None = None
     name: str = ""
+    spacing: dict[str, float] | None = None
 
 
 @dataclass
@@ -292,6 +295,7 @@ def prepare_data(
                 "axes": lay.axes,
                 "known_slices": [list(u) for u in used][:200],
                 "known_pixels": int(known.sum()),
+                **({"spacing": dict(pair.spacing)} if pair.spacing else {}),
             }
         )
     if not items:

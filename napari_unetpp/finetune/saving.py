@@ -76,6 +76,14 @@ def default_name(base: LoadedModel | Any) -> str:
     return f"{base.card.name}-finetuned" if base.shipped else base.card.name
 
 
+def _spacing(summary: dict[str, Any], base: LoadedModel) -> dict[str, Any]:
+    """The training data's pixel size (the first pair that records one), else the base's."""
+    for pair in summary.get("pairs", []):
+        if pair.get("spacing"):
+            return {"spacing": pair["spacing"]}
+    return {"spacing": base.card.training["spacing"]} if "spacing" in base.card.training else {}
+
+
 def save_result(
     base: LoadedModel,
     state: dict[str, torch.Tensor],
@@ -126,6 +134,7 @@ def save_result(
                 **summary.get("recipe", {}),
             },
             **({"modality": base.card.training["modality"]} if "modality" in base.card.training else {}),
+            **_spacing(summary, base),
             "hyperparameters": {k: v for k, v in asdict(cfg).items() if v is not None},
             "baseline_scores": {f"L{k}": {"dice": v} for k, v in baseline.items()},
             "history": history[-50:],

@@ -1,0 +1,292 @@
+"""CT end to end on the real abdominal series (../shared/data/ct-abdomen) and the shipped CT sample: DICOM and NIfTI
+reading with geometry, the round trip back to the file's voxel order, Hounsfield windows, the napari reader and
+writer, the --new --modality ct path, and the bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unetpp.cli import main
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+
+CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-abdomen"
+DICOM = CT / "dicom"
+LABELS = CT / "labels_totalsegmentator_fast.nii.gz"
+SAMPLE = Path(__file__).resolve().parents[1] / "napari_unetpp" / "_samples"
+LIVER = 5
+
+needs_series = pytest.mark.skipif(not DICOM.is_dir(), reason="the shared CT series is not beside this checkout")
+
+
+@pytest.fixture(scope="module")
+def series():
+    from napari_unetpp.io import read_image
+
+    return read_image(DICOM)
+
+
+@pytest.fixture(scope="module")
+def organ_labels():
+    from napari_unetpp.io import read_image
+
+    return read_image(LABELS)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+@needs_series
+def test_dicom_series_reads_as_one_hu_volume_with_spacing_and_windows(series):
+    assert series.axes == "ZYX" and series.data.shape == (20, 512, 512) and series.data.dtype == np.int16
+    assert series.units == "mm"
+    assert series.scale == pytest.approx({"Z": 2.0, "Y": 0.9765625, "X": 0.9765625})
+    # rescale intercept -1024 applied: air in front of the body is about -1000 HU (the stored value is about 24)
+    assert series.data.min() == -1024 and -1010 < np.median(series.data[:, 60:100, 236:276]) < -980
+    assert [(w.width, w.level) for w in series.windows] == [(300, 40), (1500, 300)]
+    assert series.geometry.axcodes() == "LPS" and series.metadata["Modality"] == "CT"
+    # slices sorted feet to head by position, whatever the file order: the affine's Z step is +2 mm (superior)
+    assert series.geometry.canonical_affine[2, 2] == pytest.approx(2.0)
+
+
+@needs_series
+def test_slice_order_comes_from_positions_not_file_names(series, tmp_path):
+    files = sorted(DICOM.iterdir())
+    for n, f in enumerate(reversed(files)):  # file names now run against the slice order
+        shutil.copy(f, tmp_path / f"img{n:03d}")
+    from napari_unetpp.io import read_image
+
+    again = read_image(tmp_path)
+    np.testing.assert_array_equal(again.data, series.data)
+
+
+@needs_series
+def test_nifti_labels_overlay_the_dicom_series_in_the_common_orientation(series, organ_labels):
+    # the labels file is LAS in x, y, z order; both come out Z, Y, X in LPS on the same grid
+    assert organ_labels.geometry.axcodes() == "LAS" and organ_labels.data.shape == series.data.shape
+    np.testing.assert_allclose(organ_labels.geometry.canonical_affine, series.geometry.canonical_affine)
+    liver_hu = np.median(series.data[organ_labels.data == LIVER])
+    assert 40 < liver_hu < 160, liver_hu  # liver tissue, not air or bone: the two are aligned voxel for voxel
+    assert np.median(series.data[organ_labels.data == 0]) < -500  # outside the organs: mostly air
+
+
+@needs_series
+def test_nifti_round_trip_keeps_shape_affine_and_voxel_order(organ_labels, series, tmp_path):
+    from napari_unetpp.io import write_image
+
+    out = write_image(tmp_path / "same.nii.gz", organ_labels.data, geometry=organ_labels.geometry)
+    src, back = nib.load(LABELS), nib.load(out)
+    assert back.shape == src.shape
+    np.testing.assert_allclose(back.affine, src.affine)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj))
+    # a mask made on the DICOM grid and written as NIfTI lands on the same voxels in world coordinates
+    liver = (organ_labels.data == LIVER).astype(np.uint8)
+    out2 = write_image(tmp_path / "from_dicom.nii", liver, geometry=series.geometry)
+    from nibabel.processing import resample_from_to
+
+    on_labels_grid = np.asarray(resample_from_to(nib.load(out2), src, order=0).dataobj)
+    np.testing.assert_array_equal(on_labels_grid, (np.asarray(src.dataobj) == LIVER).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------- windows
+def test_window_presets_names_numbers_and_the_files_own():
+    from napari_unetpp.ct import WINDOWS, Window, parse_window, window_normalization
+    from napari_unetpp.errors import InputError
+
+    assert (parse_window("abdomen").width, parse_window("abdomen").level) == (400, 40)
+    assert (WINDOWS["lung"].low, WINDOWS["lung"].high) == (-1350, 150)
+    assert (WINDOWS["bone"].width, WINDOWS["bone"].level) == (1800, 400)
+    assert (WINDOWS["brain"].width, WINDOWS["brain"].level) == (80, 40)
+    w = parse_window("350,50")
+    assert (w.low, w.high) == (-125, 225)
+    own = [Window("dicom WINDOW1", 300, 40), Window("dicom WINDOW2", 1500, 300)]
+    assert parse_window("dicom", own) is own[0] and parse_window("dicom2", own) is own[1]
+    for bad, words in [("lungs", "unknown window"), ("0,40", "positive"), ("dicom", "no DICOM window")]:
+        with pytest.raises(InputError, match=words):
+            parse_window(bad)
+    norm = window_normalization(WINDOWS["soft-tissue"])
+    hu = np.array([-1000, -160, 40, 240, 3000], np.int16)
+    np.testing.assert_allclose(norm.apply(hu, norm.compute_stats(hu)), [0, 0, 0.5, 1, 1])  # clipped outside
+    assert norm.describe() == "HU window soft-tissue W400 L40 (-160..240 HU)"
+
+
+def test_nan_and_non_numbers_get_one_sentence(tmp_path, capsys):
+    vol = np.zeros((2, 64, 64), np.float32)
+    vol[1, 5, 5] = np.nan
+    img = nib.Nifti1Image(vol.T, np.diag([1.0, 1.0, 2.0, 1.0]))
+    nib.save(img, tmp_path / "nan.nii.gz")
+    from napari_unetpp.modalities import new_model
+    from napari_unetpp.registry import save_model
+
+    lm = new_model("ct", name="ct-nan")
+    save_model(lm.module, lm.card)
+    assert main(["predict", str(tmp_path / "nan.nii.gz"), "-o", str(tmp_path / "m.nii.gz"), "--model", "ct-nan"]) == 2
+    err = capsys.readouterr().err
+    assert "NaN" in err and "Traceback" not in err and not (tmp_path / "m.nii.gz").exists()
+
+
+# ----------------------------------------------------------------------------------------------- bad DICOM
+@needs_series
+def test_a_folder_of_mixed_series_is_refused_with_what_to_do(tmp_path):
+    from napari_unetpp.errors import ReadError
+    from napari_unetpp.io import read_image
+
+    files = sorted(DICOM.iterdir())[:3]
+    for f in files:
+        shutil.copy(f, tmp_path / f.name)
+    ds = pydicom.dcmread(tmp_path / files[0].name)
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesDescription = "scout"
+    ds.save_as(tmp_path / files[0].name)
+    with pytest.raises(ReadError, match=r"2 DICOM series .*'CT Body 3.0'.*'scout'.*own folder"):
+        read_image(tmp_path)
+
+
+@needs_series
+def test_a_dicom_without_pixel_data_is_named(tmp_path):
+    from napari_unetpp.errors import ReadError
+    from napari_unetpp.io import read_image
+
+    ds = pydicom.dcmread(sorted(DICOM.iterdir())[0])
+    del ds.PixelData
+    ds.save_as(tmp_path / "header-only.dcm")
+    with pytest.raises(ReadError, match="no pixel data"):
+        read_image(tmp_path / "header-only.dcm")
+    with pytest.raises(ReadError, match="no pixel data"):
+        read_image(tmp_path)  # the same file as a one-file series
+
+
+def test_corrupt_nifti_and_empty_folder(tmp_path):
+    from napari_unetpp.errors import ReadError
+    from napari_unetpp.io import read_image
+
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti at all")
+    with pytest.raises(ReadError, match="not a readable NIfTI"):
+        read_image(tmp_path / "broken.nii.gz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReadError, match="folder without DICOM"):
+        read_image(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------------------------- napari
+@needs_series
+def test_napari_reader_opens_a_dicom_folder_and_a_label_volume_and_declines_tiffs():
+    from napari_unetpp._napari_io import get_reader
+
+    assert get_reader(str(SAMPLE / "ct_abdomen.tif")) is None  # left to napari's own readers
+    [(data, kw, kind)] = get_reader(str(DICOM))(str(DICOM))
+    assert kind == "image" and data.shape == (20, 512, 512)
+    assert kw["scale"] == pytest.approx((2.0, 0.9765625, 0.9765625)) and kw["units"] == "mm"
+    assert kw["contrast_limits"] == (-110, 190)  # the file's own soft-tissue window W300 L40
+    [(lab, lkw, lkind)] = get_reader(str(LABELS))(str(LABELS))
+    assert lkind == "labels" and lab.shape == data.shape and lkw["scale"] == kw["scale"]
+
+
+@needs_series
+def test_napari_writer_saves_labels_over_the_ct_grid(series, organ_labels, tmp_path):
+    from napari_unetpp._napari_io import write_labels
+
+    liver = (organ_labels.data == LIVER).astype(np.int32)  # napari labels are often int32
+    meta = {"scale": (2.0, 0.977, 0.977), "metadata": {"unetpp_geometry": series.geometry}}
+    [path] = write_labels(str(tmp_path / "liver.nii.gz"), liver, meta)
+    out = nib.load(path)
+    assert out.shape == (512, 512, 20) and out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine, series.geometry.affine)
+    # no geometry (a layer drawn on a TIFF): the layer's scale becomes the voxel size
+    [plain] = write_labels(str(tmp_path / "plain.nii"), liver[:2], {"scale": (2.0, 0.5, 0.5), "metadata": {}})
+    assert nib.load(plain).header.get_zooms() == (0.5, 0.5, 2.0)
+
+
+def test_the_manifest_declares_the_reader_writer_and_ct_sample():
+    import npe2
+
+    pm = npe2.PluginManifest.from_file(Path(__file__).resolve().parents[1] / "napari_unetpp" / "napari.yaml")
+    assert {r.command for r in pm.contributions.readers} == {"napari-unetpp.read_ct"}
+    assert pm.contributions.readers[0].accepts_directories
+    assert [w.filename_extensions for w in pm.contributions.writers] == [[".nii.gz", ".nii"]]
+    assert "ct" in [s.key for s in pm.contributions.sample_data]
+
+
+def test_ct_sample_is_hounsfield_units_with_spacing_and_organs():
+    from napari_unetpp._sample_data import ct_sample
+
+    (img, ikw, ikind), (lab, lkw, lkind) = ct_sample()
+    assert ikind == "image" and lkind == "labels" and img.dtype == np.int16 and img.shape == lab.shape
+    assert ikw["contrast_limits"] == (-160, 240) and ikw["scale"] == (2.0, 0.9765625, 0.9765625)
+    assert set(np.unique(lab)) == {0, 1, 5, 6, 7}
+    assert 40 < np.median(img[lab == LIVER]) < 160 and img.min() == -1024
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _ct_crop(tmp_path: Path) -> tuple[Path, Path]:
+    """Slices 8-11 of the shipped sample, 96 x 128 around the liver, as NIfTI image and labels (2 mm x 0.98 mm)."""
+    img = tifffile.imread(SAMPLE / "ct_abdomen.tif")[8:12, 60:156, 40:168]
+    lab = tifffile.imread(SAMPLE / "ct_abdomen_labels.tif")[8:12, 60:156, 40:168]
+    assert (lab == LIVER).mean() > 0.2 and (lab == 1).sum() == 0
+    from napari_unetpp.io import write_image
+
+    sp = {"Z": 2.0, "Y": 0.9765625, "X": 0.9765625}
+    return (
+        write_image(tmp_path / "crop.nii.gz", img, scale=sp),
+        write_image(tmp_path / "crop_labels.nii.gz", lab, scale=sp),
+    )
+
+
+def test_new_ct_model_trains_and_predicts_nifti_end_to_end(tmp_path, capsys):
+    from napari_unetpp.registry import load_model
+
+    image, labels = _ct_crop(tmp_path)
+    args = ["train", "--image", str(image), "--labels", str(labels), "--new", "--modality", "ct"]
+    args += ["--classes", "liver=5", "--slices", "0", "2", "--epochs", "2", "--out", "ct-crop", "--window", "liver"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "ct-crop@v1: trained from scratch" in out and "recipe scratch" in out
+    card = load_model("ct-crop").card
+    assert card.classes == ["liver"] and card.training["modality"] == "ct"
+    assert card.normalization["mode"] == "window" and card.normalization["name"] == "liver"
+    assert (card.normalization["low"], card.normalization["high"]) == (-45, 105)
+    assert card.training["spacing"] == pytest.approx({"Z": 2.0, "Y": 0.9765625, "X": 0.9765625})
+    # the output follows its extension: NIfTI over the input's grid, and TIFF
+    assert main(["predict", str(image), "-o", str(tmp_path / "mask.nii.gz"), "--model", "ct-crop", "-q"]) == 0
+    assert "HU window liver W150 L30" in capsys.readouterr().out
+    src, mask = nib.load(image), nib.load(tmp_path / "mask.nii.gz")
+    assert mask.shape == src.shape and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    np.testing.assert_allclose(mask.affine, src.affine)
+    assert main(["predict", str(image), "-o", str(tmp_path / "mask.tif"), "--model", "ct-crop", "-q"]) == 0
+    assert tifffile.imread(tmp_path / "mask.tif").shape == (4, 96, 128)
+    # all levels beside a compound extension
+    args = ["predict", str(image), "-o", str(tmp_path / "lv.nii.gz"), "--model", "ct-crop", "--all-levels", "-q"]
+    assert main([*args, "--depth", "2"]) == 0
+    assert (tmp_path / "lv_L1.nii.gz").is_file() and (tmp_path / "lv_L2.nii.gz").is_file()
+
+
+def test_ct_training_bad_inputs(tmp_path, capsys):
+    image, labels = _ct_crop(tmp_path)
+    from napari_unetpp.io import write_image
+
+    wrong = write_image(tmp_path / "wrong.nii.gz", np.zeros((4, 96, 120), np.uint8))
+    base = ["train", "--image", str(image), "--new", "--modality", "ct", "--epochs", "1"]
+    assert main([*base, "--labels", str(wrong)]) == 2
+    assert "shape" in capsys.readouterr().err
+    assert main([*base, "--labels", str(labels), "--classes", "spleen=1"]) == 2
+    assert "no voxel of value [1]" in capsys.readouterr().err
+    assert main([*base, "--labels", str(labels), "--classes", "liver=5", "spleen"]) == 2
+    assert "not a mix" in capsys.readouterr().err
+    assert main(["predict", str(image), "-o", str(tmp_path / "x.nii.gz"), "--window", "lung"]) == 2
+    assert "--window is for CT models" in capsys.readouterr().err
+    assert main(["predict", str(image), "-o", str(tmp_path / "x.png")]) == 2
+    assert ".nii.gz" in capsys.readouterr().err
+
+
+def test_spacing_mismatch_is_said_plainly():
+    from napari_unetpp.ct import spacing_note
+
+    trained = {"Z": 2.0, "Y": 0.98, "X": 0.98}
+    assert spacing_note(trained, {"Z": 3.0, "Y": 0.9, "X": 0.9}) is None  # within 25 % in-plane
+    note = spacing_note(trained, {"Z": 2.0, "Y": 0.6, "X": 0.6}, "mm")
+    assert note is not None and "0.98 mm" in note and "0.6 mm" in note and "without resampling" in note
+    assert spacing_note(None, {"Y": 0.6}) is None and spacing_note(trained, {}) is None
