@@ -58,7 +58,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         img = read_image(args.input)
         model = _with_window(load_model(args.model), args.window, img)
-        note = spacing_note(model.card.training.get("spacing"), img.scale, img.units)
+        dims = model.module.config.spatial_dims
+        note = spacing_note(model.card.training.get("spacing"), img.scale, img.units, "ZYX" if dims == 3 else "YX")
         if note:
             print(f"napari-unetpp: note: {note}", file=sys.stderr)
         t0 = time.perf_counter()
@@ -140,7 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         img = read_image(args.image)
         lab = read_image(args.labels)
         names, values = _class_map(args.classes)
-        base = _with_window(_base_for(args, names), args.window, img)
+        base = _with_window(_base_for(args, names, img), args.window, img)
     except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if values:
@@ -255,7 +256,7 @@ def _remap(labels: Any, values: list[int], ignore_label: int | None) -> Any:
     return out
 
 
-def _base_for(args: argparse.Namespace, classes: list[str] | None) -> Any:
+def _base_for(args: argparse.Namespace, classes: list[str] | None, img: Any = None) -> Any:
     """The model to start from: ``--base``, or a fresh network with ``--new --modality``."""
     from .modalities import new_model
     from .registry import load_model
@@ -263,7 +264,11 @@ def _base_for(args: argparse.Namespace, classes: list[str] | None) -> Any:
     if args.new:
         if not args.modality:
             raise CliError("--new needs --modality fluorescence, brightfield, em or ct (it picks the normalisation).")
-        return new_model(args.modality, classes=classes or ["foreground"], name=args.out, spatial_dims=args.dims or 2)
+        dims = args.dims or 2
+        spacing = [img.scale[a] for a in "ZYX"] if dims == 3 and img is not None and "Z" in img.scale else None
+        return new_model(
+            args.modality, classes=classes or ["foreground"], name=args.out, spatial_dims=dims, spacing=spacing
+        )
     if args.dims:
         raise CliError("--dims goes with --new; a base model keeps its own (use a 3D base for 3D).")
     if args.modality:

@@ -348,6 +348,11 @@ def read_dicom(path: str | os.PathLike[str]) -> Volume:
         if not np.allclose(o, iop, atol=1e-3):
             raise ReadError(f"{f}: its slice orientation differs from the other files; this is not one series.")
         positions.append(np.array([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])]))
+    if not any("ImagePositionPatient" in ds for _, ds in datasets):  # no geometry (secondary captures): by number
+        step = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+        numbers = [int(ds.get("InstanceNumber", n) or n) for n, (_, ds) in enumerate(datasets)]
+        rank = np.argsort(np.argsort(numbers, kind="stable"), kind="stable")
+        positions = [normal * step * float(r) for r in rank]
     order = np.argsort([float(pos @ normal) for pos in positions], kind="stable")
     along = np.array([float(positions[i] @ normal) for i in order])
     if len(along) > 1 and np.min(np.diff(along)) < 1e-3:
@@ -503,12 +508,15 @@ def with_window(model: Any, window: Window) -> Any:
 SPACING_TOLERANCE = 0.25
 
 
-def spacing_note(trained: dict[str, float] | None, given: dict[str, float], units: str = "") -> str | None:
-    """One sentence when the input's in-plane pixel size differs from the training data's by more than 25 %
-    (predictions do not resample), else None. Either side unknown: None."""
+def spacing_note(
+    trained: dict[str, float] | None, given: dict[str, float], units: str = "", axes: str = "YX"
+) -> str | None:
+    """One sentence when the input's pixel size along ``axes`` (in-plane for 2D models; ``"ZYX"`` for 3D ones)
+    differs from the training data's by more than 25 % (predictions do not resample), else None. Either side
+    unknown: None."""
     if not trained or not given:
         return None
-    far = [a for a in ("Y", "X") if a in trained and a in given and abs(given[a] / trained[a] - 1) > SPACING_TOLERANCE]
+    far = [a for a in axes if a in trained and a in given and abs(given[a] / trained[a] - 1) > SPACING_TOLERANCE]
     if not far:
         return None
     u = f" {units}" if units else ""

@@ -188,10 +188,25 @@ def write_images(
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+    for tmp, p in temps:
+        _give_mode(tmp, p)
     with _sigint_held():
         for tmp, p in temps:
             os.replace(tmp, p)
     return [p for _, p in temps]
+
+
+def _give_mode(tmp: str, target: Path) -> None:
+    """The permissions a plain ``open()`` would have given (temporary files are private, 0600): the replaced file's
+    own, else 0666 less the umask."""
+    try:
+        mode = os.stat(target).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, mode)
 
 
 def _write_temp(p: Path, data: np.ndarray, axes: str | None, scale: dict[str, float] | None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .network import UNetPlusPlus, UNetPlusPlusConfig
+from .network import UNetPlusPlus, UNetPlusPlusConfig, anisotropic_pool
 from .normalization import Normalization
 from .registry import LoadedModel, ModelCard
 
@@ -50,6 +50,7 @@ def new_model(
     spatial_dims: int = 2,
     name: str | None = None,
     seed: int = 0,
+    spacing: Sequence[float] | None = None,
 ) -> LoadedModel:
     """An untrained UNet++ with the ``modality``'s normalisation, ready for :func:`~napari_unetpp.finetune.fine_tune`.
 
@@ -61,6 +62,9 @@ def new_model(
         spatial_dims: 2 (planes) or 3 (volumes).
         name: Name to save under (default ``<modality>-new``).
         seed: Seed for the initial weights, so a run can be repeated.
+        spacing: 3D only: voxel size per axis (Z, Y, X). Anisotropic voxels (a 2 mm or 5 mm Z axis under 1 mm
+            pixels) are pooled only in-plane until they are nearly isotropic (:func:`~napari_unetpp.network.
+            anisotropic_pool`, nnU-Net's rule), instead of halving Z like Y and X.
 
     Raises:
         ValueError: unknown modality, or no class names.
@@ -73,10 +77,18 @@ def new_model(
     if not classes:
         raise ValueError("a new model needs at least one class name, e.g. 'nucleus'.")
     preset = MODALITIES[modality]
+    depth = len(ARCHITECTURE["features"]) - 1  # type: ignore[arg-type]
+    pool = None
+    if spatial_dims == 3 and spacing is not None:
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"spacing needs three positive voxel sizes (Z, Y, X), got {tuple(spacing)}.")
+        factors = anisotropic_pool(tuple(spacing), depth)
+        pool = None if all(f == (2, 2, 2) for f in factors) else factors
     config = UNetPlusPlusConfig(
         in_channels=in_channels,
         num_classes=1 if len(classes) == 1 else len(classes) + 1,
         spatial_dims=spatial_dims,
+        pool=pool,
         **ARCHITECTURE,  # type: ignore[arg-type]
     )
     with torch.random.fork_rng(devices=[]):
@@ -95,6 +107,15 @@ def new_model(
             "decision": {
                 "architecture": "the shipped models' (2D/3D UNet++, 16-256 features, batch norm, four heads)",
                 "normalization": preset["why"],
+                **(
+                    {
+                        "pooling": f"voxels {' x '.join(f'{s:g}' for s in spacing)} (Z, Y, X): pooling factors per "
+                        f"level {[list(f) for f in config.pool_factors]}, in-plane only while Z is more than twice "
+                        "as long (nnU-Net's rule)"
+                    }
+                    if spatial_dims == 3 and spacing is not None
+                    else {}
+                ),
             },
         },
     )

@@ -44,6 +44,9 @@ class UNetPlusPlusConfig:
             (interpolation followed by a 1x1 convolution) (default ``"transpose"``).
         activation: ``"relu"`` (paper) or ``"leaky_relu"`` (default ``"relu"``).
         groups: Groups for ``norm="group"`` (default 8).
+        pool: Pooling factor per level and axis, e.g. ``((1, 2, 2), (2, 2, 2), ...)`` for a 3D model on voxels
+            twice as long in Z as in-plane (see :func:`anisotropic_pool`); each level's upsampling undoes the same
+            factor. None (default): 2 on every axis at every level.
     """
 
     in_channels: int = 1
@@ -55,9 +58,19 @@ class UNetPlusPlusConfig:
     upsample: str = "transpose"
     activation: str = "relu"
     groups: int = 8
+    pool: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
+        if self.pool is not None:
+            self.pool = tuple(tuple(int(f) for f in level) for level in self.pool)
+            if len(self.pool) != len(self.features) - 1 or any(
+                len(level) != self.spatial_dims or any(f not in (1, 2) for f in level) for level in self.pool
+            ):
+                raise ValueError(
+                    f"pool needs {len(self.features) - 1} levels of {self.spatial_dims} factors, each 1 or 2; "
+                    f"got {self.pool}."
+                )
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}.")
         if self.num_classes < 1:
@@ -80,10 +93,25 @@ class UNetPlusPlusConfig:
         """The deepest sub-network: ``len(features) - 1``."""
         return len(self.features) - 1
 
+    @property
+    def pool_factors(self) -> tuple[tuple[int, ...], ...]:
+        """Pooling factor per level (1..max_depth) and spatial axis."""
+        return self.pool if self.pool is not None else ((2,) * self.spatial_dims,) * self.max_depth
+
+    @property
+    def multiple(self) -> tuple[int, ...]:
+        """What each spatial size must be a multiple of: the product of the pooling factors per axis
+        (``2 ** max_depth`` everywhere for isotropic pooling)."""
+        return tuple(int(math.prod(level[ax] for level in self.pool_factors)) for ax in range(self.spatial_dims))
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
+        """Plain JSON-ready dict (``pool`` only when it is not the isotropic default)."""
         d = asdict(self)
         d["features"] = list(self.features)
+        if self.pool is None:
+            del d["pool"]
+        else:
+            d["pool"] = [list(level) for level in self.pool]
         return d
 
     @classmethod
@@ -105,8 +133,29 @@ def _conv(dims: int) -> type[nn.Module]:
     return nn.Conv2d if dims == 2 else nn.Conv3d
 
 
-def _pool(dims: int) -> nn.Module:
-    return (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(2)
+def _pools(cfg: UNetPlusPlusConfig) -> nn.ModuleList:
+    """Max pooling into each level 1..max_depth with that level's factors (identity where every factor is 1)."""
+    pool = nn.MaxPool2d if cfg.spatial_dims == 2 else nn.MaxPool3d
+    return nn.ModuleList([pool(f) if any(x > 1 for x in f) else nn.Identity() for f in cfg.pool_factors])
+
+
+def anisotropic_pool(spacing: tuple[float, ...] | list[float], depth: int = 4) -> tuple[tuple[int, ...], ...]:
+    """Pooling factors per level for voxels of ``spacing`` (nnU-Net's rule): an axis is pooled only while its
+    voxels are less than twice as long as the finest axis's, and the spacing is tracked level by level, so a
+    2 mm x 0.98 mm x 0.98 mm CT pools in-plane first and then everywhere.
+
+    Args:
+        spacing: Voxel size per spatial axis, in the array's order (e.g. Z, Y, X).
+        depth: Levels below full resolution.
+    """
+    current = [float(s) for s in spacing]
+    out = []
+    for _ in range(depth):
+        finest = min(current)
+        level = tuple(2 if s < 2 * finest else 1 for s in current)
+        current = [s * f for s, f in zip(current, level)]
+        out.append(level)
+    return tuple(out)
 
 
 def _norm(cfg: UNetPlusPlusConfig, ch: int) -> nn.Module:
@@ -156,14 +205,15 @@ class ConvBlock(nn.Sequential):
 
 
 class Up(nn.Module):
-    """Doubles the resolution of X(i+1, j-1) and maps it to the channels of level i."""
+    """Brings X(i+1, j-1) up to level i's resolution (undoing level i+1's pooling factors) and channels."""
 
-    def __init__(self, cfg: UNetPlusPlusConfig, cin: int, cout: int) -> None:
+    def __init__(self, cfg: UNetPlusPlusConfig, cin: int, cout: int, factor: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.mode = cfg.upsample
+        self.factor: Any = 2 if factor is None or all(f == 2 for f in factor) else tuple(factor)
         if cfg.upsample == "transpose":
             tconv = nn.ConvTranspose2d if cfg.spatial_dims == 2 else nn.ConvTranspose3d
-            self.proj: nn.Module = tconv(cin, cout, 2, stride=2)
+            self.proj: nn.Module = tconv(cin, cout, self.factor, stride=self.factor)
         else:
             self.proj = _conv(cfg.spatial_dims)(cin, cout, 1)
             linear = "bilinear" if cfg.spatial_dims == 2 else "trilinear"
@@ -173,7 +223,7 @@ class Up(nn.Module):
         if self.mode == "transpose":
             return self.proj(x)
         align = None if self.interp == "nearest" else False
-        return self.proj(F.interpolate(x, scale_factor=2, mode=self.interp, align_corners=align))
+        return self.proj(F.interpolate(x, scale_factor=self.factor, mode=self.interp, align_corners=align))
 
 
 class Node(nn.Module):
@@ -187,7 +237,7 @@ class Node(nn.Module):
             self.up = None
             cin = cfg.in_channels if i == 0 else f[i - 1]
         else:
-            self.up = Up(cfg, f[i + 1], f[i])
+            self.up = Up(cfg, f[i + 1], f[i], cfg.pool_factors[i])
             cin = (j + 1) * f[i]
         self.conv = ConvBlock(cfg, cin, f[i])
 
@@ -199,7 +249,7 @@ class Node(nn.Module):
         return self.conv(torch.cat([*skips, self.up(below)], dim=1))
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+def _pad_to_multiple(x: torch.Tensor, multiple: int | tuple[int, ...]) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Pad spatial dims up to a multiple (reflecting where the image is large enough); return the crop back."""
     spatial = [int(n) for n in x.shape[2:]]
     widths = padding_for(spatial, multiple)
@@ -212,7 +262,7 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tupl
 
 
 def _run_nodes(
-    nodes: nn.ModuleDict, x: torch.Tensor, depth: int, pool: nn.Module
+    nodes: nn.ModuleDict, x: torch.Tensor, depth: int, pools: nn.ModuleList
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Evaluate exactly the nodes with ``i + j <= depth``; return their outputs by (i, j)."""
     out: dict[tuple[int, int], torch.Tensor] = {}
@@ -221,7 +271,7 @@ def _run_nodes(
         i, j = int(si), int(sj)
         node = nodes[name]
         if j == 0:
-            out[i, 0] = node([], x if i == 0 else pool(out[i - 1, 0]))
+            out[i, 0] = node([], x if i == 0 else pools[i - 1](out[i - 1, 0]))
         else:
             out[i, j] = node([out[i, c] for c in range(j)], out[i + 1, j - 1])
         if j >= 1 and i + j == depth:
@@ -246,12 +296,13 @@ class _ConfiguredNet(nn.Module):
         upsample: str = "transpose",
         activation: str = "relu",
         groups: int = 8,
+        pool: Any = None,
     ) -> None:
         super().__init__()
         self.config = UNetPlusPlusConfig(
-            in_channels, num_classes, tuple(features), spatial_dims, norm, dropout, upsample, activation, groups
+            in_channels, num_classes, tuple(features), spatial_dims, norm, dropout, upsample, activation, groups, pool
         )
-        self.pool = _pool(self.config.spatial_dims)
+        self.pools = _pools(self.config)
 
     @classmethod
     def from_config(cls, config: UNetPlusPlusConfig | dict[str, Any]):
@@ -290,8 +341,11 @@ class UNetPlusPlus(_ConfiguredNet):
         upsample: str = "transpose",
         activation: str = "relu",
         groups: int = 8,
+        pool: Any = None,
     ) -> None:
-        super().__init__(in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups)
+        super().__init__(
+            in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups, pool
+        )
         cfg = self.config
         self.nodes = nn.ModuleDict({n: Node(cfg, *map(int, n.split("_")[1:])) for n in node_names(cfg.max_depth)})
         conv = _conv(cfg.spatial_dims)
@@ -331,8 +385,8 @@ class UNetPlusPlus(_ConfiguredNet):
         """
         k = self.check_depth(depth)
         _check_input(x, self.config)
-        xp, crop = _pad_to_multiple(x, 2**self.max_depth)
-        outs = _run_nodes(self.nodes, xp, k, self.pool)
+        xp, crop = _pad_to_multiple(x, self.config.multiple)
+        outs = _run_nodes(self.nodes, xp, k, self.pools)
         return [self.heads[f"head_{j}"](outs[0, j])[crop] for j in range(1, k + 1)]
 
     def modules_for_depth(self, depth: int) -> Iterator[tuple[str, nn.Module]]:
@@ -347,7 +401,7 @@ class UNetPlusPlus(_ConfiguredNet):
         head k's logits; it holds only the parameters that level needs."""
         k = self.check_depth(depth)
         return PrunedUNetPlusPlus(
-            self.config, k, {n: self.nodes[n] for n in node_names(k)}, self.heads[f"head_{k}"], 2**self.max_depth
+            self.config, k, {n: self.nodes[n] for n in node_names(k)}, self.heads[f"head_{k}"], self.config.multiple
         )
 
 
@@ -358,7 +412,12 @@ class PrunedUNetPlusPlus(nn.Module):
     """
 
     def __init__(
-        self, config: UNetPlusPlusConfig, depth: int, nodes: dict[str, nn.Module], head: nn.Module, pad_multiple: int
+        self,
+        config: UNetPlusPlusConfig,
+        depth: int,
+        nodes: dict[str, nn.Module],
+        head: nn.Module,
+        pad_multiple: int | tuple[int, ...],
     ) -> None:
         super().__init__()
         self.config = config
@@ -366,13 +425,13 @@ class PrunedUNetPlusPlus(nn.Module):
         self.pad_multiple = pad_multiple
         self.nodes = nn.ModuleDict({n: copy.deepcopy(m) for n, m in nodes.items()})
         self.head = copy.deepcopy(head)
-        self.pool = _pool(config.spatial_dims)
+        self.pools = _pools(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Head k's logits ``(N, num_classes, *spatial)``."""
         _check_input(x, self.config)
         xp, crop = _pad_to_multiple(x, self.pad_multiple)
-        outs = _run_nodes(self.nodes, xp, self.depth, self.pool)
+        outs = _run_nodes(self.nodes, xp, self.depth, self.pools)
         return self.head(outs[0, self.depth])[crop]
 
 
@@ -395,8 +454,11 @@ class UNet(_ConfiguredNet):
         upsample: str = "transpose",
         activation: str = "relu",
         groups: int = 8,
+        pool: Any = None,
     ) -> None:
-        super().__init__(in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups)
+        super().__init__(
+            in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups, pool
+        )
         cfg = self.config
         self.encoder = nn.ModuleList([Node(cfg, i, 0) for i in range(cfg.max_depth + 1)])
         self.decoder = nn.ModuleList([Node(cfg, i, 1) for i in range(cfg.max_depth)])  # decoder[i]: level i
@@ -406,11 +468,11 @@ class UNet(_ConfiguredNet):
     def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
         """``[logits]`` of the full-depth U-Net (``depth`` is accepted for interface compatibility and ignored)."""
         _check_input(x, self.config)
-        xp, crop = _pad_to_multiple(x, 2**self.config.max_depth)
+        xp, crop = _pad_to_multiple(x, self.config.multiple)
         skips: list[torch.Tensor] = []
         h = xp
         for i, enc in enumerate(self.encoder):
-            h = enc([], h if i == 0 else self.pool(skips[-1]))
+            h = enc([], h if i == 0 else self.pools[i - 1](skips[-1]))
             skips.append(h)
         for i in range(self.config.max_depth - 1, -1, -1):
             h = self.decoder[i]([skips[i]], h)

@@ -232,11 +232,11 @@ def plan_prediction(
         raise ValueError(f"tile needs {cfg.spatial_dims} sizes for a {cfg.spatial_dims}D model, got {tile_t}.")
     # Each plane is reflect-padded to a multiple of 2**max_depth and tiles are multiples of it, so the network never
     # pads inside a tile: whole-image and tiled runs see the same image borders.
-    mult = 2**net.max_depth
+    mult = net.config.multiple  # 2**max_depth per axis, less along an axis pooled less (anisotropic 3D)
     sp_shape = tuple(shape[lay.axes.index(a)] for a in lay.spatial)
     pad = padding_for(sp_shape, mult)
     padded = tuple(n + a + b for n, (a, b) in zip(sp_shape, pad))
-    tile_t = tuple(max(mult, t // mult * mult) for t in tile_t)
+    tile_t = tuple(max(m, t // m * m) for t, m in zip(tile_t, mult))
     tiles = TilePlan(padded, tile_t, overlap, align=mult)
     return PredictionPlan(
         model=loaded,

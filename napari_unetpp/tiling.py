@@ -86,13 +86,20 @@ class TilePlan:
         shape: Spatial extent, e.g. ``(H, W)`` or ``(D, H, W)``.
         tile: Requested tile extent per axis.
         overlap: Minimum overlap fraction (default 0.25).
-        align: Tile starts are multiples of this (default 1; see :func:`axis_starts`).
+        align: Tile starts are multiples of this, one for every axis or one per axis (default 1; see
+            :func:`axis_starts`).
     """
 
     shape: tuple[int, ...]
     tile: tuple[int, ...]
     overlap: float = 0.25
-    align: int = 1
+    align: int | tuple[int, ...] = 1
+
+    @property
+    def aligns(self) -> tuple[int, ...]:
+        """The alignment per axis."""
+        a = self.align
+        return (int(a),) * len(self.shape) if isinstance(a, (int, np.integer)) else tuple(int(x) for x in a)
 
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.tile):
@@ -105,15 +112,15 @@ class TilePlan:
     @property
     def tile_shape(self) -> tuple[int, ...]:
         """The actual tile extent: the image where it fits in one tile, else :func:`fit_tile`."""
-        return tuple(fit_tile(s, t, self.overlap, self.align) for t, s in zip(self.tile, self.shape))
+        return tuple(fit_tile(s, t, self.overlap, a) for t, s, a in zip(self.tile, self.shape, self.aligns))
 
     @property
     def starts(self) -> list[list[int]]:
         """Start positions per axis."""
         out = []
-        for s, req, t in zip(self.shape, self.tile, self.tile_shape):
-            o = _overlap_px(req, self.overlap, self.align) if s > req else 0
-            out.append(axis_starts(s, t, o / t, self.align))
+        for s, req, t, a in zip(self.shape, self.tile, self.tile_shape, self.aligns):
+            o = _overlap_px(req, self.overlap, a) if s > req else 0
+            out.append(axis_starts(s, t, o / t, a))
         return out
 
     def __len__(self) -> int:
@@ -198,12 +205,14 @@ class Blender:
         self._emit(self.plan.shape[0])
 
 
-def padding_for(shape: Sequence[int], multiple: int) -> list[tuple[int, int]]:
-    """Padding ``(before, after)`` per axis that brings each size up to a multiple of ``multiple``, split evenly
-    (the extra pixel after). Prediction pads every plane this way, and the network pads odd inputs the same way."""
+def padding_for(shape: Sequence[int], multiple: int | Sequence[int]) -> list[tuple[int, int]]:
+    """Padding ``(before, after)`` per axis that brings each size up to a multiple of ``multiple`` (one for every
+    axis, or one per axis), split evenly (the extra pixel after). Prediction pads every plane this way, and the
+    network pads odd inputs the same way."""
+    mults = [int(multiple)] * len(shape) if isinstance(multiple, (int, np.integer)) else [int(m) for m in multiple]
     out = []
-    for n in shape:
-        total = (-int(n)) % multiple
+    for n, m in zip(shape, mults):
+        total = (-int(n)) % m
         out.append((total // 2, total - total // 2))
     return out
 

@@ -222,10 +222,11 @@ def test_ct_sample_is_hounsfield_units_with_spacing_and_organs():
 
 
 # ----------------------------------------------------------------------------------------------- training
-def _ct_crop(tmp_path: Path) -> tuple[Path, Path]:
-    """Slices 8-11 of the shipped sample, 96 x 128 around the liver, as NIfTI image and labels (2 mm x 0.98 mm)."""
-    img = tifffile.imread(SAMPLE / "ct_abdomen.tif")[8:12, 60:156, 40:168]
-    lab = tifffile.imread(SAMPLE / "ct_abdomen_labels.tif")[8:12, 60:156, 40:168]
+def _ct_crop(tmp_path: Path, box: tuple[slice, ...] = np.s_[8:12, 60:156, 40:168]) -> tuple[Path, Path]:
+    """Slices 8-11 of the shipped sample, 96 x 128 around the liver (or ``box``), as NIfTI image and labels
+    (2 mm x 0.98 mm)."""
+    img = tifffile.imread(SAMPLE / "ct_abdomen.tif")[box]
+    lab = tifffile.imread(SAMPLE / "ct_abdomen_labels.tif")[box]
     assert (lab == LIVER).mean() > 0.2 and (lab == 1).sum() == 0
     from napari_unetpp.io import write_image
 
@@ -250,6 +251,7 @@ def test_new_ct_model_trains_and_predicts_nifti_end_to_end(tmp_path, capsys):
     assert card.normalization["mode"] == "window" and card.normalization["name"] == "liver"
     assert (card.normalization["low"], card.normalization["high"]) == (-45, 105)
     assert card.training["spacing"] == pytest.approx({"Z": 2.0, "Y": 0.9765625, "X": 0.9765625})
+    assert card.training["data_summary"]["mirror"] is False  # CT anatomy is not flipped
     # the output follows its extension: NIfTI over the input's grid, and TIFF
     assert main(["predict", str(image), "-o", str(tmp_path / "mask.nii.gz"), "--model", "ct-crop", "-q"]) == 0
     assert "HU window liver W150 L30" in capsys.readouterr().out
@@ -290,3 +292,186 @@ def test_spacing_mismatch_is_said_plainly():
     note = spacing_note(trained, {"Z": 2.0, "Y": 0.6, "X": 0.6}, "mm")
     assert note is not None and "0.98 mm" in note and "0.6 mm" in note and "without resampling" in note
     assert spacing_note(None, {"Y": 0.6}) is None and spacing_note(trained, {}) is None
+    thick = {"Z": 5.0, "Y": 0.98, "X": 0.98}
+    assert spacing_note(trained, thick) is None  # a 2D model does not see Z
+    assert "axis Z" in spacing_note(trained, thick, "mm", axes="ZYX")  # a 3D model does
+    thick = {"Z": 5.0, "Y": 0.98, "X": 0.98}
+    assert spacing_note(trained, thick) is None  # a 2D model does not see Z
+    assert "axis Z" in spacing_note(trained, thick, "mm", axes="ZYX")  # a 3D model does
+
+
+@pytest.mark.parametrize("name", ["m.tif", "m.nii.gz"])
+def test_outputs_get_the_usual_permissions_not_the_temporary_files(tmp_path, name):
+    import os
+    import stat
+
+    from napari_unetpp.io import write_image
+
+    old = os.umask(0o022)
+    try:
+        out = write_image(tmp_path / name, np.zeros((2, 8, 8), np.uint8))
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644  # mkstemp's 0600 would hide results from colleagues
+        os.chmod(out, 0o664)
+        write_image(out, np.ones((2, 8, 8), np.uint8))  # replacing a file keeps its mode
+        assert stat.S_IMODE(out.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+
+
+# ----------------------------------------------------------------------------------------------- anisotropic 3D
+@pytest.mark.parametrize(
+    "spacing, expected",
+    [
+        ((2.0, 0.977, 0.977), ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))),  # this CT: Z pooled from level 2
+        ((5.0, 0.7, 0.7), ((1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2))),  # thick slices wait two levels
+        ((1.0, 1.0, 1.0), ((2, 2, 2),) * 4),  # isotropic: the usual network
+        ((0.5, 1.0, 1.0), ((2, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))),  # fine Z: the rule is symmetric
+    ],
+)
+def test_anisotropic_pooling_follows_the_voxel_size(spacing, expected):
+    from napari_unetpp.network import anisotropic_pool
+
+    assert anisotropic_pool(spacing, 4) == expected
+
+
+def test_anisotropic_3d_network_runs_prunes_and_keeps_its_pooling(tmp_path):
+    import torch
+
+    from napari_unetpp.modalities import new_model
+    from napari_unetpp.network import UNetPlusPlus, UNetPlusPlusConfig
+    from napari_unetpp.registry import load_model, save_model
+
+    lm = new_model("ct", spatial_dims=3, spacing=(2.0, 0.977, 0.977), name="ct3d")
+    cfg = lm.module.config
+    assert cfg.multiple == (8, 16, 16)  # Z is halved 3 times, not 4
+    assert "in-plane only" in lm.card.training["decision"]["pooling"]
+    # the encoder really keeps Z at level 1: X(1,0) sees 12 slices of 24 x 24 from a 12 x 48 x 48 input
+    seen = {}
+
+    def shape_of(module, inputs, output):
+        seen["x_1_0"] = tuple(output.shape)
+
+    lm.module.nodes["x_1_0"].register_forward_hook(shape_of)
+    x = torch.randn(1, 1, 12, 40, 40)  # not multiples: padded to 16 x 48 x 48 and cropped back
+    lm.module.eval()
+    with torch.no_grad():
+        outs = lm.module(x)
+        assert [tuple(o.shape) for o in outs] == [(1, 1, 12, 40, 40)] * 4
+        assert seen["x_1_0"] == (1, 32, 16, 24, 24)
+        torch.testing.assert_close(lm.module.pruned(2)(x), lm.module(x, depth=2)[1])
+    save_model(lm.module, lm.card)
+    again = load_model("ct3d")
+    assert again.module.config.pool == cfg.pool
+    assert tuple(again.module.nodes["x_0_1"].up.proj.weight.shape[2:]) == (1, 2, 2)  # undoes level 1's pooling
+    # an isotropic config leaves the card as it was
+    assert "pool" not in UNetPlusPlusConfig(spatial_dims=3).to_dict()
+    with pytest.raises(ValueError, match="pool needs 4 levels"):
+        UNetPlusPlus(spatial_dims=3, pool=((2, 2, 2),))
+
+
+def test_3d_ct_model_trains_on_sparse_slices_and_predicts(tmp_path, capsys):
+    from napari_unetpp.registry import load_model
+
+    image, labels = _ct_crop(tmp_path, np.s_[6:14, 40:168, 30:190])  # 8 x 128 x 160
+    args = ["train", "--image", str(image), "--labels", str(labels), "--new", "--modality", "ct", "--dims", "3"]
+    args += ["--classes", "liver=5", "--slices", "0", "4", "7", "--epochs", "1", "--out", "ct3d-crop"]
+    args += ["--patch-size", "64", "--batch-size", "2"]
+    args += ["--patch-size", "64", "--batch-size", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    card = load_model("ct3d-crop").card
+    assert card.architecture["spatial_dims"] == 3 and card.architecture["pool"][0] == [1, 2, 2]
+    assert card.training["data_summary"]["pairs"][0]["known_pixels"] == 3 * 128 * 160  # three painted slices
+    assert main(["predict", str(image), "-o", str(tmp_path / "m3.nii.gz"), "--model", "ct3d-crop", "-q"]) == 0
+    assert nib.load(tmp_path / "m3.nii.gz").shape == nib.load(image).shape
+
+
+@needs_series
+def test_slices_without_positions_are_ordered_by_instance_number(tmp_path, series):
+    from napari_unetpp.io import read_image
+
+    files = sorted(DICOM.iterdir())
+    for n, f in enumerate(files[:4]):
+        ds = pydicom.dcmread(f)
+        del ds.ImagePositionPatient
+        ds.InstanceNumber = 10 - n  # file order against instance order
+        ds.save_as(tmp_path / f"s{n}.dcm")
+    vol = read_image(tmp_path)
+    assert vol.data.shape == (4, 512, 512) and vol.scale["Z"] == pytest.approx(3.0)  # SliceThickness
+    firsts = [pydicom.dcmread(f).pixel_array for f in files[:4]]
+    np.testing.assert_array_equal(vol.data[0] + 1024, firsts[3])  # instance 7 comes first
+
+
+# ----------------------------------------------------------------------------------------------- organs side by side
+def test_ct_models_train_without_mirroring_and_microscopy_with_it():
+    from napari_unetpp.finetune.augment import augment_batch
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((8, 16, 16), np.int64)
+    y[:, :, :4] = 1  # an organ on the left of every patch
+    x = np.random.default_rng(1).random((8, 1, 16, 16)).astype(np.float32)
+    v = np.ones_like(y, bool)
+    _, y_ct, _ = augment_batch(x, y, v, rng, mirror=False)
+    np.testing.assert_array_equal(y_ct, y)  # left stays left: the liver is never where the spleen is
+    _, y_em, _ = augment_batch(x, y, v, rng, mirror=True)
+    assert not np.array_equal(y_em, y)
+
+
+def test_foreground_patches_pick_each_organ_equally_often():
+    from napari_unetpp.finetune.augment import sample_batch
+    from napari_unetpp.finetune.data import TrainingItem, TrainingSet
+
+    target = np.zeros((64, 64), np.int64)
+    target[:, :40] = 1  # a large organ
+    target[50:58, 50:58] = 2  # a small one: 64 of 2,624 foreground pixels
+    known = np.ones_like(target, bool)
+    it = TrainingItem(np.zeros((1, 64, 64), np.float32), target, known, np.zeros_like(known), None, "synthetic")
+    it.index()
+    ds = TrainingSet([it], 2, {})
+    centres: list = []
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        sample_batch(ds, rng, 4, (16, 16), focus_fraction=0.0, foreground_fraction=1.0, centres=centres)
+    small = sum(target[c] == 2 for _, c in centres) / len(centres)
+    assert 0.4 < small < 0.6, small  # half, not 2.4 %
+
+
+def test_validation_scores_only_the_classes_it_holds_and_every_painted_class_gets_a_block():
+    import torch
+
+    from napari_unetpp.finetune.data import TrainingItem, TrainingSet
+    from napari_unetpp.finetune.validation import validate
+
+    class Fixed(torch.nn.Module):  # predicts class 1 everywhere, never class 2
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"num_classes": 3, "max_depth": 1})()
+
+        def forward(self, x):
+            logits = torch.zeros((1, 3, *x.shape[2:]))
+            logits[:, 1] = 5.0
+            return [logits]
+
+    target = np.ones((32, 32), np.int64)
+    val = np.zeros_like(target, bool)
+    val[:16] = True
+    it = TrainingItem(np.zeros((1, 32, 32), np.float32), target, ~val, val, None, "synthetic")
+    # class 2 is absent from validation: it neither inflates the score (1.0 for never predicted) nor lowers it
+    assert validate(Fixed(), TrainingSet([it], 2, {}), torch.device("cpu"), None) == {1: 1.0}
+    it.target = target.copy()
+    it.target[:4, :4] = 2  # now validation holds class 2 and the model misses it: mean of 0.984 and 0
+    assert validate(Fixed(), TrainingSet([it], 2, {}), torch.device("cpu"), None)[1] == pytest.approx(0.4921, abs=1e-3)
+
+
+def test_a_small_organ_painted_only_in_training_blocks_gets_a_validation_block():
+    from napari_unetpp.finetune import TrainingPair
+    from napari_unetpp.finetune.data import prepare_data
+    from napari_unetpp.modalities import new_model
+
+    img = tifffile.imread(SAMPLE / "ct_abdomen.tif")[[2, 9, 16]]
+    org = tifffile.imread(SAMPLE / "ct_abdomen_labels.tif")[[2, 9, 16]]
+    target = np.zeros(org.shape, np.uint8)
+    target[org == LIVER], target[org == 1] = 1, 2
+    lm = new_model("ct", classes=["liver", "spleen"])
+    ds = prepare_data(TrainingPair(img, target, axes="ZYX", slices="all"), lm)
+    assert any((it.target[it.val] == 2).any() for it in ds.items)  # the spleen is validated on
+    assert all((it.target[it.train] == 2).any() for it in ds.items)  # and still trained on in every slice

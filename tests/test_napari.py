@@ -25,7 +25,7 @@ def test_manifest_validates_and_every_python_name_imports():
     for py in names:
         mod, _, attr = py.partition(":")
         assert callable(getattr(importlib.import_module(mod), attr)), py
-    assert [s.key for s in pm.contributions.sample_data] == ["em", "nuclei"]
+    assert [s.key for s in pm.contributions.sample_data] == ["em", "nuclei", "ct"]
     assert [w.display_name for w in pm.contributions.widgets] == ["UNet++ Segment", "UNet++ Fine-tune"]
 
 

@@ -25,6 +25,9 @@ def sample_batch(
     centres: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw ``batch`` patches centred on training pixels: changed pixels first, then foreground, then any.
+    Foreground centres of a multi-class item pick a class first (each present class equally often, nnU-Net's
+    rule), so a small organ beside a large one is seen as often: measured on the CT sample, a liver + spleen model
+    sampling foreground pixels alone never predicted the spleen.
 
     Items are chosen in proportion to their training pixels; ``centres`` (a list), when given, receives
     ``(item index, centre)`` per patch. Patches near an edge are shifted inside the item.
@@ -44,6 +47,9 @@ def sample_batch(
             pool = it.focus_idx
         elif len(it.fg_idx) and rng.random() < foreground_fraction:
             pool = it.fg_idx
+            if it.class_idx:
+                classes = sorted(it.class_idx)
+                pool = it.class_idx[classes[int(rng.integers(len(classes)))]]
         else:
             pool = it.train_idx
         centre = np.unravel_index(int(pool[rng.integers(len(pool))]), it.target.shape)
@@ -60,19 +66,19 @@ def sample_batch(
 
 
 def augment_batch(
-    x: np.ndarray, y: np.ndarray, v: np.ndarray, rng: np.random.Generator
+    x: np.ndarray, y: np.ndarray, v: np.ndarray, rng: np.random.Generator, mirror: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flips (every axis), 90-degree rotations (in YX; half-turns only on non-square patches, whose quarter-turns
-    would not stack), and per-channel gamma, gain, offset and noise."""
+    """Flips (every axis) and 90-degree rotations (in YX; half-turns only on non-square patches, whose quarter-turns
+    would not stack) unless ``mirror`` is False, and per-channel gamma, gain, offset and noise."""
     xs, ys, vs = [], [], []
     nd = y.ndim - 1
     square = y.shape[-1] == y.shape[-2]
     for b in range(x.shape[0]):
         a, t, m = x[b], y[b], v[b]
-        k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
+        k = (int(rng.integers(4)) if square else 2 * int(rng.integers(2))) if mirror else 0
         if k:
             a, t, m = np.rot90(a, k, axes=(-2, -1)), np.rot90(t, k, axes=(-2, -1)), np.rot90(m, k, axes=(-2, -1))
-        for ax in range(nd):
+        for ax in range(nd if mirror else 0):
             if rng.random() < 0.5:
                 a, t, m = np.flip(a, ax + 1), np.flip(t, ax), np.flip(m, ax)
         a = np.array(a, dtype=np.float32)

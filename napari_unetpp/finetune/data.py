@@ -78,10 +78,16 @@ class TrainingItem:
     train_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
     fg_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
     focus_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
+    # multi-class targets: the foreground indices per class (empty for one class)
+    class_idx: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def index(self) -> None:
         self.train_idx = np.flatnonzero(self.train)
         self.fg_idx = np.flatnonzero(self.train & (self.target > 0))
+        values = np.unique(self.target.ravel()[self.fg_idx])
+        self.class_idx = (
+            {int(c): self.fg_idx[self.target.ravel()[self.fg_idx] == c] for c in values} if len(values) > 1 else {}
+        )
         self.focus_idx = np.flatnonzero(self.train & self.focus) if self.focus is not None else np.empty(0, int)
 
 
@@ -167,6 +173,28 @@ def _fallback_block(items: Sequence[TrainingItem], keys: Sequence[str]) -> None:
     ]
     if cands:
         _, ii, sl = min(cands, key=lambda c: c[0])
+        it = items[ii]
+        it.val[sl] = it.train[sl]
+        it.train = it.train & ~it.val
+
+
+def _cover_classes(items: Sequence[TrainingItem], keys: Sequence[str], num_classes: int) -> None:
+    """Multi-class models: a class the user painted that no validation block holds (a small organ beside a large
+    one) gets one: of the blocks holding its training pixels, the one with the smallest hash moves to validation,
+    as long as the class keeps training pixels elsewhere. Without it, validation would score the model on the
+    other classes only and the best state could be one that never predicts this class."""
+    for c in range(1, num_classes):
+        if any((it.target[it.val] == c).any() for it in items):
+            continue
+        cands = [
+            (_hash01(f"{key}|{pos}"), ii, sl)
+            for ii, (it, key) in enumerate(zip(items, keys))
+            for pos, sl in _blocks(it.train.shape)
+            if (it.target[sl][it.train[sl]] == c).any()
+        ]
+        if len(cands) < 2:
+            continue
+        _, ii, sl = min(cands, key=lambda t: t[0])
         it = items[ii]
         it.val[sl] = it.train[sl]
         it.train = it.train & ~it.val
@@ -306,6 +334,8 @@ def prepare_data(
     n_val = sum(int(it.val.sum()) for it in items)
     if n_val == 0:  # no block fell into validation: take the stablest one
         _fallback_block(items, keys)
+    if cfg.num_classes > 2:
+        _cover_classes(items, keys, cfg.num_classes)
     _check_classes(items, cfg.num_classes)
     for it in items:
         it.index()

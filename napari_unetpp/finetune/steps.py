@@ -59,12 +59,17 @@ def train_step(
     return float(loss.detach())
 
 
-def shrink_after_oom(batch: int, patch: Sequence[int], multiple: int) -> tuple[int, tuple[int, ...]]:
+def _per_axis(multiple: int | Sequence[int], n: int) -> list[int]:
+    return [int(multiple)] * n if isinstance(multiple, (int, np.integer)) else [int(m) for m in multiple]
+
+
+def shrink_after_oom(batch: int, patch: Sequence[int], multiple: int | Sequence[int]) -> tuple[int, tuple[int, ...]]:
     """Next smaller (batch, patch) after an out-of-memory error: halve the batch, then the patch (kept a multiple
-    of ``multiple``, at least 2 ``multiple``s)."""
+    of ``multiple`` per axis, at least 2 ``multiple``s)."""
     if batch > 1:
         return batch // 2, tuple(patch)
-    smaller = tuple(max(2 * multiple, (p // 2) // multiple * multiple) for p in patch)
+    mults = _per_axis(multiple, len(patch))
+    smaller = tuple(max(2 * m, (p // 2) // m * m) for p, m in zip(patch, mults))
     if smaller == tuple(patch):
         raise MemoryError("out of memory even with one small patch per step; close other programs or use the CPU.")
     return 1, smaller
@@ -78,9 +83,9 @@ def batch_and_patch(
     batch_size: int | None = None,
 ) -> tuple[int, tuple[int, ...]]:
     """Patches per step and patch shape: the given ones, else 256^2 in 2D (32 x 96^2 in 3D on CPU, 64 x 96^2 on
-    GPUs), capped by the data and kept multiples of 2**max_depth; 4 patches on CPU, on CUDA as many as half the
-    free memory holds (2-32)."""
-    mult = 2**module.max_depth
+    GPUs), capped by the data and kept multiples of the network's size multiple (2**max_depth, per axis); 4 patches
+    on CPU, on CUDA as many as half the free memory holds (2-32)."""
+    mults = module.config.multiple
     shape = np.max([it.target.shape for it in ds.items], axis=0)
     if patch_size:
         base = [int(patch_size)] * ds.spatial_dims
@@ -88,8 +93,8 @@ def batch_and_patch(
         base = [256, 256]
     else:
         base = [32 if device.type == "cpu" else 64, 96, 96]
-    patch = tuple(int(min(p, math.ceil(d / mult) * mult)) for p, d in zip(base, shape))
-    patch = tuple(max(mult, p // mult * mult) for p in patch)
+    patch = tuple(int(min(p, math.ceil(d / m) * m)) for p, d, m in zip(base, shape, mults))
+    patch = tuple(max(m, p // m * m) for p, m in zip(patch, mults))
     if batch_size:
         return int(batch_size), patch
     if device.type == "cuda":
@@ -100,15 +105,15 @@ def batch_and_patch(
     return 4, patch
 
 
-def small_patch_for(full: Sequence[int], multiple: int, size: int | None = None) -> tuple[int, ...]:
-    """The early, cheap patch: ``size`` per axis when given, else half of ``full``; kept a multiple of ``multiple``,
-    at least 4 ``multiple``s in-plane (2 along Z), and never larger than ``full``."""
+def small_patch_for(full: Sequence[int], multiple: int | Sequence[int], size: int | None = None) -> tuple[int, ...]:
+    """The early, cheap patch: ``size`` per axis when given, else half of ``full``; kept a multiple of ``multiple``
+    (per axis), at least 4 ``multiple``s in-plane (2 along Z), and never larger than ``full``."""
     nd = len(full)
     out = []
-    for ax, p in enumerate(full):
-        least = (2 if (nd == 3 and ax == 0) else 4) * multiple
+    for ax, (p, m) in enumerate(zip(full, _per_axis(multiple, nd))):
+        least = (2 if (nd == 3 and ax == 0) else 4) * m
         want = int(size) if size else p // 2
-        out.append(min(p, max(least, want // multiple * multiple)))
+        out.append(min(p, max(least, want // m * m)))
     return tuple(out)
 
 

@@ -1,0 +1,65 @@
+"""CT in a real napari viewer (under Xvfb): a DICOM folder opened through the plugin's reader, segmented with a CT
+model under a chosen Hounsfield window, the mask saved to NIfTI over the scan's grid; the CT demo teaching a new
+model the liver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("pydicom")
+
+DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-abdomen" / "dicom"
+
+
+@pytest.mark.skipif(not DICOM.is_dir(), reason="the shared CT series is not beside this checkout")
+def test_dicom_folder_segmented_under_a_window_and_saved_as_nifti(make_napari_viewer, tmp_path):
+    from napari_unetpp.modalities import new_model
+    from napari_unetpp.registry import save_model
+
+    lm = new_model("ct", name="ct-gui")
+    save_model(lm.module, lm.card)
+    viewer = make_napari_viewer()
+    [img] = viewer.open(str(DICOM), plugin="napari-unetpp")
+    assert img.data.shape == (20, 512, 512) and tuple(img.scale) == pytest.approx((2.0, 0.9765625, 0.9765625))
+    assert tuple(img.contrast_limits) == (-110, 190)  # the file's own window
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w._image.value = img
+    w._model.value = "ct-gui@v1"
+    assert w._window.visible and "soft-tissue W400 L40" in w._window_shown.value
+    viewer.dims.set_current_step(0, 10)
+    w._depth_slider.value = 1
+    w.preview()
+    soft = viewer.layers[f"{img.name} [UNet++ L1]"].data[10].copy()
+    w._window.value = "lung"
+    assert "lung W1500 L-600" in w._window_shown.value
+    w.preview()
+    lung = viewer.layers[f"{img.name} [UNet++ L1]"].data[10]
+    assert not np.allclose(soft, lung)  # another window is another input, never a cached result
+    w._window.value = "dicom"
+    assert "dicom WINDOW1 W300 L40" in w._window_shown.value
+    mask = viewer.layers[f"{img.name} [UNet++ mask]"]
+    assert mask.metadata["unetpp_geometry"] is img.metadata["unetpp_geometry"]
+    [path] = mask.save(str(tmp_path / "mask.nii.gz"), plugin="napari-unetpp")
+    out = nib.load(path)
+    assert out.shape == (512, 512, 20)
+    np.testing.assert_allclose(out.affine, img.metadata["unetpp_geometry"].affine)
+
+
+def test_ct_demo_teaches_a_new_model_the_liver(tmp_path):
+    from napari_unetpp._demo import run_demo
+    from napari_unetpp.registry import load_model
+
+    shot = tmp_path / "ct.png"
+    assert run_demo("ct", screenshot=str(shot), minutes=0.15) == 0
+    card = load_model("ct-liver-demo").card
+    assert card.parent is None and card.classes == ["liver"] and card.normalization["name"] == "soft-tissue"
+    assert card.training["data_summary"]["pairs"][0]["known_slices"] == [[2], [9], [16]]
+    assert card.training["spacing"] == pytest.approx({"Z": 2.0, "Y": 0.9765625, "X": 0.9765625})
+    from skimage.io import imread
+
+    assert imread(shot)[..., :3].std() > 10
