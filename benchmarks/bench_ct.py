@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_finetune import cpu_flags  # the same CPU line as the fine-tuning benchmark
 
 from napari_unetpp.finetune import TrainingPair, fine_tune
 from napari_unetpp.io import read_image
@@ -44,14 +43,6 @@ HELD = [0, 5, 6, 12, 13, 19]
 TRAIN = {1: [9], 2: [2, 16], 3: [2, 9, 16]}
 LIVER, SPLEEN = 5, 1
 SPACING = (2.0, 0.9765625, 0.9765625)
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(re.findall(r"\b(avx512_bf16|avx512f|amx_bf16|avx2)\b", Path("/proc/cpuinfo").read_text()))
-    except OSError:
-        flags = set()
-    return " ".join(sorted(flags)) or platform.processor() or "unknown"
 
 
 def reading_times(reps: int = 3) -> dict[str, float]:
