@@ -390,9 +390,11 @@ class UNetPlusPlus(_ConfiguredNet):
         return [self.heads[f"head_{j}"](outs[0, j])[crop] for j in range(1, k + 1)]
 
     def modules_for_depth(self, depth: int) -> Iterator[tuple[str, nn.Module]]:
-        """The named top-level modules (nodes and heads) that the depth-``depth`` forward uses."""
+        """The named top-level modules (nodes, poolings and heads) that the depth-``depth`` forward uses."""
         for n in node_names(self.check_depth(depth)):
             yield f"nodes.{n}", self.nodes[n]
+        for i in range(depth):  # pooling into levels 1..depth (no parameters)
+            yield f"pools.{i}", self.pools[i]
         for j in range(1, depth + 1):
             yield f"heads.head_{j}", self.heads[f"head_{j}"]
 

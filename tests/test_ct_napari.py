@@ -30,7 +30,8 @@ def test_dicom_folder_segmented_under_a_window_and_saved_as_nifti(make_napari_vi
     _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     w._image.value = img
     w._model.value = "ct-gui@v1"
-    assert w._window.visible and "soft-tissue W400 L40" in w._window_shown.value
+    assert not w._window.native.isHidden() and "soft-tissue W400 L40" in w._window_shown.value
+    w._all_levels.value = True
     viewer.dims.set_current_step(0, 10)
     w._depth_slider.value = 1
     w.preview()
@@ -51,11 +52,16 @@ def test_dicom_folder_segmented_under_a_window_and_saved_as_nifti(make_napari_vi
 
 
 def test_ct_demo_teaches_a_new_model_the_liver(tmp_path):
-    from napari_unetpp._demo import run_demo
+    """``napari-unetpp demo --sample ct`` in its own process (see test_napari.test_demo_screenshot)."""
+    import subprocess
+    import sys
+
     from napari_unetpp.registry import load_model
 
     shot = tmp_path / "ct.png"
-    assert run_demo("ct", screenshot=str(shot), minutes=0.15) == 0
+    cmd = [sys.executable, "-m", "napari_unetpp.cli", "demo", "--sample", "ct", "--minutes", "0.15"]
+    r = subprocess.run([*cmd, "--screenshot", str(shot)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     card = load_model("ct-liver-demo").card
     assert card.parent is None and card.classes == ["liver"] and card.normalization["name"] == "soft-tissue"
     assert card.training["data_summary"]["pairs"][0]["known_slices"] == [[2], [9], [16]]

@@ -248,11 +248,14 @@ class FineTuneWidget(Container):
     def _on_budget_kind(self, _=None) -> None:
         self._budget.value = 2.0 if self._budget_kind.value == "minutes" else 20
 
+    def _is_ct(self, row: Any) -> bool:
+        """A new CT model, or a base that normalises by a Hounsfield window: the HU window choice applies."""
+        return self._new_modality() == "ct" or (row is not None and row.card.normalization.get("mode") == "window")
+
     def _on_base(self, _=None) -> None:
         modality = self._new_modality()
         row = next((r for r in list_models() if r.id == self._base.value), None)
-        is_ct = modality == "ct" or (row is not None and row.card.normalization.get("mode") == "window")
-        self._window.visible = is_ct
+        self._window.visible = self._is_ct(row)
         if modality is not None:
             self._name.tooltip = f"default: {modality}-new"
             self._name.native.setPlaceholderText(f"{modality}-new")
@@ -375,7 +378,7 @@ class FineTuneWidget(Container):
                 )
             else:
                 base = load_model(self._base.value)
-            if self._window.visible and self._window.value != WINDOW_CHOICES[0]:
+            if self._window.value != WINDOW_CHOICES[0] and base.normalization.mode == "window":
                 img = self._image.value
                 dicom = img.metadata.get("unetpp_windows", []) if img is not None else []
                 base = with_window(base, parse_window(str(self._window.value), dicom))
