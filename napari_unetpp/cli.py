@@ -265,7 +265,8 @@ def _base_for(args: argparse.Namespace, classes: list[str] | None, img: Any = No
         if not args.modality:
             raise CliError("--new needs --modality fluorescence, brightfield, em or ct (it picks the normalisation).")
         dims = args.dims or 2
-        spacing = [img.scale[a] for a in "ZYX"] if dims == 3 and img is not None and "Z" in img.scale else None
+        known = img is not None and all(a in img.scale for a in "ZYX")
+        spacing = [img.scale[a] for a in "ZYX"] if dims == 3 and known else None
         return new_model(
             args.modality, classes=classes or ["foreground"], name=args.out, spatial_dims=dims, spacing=spacing
         )

@@ -8,7 +8,7 @@ reads NRRD/MHA); they are the ``[ct]`` extra.
 patient's Left, Posterior and Superior (LPS, the DICOM patient axes). In napari that is the radiological view of an
 axial series: anterior at the top, the patient's left on the right of the screen, the slider from feet to head. A
 :class:`Geometry` remembers how the file's own voxel order maps to it, so a mask goes back to the file's order and
-affine (:func:`write_nifti`) and overlays the input in any viewer.
+affine (:func:`nifti_image`, written by :func:`napari_unetpp.io.write_image`) and overlays the input in any viewer.
 
 Values are Hounsfield units: DICOM rescale slope and intercept are applied; NIfTI scaling (``scl_slope``) too.
 """
@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "window_normalization",
     "is_dicom_file",
     "is_ct_path",
+    "is_nifti_name",
     "read_dicom",
     "read_nifti",
     "nifti_image",
@@ -68,8 +69,9 @@ class Window:
         return self.level + self.width / 2
 
     def describe(self) -> str:
-        """E.g. ``soft-tissue W400 L40 (-160..240 HU)``."""
-        return f"{self.name} W{self.width:g} L{self.level:g} ({self.low:g}..{self.high:g} HU)"
+        """E.g. ``soft-tissue W400 L40 (-160..240 HU)`` (without a name: ``W400 L40 (-160..240 HU)``)."""
+        name = f"{self.name} " if self.name else ""
+        return f"{name}W{self.width:g} L{self.level:g} ({self.low:g}..{self.high:g} HU)"
 
 
 # The usual radiology presets (width, level) in HU.
@@ -212,24 +214,25 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _dicom_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p))
+def _iter_dicom_files(folder: Path) -> Iterator[Path]:
+    """The folder's DICOM files (not hidden ones), in directory order, read lazily."""
+    return (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_dicom_file(p))
+
+
+def is_nifti_name(path: str | os.PathLike[str]) -> bool:
+    """True for a ``.nii`` or ``.nii.gz`` name (any case)."""
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def is_ct_path(path: str | os.PathLike[str]) -> bool:
-    """True for paths this module reads: a NIfTI file, a DICOM file, or a folder holding DICOM files."""
+    """True for paths this module reads: a NIfTI file, a DICOM file, or a folder holding DICOM files (a folder is
+    checked up to its first DICOM file, not read whole)."""
     p = Path(path)
-    if p.name.lower().endswith(NIFTI_SUFFIXES):
+    if is_nifti_name(p):
         return True
     if p.is_dir():
-        return any(True for _ in _first(_dicom_files(p)))
+        return next(_iter_dicom_files(p), None) is not None
     return p.is_file() and is_dicom_file(p)
-
-
-def _first(items: Iterable[Any]) -> Iterable[Any]:
-    for x in items:
-        yield x
-        return
 
 
 def _pydicom() -> Any:
@@ -315,7 +318,7 @@ def read_dicom(path: str | os.PathLike[str]) -> Volume:
     """
     pydicom = _pydicom()
     p = Path(path)
-    files = _dicom_files(p) if p.is_dir() else [p]
+    files = sorted(_iter_dicom_files(p)) if p.is_dir() else [p]
     if not files:
         raise ReadError(f"{p}: no DICOM files in this folder.")
     datasets = []

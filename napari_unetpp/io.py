@@ -63,9 +63,9 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
         ReadError: the file is missing or not readable (one sentence naming the file and what to do).
     """
     p = Path(path)
-    from .ct import is_ct_path
+    from .ct import is_ct_path, is_nifti_name
 
-    if p.exists() and is_ct_path(p) or p.name.lower().endswith((".nii", ".nii.gz")):
+    if p.exists() and is_ct_path(p) or is_nifti_name(p):
         return _read_ct(p)
     if p.is_dir():
         raise ReadError(f"{p}: a folder without DICOM files; give an image file or a DICOM series folder.")
@@ -92,9 +92,9 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
 
 
 def _read_ct(p: Path) -> ImageData:
-    from .ct import read_dicom, read_nifti
+    from .ct import is_nifti_name, read_dicom, read_nifti
 
-    vol = read_nifti(p) if p.name.lower().endswith((".nii", ".nii.gz")) else read_dicom(p)
+    vol = read_nifti(p) if is_nifti_name(p) else read_dicom(p)
     return ImageData(vol.data, "ZYX", vol.spacing, "mm", vol.geometry, vol.windows, vol.metadata)
 
 
@@ -104,10 +104,11 @@ def output_kind(path: str | os.PathLike[str]) -> str:
     Raises:
         ValueError: another extension (the message lists the ones that work).
     """
-    name = Path(path).name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+    from .ct import is_nifti_name
+
+    if is_nifti_name(path):
         return "nifti"
-    if name.endswith((".tif", ".tiff")):
+    if Path(path).name.lower().endswith((".tif", ".tiff")):
         return "tiff"
     raise ValueError(f"the output {path} must end in {', '.join(OUTPUT_SUFFIXES)}.")
 

@@ -53,9 +53,9 @@ class Normalization:
     def describe(self) -> str:
         """One line for people, e.g. ``HU window soft-tissue W400 L40 (-160..240 HU)`` or ``percentiles 1-99.8``."""
         if self.mode == "window":
-            width, level = self.high - self.low, (self.high + self.low) / 2
-            name = f"{self.name} " if self.name else ""
-            return f"HU window {name}W{width:g} L{level:g} ({self.low:g}..{self.high:g} HU)"
+            from .ct import Window
+
+            return "HU window " + Window(self.name, self.high - self.low, (self.high + self.low) / 2).describe()
         if self.mode == "percentile":
             return f"percentiles {self.low:g}-{self.high:g} of the stack"
         return "no normalisation"

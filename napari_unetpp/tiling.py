@@ -98,8 +98,7 @@ class TilePlan:
     @property
     def aligns(self) -> tuple[int, ...]:
         """The alignment per axis."""
-        a = self.align
-        return (int(a),) * len(self.shape) if isinstance(a, (int, np.integer)) else tuple(int(x) for x in a)
+        return per_axis(self.align, len(self.shape))
 
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.tile):
@@ -205,13 +204,18 @@ class Blender:
         self._emit(self.plan.shape[0])
 
 
+def per_axis(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    """``value`` for each of ``n`` axes: one number repeated, or a sequence given per axis (a network's size multiple,
+    a tile alignment)."""
+    return (int(value),) * n if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
+
+
 def padding_for(shape: Sequence[int], multiple: int | Sequence[int]) -> list[tuple[int, int]]:
     """Padding ``(before, after)`` per axis that brings each size up to a multiple of ``multiple`` (one for every
     axis, or one per axis), split evenly (the extra pixel after). Prediction pads every plane this way, and the
     network pads odd inputs the same way."""
-    mults = [int(multiple)] * len(shape) if isinstance(multiple, (int, np.integer)) else [int(m) for m in multiple]
     out = []
-    for n, m in zip(shape, mults):
+    for n, m in zip(shape, per_axis(multiple, len(shape))):
         total = (-int(n)) % m
         out.append((total // 2, total - total // 2))
     return out

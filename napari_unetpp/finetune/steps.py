@@ -14,6 +14,7 @@ from torch import nn
 
 from ..losses import DeepSupervisionLoss
 from ..network import UNetPlusPlus
+from ..tiling import per_axis
 from .data import TrainingSet
 
 __all__ = [
@@ -59,16 +60,12 @@ def train_step(
     return float(loss.detach())
 
 
-def _per_axis(multiple: int | Sequence[int], n: int) -> list[int]:
-    return [int(multiple)] * n if isinstance(multiple, (int, np.integer)) else [int(m) for m in multiple]
-
-
 def shrink_after_oom(batch: int, patch: Sequence[int], multiple: int | Sequence[int]) -> tuple[int, tuple[int, ...]]:
     """Next smaller (batch, patch) after an out-of-memory error: halve the batch, then the patch (kept a multiple
     of ``multiple`` per axis, at least 2 ``multiple``s)."""
     if batch > 1:
         return batch // 2, tuple(patch)
-    mults = _per_axis(multiple, len(patch))
+    mults = per_axis(multiple, len(patch))
     smaller = tuple(max(2 * m, (p // 2) // m * m) for p, m in zip(patch, mults))
     if smaller == tuple(patch):
         raise MemoryError("out of memory even with one small patch per step; close other programs or use the CPU.")
@@ -110,7 +107,7 @@ def small_patch_for(full: Sequence[int], multiple: int | Sequence[int], size: in
     (per axis), at least 4 ``multiple``s in-plane (2 along Z), and never larger than ``full``."""
     nd = len(full)
     out = []
-    for ax, (p, m) in enumerate(zip(full, _per_axis(multiple, nd))):
+    for ax, (p, m) in enumerate(zip(full, per_axis(multiple, nd))):
         least = (2 if (nd == 3 and ax == 0) else 4) * m
         want = int(size) if size else p // 2
         out.append(min(p, max(least, want // m * m)))
