@@ -107,37 +107,43 @@ def load_ct() -> tuple[np.ndarray, np.ndarray]:
     return hu, np.ascontiguousarray(nii.transpose(2, 1, 0)[:, ::-1, :]).astype(np.uint8)
 
 
-def held_out_dice(model: LoadedModel, img, lab, held, depth: int | None = None) -> tuple[float, dict[int, float]]:
+def held_out_dice(
+    model: LoadedModel, img, lab, held, depth: int | None = None, device: str = "cpu"
+) -> tuple[float, dict[int, float]]:
     """Held-out Dice at ``depth`` (default the card's recommended depth) and at every level; the image is
     normalised with the whole stack's statistics, as in training."""
     stats = normalization_stats(img, model, axes="ZYX")
-    pred = predict(img[held], model, axes="ZYX", depth=model.max_depth, levels="all", stats=stats, device="cpu")
+    pred = predict(img[held], model, axes="ZYX", depth=model.max_depth, levels="all", stats=stats, device=device)
     per = {lv: round(dice_score(p > 0.5, lab[held]), 4) for lv, p in pred.probabilities.items()}
     k = depth or model.card.recommended_depth or max(per)
     return per[k], per
 
 
-def plain_loop(img, lab, train, held, modality: str, marks: list[float], seed: int = 0) -> list[dict]:
+def plain_loop(
+    img, lab, train, held, modality: str, marks: list[float], seed: int = 0, device: str = "cpu"
+) -> list[dict]:
     """The fresh-network reference: a plain training loop, its held-out Dice at each time mark (minutes)."""
+    dev = torch.device(device)
     lm = new_model(modality, seed=seed)
     ds = prepare_data(TrainingPair(img, lab.astype(np.uint8), axes="ZYX", slices=train), lm, pad_to=(192, 192))
     for it in ds.items:  # the plain loop trains on every known pixel
         it.train, it.val = it.train | it.val, np.zeros_like(it.val)
         it.index()
-    net = lm.module.to(memory_format=torch.channels_last).train()
+    net = lm.module.to(dev, memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn, rng = DeepSupervisionLoss(), np.random.default_rng(seed)
-    amp = autocast_dtype(torch.device("cpu"), "auto")
+    amp = autocast_dtype(dev, "auto")
     rows, clock, step, t = [], 0.0, 0, time.perf_counter()
     for mark in marks:
         while clock + (time.perf_counter() - t) < mark * 60:
             x, y, v = augment_batch(*sample_batch(ds, rng, 4, (192, 192), 0.0, 0.33), rng)
-            xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-            train_step(net, opt, loss_fn, xt, torch.from_numpy(y), torch.from_numpy(v), 4, amp)
+            xt = torch.from_numpy(x).to(dev).contiguous(memory_format=torch.channels_last)
+            yt, vt = torch.from_numpy(y).to(dev), torch.from_numpy(v).to(dev)
+            train_step(net, opt, loss_fn, xt, yt, vt, 4, amp)
             step += 1
         clock += time.perf_counter() - t
         net.eval()
-        d, per = held_out_dice(LoadedModel(net, lm.card), img, lab, held, depth=4)
+        d, per = held_out_dice(LoadedModel(net, lm.card), img, lab, held, depth=4, device=device)
         net.train()
         rows.append({"minutes": mark, "steps": step, "wall_s": round(clock, 1), "held_out": d, "levels": per})
         t = time.perf_counter()
@@ -152,7 +158,7 @@ RECIPES = {  # fine-tuning options per benchmark recipe; the ablations switch on
 }
 
 
-def run_recipe(shift: str, recipe: str, minutes: float, data, options: dict | None = None) -> dict:
+def run_recipe(shift: str, recipe: str, minutes: float, data, options: dict | None = None, device: str = "cpu") -> dict:
     img, lab, train, held, base_name, _ = data
     if base_name == "ct":
         base = new_model("ct", classes=["liver"]) if recipe.startswith("adaptive") else load_model("nuclei")
@@ -163,12 +169,12 @@ def run_recipe(shift: str, recipe: str, minutes: float, data, options: dict | No
         base,
         TrainingPair(img, lab.astype(np.uint8), axes="ZYX", slices=train, name=shift),
         minutes=minutes,
-        device="cpu",
+        device=device,
         name=f"bench-{recipe}",
         **{**RECIPES[recipe], **(options or {} if recipe != "old" else {})},
     )
     wall = time.perf_counter() - t0
-    d, per = held_out_dice(res.model, img, lab, held)
+    d, per = held_out_dice(res.model, img, lab, held, device=device)
     return {
         "shift": shift,
         "recipe": recipe,
@@ -184,6 +190,9 @@ def run_recipe(shift: str, recipe: str, minutes: float, data, options: dict | No
         "val_baseline": res.baseline,
         "val": res.scores,
         "stopped": res.stopped,
+        "batch": res.data.get("batch"),
+        "waited_for_batches_s": res.data.get("waited_for_batches_s"),
+        "train_steps_s": res.data.get("train_steps_s"),
     }
 
 
@@ -258,17 +267,25 @@ def main() -> int:
     ap.add_argument("--train", nargs="*", type=int, default=None, help="override the training slices")
     ap.add_argument("--option", nargs="*", default=[], help="KEY=VALUE fine-tuning options for the adaptive recipe")
     ap.add_argument("--summarize", type=Path, default=None, help="print the markdown table of a results JSON")
+    ap.add_argument("--device", default="cpu", help="cpu (the default: the figures users without a GPU get) or cuda")
     args = ap.parse_args()
     if args.summarize:
         print(summarize(json.loads(args.summarize.read_text())))
         return 0
-    amp = autocast_dtype(torch.device("cpu"), "auto")
-    precision = "bf16 autocast" if amp == torch.bfloat16 else "fp32"
+    dev = torch.device(args.device)
+    amp = autocast_dtype(dev, "auto")
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "fp32")  # type: ignore[call-overload]
     print(
-        f"CPU flags: {cpu_flags()}; precision {precision}; {describe_device(torch.device('cpu'))}; torch "
+        f"CPU flags: {cpu_flags()}; precision {precision}; {describe_device(dev)}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads"
     )
-    out: dict = {"cpu_flags": cpu_flags(), "precision": precision, "threads": torch.get_num_threads(), "runs": []}
+    out: dict = {
+        "cpu_flags": cpu_flags(),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "device": describe_device(dev),
+        "runs": [],
+    }
     if not args.skip_profile:
         prof = profile()
         out["profile"] = prof
@@ -299,19 +316,19 @@ def main() -> int:
                 modality = {"nuclei-to-em": "em", "nuclei-to-scratch": "brightfield", "new-ct-liver": "ct"}.get(
                     shift, "fluorescence"
                 )
-                rows = plain_loop(*data[:4], modality, sorted(args.minutes))
+                rows = plain_loop(*data[:4], modality, sorted(args.minutes), device=args.device)
                 for r in rows:
                     r.update(shift=shift, recipe="fresh", chosen="plain", recommended=4)
             else:
                 opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
-                rows = [run_recipe(shift, recipe, m, data, opts) for m in args.minutes]
+                rows = [run_recipe(shift, recipe, m, data, opts, args.device) for m in args.minutes]
             for r in rows:
                 _record(r, out, args.json)
     mid = sorted(args.minutes)[len(args.minutes) // 2]
     for shift in args.ablations:
         data = load_shift(shift)
         for recipe in ("adaptive-no-adabn", "adaptive-one-patch"):
-            _record(run_recipe(shift, recipe, mid, data), out, args.json)
+            _record(run_recipe(shift, recipe, mid, data, device=args.device), out, args.json)
     return _write(args.json, out)
 
 

@@ -450,16 +450,17 @@ class _Runner:
             try:
                 outs.append(self._forward(chunk))
                 i += len(chunk)
+                continue
             except (RuntimeError, MemoryError) as exc:
                 if not is_oom(exc):
                     raise
-                release_memory(self.device)
                 if self.batch == 1:
                     raise MemoryError(
                         "out of memory even for a single tile; choose a smaller tile size (--tile) or the CPU."
                     ) from exc
-                self.batch = max(1, self.batch // 2)
-                log.warning("out of memory: retrying with %d tile(s) per batch", self.batch)
+            release_memory(self.device)  # out of memory: once the exception (and the tensors it holds) is gone
+            self.batch = max(1, self.batch // 2)
+            log.warning("out of memory: retrying with %d tile(s) per batch", self.batch)
         return np.concatenate(outs)
 
     def _forward(self, chunk: np.ndarray) -> np.ndarray:

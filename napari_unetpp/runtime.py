@@ -155,6 +155,9 @@ def release_memory(device: torch.device | str | None = None) -> None:
     gc.collect()
     dev = torch.device(device) if device is not None else None
     if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:  # cuBLAS keeps its workspaces in the caching allocator (32 MB on an H100)
+            clear_workspaces()
         torch.cuda.empty_cache()
     elif dev is not None and dev.type == "mps" and hasattr(torch, "mps"):
         torch.mps.empty_cache()

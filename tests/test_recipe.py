@@ -437,3 +437,94 @@ def test_budget_reserves_the_last_validation_and_the_save(monkeypatch):
     e = Budget(minutes=None, epochs=2)
     e.steps_per_epoch = 5
     assert not e.done(9) and e.done(10) and e.fraction(5) == 0.5
+
+
+# ------------------------------------------------------------------------------------- batches made ahead (CUDA)
+def test_prefetcher_hands_out_batches_of_the_size_asked_and_passes_errors_on():
+    import threading
+
+    from napari_unetpp.finetune.augment import Prefetcher
+
+    made: list[tuple[int, tuple[int, ...]]] = []
+
+    def make(batch, patch):
+        made.append((batch, patch))
+        return np.zeros((batch, 1, *patch), np.float32), batch, patch
+
+    pf = Prefetcher(make, ahead=2)
+    assert pf.get(4, (32, 32))[0].shape == (4, 1, 32, 32)
+    assert pf.get(2, [16, 16])[0].shape == (2, 1, 16, 16)  # batches made ahead for the old size are dropped
+    assert pf.get(2, (16, 16))[1:] == (2, (16, 16))
+    pf.close()
+    assert not any(t.name == "unetpp-batches" for t in threading.enumerate())
+    n = len(made)
+    time.sleep(0.05)
+    assert len(made) == n  # the worker is gone
+
+    def broken(batch, patch):
+        raise ValueError("no pixels to sample")
+
+    pf = Prefetcher(broken)
+    with pytest.raises(ValueError, match="no pixels"):
+        pf.get(1, (8, 8))
+    pf.close()
+
+
+def test_fine_tuning_with_batches_made_ahead(em_crop, em_crop_membrane, monkeypatch):
+    """The path CUDA takes (a worker thread makes the batches), run on the CPU: it trains, reports how long it waited
+    for batches, and leaves no thread behind, also when the run is cancelled."""
+    import threading
+
+    import napari_unetpp.finetune.loop as loop
+
+    inline = loop._batch_maker
+    monkeypatch.setattr(
+        loop, "_batch_maker", lambda ds, rng, cfg, m, dev: inline(ds, rng, cfg, m, torch.device("cuda"))
+    )
+    pair = TrainingPair(em_crop, em_crop_membrane, slices="all")
+    res = fine_tune(tiny(), pair, epochs=1, steps_per_epoch=4, batch_size=2, patch_size=64, device="cpu", save=False)
+    assert res.steps == 4 and res.data["waited_for_batches_s"] >= 0 and res.data["train_steps_s"] > 0
+    gen = fine_tune_iter(tiny(), pair, minutes=5, batch_size=2, patch_size=64, device="cpu", save=False)
+    for p in gen:
+        if p.phase == "train" and p.step == 2:
+            break
+    gen.close()
+    assert not any(t.name == "unetpp-batches" for t in threading.enumerate())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_returns_to_its_start_after_a_run_a_cancel_and_an_out_of_memory_retry(em_crop, em_crop_membrane):
+    """On CUDA: allocated and reserved memory are back where they started after a run, a cancelled run, and a run
+    whose first batch did not fit (a real out-of-memory error under a per-process cap)."""
+    from napari_unetpp.runtime import release_memory
+
+    pair = TrainingPair(em_crop, em_crop_membrane, slices="all")
+    torch.zeros(1, device="cuda")
+    release_memory("cuda")
+    start = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    fine_tune(tiny(4), pair, epochs=1, steps_per_epoch=3, patch_size=128, device="cuda", save=False)
+    assert (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) == start
+    gen = fine_tune_iter(tiny(4), pair, minutes=5, patch_size=128, device="cuda", save=False)
+    for p in gen:
+        if p.phase == "train" and p.step == 2:
+            break
+    gen.close()
+    assert (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) == start
+    retries: list[str] = []
+    torch.cuda.set_per_process_memory_fraction(0.4e9 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        fine_tune(
+            tiny(4),
+            pair,
+            epochs=1,
+            steps_per_epoch=3,
+            batch_size=64,
+            patch_size=128,
+            device="cuda",
+            save=False,
+            on_progress=lambda p: retries.append(p.message) if p.phase == "retry" else None,
+        )
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert retries, "a batch of 64 should not fit under a 0.4 GB cap"
+    assert (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) == start

@@ -4,7 +4,10 @@ and a mild random affine."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 
 from .data import TrainingSet
 
-__all__ = ["augment_batch", "random_affine", "sample_batch"]
+__all__ = ["Prefetcher", "augment_batch", "random_affine", "sample_batch"]
 
 
 def sample_batch(
@@ -133,3 +136,68 @@ def random_affine(
         torch.where(keep.view(-1, *([1] * nd)), ya.long(), y),
         torch.where(keep.view(-1, *([1] * nd)), va > 0.5, v),
     )
+
+
+class Prefetcher:
+    """Assembles training batches in a background thread while the accelerator trains on the current one.
+
+    ``make(batch, patch)`` builds one batch on the CPU (sampling and augmentation, both NumPy); ``get(batch, patch)``
+    returns the next batch of that size, dropping any made for an earlier size (after an out-of-memory retry or when
+    the patches grow). ``make`` must own its random generator: it runs on the worker thread only. Used on CUDA, where
+    the CPU side of a step would otherwise leave the GPU idle; on the CPU the batch is made in line (a thread would
+    only compete with the training step for the same cores).
+    """
+
+    def __init__(self, make: Callable[[int, tuple[int, ...]], tuple], ahead: int = 3) -> None:
+        self._make = make
+        self._want: tuple[int, tuple[int, ...]] | None = None
+        self._queue: queue.Queue = queue.Queue(ahead)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.wait_seconds = 0.0  # time the training loop spent waiting for a batch
+
+    def get(self, batch: int, patch: Sequence[int]) -> tuple:
+        key = (int(batch), tuple(int(p) for p in patch))
+        self._want = key
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="unetpp-batches", daemon=True)
+            self._thread.start()
+        t = time.perf_counter()
+        try:
+            while True:
+                made_for, item = self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if made_for == key:
+                    return item
+        finally:
+            self.wait_seconds += time.perf_counter() - t
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            key = self._want
+            assert key is not None
+            try:
+                item: object = self._make(*key)
+            except BaseException as exc:  # handed to the training loop, which raises it
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((key, item), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def close(self) -> None:
+        """Stop the worker and drop the batches it made (they may be large)."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

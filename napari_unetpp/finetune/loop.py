@@ -39,7 +39,7 @@ from ..metrics import RECOMMEND_MARGIN, format_scores
 from ..network import UNetPlusPlus
 from ..registry import resolve_model
 from ..runtime import autocast_dtype, describe_device, is_oom, release_memory, resolve_device
-from .augment import augment_batch, random_affine, sample_batch
+from .augment import Prefetcher, augment_batch, random_affine, sample_batch
 from .data import TrainingPair, TrainingSet, pad_item, prepare_data
 from .recipe import RECIPES, choose_recipe, patch_at, reestimate_batchnorm
 from .saving import FineTuneResult, check_class_names, default_name, save_result
@@ -297,6 +297,9 @@ def fine_tune_iter(
     frozen = statistics if recipe.freeze_batchnorm else []  # decided once, before any step
     module.train()
     freeze_batchnorms(frozen)
+    batches = _batch_maker(ds, rng, cfg, mirror, dev)
+    x = y = v = None
+    step_seconds = 0.0
     try:
         while True:
             if should_stop():
@@ -309,19 +312,21 @@ def fine_tune_iter(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             patch = patch_at(frac, full_patch, small_patch, recipe.small_patch_until)
-            xb, yb, vb = augment_batch(
-                *sample_batch(ds, rng, batch, patch, cfg.focus_fraction, cfg.foreground_fraction), rng, mirror
-            )
-            x = torch.from_numpy(xb).to(dev).contiguous(memory_format=fmt)
-            y, v = torch.from_numpy(yb).to(dev), torch.from_numpy(vb).to(dev)
+            xb, yb, vb = batches.get(batch, patch) if isinstance(batches, Prefetcher) else batches(batch, patch)
+            x = torch.from_numpy(xb).to(dev, non_blocking=True).contiguous(memory_format=fmt)
+            y, v = torch.from_numpy(yb).to(dev, non_blocking=True), torch.from_numpy(vb).to(dev, non_blocking=True)
             x, y, v = random_affine(x, y, v, rng, cfg.affine_probability)
             t_step = time.perf_counter()
+            oom = False
             try:
                 loss = train_step(module, optimizer, loss_fn, x, y, v, depth, amp, scaler)
             except (RuntimeError, MemoryError) as exc:
                 if not is_oom(exc):
                     raise
-                del x, y, v
+                oom = True  # handled below, once the exception (and the activations its frames hold) is gone
+            if oom:
+                x = y = v = None
+                optimizer.zero_grad(set_to_none=True)
                 release_memory(dev)
                 was = batch
                 batch, smaller = shrink_after_oom(batch, patch, module.config.multiple)
@@ -338,6 +343,7 @@ def fine_tune_iter(
                 )
                 continue
             clock.step_seconds = time.perf_counter() - t_step
+            step_seconds += clock.step_seconds
             step += 1
             losses.append(loss)
             yield TrainProgress(
@@ -390,6 +396,11 @@ def fine_tune_iter(
                     stopped = "early stopping"
                     break
     finally:  # also when the caller closes the generator: that cancels the run, and nothing is saved
+        if isinstance(batches, Prefetcher):
+            batches.close()
+            summary["waited_for_batches_s"] = round(batches.wait_seconds, 2)
+        summary["train_steps_s"] = round(step_seconds, 2)
+        x = y = v = None  # the last batch, on the device
         del optimizer
         module.to("cpu")
         release_memory(dev)
@@ -430,6 +441,24 @@ def _mean(scores: dict[int, float], levels: Sequence[int]) -> float:
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _batch_maker(
+    ds: TrainingSet, rng: np.random.Generator, cfg: FineTuneConfig, mirror: bool, dev: torch.device
+) -> Prefetcher | Callable[[int, tuple[int, ...]], tuple]:
+    """What makes each training batch (sampled and augmented on the CPU): in line on the CPU; on CUDA a
+    :class:`~.augment.Prefetcher` with its own generator, so the GPU does not wait for the CPU between steps."""
+
+    def make(gen: np.random.Generator) -> Callable[[int, tuple[int, ...]], tuple]:
+        def one(batch: int, patch: tuple[int, ...]) -> tuple:
+            picked = sample_batch(ds, gen, batch, patch, cfg.focus_fraction, cfg.foreground_fraction)
+            return augment_batch(*picked, gen, mirror)
+
+        return one
+
+    if dev.type == "cuda":
+        return Prefetcher(make(np.random.default_rng(rng.integers(2**63))))
+    return make(rng)
 
 
 def _statistics_batches(
