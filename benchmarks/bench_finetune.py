@@ -155,6 +155,7 @@ RECIPES = {  # fine-tuning options per benchmark recipe; the ablations switch on
     "adaptive": {"recipe": "auto"},
     "adaptive-no-adabn": {"recipe": "auto", "reestimate_statistics": False},
     "adaptive-one-patch": {"recipe": "auto", "small_patch_size": 4096},
+    "adaptive-no-refit": {"recipe": "auto", "refit_from": 0.0},
 }
 
 
@@ -190,6 +191,7 @@ def run_recipe(shift: str, recipe: str, minutes: float, data, options: dict | No
         "val_baseline": res.baseline,
         "val": res.scores,
         "stopped": res.stopped,
+        "refit": res.data.get("refit"),
         "batch": res.data.get("batch"),
         "waited_for_batches_s": res.data.get("waited_for_batches_s"),
         "train_steps_s": res.data.get("train_steps_s"),
@@ -263,6 +265,9 @@ def main() -> int:
         default=["nuclei-to-em", "nuclei-to-scratch"],
         help="shifts on which each part of the adaptive recipe is switched off, at the middle budget",
     )
+    ap.add_argument(
+        "--ablation-recipes", nargs="*", default=["adaptive-no-adabn", "adaptive-one-patch", "adaptive-no-refit"]
+    )
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--train", nargs="*", type=int, default=None, help="override the training slices")
     ap.add_argument("--option", nargs="*", default=[], help="KEY=VALUE fine-tuning options for the adaptive recipe")
@@ -327,7 +332,7 @@ def main() -> int:
     mid = sorted(args.minutes)[len(args.minutes) // 2]
     for shift in args.ablations:
         data = load_shift(shift)
-        for recipe in ("adaptive-no-adabn", "adaptive-one-patch"):
+        for recipe in args.ablation_recipes:
             _record(run_recipe(shift, recipe, mid, data, device=args.device), out, args.json)
     return _write(args.json, out)
 

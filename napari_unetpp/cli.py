@@ -181,7 +181,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         elif p.phase in ("baseline", "statistics"):
             sys.stderr.write(p.message + "\n")  # the recipe chosen, and why
         else:
-            sys.stderr.write(("\n" if p.phase in ("validate", "saving", "retry") else "") + p.message + "\n")
+            sys.stderr.write(("\n" if p.phase in ("validate", "refit", "saving", "retry") else "") + p.message + "\n")
 
     gen = fine_tune_iter(
         base,

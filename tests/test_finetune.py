@@ -285,6 +285,7 @@ def test_fine_tune_raises_validation_dice_and_saves_a_child_version(em_crop, em_
         patch_size=96,
         learning_rate=3e-3,
         patience=0,
+        refit_from=0.0,  # every validation counts (the last phase on validation pixels has its own test)
         device="cpu",
         on_progress=lambda p: phases.append(p.phase),
     )

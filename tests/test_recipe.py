@@ -528,3 +528,46 @@ def test_gpu_memory_returns_to_its_start_after_a_run_a_cancel_and_an_out_of_memo
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert retries, "a batch of 64 should not fit under a 0.4 GB cap"
     assert (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) == start
+
+
+@pytest.mark.parametrize("improving", [True, False])
+def test_the_last_phase_trains_on_the_validation_pixels_only_while_validation_improves(
+    em_crop, em_crop_membrane, monkeypatch, improving
+):
+    """At half the budget: still improving -> the validation pixels join training and the final state is kept,
+    with the card scoring the last honest validation; no longer improving -> the best validated state is kept."""
+    import napari_unetpp.finetune.loop as loop
+
+    # the baseline, then validations after steps 2, 4 (the switch at half the budget), (6,) 8
+    script = iter([0.3, 0.5, 0.7, 0.99] if improving else [0.3, 0.5, 0.4, 0.45, 0.42])
+    known: list[int] = []
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: dict.fromkeys((1, 2), next(script)))
+    real = loop.sample_batch
+    monkeypatch.setattr(loop, "sample_batch", lambda ds, *a, **k: known.append(ds.n_train) or real(ds, *a, **k))
+    res = fine_tune(
+        tiny(),
+        TrainingPair(em_crop, em_crop_membrane, slices="all"),
+        epochs=4,
+        steps_per_epoch=2,
+        batch_size=2,
+        patch_size=64,
+        device="cpu",
+        save=False,
+        recipe="scratch",
+        patience=0,
+    )
+    refit = res.data["refit"]
+    assert refit["used"] is improving and refit["from"] == 0.5
+    if improving:
+        assert res.scores == {1: 0.7, 2: 0.7}  # the honest validation at the switch, not the 0.99 after it
+        assert known[0] < known[-1]  # validation pixels joined the training pixels
+        assert res.history[-1]["note"] == "validation pixels trained on"
+    else:
+        assert res.scores == {1: 0.5, 2: 0.5} and known[0] == known[-1]
+        assert "stopped improving" in refit["why"]
+
+
+def test_the_gentle_recipe_never_trains_on_validation_pixels():
+    assert choose_recipe({1: 0.9}, [1]).refit_from == 0.0
+    assert choose_recipe({1: 0.3}, [1]).refit_from == 0.5
+    assert choose_recipe({1: 0.3}, [1], fresh=True).refit_from == 0.5

@@ -96,6 +96,8 @@ class FineTuneConfig:
         freeze_batchnorm: Keep batch-norm running statistics fixed (default: the recipe's; True for gentle).
         reestimate_statistics: Re-estimate batch-norm statistics on the images before training (default: the
             recipe's; True for adapt).
+        refit_from: Share of the budget after which the validation pixels train too, if validation is still
+            improving there (default: the recipe's; 0.5 for adapt and scratch, never for gentle; 0 = never).
         ignore_label: Label value meaning "unknown" (default None).
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (default auto).
         seed: Random seed (default 0).
@@ -125,6 +127,7 @@ class FineTuneConfig:
     mirror: bool | None = None
     freeze_batchnorm: bool | None = None
     reestimate_statistics: bool | None = None
+    refit_from: float | None = None
     ignore_label: int | None = None
     precision: str = "auto"
     seed: int = 0
@@ -148,8 +151,9 @@ class TrainProgress:
 
     Attributes:
         phase: ``"prepared"``, ``"baseline"`` (with the recipe chosen), ``"statistics"`` (batch-norm statistics
-            re-estimated), ``"train"``, ``"validate"``, ``"retry"`` (out of memory, smaller
-            batch), ``"saving"``.
+            re-estimated), ``"train"``, ``"validate"``, ``"refit"`` (whether the validation pixels train for the
+            rest of the run, and the last score on them once they did; ``val`` stays None: they no longer measure
+            anything), ``"retry"`` (out of memory, smaller batch), ``"saving"``.
         step: Optimiser steps done.
         epoch: Validations done since the baseline.
         seconds: Time since the start.
@@ -300,6 +304,9 @@ def fine_tune_iter(
     batches = _batch_maker(ds, rng, cfg, mirror, dev)
     x = y = v = None
     step_seconds = 0.0
+    refit_at = recipe.refit_from if cfg.refit_from is None else float(cfg.refit_from)
+    refit: dict[str, Any] = {"from": refit_at, "used": False, "why": "not reached" if refit_at else "off"}
+    summary["refit"] = refit
     try:
         while True:
             if should_stop():
@@ -308,6 +315,45 @@ def fine_tune_iter(
             if clock.done(step):
                 break
             frac = clock.fraction(step)
+            if refit["why"] == "not reached" and step and frac >= refit_at:
+                # the last phase on every known pixel, if validation says the network is still learning
+                validated_now = last_val_step != step  # else the validation just made decides
+                if validated_now:
+                    epoch += 1
+                    scores = validated()
+                    freeze_batchnorms(frozen)
+                    last_val_step, last_val_time = step, clock.elapsed()
+                    history.append({"step": step, "seconds": round(clock.elapsed(), 2), "loss": None, "val": scores})
+                scores = history[-1]["val"]
+                mean = _mean(scores, levels)
+                if mean >= best:
+                    improved = improved or mean > _mean(baseline, levels)
+                    best, best_scores = mean, scores
+                    refit.update(
+                        used=True, step=step, why=f"validation still improving at {refit_at:.0%} of the budget"
+                    )
+                    if isinstance(batches, Prefetcher):
+                        batches.close()  # its thread reads the items that change now
+                    for it in ds.items:
+                        it.train = it.train | it.val
+                        it.index()
+                    batches = _batch_maker(ds, rng, cfg, mirror, dev)
+                    message = (
+                        "still improving: the validation pixels train too from now on, and the final state is kept"
+                    )
+                else:
+                    refit["why"] = f"validation stopped improving (best {best:.3f}, now {mean:.3f})"
+                    message = "no longer improving: the best validated state is kept"
+                yield TrainProgress(
+                    "validate" if validated_now else "refit",
+                    step,
+                    epoch,
+                    clock.elapsed(),
+                    frac,
+                    val=scores if validated_now else None,
+                    best=best,
+                    message=f"validation after {step} steps: {format_scores(scores)}; {message}",
+                )
             lr = learning_rate(step, frac, recipe.learning_rate, cfg.warmup_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -362,6 +408,8 @@ def fine_tune_iter(
                 due = due and clock.fraction(step) >= recipe.first_validation
                 if clock.budget_s is not None:
                     due = due and clock.elapsed() - last_val_time >= 0.1 * clock.budget_s
+            if refit["used"] and not last:
+                continue  # the validation pixels train now: scoring them would select nothing
             if last or due:
                 epoch += 1
                 scores = validated()
@@ -377,6 +425,19 @@ def fine_tune_iter(
                         "patch": list(patch),
                     }
                 )
+                if refit["used"]:  # scored on pixels it trained on: shown, never used to choose
+                    history[-1]["note"] = "validation pixels trained on"
+                    yield TrainProgress(
+                        "refit",
+                        step,
+                        epoch,
+                        clock.elapsed(),
+                        clock.fraction(step),
+                        loss=history[-1]["loss"],
+                        best=best,
+                        message=f"after {step} steps, scored on pixels it trained on: {format_scores(scores)}",
+                    )
+                    break
                 if mean > best + cfg.min_delta or (mean > best and not improved):
                     best, best_scores, best_state, since_best, improved = mean, scores, _snapshot(module), 0, True
                 else:
@@ -395,6 +456,8 @@ def fine_tune_iter(
                 if cfg.patience and since_best >= cfg.patience:
                     stopped = "early stopping"
                     break
+        if refit["used"]:
+            best_state = _snapshot(module)  # the final state, trained on every known pixel
     finally:  # also when the caller closes the generator: that cancels the run, and nothing is saved
         if isinstance(batches, Prefetcher):
             batches.close()

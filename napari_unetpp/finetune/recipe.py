@@ -7,8 +7,15 @@ Three recipes (measured in ``benchmarks/bench_finetune.py``; the figures are in 
 - ``adapt``: the base does not fit (a new modality): batch-norm statistics re-estimated on the user's images first
   (AdaBN: a few forward passes, no labels needed), then trained with them; a learning rate that moves, larger the
   worse the baseline; small patches for the first part of the budget (many cheap steps while the network moves
-  a lot), full-size patches for the rest (context for the final state); no validation in the first quarter.
+  a lot), full-size patches for the rest (context for the final state); no validation in the first quarter; and
+  a last phase on every known pixel (:attr:`Recipe.refit_from`).
 - ``scratch``: a fresh network (``new_model``): as ``adapt`` with a larger learning rate and nothing to re-estimate.
+
+The last phase on every known pixel: a user who paints two slices has little data, and the validation split keeps a
+fifth of it out of training. When the validation at :attr:`Recipe.refit_from` of the budget is still the best so far
+(the network is still learning, not over-fitting), the validation pixels join the training pixels for the rest of
+the run and the final state is kept; its card reports the scores of that last honest validation. When validation
+has stopped improving, the run goes on as before and keeps its best validated state.
 
 Each decision and its reason is recorded in the new model's card and printed by the CLI.
 """
@@ -39,6 +46,7 @@ GENTLE_LR = 3e-4
 ADAPT_LR = (1e-3, 2e-3)  # at a baseline Dice of GOOD_BASELINE .. POOR_BASELINE (log-linear between)
 POOR_BASELINE = 0.5  # measured: 8e-4 lost 0.05 held-out Dice to 2e-3 from a 0.63 baseline (scratch-assay shift)
 SCRATCH_LR = 2e-3
+REFIT_FROM = 0.5  # adapt and scratch: the full-patch half of the run also trains on the validation pixels
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class Recipe:
         small_patch_until: Share of the training budget spent on small patches (0 = never).
         first_validation: Share of the training budget before the first validation after the baseline.
         reason: Why, in one sentence.
+        refit_from: Share of the training budget after which the validation pixels also train, when validation is
+            still improving there (0 = never).
     """
 
     name: str
@@ -62,6 +72,7 @@ class Recipe:
     small_patch_until: float
     first_validation: float
     reason: str
+    refit_from: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,7 +141,8 @@ def choose_recipe(
     if reestimate is not None:
         reest = bool(reestimate)
     reest = reest and not freeze
-    return Recipe(name, lr, freeze, reest, small, first, why)
+    refit = 0.0 if name == "gentle" else REFIT_FROM
+    return Recipe(name, lr, freeze, reest, small, first, why, refit)
 
 
 def patch_at(fraction: float, full: Sequence[int], small: Sequence[int], small_until: float) -> tuple[int, ...]:
