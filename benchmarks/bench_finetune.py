@@ -132,7 +132,7 @@ def plain_loop(
     net = lm.module.to(dev, memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn, rng = DeepSupervisionLoss(), np.random.default_rng(seed)
-    amp = autocast_dtype(dev, "auto")
+    amp = autocast_dtype(dev, "auto", training=True)
     rows, clock, step, t = [], 0.0, 0, time.perf_counter()
     for mark in marks:
         while clock + (time.perf_counter() - t) < mark * 60:
@@ -278,7 +278,7 @@ def main() -> int:
         print(summarize(json.loads(args.summarize.read_text())))
         return 0
     dev = torch.device(args.device)
-    amp = autocast_dtype(dev, "auto")
+    amp = autocast_dtype(dev, "auto", training=True)
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "fp32")  # type: ignore[call-overload]
     print(
         f"CPU flags: {cpu_flags()}; precision {precision}; {describe_device(dev)}; torch "

@@ -564,7 +564,7 @@ def test_the_last_phase_trains_on_the_validation_pixels_only_while_validation_im
         assert res.history[-1]["note"] == "validation pixels trained on"
     else:
         assert res.scores == {1: 0.5, 2: 0.5} and known[0] == known[-1]
-        assert "stopped improving" in refit["why"]
+        assert "not improving" in refit["why"]
 
 
 def test_the_gentle_recipe_never_trains_on_validation_pixels():

@@ -229,7 +229,7 @@ def fine_tune_iter(
     small_patch = small_patch_for(full_patch, module.config.multiple, cfg.small_patch_size)
     for it in ds.items:
         pad_item(it, full_patch)
-    amp = autocast_dtype(dev, cfg.precision) if dev.type != "mps" else None
+    amp = autocast_dtype(dev, cfg.precision, training=True) if dev.type != "mps" else None
     fmt = torch.channels_last if (ds.spatial_dims == 2 and dev.type in ("cpu", "cuda")) else torch.contiguous_format
     module = module.to(memory_format=fmt)  # type: ignore[call-overload]
     statistics = trained_batchnorms(module)  # batch norms that carry statistics from earlier training
@@ -303,7 +303,7 @@ def fine_tune_iter(
     freeze_batchnorms(frozen)
     batches = _batch_maker(ds, rng, cfg, mirror, dev)
     x = y = v = None
-    step_seconds = 0.0
+    step_seconds = waited = 0.0
     refit_at = recipe.refit_from if cfg.refit_from is None else float(cfg.refit_from)
     refit: dict[str, Any] = {"from": refit_at, "used": False, "why": "not reached" if refit_at else "off"}
     summary["refit"] = refit
@@ -326,14 +326,14 @@ def fine_tune_iter(
                     history.append({"step": step, "seconds": round(clock.elapsed(), 2), "loss": None, "val": scores})
                 scores = history[-1]["val"]
                 mean = _mean(scores, levels)
-                if mean >= best:
-                    improved = improved or mean > _mean(baseline, levels)
-                    best, best_scores = mean, scores
+                if mean >= best and mean > _mean(baseline, levels):  # the best so far, and better than the base
+                    best, best_scores, improved = mean, scores, True
                     refit.update(
                         used=True, step=step, why=f"validation still improving at {refit_at:.0%} of the budget"
                     )
                     if isinstance(batches, Prefetcher):
                         batches.close()  # its thread reads the items that change now
+                        waited += batches.wait_seconds
                     for it in ds.items:
                         it.train = it.train | it.val
                         it.index()
@@ -342,7 +342,7 @@ def fine_tune_iter(
                         "still improving: the validation pixels train too from now on, and the final state is kept"
                     )
                 else:
-                    refit["why"] = f"validation stopped improving (best {best:.3f}, now {mean:.3f})"
+                    refit["why"] = f"validation not improving (best {best:.3f}, now {mean:.3f})"
                     message = "no longer improving: the best validated state is kept"
                 yield TrainProgress(
                     "validate" if validated_now else "refit",
@@ -437,6 +437,7 @@ def fine_tune_iter(
                         best=best,
                         message=f"after {step} steps, scored on pixels it trained on: {format_scores(scores)}",
                     )
+                    stopped = "stopped by user" if should_stop() else stopped
                     break
                 if mean > best + cfg.min_delta or (mean > best and not improved):
                     best, best_scores, best_state, since_best, improved = mean, scores, _snapshot(module), 0, True
@@ -461,7 +462,7 @@ def fine_tune_iter(
     finally:  # also when the caller closes the generator: that cancels the run, and nothing is saved
         if isinstance(batches, Prefetcher):
             batches.close()
-            summary["waited_for_batches_s"] = round(batches.wait_seconds, 2)
+            summary["waited_for_batches_s"] = round(waited + batches.wait_seconds, 2)
         summary["train_steps_s"] = round(step_seconds, 2)
         x = y = v = None  # the last batch, on the device
         del optimizer
