@@ -425,35 +425,29 @@ def fine_tune_iter(
                         "patch": list(patch),
                     }
                 )
-                if refit["used"]:  # scored on pixels it trained on: shown, never used to choose
+                trained_on = refit["used"]  # scored on pixels it trained on: shown, never used to choose
+                if trained_on:
                     history[-1]["note"] = "validation pixels trained on"
-                    yield TrainProgress(
-                        "refit",
-                        step,
-                        epoch,
-                        clock.elapsed(),
-                        clock.fraction(step),
-                        loss=history[-1]["loss"],
-                        best=best,
-                        message=f"after {step} steps, scored on pixels it trained on: {format_scores(scores)}",
-                    )
-                    stopped = "stopped by user" if should_stop() else stopped
-                    break
-                if mean > best + cfg.min_delta or (mean > best and not improved):
+                elif mean > best + cfg.min_delta or (mean > best and not improved):
                     best, best_scores, best_state, since_best, improved = mean, scores, _snapshot(module), 0, True
                 else:
                     since_best += 1
                 yield TrainProgress(
-                    "validate",
+                    "refit" if trained_on else "validate",
                     step,
                     epoch,
                     clock.elapsed(),
                     clock.fraction(step),
                     loss=history[-1]["loss"],
-                    val=scores,
+                    val=None if trained_on else scores,
                     best=best,
-                    message=f"validation after {step} steps: {format_scores(scores)}",
+                    message=f"{'after' if trained_on else 'validation after'} {step} steps"
+                    + (", scored on pixels it trained on" if trained_on else "")
+                    + f": {format_scores(scores)}",
                 )
+                if trained_on:
+                    stopped = "stopped by user" if should_stop() else stopped
+                    break
                 if cfg.patience and since_best >= cfg.patience:
                     stopped = "early stopping"
                     break
