@@ -25,7 +25,8 @@ Training
     90-degree rotations (half-turns on non-square patches), intensity jitter and a mild random affine. The recipe is
     decided from the base model's baseline (:mod:`.recipe`): ``gentle`` when it already does well, ``adapt`` (batch
     norm statistics re-estimated and trained, a learning rate that moves, small patches first) when it does not,
-    ``scratch`` for a fresh network (:func:`napari_unetpp.modalities.new_model`). AdamW with warm-up and cosine decay;
+    ``scratch`` for a fresh network (:func:`napari_unetpp.modalities.new_model`); adapt and scratch end with a phase
+    that also trains on the validation pixels while validation still improves. AdamW with warm-up and cosine decay;
     deep supervision with the hybrid loss over every head up to the trained depth. Mixed precision on CUDA, bf16 on
     CPUs that support it. The wall-clock budget includes validation and saving. The base model's validation score is
     measured first and counts as a candidate, so the saved version is never worse on validation than its parent.

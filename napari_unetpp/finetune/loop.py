@@ -7,15 +7,18 @@ Patches centred on known training pixels (see :mod:`.augment`). How to train is 
 baseline on the validation pixels (see :mod:`.recipe`): ``gentle`` (small learning rate, frozen batch-norm
 statistics) when the base already does well, ``adapt`` (batch-norm statistics re-estimated on the user's images and
 trained, a learning rate that moves, small patches first, fewer validations early) when it does not, ``scratch`` for
-a fresh network from :func:`~napari_unetpp.modalities.new_model`. AdamW with warm-up and cosine decay; deep
-supervision with the hybrid loss over every head up to the trained depth. Mixed precision on CUDA, bf16 on CPUs that
-support it. The budget is the user's wall clock: data preparation, validation and saving count, and training stops
-early enough for the final validation and the save. The base model's validation score is measured first and counts
-as a candidate, so the saved version is never worse on validation than its parent. Stopping (the ``stop`` event)
-validates and saves the best state so far; closing the generator cancels and saves nothing. Where the depth flows:
-``train_depth=k`` trains the sub-network of depth k (heads 1..k, nodes i + j <= k); validation scores every level,
-the best state and the recommended depth (the shallowest within
-:data:`~napari_unetpp.metrics.RECOMMEND_MARGIN` of the best) are chosen on the trained levels only.
+a fresh network from :func:`~napari_unetpp.modalities.new_model`; adapt and scratch train on the validation pixels
+too for the second half of the run when validation is still improving at that point (the final state is kept, the
+card reports the last honest validation). AdamW with warm-up and cosine decay; deep supervision with the hybrid loss
+over every head up to the trained depth. Mixed precision on CUDA (bf16 where the GPU has it, batches made ahead by a
+background thread), bf16 on CPUs that support it. The budget is the user's wall clock: data preparation, validation
+and saving count, and training stops early enough for the final validation and the save. The base model's validation
+score is measured first and counts as a candidate, so the saved version is never worse on validation than its parent
+(after the last phase: at its last honest validation). Stopping (the ``stop`` event) validates and saves the best
+state so far; closing the generator cancels and saves nothing. Where the depth flows: ``train_depth=k`` trains the
+sub-network of depth k (heads 1..k, nodes i + j <= k); validation scores every level, the best state and the
+recommended depth (the shallowest within :data:`~napari_unetpp.metrics.RECOMMEND_MARGIN` of the best) are chosen on
+the trained levels only.
 """
 
 from __future__ import annotations
