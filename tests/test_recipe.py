@@ -468,6 +468,9 @@ def test_prefetcher_hands_out_batches_of_the_size_asked_and_passes_errors_on():
     with pytest.raises(ValueError, match="no pixels"):
         pf.get(1, (8, 8))
     pf.close()
+    inline = Prefetcher(make, threaded=False)  # the CPU path: made on demand, no thread
+    assert inline.get(3, (8, 8))[1:] == (3, (8, 8)) and made[-1] == (3, (8, 8)) and inline._thread is None
+    inline.close()
 
 
 def test_fine_tuning_with_batches_made_ahead(em_crop, em_crop_membrane, monkeypatch):

@@ -139,17 +139,19 @@ def random_affine(
 
 
 class Prefetcher:
-    """Assembles training batches in a background thread while the accelerator trains on the current one.
+    """Assembles training batches, in a background thread (``threaded``) while the accelerator trains on the current
+    one, or in line.
 
     ``make(batch, patch)`` builds one batch on the CPU (sampling and augmentation, both NumPy); ``get(batch, patch)``
     returns the next batch of that size, dropping any made for an earlier size (after an out-of-memory retry or when
-    the patches grow). ``make`` must own its random generator: it runs on the worker thread only. Used on CUDA, where
-    the CPU side of a step would otherwise leave the GPU idle; on the CPU the batch is made in line (a thread would
-    only compete with the training step for the same cores).
+    the patches grow). Threaded, ``make`` must own its random generator: it runs on the worker thread only. Threaded
+    on CUDA, where the CPU side of a step would otherwise leave the GPU idle; in line on the CPU (a thread would only
+    compete with the training step for the same cores).
     """
 
-    def __init__(self, make: Callable[[int, tuple[int, ...]], tuple], ahead: int = 3) -> None:
+    def __init__(self, make: Callable[[int, tuple[int, ...]], tuple], ahead: int = 3, threaded: bool = True) -> None:
         self._make = make
+        self.threaded = threaded
         self._want: tuple[int, tuple[int, ...]] | None = None
         self._queue: queue.Queue = queue.Queue(ahead)
         self._stop = threading.Event()
@@ -158,6 +160,8 @@ class Prefetcher:
 
     def get(self, batch: int, patch: Sequence[int]) -> tuple:
         key = (int(batch), tuple(int(p) for p in patch))
+        if not self.threaded:
+            return self._make(*key)
         self._want = key
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="unetpp-batches", daemon=True)

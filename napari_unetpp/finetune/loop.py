@@ -334,9 +334,8 @@ def fine_tune_iter(
                     refit.update(
                         used=True, step=step, why=f"validation still improving at {refit_at:.0%} of the budget"
                     )
-                    if isinstance(batches, Prefetcher):
-                        batches.close()  # its thread reads the items that change now
-                        waited += batches.wait_seconds
+                    batches.close()  # its thread reads the items that change now
+                    waited += batches.wait_seconds
                     for it in ds.items:
                         it.train = it.train | it.val
                         it.index()
@@ -361,7 +360,7 @@ def fine_tune_iter(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             patch = patch_at(frac, full_patch, small_patch, recipe.small_patch_until)
-            xb, yb, vb = batches.get(batch, patch) if isinstance(batches, Prefetcher) else batches(batch, patch)
+            xb, yb, vb = batches.get(batch, patch)
             x = torch.from_numpy(xb).to(dev, non_blocking=True).contiguous(memory_format=fmt)
             y, v = torch.from_numpy(yb).to(dev, non_blocking=True), torch.from_numpy(vb).to(dev, non_blocking=True)
             x, y, v = random_affine(x, y, v, rng, cfg.affine_probability)
@@ -457,8 +456,8 @@ def fine_tune_iter(
         if refit["used"]:
             best_state = _snapshot(module)  # the final state, trained on every known pixel
     finally:  # also when the caller closes the generator: that cancels the run, and nothing is saved
-        if isinstance(batches, Prefetcher):
-            batches.close()
+        batches.close()
+        if batches.threaded:
             summary["waited_for_batches_s"] = round(waited + batches.wait_seconds, 2)
         summary["train_steps_s"] = round(step_seconds, 2)
         x = y = v = None  # the last batch, on the device
@@ -506,9 +505,9 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _batch_maker(
     ds: TrainingSet, rng: np.random.Generator, cfg: FineTuneConfig, mirror: bool, dev: torch.device
-) -> Prefetcher | Callable[[int, tuple[int, ...]], tuple]:
-    """What makes each training batch (sampled and augmented on the CPU): in line on the CPU; on CUDA a
-    :class:`~.augment.Prefetcher` with its own generator, so the GPU does not wait for the CPU between steps."""
+) -> Prefetcher:
+    """What makes each training batch (sampled and augmented on the CPU): in line on the CPU; on CUDA in a
+    :class:`~.augment.Prefetcher` thread with its own generator, so the GPU does not wait for the CPU between steps."""
 
     def make(gen: np.random.Generator) -> Callable[[int, tuple[int, ...]], tuple]:
         def one(batch: int, patch: tuple[int, ...]) -> tuple:
@@ -519,7 +518,7 @@ def _batch_maker(
 
     if dev.type == "cuda":
         return Prefetcher(make(np.random.default_rng(rng.integers(2**63))))
-    return make(rng)
+    return Prefetcher(make(rng), threaded=False)
 
 
 def _statistics_batches(
