@@ -7,13 +7,12 @@ never treated as background.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["hybrid_loss", "soft_dice_loss", "DeepSupervisionLoss"]
+__all__ = ["hybrid_loss", "soft_dice_loss", "cue_loss", "DeepSupervisionLoss"]
 
 
 def _one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -88,12 +87,20 @@ class DeepSupervisionLoss(nn.Module):
             (default: equal weights, as in the UNet++ paper).
         ce_weight: Cross-entropy weight inside each head's hybrid loss (default 1.0).
         dice_weight: Dice weight inside each head's hybrid loss (default 1.0).
+        cue_weight: Weight of the instance cue's loss in each head (default 1.0; used when ``forward`` gets a
+            ``cue_target``).
     """
 
-    def __init__(self, weights: Sequence[float] | None = None, ce_weight: float = 1.0, dice_weight: float = 1.0):
+    def __init__(
+        self,
+        weights: Sequence[float] | None = None,
+        ce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        cue_weight: float = 1.0,
+    ):
         super().__init__()
         self.weights = None if weights is None else [float(w) for w in weights]
-        self.ce_weight, self.dice_weight = ce_weight, dice_weight
+        self.ce_weight, self.dice_weight, self.cue_weight = ce_weight, dice_weight, cue_weight
 
     def head_weights(self, n_heads: int) -> list[float]:
         """The normalised weights used for ``n_heads`` outputs."""
@@ -106,13 +113,35 @@ class DeepSupervisionLoss(nn.Module):
         return [x / s for x in w]
 
     def forward(
-        self, outputs: Sequence[torch.Tensor], target: torch.Tensor, valid: torch.Tensor | None = None
+        self,
+        outputs: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        cue_target: torch.Tensor | None = None,
+        cue_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Weighted loss over ``outputs`` (the list returned by ``UNetPlusPlus.forward``)."""
-        return cast(
-            torch.Tensor,
-            sum(
-                w * hybrid_loss(o, target, valid, self.ce_weight, self.dice_weight)
-                for w, o in zip(self.head_weights(len(outputs)), outputs)
-            ),
-        )
+        """Weighted loss over ``outputs`` (the list returned by ``UNetPlusPlus.forward``).
+
+        With ``cue_target`` (``(N, *S)`` floats in [0, 1]), the last channel of each output is the instance cue
+        (``forward(x, cue=True)``): it adds ``cue_weight`` x binary cross-entropy against the soft target on the
+        pixels of ``cue_valid`` (default ``valid``), where the object split is known."""
+        total = torch.zeros((), device=target.device)
+        for w, o in zip(self.head_weights(len(outputs)), outputs):
+            if cue_target is None:
+                total = total + w * hybrid_loss(o, target, valid, self.ce_weight, self.dice_weight)
+                continue
+            total = total + w * hybrid_loss(o[:, :-1], target, valid, self.ce_weight, self.dice_weight)
+            total = total + w * self.cue_weight * cue_loss(
+                o[:, -1], cue_target, valid if cue_valid is None else cue_valid
+            )
+        return total
+
+
+def cue_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of the distance cue's ``(N, *S)`` logits against its soft ``(N, *S)`` target in [0, 1]
+    on the ``valid`` pixels (0 when none is valid)."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    if valid is None:
+        return bce.mean()
+    v = valid.bool()
+    return torch.where(v, bce, torch.zeros((), dtype=bce.dtype, device=bce.device)).sum() / v.sum().clamp_min(1)

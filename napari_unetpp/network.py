@@ -26,6 +26,7 @@ __all__ = ["UNetPlusPlusConfig", "UNetPlusPlus", "PrunedUNetPlusPlus", "node_nam
 NORMS = ("none", "batch", "instance", "group")
 UPSAMPLES = ("transpose", "nearest", "linear")
 ACTIVATIONS = ("relu", "leaky_relu")
+CUES = ("none", "distance")
 
 
 @dataclass
@@ -47,6 +48,12 @@ class UNetPlusPlusConfig:
         pool: Pooling factor per level and axis, e.g. ``((1, 2, 2), (2, 2, 2), ...)`` for a 3D model on voxels
             twice as long in Z as in-plane (see :func:`anisotropic_pool`); each level's upsampling undoes the same
             factor. None (default): 2 on every axis at every level.
+        cue: ``"none"`` (default) or ``"distance"``: a second 1x1 head ``cues["cue_{j}"]`` on every top node
+            X(0, j) that regresses each object's distance to its own border, divided by the object's largest such
+            distance (1 at an object's centre, falling to 0 at its border and where it touches another object).
+            The learned instance split seeds one object per core (see
+            :func:`napari_unetpp.postprocess.split_instances`); deep supervision applies to it as to the classes,
+            so every pruned level has its own cue.
     """
 
     in_channels: int = 1
@@ -59,6 +66,7 @@ class UNetPlusPlusConfig:
     activation: str = "relu"
     groups: int = 8
     pool: tuple[tuple[int, ...], ...] | None = None
+    cue: str = "none"
 
     def __post_init__(self) -> None:
         self.features = tuple(int(f) for f in self.features)
@@ -87,6 +95,15 @@ class UNetPlusPlusConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.cue not in CUES:
+            raise ValueError(f"cue must be one of {CUES}, got {self.cue!r}.")
+        if self.cue != "none" and self.num_classes != 1:
+            raise ValueError("an instance cue needs a 1-class (foreground) model.")
+
+    @property
+    def has_cue(self) -> bool:
+        """Whether the heads come with an instance cue (``cue != "none"``)."""
+        return self.cue != "none"
 
     @property
     def max_depth(self) -> int:
@@ -105,9 +122,11 @@ class UNetPlusPlusConfig:
         return tuple(int(math.prod(level[ax] for level in self.pool_factors)) for ax in range(self.spatial_dims))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (``pool`` only when it is not the isotropic default)."""
+        """Plain JSON-ready dict (``pool`` and ``cue`` only when they are not the defaults)."""
         d = asdict(self)
         d["features"] = list(self.features)
+        if self.cue == "none":
+            del d["cue"]
         if self.pool is None:
             del d["pool"]
         else:
@@ -297,10 +316,21 @@ class _ConfiguredNet(nn.Module):
         activation: str = "relu",
         groups: int = 8,
         pool: Any = None,
+        cue: str = "none",
     ) -> None:
         super().__init__()
         self.config = UNetPlusPlusConfig(
-            in_channels, num_classes, tuple(features), spatial_dims, norm, dropout, upsample, activation, groups, pool
+            in_channels,
+            num_classes,
+            tuple(features),
+            spatial_dims,
+            norm,
+            dropout,
+            upsample,
+            activation,
+            groups,
+            pool,
+            cue,
         )
         self.pools = _pools(self.config)
 
@@ -325,6 +355,9 @@ class UNetPlusPlus(_ConfiguredNet):
         upsample: ``"transpose"``, ``"nearest"`` or ``"linear"`` (default ``"transpose"``).
         activation: ``"relu"`` or ``"leaky_relu"`` (default ``"relu"``).
         groups: Groups for group normalisation (default 8).
+        pool: Pooling factors per level (see :class:`UNetPlusPlusConfig`).
+        cue: ``"none"`` (default) or ``"distance"``: an instance-cue head beside each class head (see
+            :class:`UNetPlusPlusConfig`); ``forward(x, cue=True)`` appends its logits as the last channel.
 
     Inputs of any size work: they are padded to a multiple of ``2 ** max_depth`` (the same padding for every
     depth, so head k gives the same output whatever depth was asked for) and cropped back.
@@ -342,9 +375,10 @@ class UNetPlusPlus(_ConfiguredNet):
         activation: str = "relu",
         groups: int = 8,
         pool: Any = None,
+        cue: str = "none",
     ) -> None:
         super().__init__(
-            in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups, pool
+            in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups, pool, cue
         )
         cfg = self.config
         self.nodes = nn.ModuleDict({n: Node(cfg, *map(int, n.split("_")[1:])) for n in node_names(cfg.max_depth)})
@@ -352,6 +386,8 @@ class UNetPlusPlus(_ConfiguredNet):
         self.heads = nn.ModuleDict(
             {f"head_{j}": conv(cfg.features[0], cfg.num_classes, 1) for j in range(1, cfg.max_depth + 1)}
         )
+        if cfg.has_cue:
+            self.cues = nn.ModuleDict({f"cue_{j}": conv(cfg.features[0], 1, 1) for j in range(1, cfg.max_depth + 1)})
         _init_weights(self)
 
     @classmethod
@@ -373,20 +409,28 @@ class UNetPlusPlus(_ConfiguredNet):
             raise ValueError(f"depth must be between 1 and {self.max_depth}, got {depth}.")
         return int(depth)
 
-    def forward(self, x: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, depth: int | None = None, cue: bool = False) -> list[torch.Tensor]:
         """Logits of heads 1..k (k = ``depth`` or the maximum), evaluating only the nodes with ``i + j <= k``.
 
         Args:
             x: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` tensor of any spatial size.
             depth: Sub-network depth k in 1..max_depth (default: max_depth).
+            cue: Append the instance cue's logits as one more channel (models built with a ``cue`` only).
 
         Returns:
-            List of k logit tensors ``(N, num_classes, *spatial)``, head 1 first.
+            List of k logit tensors ``(N, num_classes [+ 1], *spatial)``, head 1 first.
         """
         k = self.check_depth(depth)
+        if cue and not self.config.has_cue:
+            raise ValueError("this model has no instance cue (it was built with cue='none').")
         _check_input(x, self.config)
         xp, crop = _pad_to_multiple(x, self.config.multiple)
         outs = _run_nodes(self.nodes, xp, k, self.pools)
+        if cue:
+            return [
+                torch.cat([self.heads[f"head_{j}"](outs[0, j]), self.cues[f"cue_{j}"](outs[0, j])], 1)[crop]
+                for j in range(1, k + 1)
+            ]
         return [self.heads[f"head_{j}"](outs[0, j])[crop] for j in range(1, k + 1)]
 
     def modules_for_depth(self, depth: int) -> Iterator[tuple[str, nn.Module]]:
@@ -397,20 +441,29 @@ class UNetPlusPlus(_ConfiguredNet):
             yield f"pools.{i}", self.pools[i]
         for j in range(1, depth + 1):
             yield f"heads.head_{j}", self.heads[f"head_{j}"]
+            if self.config.has_cue:
+                yield f"cues.cue_{j}", self.cues[f"cue_{j}"]
 
     def pruned(self, depth: int) -> PrunedUNetPlusPlus:
         """Standalone copy of the depth-``depth`` sub-network (the paper's UNet++ L_k) whose forward returns
-        head k's logits; it holds only the parameters that level needs."""
+        head k's logits (and cue k's as the last channel, for a model with a cue); it holds only the parameters that
+        level needs."""
         k = self.check_depth(depth)
         return PrunedUNetPlusPlus(
-            self.config, k, {n: self.nodes[n] for n in node_names(k)}, self.heads[f"head_{k}"], self.config.multiple
+            self.config,
+            k,
+            {n: self.nodes[n] for n in node_names(k)},
+            self.heads[f"head_{k}"],
+            self.config.multiple,
+            self.cues[f"cue_{k}"] if self.config.has_cue else None,
         )
 
 
 class PrunedUNetPlusPlus(nn.Module):
     """UNet++ L_k: only the nodes with ``i + j <= k`` and head k, for export and deployment.
 
-    Build it with :meth:`UNetPlusPlus.pruned`. ``forward(x)`` returns head k's logits.
+    Build it with :meth:`UNetPlusPlus.pruned`. ``forward(x)`` returns head k's logits, with cue k's appended as the
+    last channel when the model has an instance cue.
     """
 
     def __init__(
@@ -420,6 +473,7 @@ class PrunedUNetPlusPlus(nn.Module):
         nodes: dict[str, nn.Module],
         head: nn.Module,
         pad_multiple: int | tuple[int, ...],
+        cue: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -427,14 +481,18 @@ class PrunedUNetPlusPlus(nn.Module):
         self.pad_multiple = pad_multiple
         self.nodes = nn.ModuleDict({n: copy.deepcopy(m) for n, m in nodes.items()})
         self.head = copy.deepcopy(head)
+        self.cue = copy.deepcopy(cue) if cue is not None else None
         self.pools = _pools(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Head k's logits ``(N, num_classes, *spatial)``."""
+        """Head k's logits ``(N, num_classes [+ 1 cue], *spatial)``."""
         _check_input(x, self.config)
         xp, crop = _pad_to_multiple(x, self.pad_multiple)
         outs = _run_nodes(self.nodes, xp, self.depth, self.pools)
-        return self.head(outs[0, self.depth])[crop]
+        top = outs[0, self.depth]
+        if self.cue is not None:
+            return torch.cat([self.head(top), self.cue(top)], 1)[crop]
+        return self.head(top)[crop]
 
 
 class UNet(_ConfiguredNet):
@@ -457,11 +515,14 @@ class UNet(_ConfiguredNet):
         activation: str = "relu",
         groups: int = 8,
         pool: Any = None,
+        cue: str = "none",
     ) -> None:
         super().__init__(
-            in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups, pool
+            in_channels, num_classes, features, spatial_dims, norm, dropout, upsample, activation, groups, pool, cue
         )
         cfg = self.config
+        if cfg.has_cue:
+            raise ValueError("the plain U-Net baseline has no instance cue; use UNetPlusPlus.")
         self.encoder = nn.ModuleList([Node(cfg, i, 0) for i in range(cfg.max_depth + 1)])
         self.decoder = nn.ModuleList([Node(cfg, i, 1) for i in range(cfg.max_depth)])  # decoder[i]: level i
         self.head = _conv(cfg.spatial_dims)(cfg.features[0], cfg.num_classes, 1)

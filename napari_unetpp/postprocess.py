@@ -1,42 +1,75 @@
-"""From probabilities to what the user edits: threshold, instance split, and where the heads disagree."""
+"""From probabilities to what the user edits: threshold, instance split, and where the heads disagree.
+
+The instance split has four methods: ``none`` (the binary mask), ``components`` (connected components), ``watershed``
+(seeds from the mask's distance transform) and ``learned`` (seeds from the network's own distance cue, see
+:func:`distance_cue`). The cue is also built here, from instance labels, as a training target, so the code that
+encodes it and the code that reads it sit together.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["INSTANCE_METHODS", "split_instances", "level_disagreement"]
+__all__ = [
+    "INSTANCE_METHODS",
+    "SEED_THRESHOLD",
+    "instance_method",
+    "split_instances",
+    "level_disagreement",
+    "distance_cue",
+    "encode_cue_target",
+    "decode_cue_target",
+    "CUE_UNKNOWN",
+]
 
-INSTANCE_METHODS = ("none", "connected components", "watershed")
+INSTANCE_METHODS = ("none", "components", "watershed", "learned")
+_ALIASES = {"connected components": "components"}
+
+#: The learned split seeds one object per connected region where the cue is at least this (half an object's own
+#: largest inner distance: its core).
+SEED_THRESHOLD = 0.5
 
 
 def split_instances(
     mask: np.ndarray,
-    method: str = "connected components",
+    method: str = "components",
     spatial_dims: int = 2,
     min_distance: int | None = None,
     min_size: int = 8,
+    cue: np.ndarray | None = None,
+    seed_threshold: float = SEED_THRESHOLD,
 ) -> np.ndarray:
     """Label objects in a binary mask, per plane for 2D models (the last ``spatial_dims`` axes form a plane).
 
     Args:
         mask: Binary mask (non-zero = foreground).
-        method: ``"none"`` (return the mask as uint8), ``"connected components"`` or ``"watershed"`` (distance
-            transform watershed that separates touching round objects such as nuclei).
+        method: ``"none"`` (return the mask as uint8), ``"components"`` (connected components; ``"connected
+            components"`` is accepted too), ``"watershed"`` (distance transform watershed that separates touching
+            round objects such as nuclei) or ``"learned"`` (a watershed seeded by the cores of the network's
+            distance cue: needs ``cue``).
         spatial_dims: 2 or 3 (default 2).
         min_distance: Minimum distance between watershed seeds in pixels. Default: set from the objects' size in
             each plane (half the median object radius, and the distance map smoothed by a quarter of it), so
             40-pixel nuclei are not cut into pieces and 12-pixel ones are still separated.
         min_size: Objects smaller than this many pixels are dropped (default 8).
+        cue: The distance cue (probabilities in [0, 1], same shape as ``mask``) for ``"learned"``.
+        seed_threshold: Cue level that marks an object's core for ``"learned"`` (default :data:`SEED_THRESHOLD`).
 
     Returns:
         uint32 labels, unique across the whole array.
     """
-    if method not in INSTANCE_METHODS:
-        raise ValueError(f"method must be one of {INSTANCE_METHODS}, got {method!r}.")
+    method = instance_method(method)
     fg = np.asarray(mask) > 0
+    if method == "learned":
+        if cue is None:
+            raise ValueError("the learned split needs the model's distance cue (cue=...); use 'watershed' instead.")
+        if np.shape(cue) != fg.shape:
+            raise ValueError(f"the cue has shape {np.shape(cue)} but the mask {fg.shape}.")
+    cue_planes: Any = cue  # read plane by plane (a float16 stack is not copied whole)
     if method == "none":
         return fg.astype(np.uint8)
     from skimage.measure import label
@@ -53,8 +86,10 @@ def split_instances(
                 if _new_skimage()
                 else remove_small_objects(block, min_size=min_size)
             )
-        if method == "connected components":
+        if method == "components":
             lab = label(block, connectivity=1)
+        elif method == "learned":
+            lab = _learned(block, np.asarray(cue_planes[idx], np.float32), seed_threshold, min_size)
         else:
             lab = _watershed(block, min_distance)
         lab = lab.astype(np.uint32)
@@ -62,6 +97,15 @@ def split_instances(
         offset = max(offset, int(lab.max()))
         out[idx] = lab
     return out
+
+
+def instance_method(name: str) -> str:
+    """The canonical name of an instance split (``"connected components"`` -> ``"components"``); ValueError for an
+    unknown one."""
+    method = _ALIASES.get(name, name)
+    if method not in INSTANCE_METHODS:
+        raise ValueError(f"the object split must be one of {', '.join(INSTANCE_METHODS)}, got {name!r}.")
+    return method
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,6 +141,87 @@ def _watershed(block: np.ndarray, min_distance: int | None) -> np.ndarray:
     for i, c in enumerate(missing, start=len(peaks) + 1):
         markers[tuple(np.argwhere(comps == c)[0])] = i
     return watershed(-dist, markers, mask=block)
+
+
+def _learned(block: np.ndarray, cue: np.ndarray, seed_threshold: float, min_size: int) -> np.ndarray:
+    """Watershed of the mask from the cue's cores: each connected region of ``cue >= seed_threshold`` inside the mask
+    seeds one object (regions under a quarter of ``min_size`` are noise); the cue falls towards object borders and
+    where objects touch, so flooding ``-cue`` meets there. Mask components without a core stay whole objects."""
+    from skimage.measure import label
+    from skimage.segmentation import watershed
+
+    if not block.any():
+        return np.zeros(block.shape, np.int32)
+    cue = np.where(block, cue, 0.0)
+    seeds = label(block & (cue >= seed_threshold), connectivity=1)
+    if seeds.max():
+        sizes = np.bincount(seeds.ravel())
+        small = sizes < max(1, min_size // 4)
+        small[0] = False
+        if small.any():
+            seeds[small[seeds]] = 0
+            seeds = label(seeds > 0, connectivity=1)
+    n = int(seeds.max())
+    comps = label(block, connectivity=1)
+    seeded = np.unique(comps[seeds > 0])
+    missing = np.setdiff1d(np.arange(1, comps.max() + 1), seeded)
+    if len(missing):  # a component without a core (small or low-cue objects) is one object
+        keep = np.isin(comps, missing)
+        seeds[keep] = comps[keep] + n
+    return watershed(-cue, seeds, mask=block)
+
+
+def distance_cue(instances: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
+    """The distance-cue target of instance labels (float32 in [0, 1], per plane for ``spatial_dims=2``): in each
+    object, the distance to the nearest pixel outside it (background or another object), divided by the object's
+    largest such distance. 1 at each object's centre, small at its border and where it touches a neighbour; 0 on
+    the background. Objects cut by the array's edge are measured as if they went on beyond it."""
+    from scipy import ndimage as ndi
+
+    lab = np.asarray(instances)
+    out = np.zeros(lab.shape, np.float32)
+    lead = lab.shape[: lab.ndim - spatial_dims]
+    for idx in np.ndindex(*lead) if lead else [()]:
+        plane = lab[idx]
+        res = out[idx]
+        for i, box in enumerate(ndi.find_objects(plane), start=1):
+            if box is None:
+                continue
+            grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, plane.shape))
+            obj = plane[grown] == i
+            d = ndi.distance_transform_edt(obj)
+            top = float(d.max())
+            if top > 0:
+                res[grown][obj] = (d[obj] / top).astype(np.float32)
+    return out
+
+
+#: Cue levels kept in an encoded target (see :func:`encode_cue_target`).
+_CUE_STEPS = 254
+#: Encoded foreground whose object split is unknown (binary labels: touching objects may share a value).
+CUE_UNKNOWN = 256
+
+
+def encode_cue_target(instances: np.ndarray, spatial_dims: int = 2, instance_labels: bool = True) -> np.ndarray:
+    """Foreground and distance cue of labels in one int64 array that the patch sampler, flips, rotations and
+    nearest-neighbour zoom carry unchanged: 0 = background, ``1 + round(254 * cue)`` on objects (so ``> 0`` is
+    still the foreground). With ``instance_labels=False`` (a binary mask, where touching objects share a value) the
+    foreground is :data:`CUE_UNKNOWN`: its cue is not trained. :func:`decode_cue_target` splits it again."""
+    lab = np.asarray(instances)
+    fg = lab > 0
+    if not instance_labels:
+        return np.where(fg, CUE_UNKNOWN, 0).astype(np.int64)
+    cue = distance_cue(lab, spatial_dims)
+    return np.where(fg, 1 + np.rint(cue * _CUE_STEPS), 0).astype(np.int64)
+
+
+def decode_cue_target(target: Any) -> tuple[Any, Any, Any]:
+    """Inverse of :func:`encode_cue_target` for numpy arrays or torch tensors: ``(foreground 0/1, cue in [0, 1],
+    cue known)``; the cue is known on the background and on objects from instance labels."""
+    fg = target > 0
+    known = target != CUE_UNKNOWN
+    cue = ((target - 1).clip(0, _CUE_STEPS) / _CUE_STEPS) * (fg & known)
+    return fg * 1, cue, known
 
 
 def level_disagreement(probabilities: Sequence[np.ndarray]) -> np.ndarray:

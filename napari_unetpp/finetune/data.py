@@ -21,6 +21,7 @@ import numpy as np
 from ..axes import layout
 from ..errors import TrainingDataError
 from ..normalization import check_pixels
+from ..postprocess import encode_cue_target
 from ..prediction import normalization_stats
 from ..registry import resolve_model
 
@@ -80,11 +81,14 @@ class TrainingItem:
     focus_idx: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
     # multi-class targets: the foreground indices per class (empty for one class)
     class_idx: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    # False when the target's values are not classes: a model with an instance cue gets its encoded cue target
+    # (napari_unetpp.postprocess.encode_cue_target: foreground > 0)
+    classes: bool = True
 
     def index(self) -> None:
         self.train_idx = np.flatnonzero(self.train)
         self.fg_idx = np.flatnonzero(self.train & (self.target > 0))
-        values = np.unique(self.target.ravel()[self.fg_idx])
+        values = np.unique(self.target.ravel()[self.fg_idx]) if self.classes else np.empty(0)
         self.class_idx = (
             {int(c): self.fg_idx[self.target.ravel()[self.fg_idx] == c] for c in values} if len(values) > 1 else {}
         )
@@ -279,6 +283,9 @@ def prepare_data(
         if lab_axes[-2:] != "YX":
             raise TrainingDataError(f"labels need Y and X as their last axes, got {lab_axes!r}.")
         known = _known_mask(pair, labels, ignore_label)
+        # a cue model learns the object split only from instance labels (more than one object value); a binary
+        # mask trains its foreground alone
+        instance_labels = bool(cfg.has_cue and int(np.max(labels[known], initial=0)) > 1)
         focus = None if pair.focus is None else np.asarray(pair.focus, bool)
         if focus is not None and focus.shape != labels.shape:
             raise TrainingDataError(f"the focus mask has shape {focus.shape} but the labels {labels.shape}.")
@@ -298,7 +305,9 @@ def prepare_data(
             check_pixels(raw, task="fine-tuning")
             img = np.stack([norm.apply(raw[c], stats[c]) for c in range(raw.shape[0])])
             tgt = lab_t[idx].astype(np.int64)
-            if cfg.num_classes == 1:
+            if cfg.has_cue:  # foreground and the distance cue in one integer target
+                tgt = encode_cue_target(np.where(kn, tgt, 0), cfg.spatial_dims, instance_labels)
+            elif cfg.num_classes == 1:
                 tgt = (tgt > 0).astype(np.int64)
             elif (tgt[kn] < 0).any() or (tgt[kn] >= cfg.num_classes).any():
                 bad = int(tgt[kn][(tgt[kn] < 0) | (tgt[kn] >= cfg.num_classes)][0])
@@ -312,7 +321,13 @@ def prepare_data(
             val = _split(kn, key, val_fraction)
             items.append(
                 TrainingItem(
-                    img, tgt, kn & ~val, val, None if focus_t is None else focus_t[idx] & kn, f"pair {pi} slice {idx}"
+                    img,
+                    tgt,
+                    kn & ~val,
+                    val,
+                    None if focus_t is None else focus_t[idx] & kn,
+                    f"pair {pi} slice {idx}",
+                    classes=not cfg.has_cue,
                 )
             )
             used.append(idx)
@@ -323,6 +338,7 @@ def prepare_data(
                 "axes": lay.axes,
                 "known_slices": [list(u) for u in used][:200],
                 "known_pixels": int(known.sum()),
+                **({"instance_labels": instance_labels} if cfg.has_cue else {}),
                 **({"spacing": dict(pair.spacing)} if pair.spacing else {}),
             }
         )
@@ -363,7 +379,8 @@ def prepare_data(
 def _check_classes(items: list[TrainingItem], num_classes: int) -> None:
     present = set()
     for it in items:
-        present.update(np.unique(it.target[it.train | it.val]).tolist())
+        vals = it.target[it.train | it.val]
+        present.update(np.unique((vals > 0).astype(np.int64) if num_classes == 1 else vals).tolist())
     if len(present) < 2:
         only = next(iter(present), 0)
         what = "background (0)" if only == 0 else f"label {only}"

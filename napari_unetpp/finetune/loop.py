@@ -228,6 +228,8 @@ def fine_tune_iter(
     module: UNetPlusPlus = copy.deepcopy(base.module).float().to(dev)
     depth = module.check_depth(cfg.train_depth)
     levels = list(range(1, depth + 1))  # the heads that train: the best state is chosen on these only
+    # a model with an instance cue trains it where the labels are instance labels (the targets carry it)
+    has_cue = module.config.has_cue
     batch, full_patch = batch_and_patch(ds, module, dev, cfg.patch_size, cfg.batch_size)
     small_patch = small_patch_for(full_patch, module.config.multiple, cfg.small_patch_size)
     for it in ds.items:
@@ -367,7 +369,7 @@ def fine_tune_iter(
             t_step = time.perf_counter()
             oom = False
             try:
-                loss = train_step(module, optimizer, loss_fn, x, y, v, depth, amp, scaler)
+                loss = train_step(module, optimizer, loss_fn, x, y, v, depth, amp, scaler, cue=has_cue)
             except (RuntimeError, MemoryError) as exc:
                 if not is_oom(exc):
                     raise

@@ -4,6 +4,7 @@ schedule, batch and patch sizes, the out-of-memory fallback, which batch norms s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..losses import DeepSupervisionLoss
 from ..network import UNetPlusPlus
+from ..postprocess import decode_cue_target
 from ..tiling import per_axis
 from .data import TrainingSet
 
@@ -39,15 +41,21 @@ def train_step(
     depth: int,
     amp: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
+    cue: bool = False,
 ) -> float:
-    """One optimiser step of deep supervision over heads 1..``depth`` on known pixels; returns the loss."""
+    """One optimiser step of deep supervision over heads 1..``depth`` on known pixels; returns the loss.
+
+    ``cue=True`` (a model with an instance cue): ``y`` is the encoded target of
+    :func:`~napari_unetpp.postprocess.encode_cue_target`, and the cue heads train beside the class heads where the
+    object split is known."""
     optimizer.zero_grad(set_to_none=True)
-    if amp is not None:
-        with torch.autocast(device_type=x.device.type, dtype=amp):
-            outs = module(x, depth=depth)
+    with torch.autocast(device_type=x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        outs = module(x, depth=depth, cue=True) if cue else module(x, depth=depth)
+    if cue:
+        fg, cue_t, known = decode_cue_target(y)
+        loss = loss_fn(outs, fg, v, cue_t, v & known)
     else:
-        outs = module(x, depth=depth)
-    loss = loss_fn(outs, y, v)
+        loss = loss_fn(outs, y, v)
     if not torch.isfinite(loss):
         raise FloatingPointError("the training loss became NaN or infinite; lower the learning rate.")
     if scaler is not None and scaler.is_enabled():
