@@ -76,8 +76,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             precision=args.precision,
+            objects=args.objects,
         )
         res = run_to_end(gen, None if args.quiet else lambda p: _progress_bar(p.done, p.total, t0))
+        if args.objects == "learned" and res.objects_method != "learned":
+            print(
+                f"napari-unetpp: note: {model.card.id} has no learned object cue; objects were split with the "
+                "watershed instead",
+                file=sys.stderr,
+            )
     except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
     except MemoryError as exc:
@@ -86,7 +93,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CliError(str(exc).splitlines()[0]) from None
 
     scale = {k: v for k, v in img.scale.items() if k in res.axes}
-    outputs: list[tuple[Path, np.ndarray]] = [(out, res.mask)]
+    outputs: list[tuple[Path, np.ndarray]] = [(out, res.mask if res.objects is None else _compact(res.objects))]
     if args.all_levels:
         outputs += [(_beside(out, f"_L{lv}"), p) for lv, p in res.probabilities.items()]
         if res.ensemble is not None:
@@ -105,10 +112,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         f"{res.device} in {res.seconds:.1f}s"
         + (f", foreground {fg:.1%}" if fg is not None else "")
         + (f", {window}" if window else "")
+        + (f", {int(res.objects.max())} objects ({res.objects_method} split)" if res.objects is not None else "")
     )
     for path, _ in outputs:
         print(f"wrote {path}")
     return 0
+
+
+def _compact(labels: Any) -> Any:
+    """Instance labels as uint16 when the IDs fit (what most readers expect), else uint32."""
+    import numpy as np
+
+    return labels.astype(np.uint16) if int(labels.max(initial=0)) < 2**16 else labels
 
 
 def _beside(out: Path, tag: str) -> Path:
@@ -392,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         required=True,
-        help="mask to write (uint8: 0/1 or class labels): .tif/.tiff, or .nii/.nii.gz (over the input's "
-        "geometry when it is a CT volume)",
+        help="mask to write (uint8: 0/1 or class labels; with --objects the instance labels, uint16/uint32): "
+        ".tif/.tiff, or .nii/.nii.gz (over the input's geometry when it is a CT volume)",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, name@vN or file (default {DEFAULT_MODEL})")
     p.add_argument("--depth", type=int, default=None, help="pruned depth L1..Lmax (default: the card's recommended)")
@@ -412,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.125, help="tile overlap fraction (default 0.125)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: automatic)")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold (default 0.5)")
+    p.add_argument(
+        "--objects",
+        default="none",
+        choices=["none", "components", "watershed", "learned"],
+        help="write instance labels instead of the mask, IDs unique across the stack: connected components, the "
+        "distance-transform watershed, or the split the model learned (touching nuclei; models without a learned "
+        "cue fall back to the watershed and say so) (default none)",
+    )
     p.add_argument("--axes", default=None, help="axes of the input, e.g. ZYX, TZYX, ZCYX (default: from the file)")
     p.add_argument("--window", default=None, help=WINDOW_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

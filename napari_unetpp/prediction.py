@@ -36,6 +36,7 @@ from .errors import InputError
 from .jobs import run_to_end
 from .network import UNetPlusPlus
 from .normalization import Normalization, check_pixels
+from .postprocess import instance_method, split_instances
 from .registry import LoadedModel, resolve_model
 from .runtime import autocast_context, is_oom, memory_format, release_memory, resolve_device
 from .tiling import Blender, TilePlan, gaussian_weights, padding_for, source_index
@@ -74,6 +75,12 @@ class Prediction:
         seconds: Wall-clock time of the run.
         device: Device description.
         tiles: Number of tiles evaluated.
+        cue: The instance cue (probability in [0, 1]) of the level (or ensemble) that made ``mask``, for a model
+            with a cue (see :class:`~napari_unetpp.network.UNetPlusPlusConfig`); else None.
+        cues: Level -> cue map for the kept levels, for a model with a cue.
+        objects: Instance labels (uint32, unique across the whole array) when ``objects`` was asked for.
+        objects_method: The split that made ``objects`` (``"learned"`` falls back to ``"watershed"`` for a model
+            without a cue), or ``"none"``.
     """
 
     mask: np.ndarray
@@ -86,6 +93,10 @@ class Prediction:
     seconds: float = 0.0
     device: str = "cpu"
     tiles: int = 0
+    cue: np.ndarray | None = None
+    cues: dict[int, np.ndarray] = field(default_factory=dict)
+    objects: np.ndarray | None = None
+    objects_method: str = "none"
 
 
 @dataclass
@@ -133,6 +144,17 @@ class PredictionPlan:
     norm: Normalization
     stats: list[tuple[float, float]]
     batch: int
+    objects: str = "none"  # the instance split done per finished plane (after any fallback)
+
+    @property
+    def cue(self) -> bool:
+        """Whether the network's instance cue is computed (a model with a cue computes it always)."""
+        return bool(getattr(self.net.config, "has_cue", False))
+
+    @property
+    def per_level(self) -> int:
+        """Blended channels per level: the classes, plus the cue."""
+        return self.num_classes + self.cue
 
     @property
     def num_classes(self) -> int:
@@ -146,8 +168,8 @@ class PredictionPlan:
 
     @property
     def channels(self) -> int:
-        """Blended channels per tile: classes for each blended level, plus the ensemble's."""
-        return (len(self.blend_levels) + (self.mode == "ensemble")) * self.num_classes
+        """Blended channels per tile: classes (and cue) for each blended level, plus the ensemble's."""
+        return (len(self.blend_levels) + (self.mode == "ensemble")) * self.per_level
 
     @property
     def total_tiles(self) -> int:
@@ -170,6 +192,10 @@ class PredictionPlan:
             axes=self.lay.out_axes,
             device=str(self.device),
             tiles=self.total_tiles,
+            cue=alloc(shape, self.prob_dtype) if self.cue else None,
+            cues={lv: alloc(shape, self.prob_dtype) for lv in self.keep_levels} if self.cue else {},
+            objects=alloc(shape, "uint32") if self.objects != "none" else None,
+            objects_method=self.objects,
         )
 
 
@@ -189,6 +215,7 @@ def plan_prediction(
     normalization: Normalization | None = None,
     prob_dtype: str = "float16",
     stats: Sequence[tuple[float, float]] | None = None,
+    objects: str = "none",
 ) -> PredictionPlan:
     """Check the inputs and decide how to run them (arguments as for :func:`predict_iter`, without ``precision``).
 
@@ -204,6 +231,7 @@ def plan_prediction(
     if mode not in ("pruned", "ensemble"):
         raise ValueError(f"mode must be 'pruned' or 'ensemble', got {mode!r}.")
     keep_levels = _levels(levels, k)
+    objects = _objects_method(objects, cfg)
     if prob_dtype not in ("float16", "float32", "uint8"):
         raise ValueError(f"prob_dtype must be float16, float32 or uint8, got {prob_dtype!r}.")
     shape = tuple(int(s) for s in image.shape)
@@ -257,6 +285,7 @@ def plan_prediction(
         norm=norm,
         stats=list(stats),
         batch=batch_size or _default_batch(tiles.tile_shape, dev),
+        objects=objects,
     )
 
 
@@ -273,6 +302,10 @@ class PlaneWriter:
         self._mask = result.mask.transpose(self._order)
         self._probs = {lv: self._view(p) for lv, p in result.probabilities.items()}
         self._ens = self._view(result.ensemble) if result.ensemble is not None else None
+        self._cue = result.cue.transpose(self._order) if result.cue is not None else None
+        self._cues = {lv: c.transpose(self._order) for lv, c in result.cues.items()}
+        self._objects = result.objects.transpose(self._order) if result.objects is not None else None
+        self._next_id = 0
         pad, sp = plan.pad, plan.spatial_shape
         self._crop_rest = tuple(slice(a, a + n) for (a, _), n in zip(pad[1:], sp[1:]))
 
@@ -293,23 +326,42 @@ class PlaneWriter:
             return
         vals = vals[(slice(None), slice(lo - a, hi - a), *self._crop_rest)]
         a, b = lo - top, hi - top
-        vals = vals.reshape(-1, nc, *vals.shape[1:])  # (channels, classes, rows, ...)
+        vals = vals.reshape(-1, plan.per_level, *vals.shape[1:])  # (channels, classes [+ cue], rows, ...)
         chosen = None
         for ci, lv in enumerate(plan.blend_levels):
             if lv in self._probs:
-                self._store(self._probs[lv], pidx, a, b, vals[ci])
+                self._store(self._probs[lv], pidx, a, b, vals[ci, :nc])
+            if lv in self._cues:
+                self._store(self._cues[lv], pidx, a, b, vals[ci, nc:])
             if lv == plan.depth and plan.mode == "pruned":
                 chosen = vals[ci]
         if self._ens is not None:
-            self._store(self._ens, pidx, a, b, vals[-1])
+            self._store(self._ens, pidx, a, b, vals[-1, :nc])
             chosen = vals[-1]
         assert chosen is not None
-        self._mask[pidx][a:b] = (chosen[0] >= plan.threshold) if nc == 1 else np.argmax(chosen, axis=0)
+        if self._cue is not None:
+            self._store(self._cue, pidx, a, b, chosen[nc:])
+        self._mask[pidx][a:b] = (chosen[0] >= plan.threshold) if nc == 1 else np.argmax(chosen[:nc], axis=0)
+
+    def split_plane(self, pidx: tuple[int, ...]) -> None:
+        """Instance labels of a finished plane (its mask and cue are complete), numbered on from the planes before,
+        so IDs are unique across the whole result."""
+        if self._objects is None:
+            return
+        cue = np.asarray(self._cue[pidx], np.float32) if self._cue is not None else None
+        if cue is not None and self.plan.prob_dtype == "uint8":
+            cue = cue / 255.0
+        lab = split_instances(
+            np.asarray(self._mask[pidx]), self.plan.objects, self.plan.net.config.spatial_dims, cue=cue
+        )
+        lab[lab > 0] += self._next_id
+        self._next_id = max(self._next_id, int(lab.max()))
+        self._objects[pidx] = lab
 
     def _store(self, view: Any, pidx: tuple[int, ...], a: int, b: int, vals: np.ndarray) -> None:
         if self.plan.prob_dtype == "uint8":
             vals = np.clip(np.rint(vals * 255.0), 0, 255)
-        if self.plan.num_classes == 1:
+        if len(vals) == 1:
             view[pidx][a:b] = vals[0]
         else:
             view[(slice(None), *pidx)][:, a:b] = vals
@@ -334,6 +386,7 @@ def predict_iter(
     prob_dtype: str = "float16",
     stats: Sequence[tuple[float, float]] | None = None,
     allocate: Allocator | None = None,
+    objects: str = "none",
 ) -> Generator[Progress, None, Prediction]:
     """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
 
@@ -361,6 +414,10 @@ def predict_iter(
             matches the whole-stack result.
         allocate: ``allocate(shape, dtype)`` makes each output array (default ``np.zeros``); e.g. a memory map, for
             outputs larger than memory.
+        objects: Instance labels in ``Prediction.objects``: ``"none"`` (default), ``"components"``, ``"watershed"``
+            or ``"learned"`` (seeds from the model's distance cue; a model without one falls back to
+            ``"watershed"``, and ``Prediction.objects_method`` says so). Split per plane for 2D
+            models (IDs unique across the stack), per volume for 3D ones. 1-class models only.
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
@@ -381,10 +438,11 @@ def predict_iter(
         normalization=normalization,
         prob_dtype=prob_dtype,
         stats=stats,
+        objects=objects,
     )
     result = plan.allocate(allocate)
     writer = PlaneWriter(plan, result)
-    runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch)
+    runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch, plan.cue)
     weights = gaussian_weights(plan.tiles.tile_shape) if len(plan.tiles) > 1 else None  # shared by every plane
     blenders: dict[tuple[int, ...], Blender] = {}
     remaining: dict[tuple[int, ...], int] = {}
@@ -404,6 +462,7 @@ def predict_iter(
                 remaining[pidx] -= 1
                 if remaining[pidx] == 0:
                     blenders.pop(pidx).finish()
+                    writer.split_plane(pidx)
                     finished.append(pidx)
             done += len(items)
             yield Progress(done, plan.total_tiles, finished, result)
@@ -436,13 +495,16 @@ def normalization_stats(
 class _Runner:
     """Runs batches of tiles through the model at depth k; halves the batch on out-of-memory."""
 
-    def __init__(self, model: UNetPlusPlus, depth: int, device: torch.device, precision: str, batch: int) -> None:
+    def __init__(
+        self, model: UNetPlusPlus, depth: int, device: torch.device, precision: str, batch: int, cue: bool = False
+    ) -> None:
         self.model, self.depth, self.device, self.precision, self.batch = model, depth, device, precision, batch
         self.sigmoid = model.config.num_classes == 1
+        self.cue = cue
         self.fmt = memory_format(model, device)
 
     def probs(self, x: np.ndarray) -> np.ndarray:
-        """``(B, C, *tile)`` float32 input -> ``(B, k, classes, *tile)`` float32 probabilities."""
+        """``(B, C, *tile)`` float32 input -> ``(B, k, classes [+ cue], *tile)`` float32 probabilities."""
         outs = []
         i = 0
         while i < len(x):
@@ -466,9 +528,21 @@ class _Runner:
     def _forward(self, chunk: np.ndarray) -> np.ndarray:
         with torch.inference_mode(), autocast_context(self.device, self.precision):
             t = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
-            logits = torch.stack(self.model(t, depth=self.depth), dim=1).float()  # (B, k, classes, ...)
-            p = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=2)
+            outs = self.model(t, depth=self.depth, cue=True) if self.cue else self.model(t, depth=self.depth)
+            logits = torch.stack(outs, dim=1).float()  # (B, k, classes [+ cue], ...)
+            p = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=2)  # a cue model has 1 class
             return p.cpu().numpy()
+
+
+def _objects_method(objects: str, cfg: Any) -> str:
+    """The instance split to run: checks the name; ``learned`` on a model without a cue becomes ``watershed``."""
+    objects = instance_method(objects)
+    if objects != "none" and cfg.num_classes != 1:
+        raise InputError("instance labels need a 1-class model; this one has classes (use objects='none').")
+    if objects == "learned" and not getattr(cfg, "has_cue", False):
+        log.info("this model has no learned object cue; splitting touching objects with the watershed instead")
+        return "watershed"
+    return objects
 
 
 def _default_tile(spatial_dims: int) -> tuple[int, ...]:

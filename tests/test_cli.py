@@ -14,6 +14,8 @@ from napari_unetpp.registry import load_model
 
 from .conftest import DATA, dice
 
+SAMPLES = DATA.parents[1] / "napari_unetpp" / "_samples"
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -259,3 +261,56 @@ def test_multi_output_failure_keeps_the_users_files(tmp_path, monkeypatch, capsy
     assert "nothing was written" in err or "no output was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "m_L1.tif"]
     assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_predict_objects_writes_instance_labels(tmp_path, capsys):
+    """--objects writes uint16 instance labels, IDs unique across the stack; a model without a learned cue falls back
+    to the watershed and says so on stderr."""
+    from napari_unetpp.postprocess import split_instances
+
+    src = tmp_path / "nuclei.tif"
+    tifffile.imwrite(src, tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")[:3, :128, :128])
+    out = tmp_path / "objects.tif"
+    assert (
+        main(
+            ["predict", str(src), "-o", str(out), "--model", "nuclei", "--objects", "components", "--axes", "ZYX", "-q"]
+        )
+        == 0
+    )
+    labels = tifffile.imread(out)
+    assert labels.dtype == np.uint16 and labels.shape == (3, 128, 128)
+    ids = [set(np.unique(s)) - {0} for s in labels]
+    assert all(ids) and not (ids[0] & ids[1]) and not (ids[1] & ids[2])
+    stdout = capsys.readouterr().out
+    assert f"{labels.max()} objects (components split)" in stdout
+    em = tmp_path / "em.tif"
+    assert (
+        main(
+            [
+                "predict",
+                str(src),
+                "-o",
+                str(em),
+                "--model",
+                "em-membranes",
+                "--objects",
+                "learned",
+                "--axes",
+                "ZYX",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "no learned object cue" in captured.err and "watershed split" in captured.out
+    mask = main(["predict", str(src), "-o", str(tmp_path / "m.tif"), "--model", "em-membranes", "--axes", "ZYX", "-q"])
+    assert mask == 0
+    np.testing.assert_array_equal(
+        tifffile.imread(em), split_instances(tifffile.imread(tmp_path / "m.tif"), "watershed").astype(np.uint16)
+    )
+
+
+def test_predict_objects_bad_inputs(tmp_path):
+    r = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(tmp_path / "o.tif"), "--objects", "stardist")
+    assert r.returncode == 2 and "invalid choice" in r.stderr and not (tmp_path / "o.tif").exists()

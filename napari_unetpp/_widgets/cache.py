@@ -24,15 +24,17 @@ ResultKey = tuple[Hashable, tuple[int, ...], str, tuple[int, ...]]
 
 @dataclass
 class PlaneResult:
-    """Probabilities of one plane (or one volume for 3D models), per level, with the time each depth took."""
+    """Probabilities of one plane (or one volume for 3D models), per level, with the time each depth took, and the
+    instance cue per level for models that have one."""
 
     probs: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
+    cues: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the probability arrays."""
-        return int(sum(p.nbytes for p in self.probs.values()))
+        """Bytes held by the probability and cue arrays."""
+        return int(sum(p.nbytes for p in self.probs.values()) + sum(c.nbytes for c in self.cues.values()))
 
 
 class ResultCache:
@@ -64,12 +66,20 @@ class ResultCache:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: ResultKey, probs: dict[int, np.ndarray], seconds: dict[int, float] | None = None) -> PlaneResult:
+    def put(
+        self,
+        key: ResultKey,
+        probs: dict[int, np.ndarray],
+        seconds: dict[int, float] | None = None,
+        cues: dict[int, np.ndarray] | None = None,
+    ) -> PlaneResult:
         """Add levels to the entry for ``key`` (copies of the arrays), then evict down to the bound. The entry just
         written is kept even when it alone exceeds the bound, so what the user looks at is always there."""
         entry = self._entries.get(key) or PlaneResult()
         for lv, p in probs.items():
             entry.probs[lv] = np.array(p, copy=True)
+        for lv, c in (cues or {}).items():
+            entry.cues[lv] = np.array(c, copy=True)
         entry.seconds.update(seconds or {})
         self._entries[key] = entry
         self._entries.move_to_end(key)

@@ -55,12 +55,32 @@ def blank(shape: tuple[int, ...], dtype: Any, like: Any) -> np.ndarray:
     return np.memmap(tempfile.TemporaryFile(prefix="napari-unetpp-"), dtype=dtype, mode="w+", shape=shape)
 
 
-def plane_mask(prob: np.ndarray, num_classes: int, threshold: float, objects: str, spatial_dims: int) -> np.ndarray:
-    """A plane's mask from its probabilities: threshold (1 class) or argmax, then the object split (1 class)."""
+def plane_mask(
+    prob: np.ndarray,
+    num_classes: int,
+    threshold: float,
+    objects: str,
+    spatial_dims: int,
+    cue: np.ndarray | None = None,
+) -> np.ndarray:
+    """A plane's mask from its probabilities: threshold (1 class) or argmax, then the object split (1 class):
+    ``learned`` uses the model's ``cue`` (without one, the watershed)."""
     if num_classes == 1:
         mask = (prob >= threshold).astype(np.uint8)
-        return split_instances(mask, objects, spatial_dims) if objects != "none" else mask
+        if objects == "none":
+            return mask
+        method = "watershed" if objects == "learned" and cue is None else objects
+        return split_instances(mask, method, spatial_dims, cue=None if cue is None else cue.astype(np.float32))
     return np.argmax(prob, axis=0).astype(np.uint8)
+
+
+def chosen_cue(cues: dict[int, np.ndarray], k: int, ensemble: bool) -> np.ndarray | None:
+    """The instance cue that goes with the mask of level ``k`` (the mean of levels 1..k for the ensemble), or None
+    when the model has no cue (or those levels' cues are not at hand)."""
+    if ensemble:
+        have = [cues[lv] for lv in range(1, k + 1) if lv in cues]
+        return np.mean([c.astype(np.float32) for c in have], axis=0) if len(have) == k else None
+    return cues[k].astype(np.float32) if k in cues else None
 
 
 def image_choices(viewer: Any) -> list[tuple[str, Image]]:
@@ -136,7 +156,8 @@ class SegmentWidget(Container):
             label="objects",
             choices=list(INSTANCE_METHODS),
             value="none",
-            tooltip="Split the mask into objects (touching nuclei: watershed)",
+            tooltip="Split the mask into objects: connected components, the distance-transform watershed, or the "
+            "split the model learned (touching nuclei; models without a learned cue use the watershed)",
         )
         self._window = ComboBox(
             label="HU window",
@@ -365,6 +386,12 @@ class SegmentWidget(Container):
         self._model.tooltip = self._card.tooltip
         self._depth_slider.max = lm.max_depth
         self._depth_slider.value = c.recommended_depth or lm.max_depth
+        # the learned object split where the model has one; the watershed where it has not
+        has_cue = lm.module.config.has_cue
+        if has_cue and self._instances.value == "watershed":
+            self._instances.value = "learned"
+        elif not has_cue and self._instances.value == "learned":
+            self._instances.value = "watershed"
         is_ct = lm.normalization.mode == "window"
         self._window.visible = self._window_shown.visible = is_ct
         self._window_shown.value = self.model.normalization.describe() if is_ct and self.model else ""
@@ -449,7 +476,7 @@ class SegmentWidget(Container):
 
         def done(out: tuple[Prediction, float]) -> None:
             pred, seconds = out
-            entry = self._cache.put(key, pred.probabilities, {k: seconds})
+            entry = self._cache.put(key, pred.probabilities, {k: seconds}, pred.cues)
             if self._key(image, lm, self._plane(image, lm)[1]) == key:
                 self._render(image, lm, plane, entry)
 
@@ -502,12 +529,13 @@ class SegmentWidget(Container):
     ) -> None:
         k = self._depth_slider.value
         levels = [res.probs[lv] for lv in range(1, k + 1) if lv in res.probs]
-        if self._mode.value == "ensemble" and len(levels) == k:
+        ensemble = self._mode.value == "ensemble" and len(levels) == k
+        if ensemble:
             chosen = np.mean([p.astype(np.float32) for p in levels], axis=0)
         else:
             chosen = res.probs[k].astype(np.float32)
         if mask is None:  # (a whole-stack run made it in its worker)
-            mask = self._mask_from(chosen, lm)
+            mask = self._mask_from(chosen, lm, chosen_cue(res.cues, k, ensemble))
         self._write_plane(image, "mask", plane, mask, labels=True)
         if self._all_levels.value:
             for lv in range(1, k + 1):
@@ -533,9 +561,9 @@ class SegmentWidget(Container):
         """Foreground probability of a 1-class map, or 1 - background for multi-class maps."""
         return prob if lm.module.config.num_classes == 1 else (1 - prob[0].astype(np.float32))
 
-    def _mask_from(self, prob: np.ndarray, lm: LoadedModel) -> np.ndarray:
+    def _mask_from(self, prob: np.ndarray, lm: LoadedModel, cue: np.ndarray | None = None) -> np.ndarray:
         cfg = lm.module.config
-        return plane_mask(prob, cfg.num_classes, self._threshold.value, self._instances.value, cfg.spatial_dims)
+        return plane_mask(prob, cfg.num_classes, self._threshold.value, self._instances.value, cfg.spatial_dims, cue)
 
     def _full_shape(self, image: Image) -> tuple[int, ...]:
         shape = tuple(pixels(image).shape)
@@ -652,14 +680,15 @@ class SegmentWidget(Container):
                 planes = []
                 for plane in p.planes_done:
                     probs = {lv: np.array(a[plane]) for lv, a in p.partial.probabilities.items()}
+                    cues = {lv: np.array(a[plane]) for lv, a in p.partial.cues.items()}
                     chosen = (
                         np.mean([probs[lv].astype(np.float32) for lv in range(1, k + 1)], axis=0)
                         if post[2] == "ensemble"
                         else probs[k].astype(np.float32)
                     )
-                    planes.append(
-                        (plane, probs, plane_mask(chosen, cfg.num_classes, post[0], post[1], cfg.spatial_dims))
-                    )
+                    cue = chosen_cue(cues, k, post[2] == "ensemble")
+                    mask = plane_mask(chosen, cfg.num_classes, post[0], post[1], cfg.spatial_dims, cue)
+                    planes.append((plane, probs, cues, mask))
                 yield p, planes
 
         def on_yield(item) -> None:
@@ -668,8 +697,8 @@ class SegmentWidget(Container):
                 self._progress.total = p.total
                 self._progress.n = p.done
                 self._progress.refresh()
-            for plane, probs, mask in planes:
-                self._store_plane(image, lm, plane, probs, mask if self._depth_slider.value == k else None)
+            for plane, probs, cues, mask in planes:
+                self._store_plane(image, lm, plane, probs, mask if self._depth_slider.value == k else None, cues)
 
         def on_return(pred: Prediction) -> None:
             self._timing.value = (
@@ -690,8 +719,9 @@ class SegmentWidget(Container):
         plane: tuple[int, ...],
         probs: dict[int, np.ndarray],
         mask: np.ndarray | None,
+        cues: dict[int, np.ndarray] | None = None,
     ) -> None:
-        entry = self._cache.put(self._key(image, lm, plane), probs)
+        entry = self._cache.put(self._key(image, lm, plane), probs, cues=cues)
         self._render(image, lm, plane, entry, mask)
 
     def _stack_finished(self) -> None:
