@@ -45,7 +45,7 @@ def run_demo(sample: str = "em", screenshot: str | None = None, minutes: float =
         widget._image.value = image
         widget._all_levels.value = True
         if sample == "nuclei":
-            widget._instances.value = "watershed"  # touching nuclei become separate objects
+            widget._instances.value = "learned"  # the model's own split of touching nuclei
         widget.run_stack()
     if screenshot:
         viewer.dims.set_current_step(0, 12 if sample == "ct" else 0)  # ct: a slice not trained on

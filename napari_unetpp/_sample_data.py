@@ -48,7 +48,9 @@ def nuclei_sample() -> list[LayerData]:
     """3D fluorescence nuclei (skimage cells3d, slices 40-47 of 60: the nuclei model's validation slices, never
     trained on) with reference instance labels; voxels
     0.29 x 0.26 x 0.26 um."""
-    return _sample("cells3d_nuclei_z40-47", "cells3d nuclei", (0.29, 0.26, 0.26), NUCLEI_CITATION, "um", "nuclei")
+    return _sample(
+        "cells3d_nuclei_z40-47", "cells3d nuclei", (0.29, 0.26, 0.26), NUCLEI_CITATION, "um", "nuclei-objects"
+    )
 
 
 CT_CITATION = (

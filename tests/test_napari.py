@@ -47,7 +47,7 @@ def test_nuclei_sample_has_instance_labels(make_napari_viewer):
     assert tuple(img.scale) == pytest.approx((0.29, 0.26, 0.26))
 
 
-@pytest.mark.parametrize("sample, model", [("em", "em-membranes@v1"), ("nuclei", "nuclei@v1")])
+@pytest.mark.parametrize("sample, model", [("em", "em-membranes@v1"), ("nuclei", "nuclei-objects@v1")])
 def test_samples_select_their_shipped_model(make_napari_viewer, sample, model):
     """Opening a sample and the Segment widget gives the model made for it, and a good segmentation at once."""
     from napari_unetpp.finetune import dice_score

@@ -78,7 +78,7 @@ def test_ensemble_disagreement_and_instances(docked, em_model):
     dis = viewer.layers["ISBI 2012 EM [UNet++ disagreement]"].data[0].astype(np.float32)
     assert dis.max() > 0.05 and dis.min() >= 0
     w._mode.value = "pruned"
-    w._instances.value = "connected components"
+    w._instances.value = "components"
     labels = viewer.layers["ISBI 2012 EM [UNet++ mask]"].data[0]
     assert labels.max() > 5  # separate membrane pieces
 
@@ -238,7 +238,7 @@ def test_results_are_keyed_by_layer_and_weights_not_names(docked, em_model):
 def test_whole_stack_objects_have_unique_ids_and_only_shown_levels_are_kept(docked):
     viewer, w, img = docked
     w._depth_slider.value = 1
-    w._instances.value = "connected components"
+    w._instances.value = "components"
     w.run_stack()
     lab = viewer.layers["ISBI 2012 EM [UNet++ mask]"].data
     ids = [set(np.unique(lab[z])) - {0} for z in range(lab.shape[0])]
@@ -293,3 +293,44 @@ def test_whole_stack_in_real_thread_workers(docked, qtbot, monkeypatch, em_model
     # the same result; a few threshold pixels move with the float summation order torch picks in another thread
     assert mask[:].any(axis=(1, 2)).all() and (mask != ref).mean() < 1e-4
     assert "whole stack L1" in w._timing.value
+
+
+def _same_objects(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images split the same pixels into the same objects (IDs may differ)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return pairs.shape[1] == len(np.unique(a[a > 0])) == len(np.unique(b[b > 0]))
+
+
+def test_learned_objects_with_a_cue_model(make_napari_viewer):
+    """The nuclei sample selects the shipped model with a learned cue; its objects are the learned split of the
+    core, per slice and in a whole-stack run (IDs unique across slices); a model without a cue falls back to the
+    watershed."""
+    from napari_unetpp import load_model
+
+    viewer = make_napari_viewer()
+    img, _ = viewer.open_sample("napari-unetpp", "nuclei")
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    lm = w.model
+    assert lm.module.config.has_cue
+    viewer.dims.set_current_step(0, 1)
+    w._instances.value = "watershed"
+    w._model.value = "em-membranes@v1"
+    w._model.value = lm.card.id  # a cue model turns the watershed into its learned split
+    assert w._instances.value == "learned"
+    w._depth_slider.value = 2
+    w.preview()
+    ref = _core(img, lm, 2, plane=1, objects="learned")
+    assert ref.objects_method == "learned"
+    got = viewer.layers[f"{img.name} [UNet++ mask]"].data[1]
+    assert _same_objects(got, ref.objects)
+    w.run_stack()
+    stack = viewer.layers[f"{img.name} [UNet++ mask]"].data
+    ids = [set(np.unique(s)) - {0} for s in stack]
+    assert all(ids) and all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1 :])
+    whole = _core(img, lm, 2, objects="learned")
+    decided = np.abs(whole.probabilities[2].astype(np.float32) - 0.5) > 1e-3
+    np.testing.assert_array_equal((stack > 0)[decided], (whole.objects > 0)[decided])  # (tiny specks dropped)
+    w._model.value = "em-membranes@v1"
+    assert w._instances.value == "watershed" and not load_model("em-membranes").module.config.has_cue

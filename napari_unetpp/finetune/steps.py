@@ -46,14 +46,14 @@ def train_step(
     """One optimiser step of deep supervision over heads 1..``depth`` on known pixels; returns the loss.
 
     ``cue=True`` (a model with an instance cue): ``y`` is the encoded target of
-    :func:`~napari_unetpp.postprocess.encode_cue_target`, and the cue heads train beside the class heads where the
-    object split is known."""
+    :func:`~napari_unetpp.postprocess.encode_cue_target`, and the cue heads train beside the class heads on the
+    objects whose split is known (inside objects only: the split never reads the cue elsewhere)."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
         outs = module(x, depth=depth, cue=True) if cue else module(x, depth=depth)
-    if cue:
+    if cue:  # the split reads the cue only inside the mask: it trains on the objects' pixels alone
         fg, cue_t, known = decode_cue_target(y)
-        loss = loss_fn(outs, fg, v, cue_t, v & known)
+        loss = loss_fn(outs, fg, v, cue_t, v & known & (fg > 0))
     else:
         loss = loss_fn(outs, y, v)
     if not torch.isfinite(loss):
