@@ -269,8 +269,8 @@ def test_objects_need_a_one_class_model():
 
 
 def test_fine_tuning_a_cue_model_keeps_and_trains_its_cue(nuclei_crop):
-    """A whole fine-tuning run on instance labels: the cue heads change, the saved model keeps its cue, and it
-    predicts objects with the learned split."""
+    """A whole fine-tuning run on instance labels: the saved model keeps its cue heads (whichever state won; the
+    step itself is tested above) and predicts objects with the learned split."""
     from napari_unetpp.finetune import fine_tune
     from napari_unetpp.registry import load_model
 
@@ -288,7 +288,45 @@ def test_fine_tuning_a_cue_model_keeps_and_trains_its_cue(nuclei_crop):
     saved = load_model(res.path)
     assert saved.module.config.has_cue
     assert res.data["pairs"][0]["instance_labels"] is True
-    before, after = base.module.state_dict(), saved.module.state_dict()
-    assert not torch.equal(before["cues.cue_1.weight"], after["cues.cue_1.weight"].to(before["cues.cue_1.weight"]))
     pred = predict(img[:1], saved, axes="ZYX", objects="learned")
     assert pred.objects_method == "learned" and pred.cue is not None
+
+
+# ------------------------------------------------------------------------------------------------ the shipped model
+def _rendered(lab: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A fluorescence-like image of labels: evenly bright objects, blurred, on a dim noisy background."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    img = ndi.gaussian_filter((lab > 0).astype(float), 1.5) * 800 + 100 + rng.normal(0, 20, lab.shape)
+    return img.astype(np.float32)
+
+
+def _big_disks(centres, radius, size=128):
+    yy, xx = np.mgrid[:size, :size]
+    lab = np.zeros((size, size), np.int32)
+    best = np.full((size, size), np.inf)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        d = np.hypot(yy - cy, xx - cx)
+        inside = (d < radius) & (d < best)
+        lab[inside], best[inside] = i, d[inside]
+    return lab
+
+
+@pytest.mark.parametrize(("radius", "gap", "level"), [(7, 12, 3), (18, 30, 2), (18, 30, 3), (18, 30, 4)])
+def test_shipped_model_splits_rendered_touching_nuclei(radius, gap, level):
+    """The shipped nuclei-objects model on two evenly bright touching disks (no dim line between them, so only the
+    shape tells them apart) and on one notched nucleus: two objects and one."""
+    from napari_unetpp import load_model
+
+    lm = load_model("nuclei-objects")
+    two = _big_disks([(64, 64 - gap / 2), (64, 64 + gap / 2)], radius)
+    yy, xx = np.mgrid[:128, :128]
+    notched = np.hypot(yy - 64, xx - 64) < radius * 1.5
+    notched &= ~((np.abs(yy - 64) < 2 + (xx - (64 - radius * 1.5)) * 0.15) & (xx < 64 - radius * 0.6))
+    for lab, expect in ((two, 2), (notched.astype(np.int32), 1)):
+        img = np.stack([_rendered(lab)] * 2)  # a 2-slice stack: the normalisation sees a stack, as users' do
+        res = predict(img, lm, axes="ZYX", depth=level, objects="learned")
+        assert res.objects_method == "learned"
+        assert len(np.unique(res.objects[0])) - 1 == expect
+        assert predict(img, lm, axes="ZYX", depth=level, objects="components").objects[0].max() == 1
