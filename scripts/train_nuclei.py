@@ -44,6 +44,7 @@ from napari_unetpp.finetune import (
 from napari_unetpp.losses import DeepSupervisionLoss
 from napari_unetpp.network import UNetPlusPlus
 from napari_unetpp.normalization import Normalization
+from napari_unetpp.postprocess import fill_object_holes
 from napari_unetpp.registry import LoadedModel
 from napari_unetpp.runtime import autocast_dtype, describe_device, resolve_device
 
@@ -79,21 +80,7 @@ def load_cells3d(instances: bool = False):
 
     root = bio_samples()
     lab = tifffile.imread(str(root / "nuclei_label.tif"))
-    return tifffile.imread(str(root / "nuclei.tif")), filled_instances(lab) if instances else filled_mask(lab)
-
-
-def filled_instances(labels: np.ndarray) -> np.ndarray:
-    """Instance labels with each object's holes filled in each 2D slice (see :func:`filled_mask`)."""
-    from scipy import ndimage as ndi
-
-    out = np.asarray(labels).astype(np.int32).copy()
-    for plane in out:
-        for i, box in enumerate(ndi.find_objects(plane), start=1):
-            if box is not None:
-                region = plane[box]
-                fill = ndi.binary_fill_holes(region == i) & (region == 0)
-                region[fill] = i
-    return out
+    return tifffile.imread(str(root / "nuclei.tif")), fill_object_holes(lab) if instances else filled_mask(lab)
 
 
 def filled_mask(labels: np.ndarray) -> np.ndarray:
@@ -361,28 +348,23 @@ def validation_scores(m) -> dict[str, dict[str, float]]:
     """Per level, through the real prediction path (fp32): Dice on each validation source and their mean
     (``dice``); object F1 at IoU 0.5 of each split (``f1_<split>_<source>`` and the mean ``f1_<split>``; the learned
     split for a model with a cue) against the instance labels with holes filled."""
-    from napari_unetpp.finetune import dice_score
-    from napari_unetpp.metrics import object_f1
-    from napari_unetpp.postprocess import split_instances
+    from napari_unetpp.metrics import level_object_scores
     from napari_unetpp.prediction import predict
 
     img, lab = load_cells3d(instances=True)
     simg, slab = load_scratch()
     sources = {
         "cells3d": (img[VAL_Z], lab[VAL_Z]),
-        "scratch": (simg[SCRATCH_VAL_T], filled_instances(slab[SCRATCH_VAL_T])),
+        "scratch": (simg[SCRATCH_VAL_T], fill_object_holes(slab[SCRATCH_VAL_T])),
     }
-    splits = ["components", "watershed"] + (["learned"] if m.module.config.has_cue else [])
+    splits = ("components", "watershed", "learned") if m.module.config.has_cue else ("components", "watershed")
     out: dict[str, dict[str, float]] = {}
     for src, (x, gt) in sources.items():
         pred = predict(x, m, axes="ZYX", depth=m.max_depth, levels="all", precision="fp32")
-        for lv, prob in pred.probabilities.items():
-            mask = prob.astype(np.float32) >= 0.5
+        for lv, scores in level_object_scores(pred, gt, splits).items():
             row = out.setdefault(f"L{lv}", {})
-            row[f"dice_{src}"] = round(dice_score(mask, gt > 0), 4)
-            for split in splits:
-                cue = pred.cues[lv].astype(np.float32) if split == "learned" else None
-                row[f"f1_{split}_{src}"] = round(object_f1(split_instances(mask, split, cue=cue), gt)["f1"], 4)
+            row[f"dice_{src}"] = scores["dice"]
+            row.update({f"f1_{split}_{src}": scores[f"f1_{split}"] for split in splits})
     for s in out.values():
         s["dice"] = round(float(np.mean([s[f"dice_{src}"] for src in sources])), 4)
         for split in splits:

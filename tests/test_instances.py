@@ -330,3 +330,34 @@ def test_shipped_model_splits_rendered_touching_nuclei(radius, gap, level):
         assert res.objects_method == "learned"
         assert len(np.unique(res.objects[0])) - 1 == expect
         assert predict(img, lm, axes="ZYX", depth=level, objects="components").objects[0].max() == 1
+
+
+def test_fill_object_holes_per_object_and_plane():
+    from napari_unetpp.postprocess import fill_object_holes
+
+    lab = np.zeros((2, 20, 20), np.uint16)
+    lab[0, 2:9, 2:9] = 1
+    lab[0, 4:7, 4:7] = 0  # a nucleolus left out
+    lab[0, 5, 5] = 2  # another object inside the hole stays itself
+    lab[1, 10:15, 10:15] = 3
+    out = fill_object_holes(lab)
+    assert out.dtype == np.int32 and lab[0, 4, 4] == 0  # a copy
+    assert (out[0, 4:7, 4:7] >= 1).all()
+    assert out[0, 5, 5] == 2 and out[0, 4, 4] == 1 and (out[1] == lab[1]).all()
+
+
+def test_level_object_scores(nuclei_crop):
+    from napari_unetpp.metrics import level_object_scores
+
+    img, lab = nuclei_crop
+    lm = LoadedModel.from_module(tiny(), name="t")
+    pred = predict(img, lm, axes="ZYX", levels=[2, 4], precision="fp32")
+    scores = level_object_scores(pred, lab)
+    assert sorted(scores) == [2, 4]
+    row = scores[4]
+    assert {"dice", "f1_components", "f1_watershed", "f1_learned"} <= set(row) and row["seconds_learned"] >= 0
+    assert row["f1_components"] == round(
+        object_f1(split_instances(pred.probabilities[4].astype(np.float32) >= 0.5, "components"), lab)["f1"], 4
+    )
+    plain = LoadedModel.from_module(tiny("none"), name="p")
+    assert "f1_learned" not in level_object_scores(predict(img, plain, axes="ZYX"), lab)[4]
