@@ -14,7 +14,16 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["AXES_LETTERS", "Layout", "check_axes", "guess_axes", "layer_axes", "layout", "spatial_axes"]
+__all__ = [
+    "AXES_LETTERS",
+    "Layout",
+    "check_axes",
+    "fit_channels",
+    "guess_axes",
+    "layer_axes",
+    "layout",
+    "spatial_axes",
+]
 
 AXES_LETTERS = "TCZYX"
 
@@ -108,6 +117,43 @@ def layout(image: Any, axes: str | None, spatial_dims: int) -> Layout:
     )
     src = image.transpose(order) if order != list(range(len(axes))) else image
     return Layout(axes, spatial, loop, n_ch, src)
+
+
+#: ITU-R BT.601 luma weights: how an RGB image becomes one grey channel for a 1-channel model.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def fit_channels(
+    image: Any, axes: str | None, spatial_dims: int, in_channels: int, channel: int | None = None
+) -> tuple[Any, str, str]:
+    """The image a model with ``in_channels`` inputs reads, its axes, and a note of what was done (or "").
+
+    - ``channel=N``: channel N of the C axis, as a view (lazy for memory maps and dask arrays), for 1-channel models;
+    - no ``channel``, a 1-channel model and an RGB(A) image (C last, 3 or 4 channels): its luminance
+      (:data:`LUMA`, float32; alpha ignored);
+    - otherwise the image unchanged.
+
+    Raises:
+        InputError: bad axes, a channel the image lacks, or a channel choice for a multi-channel model.
+    """
+    shape = tuple(int(s) for s in image.shape)
+    axes = check_axes(axes or guess_axes(shape, spatial_dims), shape, spatial_dims)
+    if channel is not None:
+        if "C" not in axes:
+            raise InputError(f"channel {channel} was asked for, but the image has no channel axis (axes {axes!r}).")
+        ci, n = axes.index("C"), shape[axes.index("C")]
+        if not 0 <= int(channel) < n:
+            raise InputError(f"channel {channel} does not exist: the image has {n} channels (0 to {n - 1}).")
+        if in_channels != 1:
+            raise InputError(
+                f"the model reads {in_channels} channels together; a channel choice is for 1-channel models."
+            )
+        return image[(slice(None),) * ci + (int(channel),)], axes.replace("C", ""), f"channel {channel} of {n}"
+    if in_channels == 1 and axes.endswith("C") and shape[-1] in (3, 4):
+        w = [float(x) for x in LUMA]
+        grey = image[..., 0] * w[0] + image[..., 1] * w[1] + image[..., 2] * w[2]
+        return grey.astype("float32"), axes[:-1], "RGB as grey (luminance)"
+    return image, axes, ""
 
 
 def layer_axes(ndim: int, rgb: bool, spatial_dims: int) -> str:

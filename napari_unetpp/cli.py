@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,26 @@ class CliError(Exception):
     """A failure reported to the user as one sentence, exit status 2."""
 
 
-def _progress_bar(done: int, total: int, t0: float, stream=sys.stderr) -> None:
-    width = 30
-    frac = done / max(total, 1)
-    fill = int(round(width * frac))
-    el = time.perf_counter() - t0
-    eta = el / frac - el if frac > 0 else 0.0
-    stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} tiles  {el:5.1f}s  eta {eta:5.1f}s")
-    if done >= total:
-        stream.write("\n")
-    stream.flush()
+class _Progress:
+    """A tqdm bar on stderr for a run's :class:`~napari_unetpp.prediction.Progress` reports, made at the first report
+    (when the total is known): live on a terminal; in a log or a pipe, plain ASCII lines at most every 10 s."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, p: Any) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(
+                total=p.total, desc="tiles", unit="tile", file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10
+            )
+        self.bar.update(p.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -62,7 +71,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         note = spacing_note(model.card.training.get("spacing"), img.scale, img.units, "ZYX" if dims == 3 else "YX")
         if note:
             print(f"napari-unetpp: note: {note}", file=sys.stderr)
-        t0 = time.perf_counter()
         gen = predict_iter(
             img.data,
             model,
@@ -77,8 +85,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             device=args.device,
             precision=args.precision,
             objects=args.objects,
+            channel=args.channel,
         )
-        res = run_to_end(gen, None if args.quiet else lambda p: _progress_bar(p.done, p.total, t0))
+        progress = None if args.quiet else _Progress()
+        try:
+            res = run_to_end(gen, progress)
+        finally:
+            if progress is not None:
+                progress.close()
         if args.objects == "learned" and res.objects_method != "learned":
             print(
                 f"napari-unetpp: note: {model.card.id} has no learned object cue; objects were split with the "
@@ -112,6 +126,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         f"{res.device} in {res.seconds:.1f}s"
         + (f", foreground {fg:.1%}" if fg is not None else "")
         + (f", {window}" if window else "")
+        + (f", {res.channels}" if res.channels else "")
         + (f", {int(res.objects.max())} objects ({res.objects_method} split)" if res.objects is not None else "")
     )
     for path, _ in outputs:
@@ -436,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cue fall back to the watershed and say so) (default none)",
     )
     p.add_argument("--axes", default=None, help="axes of the input, e.g. ZYX, TZYX, ZCYX (default: from the file)")
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="segment channel N (from 0) of a multi-channel image with a 1-channel model (an RGB image is read as "
+        "grey without it)",
+    )
     p.add_argument("--window", default=None, help=WINDOW_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .axes import Layout, guess_axes, layout
+from .axes import Layout, fit_channels, guess_axes, layout
 from .errors import InputError
 from .jobs import run_to_end
 from .network import UNetPlusPlus
@@ -81,6 +81,8 @@ class Prediction:
         objects: Instance labels (uint32, unique across the whole array) when ``objects`` was asked for.
         objects_method: The split that made ``objects`` (``"learned"`` falls back to ``"watershed"`` for a model
             without a cue), or ``"none"``.
+        channels: How the image's channels were fitted to the model: ``"channel N of M"``, ``"RGB as grey
+            (luminance)"``, or ``""`` (as they were).
     """
 
     mask: np.ndarray
@@ -97,6 +99,7 @@ class Prediction:
     cues: dict[int, np.ndarray] = field(default_factory=dict)
     objects: np.ndarray | None = None
     objects_method: str = "none"
+    channels: str = ""
 
 
 @dataclass
@@ -145,6 +148,7 @@ class PredictionPlan:
     stats: list[tuple[float, float]]
     batch: int
     objects: str = "none"  # the instance split done per finished plane (after any fallback)
+    channel_note: str = ""  # what was done to fit the image's channels to the model ("channel 1 of 2", ...)
 
     @property
     def cue(self) -> bool:
@@ -196,6 +200,7 @@ class PredictionPlan:
             cues={lv: alloc(shape, self.prob_dtype) for lv in self.keep_levels} if self.cue else {},
             objects=alloc(shape, "uint32") if self.objects != "none" else None,
             objects_method=self.objects,
+            channels=self.channel_note,
         )
 
 
@@ -216,6 +221,7 @@ def plan_prediction(
     prob_dtype: str = "float16",
     stats: Sequence[tuple[float, float]] | None = None,
     objects: str = "none",
+    channel: int | None = None,
 ) -> PredictionPlan:
     """Check the inputs and decide how to run them (arguments as for :func:`predict_iter`, without ``precision``).
 
@@ -239,11 +245,14 @@ def plan_prediction(
         raise InputError(f"the image is empty (shape {shape}).")
     if np.dtype(image.dtype).kind not in "biuf":
         raise InputError(f"cannot segment an image of dtype {image.dtype}; convert it to numbers first.")
+    image, axes, channel_note = fit_channels(image, axes, cfg.spatial_dims, cfg.in_channels, channel)
+    shape = tuple(int(s) for s in image.shape)  # after a channel was chosen
     lay = layout(image, axes, cfg.spatial_dims)
     if lay.n_ch != cfg.in_channels:
+        hint = "pick one channel (channel=N, --channel N)" if cfg.in_channels == 1 else "pick another model or image"
         raise InputError(
             f"the model expects {cfg.in_channels} channel(s) but the image has {lay.n_ch}"
-            f"{' (axis C)' if lay.has_c else ' (no C axis)'}; pick another model or image."
+            f"{' (axis C)' if lay.has_c else ' (no C axis)'}; {hint}."
         )
     if stats is None:
         stats = _stats(lay, norm)
@@ -286,6 +295,7 @@ def plan_prediction(
         stats=list(stats),
         batch=batch_size or _default_batch(tiles.tile_shape, dev),
         objects=objects,
+        channel_note=channel_note,
     )
 
 
@@ -387,6 +397,7 @@ def predict_iter(
     stats: Sequence[tuple[float, float]] | None = None,
     allocate: Allocator | None = None,
     objects: str = "none",
+    channel: int | None = None,
 ) -> Generator[Progress, None, Prediction]:
     """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
 
@@ -418,6 +429,8 @@ def predict_iter(
             or ``"learned"`` (seeds from the model's distance cue; a model without one falls back to
             ``"watershed"``, and ``Prediction.objects_method`` says so). Split per plane for 2D
             models (IDs unique across the stack), per volume for 3D ones. 1-class models only.
+        channel: For a 1-channel model and a multi-channel image: segment channel N of its C axis (read lazily).
+            Without it, an RGB(A) image is read as its luminance; other multi-channel images need it.
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
@@ -439,6 +452,7 @@ def predict_iter(
         prob_dtype=prob_dtype,
         stats=stats,
         objects=objects,
+        channel=channel,
     )
     result = plan.allocate(allocate)
     writer = PlaneWriter(plan, result)
@@ -479,15 +493,22 @@ def predict(image: Any, model: Any, **kwargs: Any) -> Prediction:
 
 
 def normalization_stats(
-    image: Any, model: Any, axes: str | None = None, normalization: Normalization | None = None
+    image: Any,
+    model: Any,
+    axes: str | None = None,
+    normalization: Normalization | None = None,
+    channel: int | None = None,
 ) -> list[tuple[float, float]]:
-    """Per-channel normalisation statistics of ``image`` under ``model``'s recipe (see ``predict_iter(stats=...)``).
+    """Per-channel normalisation statistics of ``image`` under ``model``'s recipe (see ``predict_iter(stats=...)``),
+    of the channels the model reads (``channel`` and RGB as in :func:`predict_iter`).
 
     Raises:
         InputError: bad axes or channels, or non-finite values.
     """
     loaded = resolve_model(model)
-    lay = layout(image, axes, loaded.module.config.spatial_dims)
+    cfg = loaded.module.config
+    image, axes, _ = fit_channels(image, axes, cfg.spatial_dims, cfg.in_channels, channel)
+    lay = layout(image, axes, cfg.spatial_dims)
     return _stats(lay, normalization or loaded.normalization)
 
 

@@ -93,8 +93,9 @@ def test_nans(tmp_path):
 
 def test_wrong_dimensionality_and_channels(tmp_path):
     tifffile.imwrite(tmp_path / "line.tif", np.zeros((5, 1), np.uint8)[:, 0].reshape(1, 5))
-    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 40, 40, 3), np.uint8), photometric="rgb")
-    _bad(tmp_path, [str(tmp_path / "rgb.tif"), "--axes", "ZYXC"], "expects 1 channel")
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((3, 40, 40, 2), np.uint8))
+    _bad(tmp_path, [str(tmp_path / "two.tif"), "--axes", "ZYXC"], "expects 1 channel")
+    _bad(tmp_path, [str(tmp_path / "two.tif"), "--axes", "ZYXC", "--channel", "2"], "does not exist")
     _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--axes", "YX"], "do not match")
     _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--model", "no-such-model"], "no model named")
     _bad(
@@ -269,7 +270,9 @@ def test_predict_objects_writes_instance_labels(tmp_path, capsys):
     from napari_unetpp.postprocess import split_instances
 
     src = tmp_path / "nuclei.tif"
-    tifffile.imwrite(src, tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")[:3, :128, :128])
+    tifffile.imwrite(
+        src, tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")[:3, :128, :128], photometric="minisblack"
+    )
     out = tmp_path / "objects.tif"
     assert (
         main(
@@ -314,3 +317,20 @@ def test_predict_objects_writes_instance_labels(tmp_path, capsys):
 def test_predict_objects_bad_inputs(tmp_path):
     r = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(tmp_path / "o.tif"), "--objects", "stardist")
     assert r.returncode == 2 and "invalid choice" in r.stderr and not (tmp_path / "o.tif").exists()
+
+
+def test_predict_channel_and_rgb(tmp_path, capsys, em_crop):
+    """--channel N segments one channel of a multi-channel TIFF like the channel alone; an RGB TIFF is read as grey
+    and the summary says so; the progress bar is tqdm's on stderr."""
+    crop = em_crop[:2, :96, :96]
+    tifffile.imwrite(tmp_path / "alone.tif", crop)
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([255 - crop, crop], axis=1), imagej=True, metadata={"axes": "ZCYX"})
+    assert main(["predict", str(tmp_path / "alone.tif"), "-o", str(tmp_path / "a.tif"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "two.tif"), "-o", str(tmp_path / "b.tif"), "--channel", "1"]) == 0
+    out = capsys.readouterr()
+    assert "channel 1 of 2" in out.out and "tiles" in out.err and "100%" in out.err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), tifffile.imread(tmp_path / "a.tif"))
+    tifffile.imwrite(tmp_path / "rgb.tif", np.stack([crop[0]] * 3, axis=-1), photometric="rgb")
+    assert main(["predict", str(tmp_path / "rgb.tif"), "-o", str(tmp_path / "c.tif"), "-q"]) == 0
+    assert "RGB as grey" in capsys.readouterr().out and tifffile.imread(tmp_path / "c.tif").shape == (96, 96)

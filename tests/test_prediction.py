@@ -133,8 +133,32 @@ def test_channels_axis_and_mismatch():
     np.testing.assert_allclose(pred.probabilities[2].astype(np.float32).sum(0), 1.0, atol=5e-3)
     with pytest.raises(InputError, match="expects 2 channel"):
         predict(img[:, 0], m, axes="ZYX")
-    with pytest.raises(InputError, match="expects 1 channel"):
-        predict(np.zeros((3, 20, 20, 3), np.uint8), tiny(), axes="ZYXC")
+    with pytest.raises(InputError, match="expects 1 channel.*--channel N"):
+        predict(np.zeros((3, 20, 20, 2), np.uint8), tiny(), axes="ZYXC")
+    with pytest.raises(InputError, match="for 1-channel models"):
+        predict(img, m, axes="ZCYX", channel=0)
+
+
+def test_channel_choice_and_rgb_as_grey(em_crop, em_model):
+    """channel=N segments that channel of a multi-channel image, exactly as the channel alone; an RGB image is read
+    as its luminance by a 1-channel model; bad choices are one sentence."""
+    crop = em_crop[:2, :96, :96]
+    alone = predict(crop, em_model, axes="ZYX", levels="all")
+    two = np.stack([255 - crop, crop], axis=1)  # ZCYX
+    chosen = predict(two, em_model, axes="ZCYX", channel=1, levels="all")
+    assert chosen.channels == "channel 1 of 2" and chosen.axes == "ZYX"
+    np.testing.assert_array_equal(chosen.mask, alone.mask)
+    np.testing.assert_array_equal(chosen.probabilities[3], alone.probabilities[3])
+    rgb = np.stack([crop[0]] * 3, axis=-1)  # grey stored as RGB: its luminance is the image itself
+    grey = predict(rgb, em_model, axes="YXC")
+    assert grey.channels == "RGB as grey (luminance)" and grey.mask.shape == (96, 96)
+    ref = predict(crop[0].astype(np.float32), em_model, axes="YX").mask
+    assert (grey.mask == ref).mean() > 0.999  # luma weights sum to 1 up to float rounding
+    assert predict(crop, em_model, axes="ZYX").channels == ""
+    with pytest.raises(InputError, match="does not exist: the image has 2 channels"):
+        predict(two, em_model, axes="ZCYX", channel=2)
+    with pytest.raises(InputError, match="no channel axis"):
+        predict(crop, em_model, axes="ZYX", channel=0)
 
 
 def test_3d_model_on_volume_and_errors():

@@ -334,3 +334,22 @@ def test_learned_objects_with_a_cue_model(make_napari_viewer):
     np.testing.assert_array_equal((stack > 0)[decided], (whole.objects > 0)[decided])  # (tiny specks dropped)
     w._model.value = "em-membranes@v1"
     assert w._instances.value == "watershed" and not load_model("em-membranes").module.config.has_cue
+
+
+def test_rgb_image_is_segmented_as_grey(make_napari_viewer, em_model):
+    """An RGB layer with a 1-channel model: its luminance is segmented (before, the widget refused it)."""
+    from napari_unetpp._sample_data import em_sample
+
+    viewer = make_napari_viewer()
+    grey = np.asarray(em_sample()[0][0][0])
+    img = viewer.add_image(np.stack([grey] * 3, axis=-1), rgb=True, name="rgb")
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w._image.value = img
+    w._model.value = "em-membranes@v1"
+    w._depth_slider.value = 1
+    w.preview()
+    mask = viewer.layers["rgb [UNet++ mask]"].data
+    assert mask.shape == grey.shape
+    ref = predict(np.stack([grey] * 3, axis=-1), em_model, axes="YXC", depth=1)
+    assert ref.channels == "RGB as grey (luminance)"
+    np.testing.assert_array_equal(mask, ref.mask)
