@@ -127,13 +127,11 @@ class DeepSupervisionLoss(nn.Module):
         pixels of ``cue_valid`` (default ``valid``), where the object split is known."""
         total = torch.zeros((), device=target.device)
         for w, o in zip(self.head_weights(len(outputs)), outputs):
-            if cue_target is None:
-                total = total + w * hybrid_loss(o, target, valid, self.ce_weight, self.dice_weight)
-                continue
-            total = total + w * hybrid_loss(o[:, :-1], target, valid, self.ce_weight, self.dice_weight)
-            total = total + w * self.cue_weight * cue_loss(
-                o[:, -1], cue_target, valid if cue_valid is None else cue_valid
-            )
+            classes = o if cue_target is None else o[:, :-1]
+            total = total + w * hybrid_loss(classes, target, valid, self.ce_weight, self.dice_weight)
+            if cue_target is not None:
+                cue_mask = valid if cue_valid is None else cue_valid
+                total = total + w * self.cue_weight * cue_loss(o[:, -1], cue_target, cue_mask)
         return total
 
 

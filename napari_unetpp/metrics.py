@@ -81,9 +81,10 @@ def object_f1(pred: np.ndarray, target: np.ndarray, iou: float = 0.5, spatial_di
     pred, target = np.asarray(pred), np.asarray(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in shape.")
-    lead = pred.shape[: pred.ndim - spatial_dims]
+    from .postprocess import plane_indices
+
     tp = fp = fn = 0
-    for idx in np.ndindex(*lead) if lead else [()]:
+    for idx in plane_indices(pred.shape, spatial_dims):
         a, b, c = match_objects(pred[idx], target[idx], iou)
         tp, fp, fn = tp + a, fp + b, fn + c
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)

@@ -51,7 +51,7 @@ class UNetPlusPlusConfig:
         cue: ``"none"`` (default) or ``"distance"``: a second 1x1 head ``cues["cue_{j}"]`` on every top node
             X(0, j) that regresses each object's distance to its own border, divided by the object's largest such
             distance (1 at an object's centre, falling to 0 at its border and where it touches another object).
-            The learned instance split seeds one object per core (see
+            The learned instance split floods it, times the mask's distance transform, from one seed per core (see
             :func:`napari_unetpp.postprocess.split_instances`); deep supervision applies to it as to the classes,
             so every pruned level has its own cue.
     """

@@ -2,14 +2,14 @@
 
 The instance split has four methods: ``none`` (the binary mask), ``components`` (connected components), ``watershed``
 (seeds from the mask's distance transform) and ``learned`` (seeds from the network's own distance cue, see
-:func:`distance_cue`). The cue is also built here, from instance labels, as a training target, so the code that
-encodes it and the code that reads it sit together.
+:func:`distance_cue`, times the mask's distance transform). The cue is also built here, from instance labels, as a
+training target, so the code that encodes it and the code that reads it sit together.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ __all__ = [
     "encode_cue_target",
     "decode_cue_target",
     "CUE_UNKNOWN",
+    "plane_indices",
 ]
 
 INSTANCE_METHODS = ("none", "components", "watershed", "learned")
@@ -54,8 +55,8 @@ def split_instances(
         mask: Binary mask (non-zero = foreground).
         method: ``"none"`` (return the mask as uint8), ``"components"`` (connected components; ``"connected
             components"`` is accepted too), ``"watershed"`` (distance transform watershed that separates touching
-            round objects such as nuclei) or ``"learned"`` (a watershed seeded by the cores of the network's
-            distance cue: needs ``cue``).
+            round objects such as nuclei) or ``"learned"`` (the same watershed on the network's distance cue times
+            the mask's distance transform: needs ``cue``).
         spatial_dims: 2 or 3 (default 2).
         min_distance: Minimum distance between watershed seeds in pixels. Default: set from the objects' size in
             each plane (half the median object radius, and the distance map smoothed by a quarter of it), so
@@ -82,9 +83,8 @@ def split_instances(
     from skimage.morphology import remove_small_objects
 
     out = np.zeros(fg.shape, np.uint32)
-    lead = fg.shape[: fg.ndim - spatial_dims]
     offset = 0
-    for idx in np.ndindex(*lead) if lead else [()]:
+    for idx in plane_indices(fg.shape, spatial_dims):
         block = fg[idx]
         if min_size > 1 and block.any():
             block = (
@@ -103,6 +103,12 @@ def split_instances(
         offset = max(offset, int(lab.max()))
         out[idx] = lab
     return out
+
+
+def plane_indices(shape: Sequence[int], spatial_dims: int = 2) -> Iterator[tuple[int, ...]]:
+    """Index of each plane (or volume, ``spatial_dims=3``) of an array of ``shape``: every combination of the
+    leading axes; one empty index when there are none."""
+    return np.ndindex(*tuple(shape)[: len(shape) - spatial_dims])
 
 
 def instance_method(name: str) -> str:
@@ -135,7 +141,7 @@ def _watershed(block: np.ndarray, min_distance: int | None) -> np.ndarray:
     comps = label(block)
     if min_distance is None:
         # object scale: the median over objects of their largest inscribed radius
-        radius = _median_radius(block, comps)
+        radius = _median_radius(dist, comps)
         min_distance = max(2, int(round(0.5 * radius)))
         dist = ndi.gaussian_filter(dist, 0.25 * radius)
     peaks = peak_local_max(dist, min_distance=min_distance, labels=comps, exclude_border=False)
@@ -156,12 +162,13 @@ def _learned(block: np.ndarray, cue: np.ndarray, seed_dynamic: float) -> np.ndar
     if not block.any():
         return np.zeros(block.shape, np.int32)
     comps = label(block)
-    radius = _median_radius(block, comps)
+    edt = ndi.distance_transform_edt(block)
+    radius = _median_radius(edt, comps)
     sigma = max(1.0, 0.25 * radius)
     land = ndi.gaussian_filter(np.where(block, cue, 0.0).astype(np.float32), sigma)
     # times the mask's own distance transform (per component, 0..1): the cue knows dim contacts and whole irregular
     # nuclei from the image; the shape adds the neck between two evenly bright round nuclei, which the cue misses
-    dist = ndi.gaussian_filter(ndi.distance_transform_edt(block), sigma)
+    dist = ndi.gaussian_filter(edt, sigma)
     top = ndi.maximum(dist, comps, index=np.arange(comps.max() + 1))
     land = land * (dist / np.maximum(top[comps], 1e-6)).astype(np.float32)
     peaks = peak_local_max(land, min_distance=max(2, int(round(0.5 * radius))), labels=comps, exclude_border=False)
@@ -177,11 +184,11 @@ def _learned(block: np.ndarray, cue: np.ndarray, seed_dynamic: float) -> np.ndar
     return _flood(-land, peaks, comps, block)
 
 
-def _median_radius(block: np.ndarray, comps: np.ndarray) -> float:
-    """The objects' scale: the median over components of their largest inscribed radius."""
+def _median_radius(dist: np.ndarray, comps: np.ndarray) -> float:
+    """The objects' scale: the median over components (labels ``comps``) of their largest inscribed radius, from the
+    mask's distance transform ``dist``."""
     from scipy import ndimage as ndi
 
-    dist = ndi.distance_transform_edt(block)
     return float(np.median(ndi.maximum(dist, comps, index=np.arange(1, comps.max() + 1))))
 
 
@@ -204,8 +211,7 @@ def fill_object_holes(instances: np.ndarray, spatial_dims: int = 2) -> np.ndarra
     from scipy import ndimage as ndi
 
     out = np.asarray(instances).astype(np.int32)  # a copy
-    lead = out.shape[: out.ndim - spatial_dims]
-    for idx in np.ndindex(*lead) if lead else [()]:
+    for idx in plane_indices(out.shape, spatial_dims):
         plane = out[idx]
         for i, box in enumerate(ndi.find_objects(plane), start=1):
             if box is not None:
@@ -223,8 +229,7 @@ def distance_cue(instances: np.ndarray, spatial_dims: int = 2) -> np.ndarray:
 
     lab = np.asarray(instances)
     out = np.zeros(lab.shape, np.float32)
-    lead = lab.shape[: lab.ndim - spatial_dims]
-    for idx in np.ndindex(*lead) if lead else [()]:
+    for idx in plane_indices(lab.shape, spatial_dims):
         plane = lab[idx]
         res = out[idx]
         for i, box in enumerate(ndi.find_objects(plane), start=1):

@@ -153,7 +153,7 @@ class PredictionPlan:
     @property
     def cue(self) -> bool:
         """Whether the network's instance cue is computed (a model with a cue computes it always)."""
-        return bool(getattr(self.net.config, "has_cue", False))
+        return self.net.config.has_cue
 
     @property
     def per_level(self) -> int:
@@ -240,13 +240,12 @@ def plan_prediction(
     objects = _objects_method(objects, cfg)
     if prob_dtype not in ("float16", "float32", "uint8"):
         raise ValueError(f"prob_dtype must be float16, float32 or uint8, got {prob_dtype!r}.")
-    shape = tuple(int(s) for s in image.shape)
-    if any(s == 0 for s in shape):
-        raise InputError(f"the image is empty (shape {shape}).")
+    if any(int(s) == 0 for s in image.shape):
+        raise InputError(f"the image is empty (shape {tuple(image.shape)}).")
     if np.dtype(image.dtype).kind not in "biuf":
         raise InputError(f"cannot segment an image of dtype {image.dtype}; convert it to numbers first.")
     image, axes, channel_note = fit_channels(image, axes, cfg.spatial_dims, cfg.in_channels, channel)
-    shape = tuple(int(s) for s in image.shape)  # after a channel was chosen
+    shape = tuple(int(s) for s in image.shape)  # the image the model reads (one channel chosen, RGB as grey)
     lay = layout(image, axes, cfg.spatial_dims)
     if lay.n_ch != cfg.in_channels:
         hint = "pick one channel (channel=N, --channel N)" if cfg.in_channels == 1 else "pick another model or image"
@@ -456,7 +455,7 @@ def predict_iter(
     )
     result = plan.allocate(allocate)
     writer = PlaneWriter(plan, result)
-    runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch, plan.cue)
+    runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch)
     weights = gaussian_weights(plan.tiles.tile_shape) if len(plan.tiles) > 1 else None  # shared by every plane
     blenders: dict[tuple[int, ...], Blender] = {}
     remaining: dict[tuple[int, ...], int] = {}
@@ -514,14 +513,13 @@ def normalization_stats(
 
 # ---------------------------------------------------------------------------------------------------- helpers
 class _Runner:
-    """Runs batches of tiles through the model at depth k; halves the batch on out-of-memory."""
+    """Runs batches of tiles through the model at depth k (with its cue, when it has one); halves the batch on
+    out-of-memory."""
 
-    def __init__(
-        self, model: UNetPlusPlus, depth: int, device: torch.device, precision: str, batch: int, cue: bool = False
-    ) -> None:
+    def __init__(self, model: UNetPlusPlus, depth: int, device: torch.device, precision: str, batch: int) -> None:
         self.model, self.depth, self.device, self.precision, self.batch = model, depth, device, precision, batch
         self.sigmoid = model.config.num_classes == 1
-        self.cue = cue
+        self.cue = model.config.has_cue  # a model with a cue returns it with the classes, for the learned split
         self.fmt = memory_format(model, device)
 
     def probs(self, x: np.ndarray) -> np.ndarray:
@@ -560,7 +558,7 @@ def _objects_method(objects: str, cfg: Any) -> str:
     objects = instance_method(objects)
     if objects != "none" and cfg.num_classes != 1:
         raise InputError("instance labels need a 1-class model; this one has classes (use objects='none').")
-    if objects == "learned" and not getattr(cfg, "has_cue", False):
+    if objects == "learned" and not cfg.has_cue:
         log.info("this model has no learned object cue; splitting touching objects with the watershed instead")
         return "watershed"
     return objects
