@@ -48,115 +48,236 @@ class _Progress:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .ct import spacing_note
+    from .batch import expand_inputs, output_for, parse_scheduler, predict_file
     from .errors import UserError
-    from .io import output_kind, read_image, write_images
-    from .jobs import run_to_end
-    from .prediction import predict_iter
-    from .registry import load_model
+    from .io import output_kind
 
-    out = Path(args.output)
     try:
-        output_kind(out)
-    except ValueError as exc:
+        inputs = [p for spec in args.input for p in expand_inputs(spec)]
+        kind, _ = parse_scheduler(args.scheduler)
+    except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    if not out.parent.is_dir():
-        raise CliError(f"the output folder {out.parent} does not exist.")
-    try:
-        img = read_image(args.input)
-        model = _with_window(load_model(args.model), args.window, img)
-        dims = model.module.config.spatial_dims
-        note = spacing_note(model.card.training.get("spacing"), img.scale, img.units, "ZYX" if dims == 3 else "YX")
-        if note:
-            print(f"napari-unetpp: note: {note}", file=sys.stderr)
-        gen = predict_iter(
-            img.data,
-            model,
-            axes=args.axes or img.axes,
-            depth=args.depth,
-            mode="ensemble" if args.ensemble else "pruned",
-            levels="all" if args.all_levels else (),
-            threshold=args.threshold,
-            tile=args.tile,
-            overlap=args.overlap,
-            batch_size=args.batch_size,
-            device=args.device,
-            precision=args.precision,
-            objects=args.objects,
-            channel=args.channel,
-        )
-        progress = None if args.quiet else _Progress()
+    out = Path(args.output)
+    fmt = f".{args.format}" if args.format else None
+    many = len(inputs) > 1 or len(args.input) > 1 or any(_names_many(s) for s in args.input)
+    if many or out.is_dir() and not out.name.lower().endswith(".zarr"):
+        if out.exists() and not out.is_dir():
+            raise CliError(f"{out} is a file; with several inputs -o names an output folder.")
+        out.mkdir(parents=True, exist_ok=True)
+        jobs = [(src, output_for(src, out, args.objects != "none", fmt)) for src in inputs]
+    else:
+        if fmt:
+            raise CliError("--format is for several inputs (-o a folder); a single output takes its path's extension.")
         try:
-            res = run_to_end(gen, progress)
+            output_kind(out)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        if not out.parent.is_dir():
+            raise CliError(f"the output folder {out.parent} does not exist.")
+        jobs = [(inputs[0], out)]
+    clash = [str(s) for s, d in jobs if Path(s).resolve() == Path(d).resolve()]
+    if clash:
+        raise CliError(f"the output would overwrite the input {clash[0]}; choose another -o.")
+    opts = _options(args)
+    if kind != "none":
+        return _predict_distributed(jobs, args, opts)
+    failed = 0
+    files = _FileBar(len(jobs), args.quiet) if len(jobs) > 1 else None
+    for src, dst in jobs:
+        progress = None if args.quiet or files is not None else _Progress()
+        try:
+            res = predict_file(src, dst, _model_ref(args), opts, progress)
+        except (UserError, ValueError, OSError) as exc:
+            if len(jobs) == 1:
+                raise CliError(str(exc)) from None
+            failed += 1
+            _say(files, f"napari-unetpp: error: {src}: {exc}")
+            continue
+        except MemoryError as exc:
+            if len(jobs) == 1:
+                raise CliError(
+                    f"out of memory: {exc}" if str(exc) else "out of memory; try a smaller --tile."
+                ) from None
+            failed += 1
+            _say(files, f"napari-unetpp: error: {src}: out of memory")
+            continue
+        except RuntimeError as exc:  # device problems (CUDA requested but absent, driver errors)
+            raise CliError(str(exc).splitlines()[0]) from None
         finally:
             if progress is not None:
                 progress.close()
-        if args.objects == "learned" and res.objects_method != "learned":
-            print(
-                f"napari-unetpp: note: {model.card.id} has no learned object cue; objects were split with the "
-                "watershed instead",
-                file=sys.stderr,
-            )
-    except (UserError, ValueError) as exc:
-        raise CliError(str(exc)) from None
-    except MemoryError as exc:
-        raise CliError(f"out of memory: {exc}" if str(exc) else "out of memory; try a smaller --tile.") from None
-    except RuntimeError as exc:  # device problems (CUDA requested but absent, driver errors)
-        raise CliError(str(exc).splitlines()[0]) from None
-
-    scale = {k: v for k, v in img.scale.items() if k in res.axes}
-    outputs: list[tuple[Path, np.ndarray]] = [(out, res.mask if res.objects is None else _compact(res.objects))]
-    if args.all_levels:
-        outputs += [(_beside(out, f"_L{lv}"), p) for lv, p in res.probabilities.items()]
-        if res.ensemble is not None:
-            outputs.append((_beside(out, "_ensemble"), res.ensemble))
-    try:
-        write_images(
-            [(path, arr, res.axes if arr.ndim == len(res.axes) else "C" + res.axes, scale) for path, arr in outputs],
-            geometry=img.geometry if res.axes == "ZYX" else None,
-        )
-    except OSError as exc:
-        raise CliError(f"could not write {exc.filename or out}: {exc.strerror or exc}; nothing was written.") from None
-    fg = float(res.mask.mean()) if model.card.architecture.get("num_classes", 1) == 1 else None
-    window = model.normalization.describe() if model.normalization.mode == "window" else ""
-    print(
-        f"{args.input}: {res.axes} {tuple(res.mask.shape)} with {model.card.id} at L{res.depth} ({res.mode}) on "
-        f"{res.device} in {res.seconds:.1f}s"
-        + (f", foreground {fg:.1%}" if fg is not None else "")
-        + (f", {window}" if window else "")
-        + (f", {res.channels}" if res.channels else "")
-        + (f", {int(res.objects.max())} objects ({res.objects_method} split)" if res.objects is not None else "")
-    )
-    for path, _ in outputs:
-        print(f"wrote {path}")
+        _report(res, files)
+    if files is not None:
+        files.close()
+    if failed:
+        print(f"napari-unetpp: {failed} of {len(jobs)} inputs failed (see above); the others were written.")
+        return 1
     return 0
 
 
-def _compact(labels: Any) -> Any:
-    """Instance labels as uint16 when the IDs fit (what most readers expect), else uint32."""
-    import numpy as np
+def _names_many(spec: str) -> bool:
+    """Whether an input argument is a glob or a folder of images (not one DICOM series or OME-Zarr)."""
+    from .ct import is_ct_path
+    from .omezarr import is_zarr_path
 
-    return labels.astype(np.uint16) if int(labels.max(initial=0)) < 2**16 else labels
+    p = Path(spec)
+    if any(c in spec for c in "*?[") and not p.exists():
+        return True
+    return p.is_dir() and not is_zarr_path(p) and not is_ct_path(p)
 
 
-def _beside(out: Path, tag: str) -> Path:
-    """``mask.nii.gz`` + ``_L2`` -> ``mask_L2.nii.gz`` (compound extensions kept whole)."""
-    name = out.name
-    ext = ".nii.gz" if name.lower().endswith(".nii.gz") else out.suffix
-    return out.with_name(name[: len(name) - len(ext)] + tag + ext)
+def _model_ref(args: argparse.Namespace) -> Any:
+    """The model, loaded once per process (a file path for dask workers)."""
+    from .registry import load_model
+
+    if getattr(args, "_loaded", None) is None:
+        try:
+            args._loaded = load_model(args.model)
+        except Exception as exc:
+            raise CliError(str(exc)) from None
+    return args._loaded
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from .batch import PredictOptions
+
+    return PredictOptions(
+        depth=args.depth,
+        ensemble=args.ensemble,
+        all_levels=args.all_levels,
+        threshold=args.threshold,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        objects=args.objects,
+        axes=args.axes,
+        channel=args.channel,
+        window=args.window,
+        pixel_size=args.pixel_size,
+        diameter=args.diameter,
+        rescale=not args.no_rescale,
+    )
+
+
+class _FileBar:
+    """A tqdm bar over files (several inputs), on stderr."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(
+                total=total, desc="files", unit="file", file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10
+            )
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, line: str, err: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr if err else sys.stdout)
+        else:
+            print(line, file=sys.stderr if err else sys.stdout)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _say(files: _FileBar | None, line: str) -> None:
+    if files is not None:
+        files.write(line, err=True)
+    else:
+        print(line, file=sys.stderr)
+
+
+def _report(res: Any, files: _FileBar | None) -> None:
+    for note in res.notes:
+        _say(files, f"napari-unetpp: note: {note}")
+    lines = [res.summary] + [f"wrote {p}" for p in res.written]
+    for line in lines:
+        if files is not None:
+            files.write(line)
+        else:
+            print(line)
+    if files is not None:
+        files.update()
+
+
+def _predict_distributed(jobs: list[tuple[Path, Path]], args: argparse.Namespace, opts: Any) -> int:
+    """``--scheduler``: the files as tasks on a dask cluster, or one stack split into blocks of planes."""
+    from .batch import SchedulerError, predict_stack_distributed, run_distributed
+    from .errors import UserError
+    from .registry import model_file
+
+    try:
+        ref = str(model_file(args.model))
+    except Exception as exc:
+        raise CliError(str(exc)) from None
+    if len(jobs) == 1:
+        src, dst = jobs[0]
+        bar = None if args.quiet else _BlockBar()
+        try:
+            res = predict_stack_distributed(src, dst, ref, opts, args.scheduler, args.block, bar)
+        except (UserError, ValueError, OSError) as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        _report(res, None)
+        return 0
+    files = _FileBar(len(jobs), args.quiet)
+    failed: list[str] = []
+
+    def failure(src: str, exc: BaseException) -> None:
+        failed.append(src)
+        _say(files, f"napari-unetpp: error: {src}: {exc}")
+
+    try:
+        run_distributed(jobs, ref, opts, args.scheduler, lambda r: _report(r, files), failure)
+    except SchedulerError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        files.close()
+    if failed:
+        print(f"napari-unetpp: {len(failed)} of {len(jobs)} inputs failed (see above); the others were written.")
+        return 1
+    return 0
+
+
+class _BlockBar:
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(
+                total=total, desc="blocks", unit="block", file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _with_window(model: Any, spec: str | None, img: Any = None) -> Any:
     """``model`` with its Hounsfield window replaced by ``--window`` (CT models only)."""
-    from .ct import parse_window, with_window
+    from . import batch
+    from .errors import UserError
 
-    if spec is None:
-        return model
-    if model.normalization.mode != "window":
-        raise CliError(f"--window is for CT models; {model.card.id} normalises by {model.normalization.describe()}.")
-    return with_window(model, parse_window(spec, img.windows if img is not None else ()))
+    try:
+        return batch._with_window(model, spec, img)
+    except UserError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -215,7 +336,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     gen = fine_tune_iter(
         base,
-        TrainingPair(img.data, lab.data, axes=axes, slices=slices, name=Path(args.image).name, spacing=img.scale),
+        TrainingPair(
+            img.data,
+            lab.data,
+            axes=axes,
+            slices=slices,
+            name=Path(args.image).name,
+            spacing=img.scale,
+            spacing_unit=img.units,
+        ),
         device=args.device,
         name=args.out,
         stop=stop,
@@ -415,15 +544,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment an image, stack or CT volume")
     p.add_argument(
         "input",
-        help="input TIFF (2D, stack, time series; grey or multi-channel), or a CT volume: a DICOM series folder, "
-        "a DICOM file, .nii/.nii.gz",
+        nargs="+",
+        help="input TIFF (2D, stack, time series; grey or multi-channel), OME-Zarr (.zarr, read lazily), or a CT "
+        "volume (a DICOM series folder, a DICOM file, .nii/.nii.gz); several inputs, a folder of images or a quoted "
+        "glob ('data/*.tif') predict each file",
     )
     p.add_argument(
         "-o",
         "--output",
         required=True,
         help="mask to write (uint8: 0/1 or class labels; with --objects the instance labels, uint16/uint32): "
-        ".tif/.tiff, or .nii/.nii.gz (over the input's geometry when it is a CT volume)",
+        ".tif/.tiff, .nii/.nii.gz (over the input's geometry when it is a CT volume) or .zarr (OME-Zarr, written "
+        "chunk by chunk); with several inputs, a folder that gets INPUT_mask.EXT (INPUT_objects.EXT) per input",
+    )
+    p.add_argument(
+        "--format",
+        choices=["tif", "nii.gz", "zarr"],
+        default=None,
+        help="several inputs: the outputs' format (default: the input's; DICOM gives nii.gz)",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, name@vN or file (default {DEFAULT_MODEL})")
     p.add_argument("--depth", type=int, default=None, help="pruned depth L1..Lmax (default: the card's recommended)")
@@ -459,6 +597,34 @@ def build_parser() -> argparse.ArgumentParser:
         "grey without it)",
     )
     p.add_argument("--window", default=None, help=WINDOW_HELP)
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="SIZE",
+        help="the input's pixel size in the model's unit (um for microscopy models, mm for CT), one value or one "
+        "per axis (Z Y X): the image is resampled to the model's pixel size and the result back (default: the "
+        "file's, when it names its unit)",
+    )
+    p.add_argument(
+        "--diameter",
+        type=float,
+        default=None,
+        help="typical object diameter in the input's pixels, as in cellpose: the image is resampled so objects "
+        "have the model's object diameter (nuclei models: 20 px)",
+    )
+    p.add_argument(
+        "--no-rescale", action="store_true", help="never resample to the model's pixel size from the file's metadata"
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="run on dask.distributed: local:N (a local cluster of N worker processes) or tcp://HOST:PORT (a running "
+        "scheduler, e.g. from dask-jobqueue on SLURM); several inputs become one task per file, one stack is split "
+        "into blocks of planes (output .zarr)",
+    )
+    p.add_argument("--block", type=int, default=None, help="with --scheduler and one stack: planes per task")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 

@@ -24,7 +24,7 @@ from .errors import ReadError
 
 __all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError", "OUTPUT_SUFFIXES", "output_kind"]
 
-OUTPUT_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz")
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".nii", ".nii.gz", ".zarr")
 
 # tifffile series axes -> ours (TCZYX); I and Q (image sequence, unknown) are read as Z, S (samples) as C
 _AXIS_MAP = {"T": "T", "C": "C", "S": "C", "Z": "Z", "Y": "Y", "X": "X", "I": "Z", "Q": "Z"}
@@ -35,10 +35,12 @@ class ImageData:
     """An image read from disk.
 
     Attributes:
-        data: numpy array or read-only memmap (uncompressed TIFFs are memory-mapped, not loaded).
+        data: numpy array, read-only memmap (uncompressed TIFFs are memory-mapped, not loaded) or dask array
+            (OME-Zarr: read chunk by chunk).
         axes: Letters from TCZYX, one per dimension.
         scale: Pixel size per axis letter when the file records it (e.g. ``{"Z": 0.05, "Y": 0.004}``).
-        units: Unit of ``scale`` when known (``"mm"`` for CT volumes).
+        units: Unit of ``scale`` when known: ``"um"``, ``"nm"`` or ``"mm"`` (CT volumes); ``""`` when the file
+            does not say.
         geometry: For CT volumes, the :class:`~napari_unetpp.ct.Geometry` that maps outputs back to the file's voxel
             order and affine.
         windows: The DICOM file's own Hounsfield windows (:class:`~napari_unetpp.ct.Window`), if any.
@@ -55,16 +57,21 @@ class ImageData:
 
 
 def read_image(path: str | os.PathLike[str]) -> ImageData:
-    """Read an image with its axes and pixel size: a TIFF (memory-mapped when possible), or a CT volume (a DICOM
-    series folder, a DICOM file, ``.nii``/``.nii.gz``) as a ``ZYX`` array in the canonical orientation of
-    :mod:`napari_unetpp.ct`, in Hounsfield units, with its spacing in mm and its geometry.
+    """Read an image with its axes and pixel size: a TIFF (memory-mapped when possible), an OME-Zarr image (the
+    finest resolution level, as a lazy dask array), or a CT volume (a DICOM series folder, a DICOM file,
+    ``.nii``/``.nii.gz``) as a ``ZYX`` array in the canonical orientation of :mod:`napari_unetpp.ct`, in Hounsfield
+    units, with its spacing in mm and its geometry.
 
     Raises:
         ReadError: the file is missing or not readable (one sentence naming the file and what to do).
     """
     p = Path(path)
     from .ct import is_ct_path, is_nifti_name
+    from .omezarr import is_zarr_path, read_ome_zarr
 
+    if is_zarr_path(p):
+        z = read_ome_zarr(p)
+        return ImageData(z[0], z[1], z[2], z[3], metadata=z[4])
     if p.exists() and is_ct_path(p) or is_nifti_name(p):
         return _read_ct(p)
     if p.is_dir():
@@ -75,7 +82,7 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
         with tifffile.TiffFile(p) as tf:
             series = tf.series[0]
             raw_axes = series.axes
-            scale = _scale(tf, raw_axes)
+            scale, units = _scale(tf, raw_axes)
         data: Any
         try:
             data = tifffile.memmap(p, mode="r")
@@ -88,7 +95,8 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
     if "?" in axes or len(set(axes)) != len(axes) or len(axes) != data.ndim:
         data = np.squeeze(data) if data.ndim > 2 else data
         axes = guess_axes(data.shape)
-    return ImageData(data, axes, {k: v for k, v in scale.items() if k in axes})
+    scale = {k: v for k, v in scale.items() if k in axes}
+    return ImageData(data, axes, scale, units if scale else "")
 
 
 def _read_ct(p: Path) -> ImageData:
@@ -99,7 +107,7 @@ def _read_ct(p: Path) -> ImageData:
 
 
 def output_kind(path: str | os.PathLike[str]) -> str:
-    """``"tiff"`` or ``"nifti"`` from the output path's extension.
+    """``"tiff"``, ``"nifti"`` or ``"zarr"`` from the output path's extension.
 
     Raises:
         ValueError: another extension (the message lists the ones that work).
@@ -108,6 +116,8 @@ def output_kind(path: str | os.PathLike[str]) -> str:
 
     if is_nifti_name(path):
         return "nifti"
+    if Path(path).name.lower().rstrip("/").endswith(".zarr"):
+        return "zarr"
     if Path(path).name.lower().endswith((".tif", ".tiff")):
         return "tiff"
     raise ValueError(f"the output {path} must end in {', '.join(OUTPUT_SUFFIXES)}.")
@@ -117,8 +127,14 @@ def _squeeze_to(data: Any, shape: tuple[int, ...]) -> Any:
     return data.reshape(shape) if tuple(data.shape) != tuple(shape) and data.size == int(np.prod(shape)) else data
 
 
-def _scale(tf: tifffile.TiffFile, raw_axes: str) -> dict[str, float]:
+# TIFF ResolutionUnit 3 (centimetre) and ImageJ unit names -> our short units
+_IJ_UNITS = {"micron": "um", "um": "um", "\u00b5m": "um", "microns": "um", "nm": "nm", "nanometer": "nm", "mm": "mm"}
+
+
+def _scale(tf: tifffile.TiffFile, raw_axes: str) -> tuple[dict[str, float], str]:
+    """Pixel size per axis letter and its unit (``""`` when the file does not name one)."""
     out: dict[str, float] = {}
+    unit = ""
     try:
         page = tf.pages[0]
         tags = page.tags  # type: ignore[union-attr]  # a TiffFrame has none: caught below
@@ -130,11 +146,16 @@ def _scale(tf: tifffile.TiffFile, raw_axes: str) -> dict[str, float]:
         ij = tf.imagej_metadata or {}
         if "spacing" in ij:
             out["Z"] = float(ij["spacing"])
+        if ij.get("unit"):
+            unit = _IJ_UNITS.get(str(ij["unit"]).strip().lower(), "")
+        elif "ResolutionUnit" in tags and int(tags["ResolutionUnit"].value) == 3 and out:  # pixels per cm
+            out = {a: v * 1e4 for a, v in out.items()}
+            unit = "um"
     except Exception:  # metadata is a nicety; never fail a read over it
-        return {}
+        return {}, ""
     if out.get("X") == 1.0 and out.get("Y") == 1.0 and "Z" not in out:
-        return {}
-    return out
+        return {}, ""
+    return out, unit
 
 
 def write_image(
@@ -143,24 +164,28 @@ def write_image(
     axes: str | None = None,
     scale: dict[str, float] | None = None,
     geometry: Any = None,
+    units: str = "",
 ) -> Path:
     """Write ``data`` atomically: to a temporary file beside ``path``, renamed when complete.
 
     Args:
-        path: Target path (its folder must exist); ``.tif``/``.tiff`` writes a TIFF, ``.nii``/``.nii.gz`` NIfTI.
+        path: Target path (its folder must exist); ``.tif``/``.tiff`` writes a TIFF, ``.nii``/``.nii.gz`` NIfTI,
+            ``.zarr`` an OME-Zarr image (NGFF 0.4).
         data: The array (uint8/uint16/float16/float32 ...).
         axes: Axis letters recorded in a TIFF's metadata.
         scale: Pixel size per axis letter (TIFF: X/Y stored as resolution; NIfTI: the voxel size when there is no
             geometry).
         geometry: NIfTI only: the input's :class:`~napari_unetpp.ct.Geometry`, so a ``ZYX`` (or ``CZYX``) array is
             written in the input's voxel order with its affine.
+        units: Unit of ``scale`` (``"um"``, ``"nm"``, ``"mm"``), recorded in OME-Zarr metadata.
     """
-    return write_images([(path, data, axes, scale)], geometry=geometry)[0]
+    return write_images([(path, data, axes, scale)], geometry=geometry, units=units)[0]
 
 
 def write_images(
     outputs: Sequence[tuple[str | os.PathLike[str], np.ndarray, str | None, dict[str, float] | None]],
     geometry: Any = None,
+    units: str = "",
 ) -> list[Path]:
     """Write several images as one unit: all to temporary files first, then all renamed into place.
 
@@ -170,15 +195,20 @@ def write_images(
     Args:
         outputs: ``(path, data, axes, scale)`` per file, as for :func:`write_image`.
         geometry: As for :func:`write_image`; used by the NIfTI outputs.
+        units: As for :func:`write_image`; used by the OME-Zarr outputs.
 
     Returns:
         The written paths.
     """
-    temps: list[tuple[str, Path]] = []
+    from .omezarr import OmeZarrOutputs
+
+    temps: list[tuple[Any, Path]] = []
     try:
         for path, data, axes, scale in outputs:
             p = Path(path)
-            if output_kind(p) == "nifti":
+            if output_kind(p) == "zarr":
+                temps.append((_write_zarr_temp(p, data, axes, scale, units), p))
+            elif output_kind(p) == "nifti":
                 from .ct import nifti_image, save_nifti_temp
 
                 temps.append((save_nifti_temp(p, nifti_image(data, geometry, scale)), p))
@@ -186,15 +216,41 @@ def write_images(
                 temps.append((_write_temp(p, data, axes, scale), p))
     except BaseException:
         for tmp, _ in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            _remove(tmp)
         raise
     for tmp, p in temps:
-        _give_mode(tmp, p)
+        if not isinstance(tmp, OmeZarrOutputs):
+            _give_mode(tmp, p)
     with _sigint_held():
         for tmp, p in temps:
-            os.replace(tmp, p)
+            if isinstance(tmp, OmeZarrOutputs):
+                tmp.publish()
+            else:
+                os.replace(tmp, p)
     return [p for _, p in temps]
+
+
+def _remove(tmp: Any) -> None:
+    if hasattr(tmp, "discard"):
+        tmp.discard()
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _write_zarr_temp(p: Path, data: Any, axes: str | None, scale: dict[str, float] | None, units: str) -> Any:
+    """An OME-Zarr image of ``data``, not yet published (see :class:`~napari_unetpp.omezarr.OmeZarrOutputs`)."""
+    from .omezarr import OmeZarrOutputs
+
+    arr = np.asarray(data)
+    ax = axes if axes and len(axes) == arr.ndim else guess_axes(arr.shape)
+    out = OmeZarrOutputs(p, ax, scale, units)
+    try:
+        out(arr.shape, arr.dtype.str, "mask").target[...] = arr
+    except BaseException:
+        out.discard()
+        raise
+    return out
 
 
 def _give_mode(tmp: str, target: Path) -> None:

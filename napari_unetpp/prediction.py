@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-Allocator = Callable[[tuple[int, ...], str], Any]
+Allocator = Callable[[tuple[int, ...], str, str], Any]
 
 
 @dataclass
@@ -83,6 +83,7 @@ class Prediction:
             without a cue), or ``"none"``.
         channels: How the image's channels were fitted to the model: ``"channel N of M"``, ``"RGB as grey
             (luminance)"``, or ``""`` (as they were).
+        objects_count: The largest object ID in ``objects`` (the number of objects).
     """
 
     mask: np.ndarray
@@ -100,6 +101,7 @@ class Prediction:
     objects: np.ndarray | None = None
     objects_method: str = "none"
     channels: str = ""
+    objects_count: int = 0
 
 
 @dataclass
@@ -181,24 +183,25 @@ class PredictionPlan:
         return len(self.tiles) * int(np.prod(self.loop_shape, dtype=np.int64))
 
     def allocate(self, allocate: Allocator | None = None) -> Prediction:
-        """An empty :class:`Prediction` of the right shapes (``allocate(shape, dtype)`` makes each array; default
-        ``np.zeros``)."""
-        alloc = allocate or (lambda shape, dtype: np.zeros(shape, dtype))
+        """An empty :class:`Prediction` of the right shapes: ``allocate(shape, dtype, name)`` makes each array
+        (default ``np.zeros``), ``name`` saying which: ``"mask"``, ``"L<k>"`` (level k's probabilities),
+        ``"ensemble"``, ``"cue"``, ``"cue_L<k>"``, ``"objects"``."""
+        alloc = allocate or (lambda shape, dtype, name: np.zeros(shape, dtype))
         nc, shape = self.num_classes, self.out_shape
         pshape = shape if nc == 1 else (nc, *shape)
         return Prediction(
-            mask=alloc(shape, "uint8" if nc <= 255 else "uint16"),
-            probabilities={lv: alloc(pshape, self.prob_dtype) for lv in self.keep_levels},
-            ensemble=alloc(pshape, self.prob_dtype) if self.mode == "ensemble" else None,
+            mask=alloc(shape, "uint8" if nc <= 255 else "uint16", "mask"),
+            probabilities={lv: alloc(pshape, self.prob_dtype, f"L{lv}") for lv in self.keep_levels},
+            ensemble=alloc(pshape, self.prob_dtype, "ensemble") if self.mode == "ensemble" else None,
             depth=self.depth,
             mode=self.mode,
             threshold=self.threshold,
             axes=self.lay.out_axes,
             device=str(self.device),
             tiles=self.total_tiles,
-            cue=alloc(shape, self.prob_dtype) if self.cue else None,
-            cues={lv: alloc(shape, self.prob_dtype) for lv in self.keep_levels} if self.cue else {},
-            objects=alloc(shape, "uint32") if self.objects != "none" else None,
+            cue=alloc(shape, self.prob_dtype, "cue") if self.cue else None,
+            cues={lv: alloc(shape, self.prob_dtype, f"cue_L{lv}") for lv in self.keep_levels} if self.cue else {},
+            objects=alloc(shape, "uint32", "objects") if self.objects != "none" else None,
             objects_method=self.objects,
             channels=self.channel_note,
         )
@@ -366,6 +369,7 @@ class PlaneWriter:
         lab[lab > 0] += self._next_id
         self._next_id = max(self._next_id, int(lab.max()))
         self._objects[pidx] = lab
+        self.result.objects_count = self._next_id
 
     def _store(self, view: Any, pidx: tuple[int, ...], a: int, b: int, vals: np.ndarray) -> None:
         if self.plan.prob_dtype == "uint8":
@@ -397,6 +401,7 @@ def predict_iter(
     allocate: Allocator | None = None,
     objects: str = "none",
     channel: int | None = None,
+    zoom: Sequence[float] | None = None,
 ) -> Generator[Progress, None, Prediction]:
     """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
 
@@ -422,19 +427,51 @@ def predict_iter(
         stats: Normalisation statistics per channel from :func:`normalization_stats` of a larger image (default:
             computed from ``image``). Pass the stack's statistics when predicting one of its slices, so the slice
             matches the whole-stack result.
-        allocate: ``allocate(shape, dtype)`` makes each output array (default ``np.zeros``); e.g. a memory map, for
-            outputs larger than memory.
+        allocate: ``allocate(shape, dtype, name)`` makes each output array (default ``np.zeros``; names in
+            :meth:`PredictionPlan.allocate`): e.g. a memory map, or
+            :class:`~napari_unetpp.omezarr.OmeZarrOutputs` to write OME-Zarr chunk by chunk, for outputs larger
+            than memory.
         objects: Instance labels in ``Prediction.objects``: ``"none"`` (default), ``"components"``, ``"watershed"``
             or ``"learned"`` (seeds from the model's distance cue; a model without one falls back to
             ``"watershed"``, and ``Prediction.objects_method`` says so). Split per plane for 2D
             models (IDs unique across the stack), per volume for 3D ones. 1-class models only.
         channel: For a 1-channel model and a multi-channel image: segment channel N of its C axis (read lazily).
             Without it, an RGB(A) image is read as its luminance; other multi-channel images need it.
+        zoom: Resample factor per spatial axis before the network (> 1 enlarges), the outputs resampled back to the
+            image's shape (probabilities linearly, the mask from them, objects by nearest neighbour): brings an
+            image to the model's pixel size (see :func:`napari_unetpp.scale.zoom_for`). The resampled image is
+            held in memory. Planes are announced done only at the end.
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
     """
     t_start = time.perf_counter()
+    if zoom is not None and any(abs(float(f) - 1.0) > 1e-6 for f in zoom):
+        result = yield from _zoomed_iter(
+            image,
+            model,
+            zoom,
+            dict(
+                axes=axes,
+                depth=depth,
+                mode=mode,
+                levels=levels,
+                threshold=threshold,
+                tile=tile,
+                overlap=overlap,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+                normalization=normalization,
+                prob_dtype=prob_dtype,
+                stats=stats,
+                objects=objects,
+                channel=channel,
+            ),
+            allocate,
+        )
+        result.seconds = time.perf_counter() - t_start
+        return result
     plan = plan_prediction(
         image,
         model,
@@ -484,6 +521,103 @@ def predict_iter(
             release_memory(plan.device)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _zoomed_iter(
+    image: Any, model: Any, zoom: Sequence[float], kw: dict[str, Any], allocate: Allocator | None
+) -> Generator[Progress, None, Prediction]:
+    """:func:`predict_iter` on ``image`` resampled by ``zoom``, the outputs resampled back (see its ``zoom``)."""
+    from .scale import resize_plane, zoomed_shape
+
+    loaded = resolve_model(model)
+    cfg = loaded.module.config
+    src, axes, _ = fit_channels(image, kw.pop("axes"), cfg.spatial_dims, cfg.in_channels, kw.pop("channel"))
+    lay = layout(src, axes, cfg.spatial_dims)
+    if len(zoom) != len(lay.spatial):
+        raise ValueError(f"zoom needs {len(lay.spatial)} factors (axes {lay.spatial}), got {tuple(zoom)}.")
+    norm = kw.get("normalization") or loaded.normalization
+    if kw.get("stats") is None:
+        kw["stats"] = _stats(lay, norm)  # of the image as it is, so resampling does not move the statistics
+    sp = tuple(int(lay.src.shape[len(lay.loop) + lay.has_c + i]) for i in range(len(lay.spatial)))
+    zsp = zoomed_shape(sp, zoom)
+    loop_shape = tuple(int(n) for n in lay.src.shape[: len(lay.loop)])
+    chans = (lay.n_ch,) if lay.has_c else ()
+    small = np.empty((*loop_shape, *chans, *zsp), np.float32)
+    for pidx in np.ndindex(*loop_shape) if loop_shape else [()]:
+        plane = np.asarray(lay.src[pidx] if pidx else lay.src, dtype=np.float32)
+        check_pixels(plane, f" in plane {pidx}" if pidx else "")
+        small[pidx] = resize_plane(plane, zsp, order=1)
+    inner_axes = "".join(lay.loop) + ("C" if lay.has_c else "") + lay.spatial
+    depth = kw.pop("depth")
+    k = loaded.module.check_depth(depth if depth is not None else loaded.card.recommended_depth)
+    wanted = _levels(kw.pop("levels"), k)
+    mode = kw["mode"]
+    inner_levels = sorted(set(wanted) | ({k} if mode == "pruned" else set()))
+    prob_dtype = kw.pop("prob_dtype")
+    gen = predict_iter(small, loaded, axes=inner_axes, depth=k, levels=inner_levels, prob_dtype="float32", **kw)
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            inner: Prediction = stop.value
+            break
+        yield Progress(p.done, p.total + 1)  # the resampling back is the last step
+    # back to the image's shape, and its axis order (the outputs follow lay.out_axes)
+    nc = cfg.num_classes
+    out_axes = lay.out_axes
+    perm = [inner.axes.index(a) for a in out_axes]
+    out_shape = tuple((*loop_shape, *sp)[i] for i in perm)
+    alloc = allocate or (lambda shape, dtype, name: np.zeros(shape, dtype))
+    pshape = out_shape if nc == 1 else (nc, *out_shape)
+    res = Prediction(
+        mask=alloc(out_shape, "uint8" if nc <= 255 else "uint16", "mask"),
+        probabilities={lv: alloc(pshape, prob_dtype, f"L{lv}") for lv in wanted},
+        ensemble=alloc(pshape, prob_dtype, "ensemble") if mode == "ensemble" else None,
+        depth=inner.depth,
+        mode=inner.mode,
+        threshold=inner.threshold,
+        axes=out_axes,
+        device=inner.device,
+        tiles=inner.tiles,
+        cue=alloc(out_shape, prob_dtype, "cue") if inner.cue is not None else None,
+        cues={lv: alloc(out_shape, prob_dtype, f"cue_L{lv}") for lv in wanted if lv in inner.cues},
+        objects=alloc(out_shape, "uint32", "objects") if inner.objects is not None else None,
+        objects_method=inner.objects_method,
+        channels=inner.channels,
+        objects_count=inner.objects_count,
+    )
+
+    def view(arr: Any, classes: bool) -> Any:  # an output in (loop..., spatial...) order, as the inner arrays are
+        order = [out_axes.index(a) for a in inner.axes]
+        return arr.transpose([0, *[o + 1 for o in order]] if classes else order)
+
+    chosen_src: Any = inner.ensemble if mode == "ensemble" else inner.probabilities[k]
+    multi = nc > 1
+    for pidx in np.ndindex(*loop_shape) if loop_shape else [()]:
+        cix = (slice(None), *pidx)
+        for lv in wanted:
+            src_p = inner.probabilities[lv][cix] if multi else inner.probabilities[lv][pidx]
+            dst = view(res.probabilities[lv], multi)
+            dst[cix if multi else pidx] = _as_prob(resize_plane(np.asarray(src_p), sp, 1), prob_dtype)
+        if res.ensemble is not None and inner.ensemble is not None:
+            e = resize_plane(np.asarray(inner.ensemble[cix] if multi else inner.ensemble[pidx]), sp, 1)
+            view(res.ensemble, multi)[cix if multi else pidx] = _as_prob(e, prob_dtype)
+        c = resize_plane(np.asarray(chosen_src[cix] if multi else chosen_src[pidx], np.float32), sp, 1)
+        view(res.mask, False)[pidx] = (c >= inner.threshold) if not multi else np.argmax(c, axis=0)
+        if res.cue is not None and inner.cue is not None:
+            view(res.cue, False)[pidx] = _as_prob(resize_plane(np.asarray(inner.cue[pidx]), sp, 1), prob_dtype)
+        for lv, cu in res.cues.items():
+            view(cu, False)[pidx] = _as_prob(resize_plane(np.asarray(inner.cues[lv][pidx]), sp, 1), prob_dtype)
+        if res.objects is not None and inner.objects is not None:
+            view(res.objects, False)[pidx] = resize_plane(np.asarray(inner.objects[pidx]), sp, 0)
+    done = inner.tiles + 1
+    planes = list(np.ndindex(*loop_shape)) if loop_shape else [()]
+    yield Progress(done, done, [tuple(int(i) for i in p) for p in planes], res)
+    return res
+
+
+def _as_prob(p: np.ndarray, prob_dtype: str) -> np.ndarray:
+    return np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8) if prob_dtype == "uint8" else p.astype(prob_dtype)
 
 
 def predict(image: Any, model: Any, **kwargs: Any) -> Prediction:

@@ -35,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "ModelFileError",
     "load_model",
+    "model_file",
     "save_model",
     "list_models",
     "resolve_model",
@@ -207,6 +208,16 @@ def _read_card(card_path: Path) -> ModelCard:
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelFileError(f"{card_path}: the model card is unreadable or invalid ({exc}).") from None
     return card
+
+
+def model_file(name_or_path: str | os.PathLike[str]) -> Path:
+    """The absolute path of the card a model name (``name``, ``name@vN``) or path stands for: what to hand to
+    processes that load the model themselves (dask workers).
+
+    Raises:
+        ModelFileError: as :func:`load_model`.
+    """
+    return _locate(str(name_or_path))[0].resolve()
 
 
 def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:

@@ -670,7 +670,7 @@ class SegmentWidget(Container):
                 levels=levels,
                 device=self._device.value,
                 stats=stats,
-                allocate=lambda shape, dtype: blank(shape, dtype, data),
+                allocate=lambda shape, dtype, name: blank(shape, dtype, data),
             )
             while True:
                 try:

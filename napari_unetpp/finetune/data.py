@@ -52,7 +52,8 @@ class TrainingPair:
         focus: Bool mask of pixels the user changed (sampled more often); optional.
         name: Where the pair came from (layer or file name), for the model card.
         spacing: Pixel size per axis letter (e.g. ``{"Z": 2.0, "Y": 0.98, "X": 0.98}`` mm), recorded in the card so
-            predictions at another pixel size can be flagged.
+            predictions at another pixel size are resampled to it (:mod:`napari_unetpp.scale`).
+        spacing_unit: Unit of ``spacing`` (``"um"``, ``"nm"``, ``"mm"``; ``""`` unknown).
     """
 
     image: Any
@@ -63,6 +64,7 @@ class TrainingPair:
     focus: np.ndarray | None = None
     name: str = ""
     spacing: dict[str, float] | None = None
+    spacing_unit: str = ""
 
 
 @dataclass
@@ -340,6 +342,7 @@ def prepare_data(
                 "known_pixels": int(known.sum()),
                 **({"instance_labels": instance_labels} if cfg.has_cue else {}),
                 **({"spacing": dict(pair.spacing)} if pair.spacing else {}),
+                **({"spacing_unit": pair.spacing_unit} if pair.spacing and pair.spacing_unit else {}),
             }
         )
     if not items:

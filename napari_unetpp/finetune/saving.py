@@ -77,11 +77,17 @@ def default_name(base: LoadedModel | Any) -> str:
 
 
 def _spacing(summary: dict[str, Any], base: LoadedModel) -> dict[str, Any]:
-    """The training data's pixel size (the first pair that records one), else the base's."""
+    """The training data's pixel size and its unit (the first pair that records one), else the base's; the base's
+    object diameter stays (the scale the network works at does not move in a fine-tuning)."""
+    keep = {k: base.card.training[k] for k in ("object_diameter",) if k in base.card.training}
     for pair in summary.get("pairs", []):
         if pair.get("spacing"):
-            return {"spacing": pair["spacing"]}
-    return {"spacing": base.card.training["spacing"]} if "spacing" in base.card.training else {}
+            unit = {"spacing_unit": pair["spacing_unit"]} if pair.get("spacing_unit") else {}
+            return {"spacing": pair["spacing"], **unit, **keep}
+    inherited: dict[str, Any] = {
+        k: base.card.training[k] for k in ("spacing", "spacing_unit") if k in base.card.training
+    }
+    return {**inherited, **keep}
 
 
 def save_result(

@@ -1,0 +1,96 @@
+"""Many files, and scale-out on dask.distributed: the same outputs as one process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_unetpp.batch import PredictOptions, expand_inputs, output_for, parse_scheduler
+from napari_unetpp.cli import main
+from napari_unetpp.errors import InputError
+from napari_unetpp.io import read_image, write_image
+
+pytest.importorskip("zarr")
+
+
+@pytest.fixture
+def em_files(tmp_path, em_crop):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, plane in enumerate(em_crop):
+        tifffile.imwrite(d / f"slice{i}.tif", plane)
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def test_inputs_from_a_folder_a_glob_and_names(em_files, tmp_path):
+    names = [p.name for p in expand_inputs(str(em_files))]
+    assert names == ["slice0.tif", "slice1.tif", "slice2.tif"]
+    assert [p.name for p in expand_inputs(str(em_files / "slice[12].tif"))] == ["slice1.tif", "slice2.tif"]
+    with pytest.raises(InputError, match="no image matches"):
+        expand_inputs(str(tmp_path / "*.nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        expand_inputs(str(tmp_path / "empty"))
+    assert output_for(em_files / "a.ome.tif", tmp_path, objects=False).name == "a_mask.tif"
+    assert output_for(em_files / "ct.nii.gz", tmp_path, objects=True).name == "ct_objects.nii.gz"
+    assert output_for(em_files / "s.zarr", tmp_path, objects=False, fmt=".tif").name == "s_mask.tif"
+
+
+def test_scheduler_specs():
+    assert parse_scheduler(None) == ("none", None)
+    assert parse_scheduler("local:3") == ("local", 3)
+    assert parse_scheduler("tcp://10.0.0.1:8786") == ("address", "tcp://10.0.0.1:8786")
+    for bad in ("local:0", "local:x", "slurm"):
+        with pytest.raises(ValueError):
+            parse_scheduler(bad)
+
+
+def test_cli_many_files_writes_one_output_each_and_goes_on_past_a_bad_one(em_files, tmp_path, em_crop, capsys):
+    tifffile.imwrite(em_files / "broken.tif", np.zeros((0, 5), np.uint8))
+    out = tmp_path / "out"
+    assert main(["predict", str(em_files), "-o", str(out), "--depth", "1", "-q"]) == 1  # one input failed
+    captured = capsys.readouterr()
+    assert "broken.tif" in captured.err and "1 of 4 inputs failed" in captured.out
+    for i in range(3):
+        single = tmp_path / f"single{i}.tif"
+        assert main(["predict", str(em_files / f"slice{i}.tif"), "-o", str(single), "--depth", "1", "-q"]) == 0
+        np.testing.assert_array_equal(tifffile.imread(out / f"slice{i}_mask.tif"), tifffile.imread(single))
+    # the output may not overwrite an input, and a file is no output folder
+    assert main(["predict", str(em_files / "slice0.tif"), "-o", str(em_files / "slice0.tif"), "-q"]) == 2
+    assert main(["predict", str(em_files), "-o", str(em_files / "slice0.tif"), "-q"]) == 2
+
+
+@pytest.mark.slow
+def test_distributed_files_and_a_split_stack_equal_one_process(em_files, tmp_path, em_crop):
+    """LocalCluster with 2 workers: files as tasks, and one OME-Zarr stack split into blocks of planes (objects
+    numbered on across blocks), give exactly the single-process outputs."""
+    stack = write_image(tmp_path / "stack.zarr", np.concatenate([em_crop, em_crop[::-1]]), "ZYX")
+    common = ["--depth", "2", "-q", "--precision", "fp32"]
+    assert main(["predict", str(em_files), "-o", str(tmp_path / "d"), "--scheduler", "local:2", *common]) == 0
+    assert main(["predict", str(em_files), "-o", str(tmp_path / "s"), *common]) == 0
+    for i in range(3):
+        a = tifffile.imread(tmp_path / "d" / f"slice{i}_mask.tif")
+        np.testing.assert_array_equal(a, tifffile.imread(tmp_path / "s" / f"slice{i}_mask.tif"))
+    dist = tmp_path / "dist.zarr"
+    args = [str(stack), "--objects", "watershed", *common]
+    assert main(["predict", *args, "-o", str(dist), "--scheduler", "local:2", "--block", "2"]) == 0
+    assert main(["predict", *args, "-o", str(tmp_path / "one.zarr")]) == 0
+    a, b = np.asarray(read_image(dist).data), np.asarray(read_image(tmp_path / "one.zarr").data)
+    assert a.max() > 100 and np.abs(a.astype(np.int64) - b).max() == 0
+
+
+def test_unreachable_scheduler_and_a_stack_without_a_stack_axis(tmp_path, em_crop, capsys):
+    src = write_image(tmp_path / "plane.zarr", em_crop[0], "YX")
+    assert main(["predict", str(src), "-o", str(tmp_path / "m.zarr"), "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no stack axis to split" in err
+    from napari_unetpp.batch import predict_stack_distributed
+
+    with pytest.raises(InputError, match="no stack axis"):
+        predict_stack_distributed(src, tmp_path / "m.zarr", "em-membranes", PredictOptions(), "tcp://127.0.0.1:9")
+    stack = write_image(tmp_path / "stack.zarr", em_crop, "ZYX")
+    assert main(["predict", str(stack), "-o", str(tmp_path / "m.zarr"), "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    assert "cannot reach the dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written left
