@@ -5,9 +5,11 @@
 Inputs: ``--files`` TIFFs of 512 x 512 ISBI 2012 slices (``../shared/data/isbi2012``), segmented by
 ``em-membranes`` at ``--depth`` (default its recommended L3), fp32 on every CPU. Rows:
 - one process: the CLI's loop (``predict_file`` per file, the model loaded once);
-- ``local:1`` / ``local:2``: the same jobs through ``run_distributed`` (cluster start and stop included, then
-  without them: the time from the first submit to the last result);
-- per file: wall time minus the network's own ``predict`` seconds (reading, normalisation statistics, writing).
+- ``local:1`` / ``local:2``: the same jobs through ``run_distributed``: the whole run (cluster start and stop
+  included), the start until the first file is back, and the steady rate (files between the first and the last
+  result);
+- overhead per file: wall time minus the network's own ``predict`` seconds, per file (reading, normalisation
+  statistics, writing, and for the clusters their start and the transfers).
 Torch threads per worker are the cores divided by the workers (``OMP_NUM_THREADS``), so every row uses all cores.
 Each figure is the best of ``--repeats`` runs. The masks of every row are compared with the one-process masks.
 """
@@ -84,22 +86,29 @@ def main() -> None:
                     on_done=lambda r: first.append(time.perf_counter()),
                 )
                 total = time.perf_counter() - t0
-                times.append((total, res, first))
+                times.append((total, res, first, t0))
                 same = all(np.array_equal(tifffile.imread(out / f"{s.stem}_mask.tif"), ref[s.stem]) for s in jobs)
-            total, res, first = min(times, key=lambda r: r[0])
+            total, res, first, t0 = min(times, key=lambda r: r[0])
             net = sum(r.seconds for r in res)
             rows[f"local:{n}"] = {
                 "seconds": total,
                 "files_per_s": args.files / total,
                 "overhead_per_file_s": (total - net / n) / args.files,
+                "start_and_first_file_s": first[0] - t0,
+                "steady_files_per_s": (len(first) - 1) / (first[-1] - first[0]),
                 "masks_equal_one_process": bool(same),
             }
         base = rows["one process"]["files_per_s"]
-        print(f"{'run':12} {'seconds':>8} {'files/s':>8} {'vs one':>7} {'overhead/file':>14} {'masks equal':>12}")
+        print(
+            f"{'run':12} {'seconds':>8} {'files/s':>8} {'vs one':>7} {'overhead/file':>14} {'start+1st':>10} "
+            f"{'steady files/s':>15} {'vs one':>7} {'masks equal':>12}"
+        )
         for k, r in rows.items():
+            steady = r.get("steady_files_per_s", r["files_per_s"])
             print(
                 f"{k:12} {r['seconds']:8.1f} {r['files_per_s']:8.2f} {r['files_per_s'] / base:6.2f}x "
-                f"{r['overhead_per_file_s']:13.2f}s {str(r.get('masks_equal_one_process', '-')):>12}"
+                f"{r['overhead_per_file_s']:13.2f}s {r.get('start_and_first_file_s', 0):9.1f}s {steady:15.2f} "
+                f"{steady / base:6.2f}x {str(r.get('masks_equal_one_process', '-')):>12}"
             )
         if args.json:
             Path(args.json).write_text(
