@@ -1,4 +1,4 @@
-"""``napari-unetpp`` command line: ``predict``, ``train``, ``models`` and ``demo``."""
+"""``napari-unetpp`` command line: ``predict``, ``train``, ``models``, ``export`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -525,6 +525,40 @@ def _score(s: object) -> str:
     return f"{head[1]:.3f}" if head else "?"
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .export import export_bioimageio
+    from .io import read_image
+    from .registry import load_model
+
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise CliError(f"the output folder {out.parent} does not exist.")
+    try:
+        model = load_model(args.model)
+        sample = None
+        if args.sample:
+            import numpy as np
+
+            sample = np.asarray(read_image(args.sample).data)
+        res = export_bioimageio(
+            model,
+            out,
+            depth=args.depth,
+            sample=sample,
+            authors=args.author,
+            progress=None if args.quiet else (lambda line: print(line, file=sys.stderr)),
+        )
+    except (UserError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    diffs = ", ".join(f"{w} {d:.1e}" for w, d in res.max_abs_difference.items())
+    print(
+        f"{res.path}: bioimage.io package of {model.card.id} at L{res.depth} ({res.parameters:,} parameters; "
+        f"weights reproduce predict to {diffs})"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -712,6 +746,23 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list shipped and user models")
     m.add_argument("-v", "--verbose", action="store_true")
     m.set_defaults(func=_cmd_models)
+
+    e = sub.add_parser(
+        "export",
+        help="write a bioimage.io model package (spec 0.5) of one pruned level",
+        description="Export the depth-K sub-network of MODEL (only its parameters) as a bioimage.io package: "
+        "TorchScript and ONNX weights, the card's normalisation as preprocessing, test tensors from predict, a "
+        "cover and a README. Validate it with `bioimageio test OUT.zip`.",
+    )
+    e.add_argument("model", help="model name, name@vN or file")
+    e.add_argument("-o", "--output", required=True, help="OUT.zip, or a new folder (unzipped package)")
+    e.add_argument("--depth", type=int, default=None, help="the level to export (default: the card's recommended)")
+    e.add_argument(
+        "--sample", default=None, help="test image (default: a shipped sample of the model's domain; a crop is used)"
+    )
+    e.add_argument("--author", action="append", default=None, help="author name (repeat for several)")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("demo", help="open napari with the plugin and a real sample loaded")
     d.add_argument("--sample", default="em", choices=["em", "nuclei", "ct"], help="sample to open (default: em)")

@@ -353,3 +353,32 @@ def test_rgb_image_is_segmented_as_grey(make_napari_viewer, em_model):
     ref = predict(np.stack([grey] * 3, axis=-1), em_model, axes="YXC", depth=1)
     assert ref.channels == "RGB as grey (luminance)"
     np.testing.assert_array_equal(mask, ref.mask)
+
+
+def test_export_for_bioimageio_uses_the_slice_on_screen(docked, tmp_path, monkeypatch):
+    """The button exports the chosen model at the slider's depth; the package's test input is the current slice
+    (cropped to the pooling grid); a cancelled file dialog does nothing."""
+    pytest.importorskip("bioimageio.spec")
+    pytest.importorskip("onnx")
+    import zipfile
+
+    viewer, w, img = docked
+    monkeypatch.setattr(
+        type(w), "_ask_export_path", lambda self, default: ""
+    )  # (a magicgui Container: patch the class)
+    w.export_model()  # the user cancels the dialog
+    assert not list(tmp_path.iterdir())
+    viewer.dims.set_current_step(0, 3)
+    w._depth_slider.value = 1
+    out = tmp_path / "em-L1.zip"
+    monkeypatch.setattr(
+        type(w), "_ask_export_path", lambda self, default: str(out) if default == "em-membranes-L1.zip" else ""
+    )
+    w.export_model()
+    assert out.is_file() and "Exported em-membranes@v1 at L1" in w._timing.value and w._export_btn.enabled
+    with zipfile.ZipFile(out) as z:
+        with z.open("test_input.npy") as f:
+            x = np.load(f)
+    plane = np.asarray(img.data[3], np.float32)
+    a, b = (plane.shape[0] - x.shape[2]) // 2, (plane.shape[1] - x.shape[3]) // 2
+    np.testing.assert_array_equal(x[0, 0], plane[a : a + x.shape[2], b : b + x.shape[3]])

@@ -174,6 +174,11 @@ class SegmentWidget(Container):
         self._preview_btn = PushButton(text="Segment current slice")
         self._run_btn = PushButton(text="Run whole stack")
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
+        self._export_btn = PushButton(
+            text="Export for bioimage.io",
+            tooltip="Write the selected model at this depth (only that sub-network) as a bioimage.io package: "
+            "TorchScript and ONNX weights, its normalisation, test tensors from the current slice",
+        )
         self._timing = Label(value="Move the depth slider or press a button to segment.")
         self._timing.native.setWordWrap(True)
         self._timing.native.setMinimumWidth(320)
@@ -197,6 +202,7 @@ class SegmentWidget(Container):
                 Container(
                     widgets=[self._preview_btn, self._run_btn, self._cancel_btn], layout="horizontal", labels=False
                 ),
+                Container(widgets=[self._export_btn], labels=False),
                 Container(widgets=[self._timing], labels=False),
             ]
         )
@@ -228,6 +234,7 @@ class SegmentWidget(Container):
         self._preview_btn.changed.connect(self.preview)
         self._run_btn.changed.connect(self.run_stack)
         self._cancel_btn.changed.connect(self.cancel)
+        self._export_btn.changed.connect(self.export_model)
         napari_viewer.layers.events.inserted.connect(self._on_layers_changed)
         napari_viewer.layers.events.removed.connect(self._on_layers_changed)
         napari_viewer.dims.events.current_step.connect(self._on_step)
@@ -744,6 +751,60 @@ class SegmentWidget(Container):
         if self._stack_worker is not None:
             self._cancelled = True
             self._stack_worker.quit()
+
+    # ----------------------------------------------------------------- export
+    def export_model(self, _=None, path: str | None = None) -> None:
+        """Export the selected model at the slider's depth as a bioimage.io package (asks where, unless ``path``),
+        in a worker; the current slice of the selected image is the package's test input when it fits."""
+        lm = self.model
+        if lm is None:
+            show_warning("Choose a model to export.")
+            return
+        k = self._depth_slider.value
+        if path is None:
+            path = self._ask_export_path(f"{lm.card.name}-L{k}.zip")
+            if not path:
+                return
+        sample = self._export_sample(lm)
+
+        def gen():
+            from ..export import export_bioimageio
+
+            return export_bioimageio(lm, path, depth=k, sample=sample)
+            yield  # a generator for the worker
+
+        def done(res: Any) -> None:
+            msg = f"Exported {lm.card.id} at L{res.depth} to {res.path} (bioimage.io: TorchScript + ONNX)."
+            show_info(msg)
+            self._timing.value = msg
+
+        def finished() -> None:
+            self._export_btn.enabled = True
+
+        self._export_btn.enabled = False
+        self._timing.value = f"exporting {lm.card.id} L{k} ..."
+        self._track(run_generator(gen, lambda p: None, done, self._error, finished))
+
+    def _export_sample(self, lm: LoadedModel) -> np.ndarray | None:
+        """The current slice (2D models) or volume (3D) of the selected grey image, else None (the package then
+        uses a shipped sample of the model's domain)."""
+        image = self._image.value
+        if image is None or image.rgb:
+            return None
+        try:
+            _, plane = self._plane(image, lm)
+            data = pixels(image)
+            return np.asarray(data[plane] if plane else data, dtype=np.float32)
+        except (InputError, ValueError, IndexError):
+            return None
+
+    def _ask_export_path(self, default: str) -> str:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(
+            self.native, "Export for bioimage.io", default, "bioimage.io package (*.zip)"
+        )
+        return str(path or "")
 
     def _error(self, message: str) -> None:
         show_error(message)

@@ -1,0 +1,84 @@
+"""bioimage.io export: a pruned level per package, validated and test-run offline by bioimageio.core."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import yaml
+
+from napari_unetpp.cli import main
+from napari_unetpp.export import ExportError, export_bioimageio, exported_network
+
+bioimageio_core = pytest.importorskip("bioimageio.core")
+pytest.importorskip("onnxruntime")
+
+
+def _test_run(source) -> dict:
+    """bioimageio.core's own test of a package (offline): every check's status."""
+    summary = bioimageio_core.test_model(str(source))
+    return {"status": summary.status, "failed": [d.name for d in summary.details if d.status == "failed"]}
+
+
+@pytest.mark.slow
+def test_every_level_exports_and_reproduces_predict(tmp_path, em_model, em_crop):
+    """L1..L4 of the shipped EM model: each package holds only its sub-network's parameters, validates, and
+    bioimageio.core reproduces the test output (our predict) with TorchScript and ONNX weights."""
+    sizes = []
+    for k in range(1, em_model.max_depth + 1):
+        res = export_bioimageio(em_model, tmp_path / f"em-L{k}", depth=k, sample=em_crop[0], size=128)
+        run = _test_run(tmp_path / f"em-L{k}" / "rdf.yaml")
+        assert run["status"] == "passed", run
+        assert max(res.max_abs_difference.values()) < 1e-4
+        assert res.parameters == sum(p.numel() for p in em_model.module.pruned(k).parameters())
+        rdf = yaml.safe_load((tmp_path / f"em-L{k}" / "rdf.yaml").read_text())
+        assert rdf["format_version"].startswith("0.5") and set(rdf["weights"]) == {"torchscript", "onnx"}
+        assert rdf["config"]["napari-unetpp"]["depth"] == k
+        assert "scale_range" in [p["id"] for p in rdf["inputs"][0]["preprocessing"]]
+        sizes.append(res.parameters)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 4  # L1 carries a fraction of L4's parameters
+
+
+def test_exported_network_is_head_k_of_the_full_network(em_model, em_crop):
+    import torch
+
+    x = torch.from_numpy((em_crop[:1, :64, :64].astype(np.float32) - 128) / 64)[None]
+    with torch.inference_mode():
+        full = em_model.module.eval()(x, depth=2)[-1]
+        np.testing.assert_allclose(exported_network(em_model, 2)(x).numpy(), torch.sigmoid(full).numpy(), atol=1e-5)
+
+
+def test_cli_export_zip_of_a_cue_model_and_its_errors(tmp_path, capsys):
+    out = tmp_path / "nuclei.zip"
+    assert main(["export", "nuclei-objects", "--depth", "1", "-o", str(out), "-q"]) == 0
+    assert "bioimage.io package of nuclei-objects@v1 at L1" in capsys.readouterr().out
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+    assert {"rdf.yaml", "README.md", "cover.png", "test_input.npy", "test_output.npy"} <= names
+    assert len(rdf["outputs"][0]["axes"][1]["channel_names"]) == 1  # the class; the cue is not exported
+    assert _test_run(out)["status"] == "passed"
+    assert not list(tmp_path.glob(".*partial"))
+    # one sentence for what cannot be exported
+    assert main(["export", "em-membranes", "--depth", "7", "-o", str(tmp_path / "x.zip")]) == 2
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_bioimageio("em-membranes", tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_a_ct_model_exports_its_hounsfield_window_as_preprocessing(tmp_path):
+    """A fresh CT network (soft-tissue window): the window becomes scale_linear + clip, and the package test-runs."""
+    import tifffile
+
+    from napari_unetpp.export import SAMPLES
+    from napari_unetpp.modalities import new_model
+
+    ct = tifffile.imread(SAMPLES / "ct_abdomen.tif")[3]
+    export_bioimageio(new_model("ct", classes=["liver"], name="ct-test"), tmp_path / "ct", depth=2, sample=ct)
+    rdf = yaml.safe_load((tmp_path / "ct" / "rdf.yaml").read_text())
+    ids = [p["id"] for p in rdf["inputs"][0]["preprocessing"]]
+    assert "scale_linear" in ids and "clip" in ids and "scale_range" not in ids
+    assert _test_run(tmp_path / "ct" / "rdf.yaml")["status"] == "passed"
