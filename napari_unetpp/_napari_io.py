@@ -1,6 +1,8 @@
-"""napari reader and writer for CT volumes: a DICOM series folder, a DICOM file or a NIfTI file opens as one volume
-with its voxel spacing as the layer's scale; a Labels layer saves to NIfTI over the geometry of the image it came
-from. TIFF and other formats are left to napari's own readers (this reader declines them)."""
+"""napari reader and writer for CT volumes and OME-Zarr: a DICOM series folder, a DICOM file or a NIfTI file opens as
+one volume with its voxel spacing as the layer's scale; an OME-Zarr image opens lazily (its finest level) with its
+pixel size and unit, so the Segment widget resamples it to the model's pixel size; a Labels layer saves to NIfTI over
+the geometry of the image it came from. TIFF and other formats are left to napari's own readers (this reader
+declines them)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ MAX_LABEL_VALUES = 256
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """npe2 reader hook: a function for CT paths, None for anything else (so other readers take it)."""
+    """npe2 reader hook: a function for CT and OME-Zarr paths, None for anything else (so other readers take it)."""
+    from .omezarr import is_zarr_path
+
     paths = [path] if isinstance(path, str) else list(path)
-    if len(paths) != 1 or not is_ct_path(paths[0]):
+    if len(paths) != 1 or not (is_ct_path(paths[0]) or is_zarr_path(paths[0])):
         return None
     return read_layers
 
@@ -40,6 +44,15 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     scale = tuple(img.scale.get(a, 1.0) for a in img.axes)
     meta = {"unetpp_geometry": img.geometry, "unetpp_windows": img.windows, "source": str(p), **img.metadata}
     kw: dict[str, Any] = {"name": name, "scale": scale, "metadata": meta, "units": img.units or None}
+    if img.metadata.get("format", "").startswith(("OME-Zarr", "zarr")):  # lazy: never read whole to guess
+        name = p.name[: -len(".zarr")] if p.name.lower().endswith(".zarr") else p.name
+        kw["name"] = name
+        if "C" in img.axes:
+            kw["channel_axis"] = img.axes.index("C")
+            kw["scale"] = tuple(s for s, a in zip(scale, img.axes) if a != "C")
+            kw["units"] = img.units or None
+        labels = data.dtype.kind in "iub" and any(t in name.lower() for t in ("mask", "label", "object"))
+        return [(data, {**kw, "opacity": 0.5} if labels else kw, "labels" if labels else "image")]
     if _looks_like_labels(data):
         return [(data, {**kw, "opacity": 0.5}, "labels")]
     window = img.windows[0] if img.windows else None

@@ -299,13 +299,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lab.data = _remap(lab.data, values, args.ignore_label)
     if val_slices == "all":
         raise CliError("--val-slices takes slice numbers, e.g. 40-47.")
+    axes = args.axes or img.axes
+    if args.channel is not None or (axes.endswith("C") and img.data.shape[-1] in (3, 4)):
+        from .axes import fit_channels
+
+        cfg = base.module.config
+        try:  # one channel of a multi-channel image (or RGB as grey) for a 1-channel model, as predict reads it
+            img.data, axes, note = fit_channels(img.data, axes, cfg.spatial_dims, cfg.in_channels, args.channel)
+        except (UserError, ValueError) as exc:
+            raise CliError(str(exc)) from None
+        if note and not args.quiet:
+            print(f"napari-unetpp: training on {note}", file=sys.stderr)
     held = val_slices if isinstance(val_slices, list) else []
     both = sorted(set(held) & set(slices)) if isinstance(slices, list) else []
     if both:
         raise CliError(f"slices {both} are both training and held-out slices.")
     if held and slices is None:  # the default (every labelled slice) must leave the held-out ones out
         slices = _labelled_slices_except(lab.data, held, args.ignore_label)
-    axes = args.axes or img.axes
     options = {
         k: v
         for k, v in {
@@ -723,6 +733,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(liver=5 spleen=1) pick label values from a multi-organ label map, every other value is background",
     )
     t.add_argument("--axes", default=None, help="axes of the image, e.g. ZYX (default: from the file)")
+    t.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="train a 1-channel model on channel N (from 0) of a multi-channel image (an RGB image is read as grey "
+        "without it); predict with the same --channel",
+    )
     t.add_argument("--ignore-label", type=int, default=None, help="label value meaning 'not annotated'")
     t.add_argument(
         "--train-depth",

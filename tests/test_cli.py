@@ -334,3 +334,21 @@ def test_predict_channel_and_rgb(tmp_path, capsys, em_crop):
     tifffile.imwrite(tmp_path / "rgb.tif", np.stack([crop[0]] * 3, axis=-1), photometric="rgb")
     assert main(["predict", str(tmp_path / "rgb.tif"), "-o", str(tmp_path / "c.tif"), "-q"]) == 0
     assert "RGB as grey" in capsys.readouterr().out and tifffile.imread(tmp_path / "c.tif").shape == (96, 96)
+
+
+def test_train_on_one_channel_of_a_two_channel_image(tmp_path, capsys, em_crop, em_crop_membrane):
+    """`train --channel 0` fine-tunes a 1-channel model on channel 0 of a (Z, C, Y, X) stack; a channel the image
+    lacks is one sentence."""
+    rng = np.random.default_rng(0)
+    two = np.stack([em_crop, rng.integers(0, 255, em_crop.shape, dtype=np.uint8)], axis=1)
+    img = tmp_path / "two.tif"
+    tifffile.imwrite(img, two, imagej=True, metadata={"axes": "ZCYX"})
+    lab = tmp_path / "lab.tif"
+    tifffile.imwrite(lab, em_crop_membrane, photometric="minisblack")
+    args = ["train", "--image", str(img), "--labels", str(lab), "--slices", "0", "1", "--epochs", "1"]
+    args += ["--batch-size", "2", "--patch-size", "96", "--device", "cpu", "--out", "two-ch"]
+    assert main([*args, "--channel", "2"]) == 2
+    assert "channel 2 does not exist" in capsys.readouterr().err
+    assert main([*args, "--channel", "0"]) == 0
+    out = capsys.readouterr()
+    assert "training on channel 0 of 2" in out.err and "saved" in out.out

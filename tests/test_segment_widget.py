@@ -382,3 +382,33 @@ def test_export_for_bioimageio_uses_the_slice_on_screen(docked, tmp_path, monkey
     plane = np.asarray(img.data[3], np.float32)
     a, b = (plane.shape[0] - x.shape[2]) // 2, (plane.shape[1] - x.shape[3]) // 2
     np.testing.assert_array_equal(x[0, 0], plane[a : a + x.shape[2], b : b + x.shape[3]])
+
+
+def test_ome_zarr_with_its_pixel_size_is_resampled_to_the_model(make_napari_viewer, tmp_path):
+    """An OME-Zarr of nuclei imaged at 3x the model's pixel size opens through our reader with its scale and unit;
+    the widget says it resamples x3 and the mask keeps the layer's shape; a layer in pixels is used as it is."""
+    from pathlib import Path
+
+    import tifffile
+
+    from napari_unetpp.io import write_image
+    from napari_unetpp.scale import resize_plane
+
+    samples = Path(__file__).resolve().parents[1] / "napari_unetpp" / "_samples"
+    img = tifffile.imread(samples / "cells3d_nuclei_z40-47.tif")[:2]
+    small = resize_plane(img.astype(np.float32), (85, 85), 1)
+    src = write_image(tmp_path / "small.zarr", small, "ZYX", {"Z": 0.29, "Y": 0.78, "X": 0.78}, units="um")
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(src), plugin="napari-unetpp")[0]
+    assert layer.data.shape == small.shape and [str(u) for u in layer.units][-1] == "micrometer"
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w._image.value = layer
+    w._model.value = "nuclei@v1"
+    assert w._scale_note.value == "resampled x3.00 x 3.00" and "0.78" in w._scale_note.tooltip
+    viewer.dims.set_current_step(0, 1)
+    w.preview()
+    mask = w._mask_layer[layer.name]
+    assert mask.data.shape == small.shape and mask.data[1].any()
+    plain = viewer.add_image(small, name="plain")  # no scale: pixels
+    w._image.value = plain
+    assert w._scale_note.value == "used as it is"

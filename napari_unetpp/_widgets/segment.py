@@ -138,6 +138,7 @@ class SegmentWidget(Container):
             tooltip="A model file (.safetensors with its .json card) from elsewhere",
         )
         self._card = Label(label="trained on", value="")
+        self._scale_note = Label(label="pixel size", value="")
         self._depth_slider = Slider(
             label="depth L",
             min=1,
@@ -189,6 +190,7 @@ class SegmentWidget(Container):
                 self._model,
                 self._model_file,
                 self._card,
+                self._scale_note,
                 self._depth_slider,
                 self._mode,
                 self._threshold,
@@ -319,7 +321,18 @@ class SegmentWidget(Container):
 
     def _on_image_changed(self, _=None) -> None:
         self._suggest_model()
+        self._show_scale()
         self._render_current()
+
+    def _show_scale(self) -> None:
+        """Say whether the image is resampled to the model's pixel size (and why), or is used as it is."""
+        image, lm = self._image.value, self.model
+        zoom, why = self._zoom(image, lm) if image is not None and lm is not None else (None, "")
+        self._scale_note.value = f"resampled x{' x '.join(f'{z:.2f}' for z in zoom)}" if zoom else "used as it is"
+        self._scale_note.tooltip = why or (
+            "The layer's pixel size matches the model's, or one of them is unknown (a layer in pixels): the image "
+            "is segmented as it is."
+        )
 
     def _suggest_model(self) -> None:
         """Images that name their model (the samples: ``metadata["unetpp_model"]``) select it when it is shipped."""
@@ -402,6 +415,7 @@ class SegmentWidget(Container):
         is_ct = lm.normalization.mode == "window"
         self._window.visible = self._window_shown.visible = is_ct
         self._window_shown.value = self.model.normalization.describe() if is_ct and self.model else ""
+        self._show_scale()
 
     # ----------------------------------------------------------------- where we are
     def _plane(self, image: Image, lm: LoadedModel) -> tuple[str, tuple[int, ...]]:
@@ -415,10 +429,41 @@ class SegmentWidget(Container):
         idx = tuple(int(np.clip(round(float(p)), 0, shape[i] - 1)) for i, p in enumerate(pos[:n_loop]))
         return axes, idx
 
+    def _zoom(self, image: Image, lm: LoadedModel) -> tuple[tuple[float, ...] | None, str]:
+        """Resampling to the model's pixel size from the layer's scale, when the layer's units are lengths (what
+        the readers set from the file: um for OME-Zarr and ImageJ TIFFs, mm for CT), and a note saying so."""
+        from ..omezarr import UNIT_UM
+        from ..scale import zoom_for
+
+        dims = lm.module.config.spatial_dims
+        spatial = "ZYX" if dims == 3 else "YX"
+        try:
+            axes = image_axes(image, dims)
+            units = [str(u) for u in image.units]
+        except (InputError, AttributeError):
+            return None, ""
+        size: dict[str, float] = {}
+        for i, a in enumerate(axes):
+            if a in spatial and i < len(units):
+                if units[i] not in UNIT_UM:
+                    return None, ""  # pixels, or a unit we do not know: as it is
+                size[a] = float(image.scale[i]) * UNIT_UM[units[i]]
+        try:
+            return zoom_for(lm.card, spatial, size, "um")
+        except ValueError:
+            return None, ""
+
     def _key(self, image: Image, lm: LoadedModel, plane: tuple[int, ...]) -> tuple:
         """Layer (unique id and shape), weights (fingerprint) and plane: never a stale result from a new layer that
         reuses an ``id()`` or from another file with the same ``name@vN``."""
-        return (image.unique_id, tuple(pixels(image).shape), lm.fingerprint, plane, _norm_key(lm))
+        return (
+            image.unique_id,
+            tuple(pixels(image).shape),
+            lm.fingerprint,
+            plane,
+            _norm_key(lm),
+            self._zoom(image, lm)[0],
+        )
 
     def _image_stats(self, image: Image, lm: LoadedModel, axes: str) -> list:
         key = (image.unique_id, tuple(pixels(image).shape), lm.fingerprint, _norm_key(lm))
@@ -466,6 +511,7 @@ class SegmentWidget(Container):
         data = pixels(image)[plane] if plane else pixels(image)  # read tile by tile by predict, never whole
         sub_axes = axes[len(plane) :]
         key = self._key(image, lm, plane)
+        zoom = self._zoom(image, lm)[0]
 
         def gen():
             t0 = time.perf_counter()
@@ -478,6 +524,7 @@ class SegmentWidget(Container):
                 device=self._device.value,
                 stats=stats,
                 prob_dtype="float32",
+                zoom=zoom,
             )
             return pred, time.perf_counter() - t0
 
@@ -662,6 +709,7 @@ class SegmentWidget(Container):
             "all" if (self._all_levels.value or self._disagreement.value or self._mode.value == "ensemble") else [k]
         )
         post = (self._threshold.value, self._instances.value, self._mode.value)
+        zoom = self._zoom(image, lm)[0]
         from napari.utils import progress
 
         self._progress = progress(total=0, desc=f"UNet++ L{k} on {image.name}")
@@ -678,6 +726,7 @@ class SegmentWidget(Container):
                 device=self._device.value,
                 stats=stats,
                 allocate=lambda shape, dtype, name: blank(shape, dtype, data),
+                zoom=zoom,
             )
             while True:
                 try:
