@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +65,22 @@ class PredictOptions:
     pixel_size: list[float] | None = None  # in the model's unit, per spatial axis or one for all
     diameter: float | None = None
     rescale: bool = True  # resample to the model's pixel size when the file records one
+
+    def predict_kwargs(self) -> dict[str, Any]:
+        """The arguments of :func:`~napari_unetpp.prediction.predict_iter` these options set (not ``axes``,
+        ``device`` or ``zoom``, which the caller resolves)."""
+        return {
+            "depth": self.depth,
+            "mode": "ensemble" if self.ensemble else "pruned",
+            "levels": "all" if self.all_levels else (),
+            "threshold": self.threshold,
+            "tile": self.tile,
+            "overlap": self.overlap,
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+            "objects": self.objects,
+            "channel": self.channel,
+        }
 
 
 @dataclass
@@ -138,7 +153,6 @@ def predict_file(
     model: Any,
     opts: PredictOptions,
     progress: Callable[[Any], None] | None = None,
-    stop: threading.Event | None = None,
 ) -> FileResult:
     """Segment one input and write its outputs (see ``napari-unetpp predict``): the mask (or instance labels), and
     with ``all_levels`` every level's probabilities beside it. ``.zarr`` outputs are written chunk by chunk as the
@@ -149,6 +163,7 @@ def predict_file(
     """
     from .ct import spacing_note
     from .io import output_kind, read_image, write_images
+    from .jobs import run_to_end
     from .omezarr import OmeZarrOutputs
     from .prediction import predict_iter
     from .registry import resolve_model
@@ -177,24 +192,9 @@ def predict_file(
         sink = OmeZarrOutputs(dst, out_axes, img.scale, img.units, publish)
     try:
         gen = predict_iter(
-            img.data,
-            loaded,
-            axes=axes,
-            depth=opts.depth,
-            mode="ensemble" if opts.ensemble else "pruned",
-            levels="all" if opts.all_levels else (),
-            threshold=opts.threshold,
-            tile=opts.tile,
-            overlap=opts.overlap,
-            batch_size=opts.batch_size,
-            device=opts.device,
-            precision=opts.precision,
-            objects=opts.objects,
-            channel=opts.channel,
-            zoom=zoom,
-            allocate=sink,
+            img.data, loaded, axes=axes, device=opts.device, zoom=zoom, allocate=sink, **opts.predict_kwargs()
         )
-        res = _drain(gen, progress, stop)
+        res = run_to_end(gen, progress)
         nc = loaded.card.architecture.get("num_classes", 1)
         fg = _foreground(res.mask) if nc == 1 else None  # read before a zarr output moves into place
         if sink is not None:
@@ -235,19 +235,6 @@ def predict_file(
         + (f", {res.objects_count} objects ({res.objects_method} split)" if res.objects is not None else "")
     )
     return FileResult(str(src), summary, notes, written, res.objects_count, res.seconds)
-
-
-def _drain(gen: Any, progress: Callable[[Any], None] | None, stop: threading.Event | None) -> Any:
-    while True:
-        if stop is not None and stop.is_set():
-            gen.close()
-            raise KeyboardInterrupt
-        try:
-            p = next(gen)
-        except StopIteration as done:
-            return done.value
-        if progress is not None:
-            progress(p)
 
 
 def _zoom(card: Any, spatial: str, img: Any, opts: PredictOptions) -> tuple[tuple[float, ...] | None, str]:
@@ -410,19 +397,10 @@ def _block_task(
             img.data[lo:hi],
             _worker_model(model_ref),
             axes=o.axes or img.axes,
-            depth=o.depth,
-            mode="ensemble" if o.ensemble else "pruned",
-            levels="all" if o.all_levels else (),
-            threshold=o.threshold,
-            tile=o.tile,
-            overlap=o.overlap,
-            batch_size=o.batch_size,
             device=_worker_device(o.device),
-            precision=o.precision,
-            objects=o.objects,
-            channel=o.channel,
             stats=stats,
             zoom=zoom,
+            **o.predict_kwargs(),
         )
     arrays: dict[str, Any] = {"mask": res.mask, "objects": res.objects, "ensemble": res.ensemble}
     arrays.update({f"L{lv}": p for lv, p in res.probabilities.items()})
@@ -576,20 +554,8 @@ def predict_stack_distributed(
         )
     zoom, why = _zoom(loaded.card, spatial, img, opts)
     stats = normalization_stats(img.data, loaded, axes=axes, channel=opts.channel)
-    plan = plan_prediction(
-        img.data,
-        loaded,
-        axes=axes,
-        depth=opts.depth,
-        mode="ensemble" if opts.ensemble else "pruned",
-        levels="all" if opts.all_levels else (),
-        tile=opts.tile,
-        overlap=opts.overlap,
-        device="cpu",
-        stats=stats,
-        objects=opts.objects,
-        channel=opts.channel,
-    )
+    kw = {k: v for k, v in opts.predict_kwargs().items() if k != "precision"}  # the plan runs nothing
+    plan = plan_prediction(img.data, loaded, axes=axes, device="cpu", stats=stats, **kw)
     out_axes = plan.lay.out_axes
     main = "objects" if plan.objects != "none" else "mask"
     publish = {main: ""}

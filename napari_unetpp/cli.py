@@ -25,21 +25,24 @@ class CliError(Exception):
     """A failure reported to the user as one sentence, exit status 2."""
 
 
+def _bar(total: int, unit: str) -> Any:
+    """A tqdm bar on stderr: live on a terminal; in a log or a pipe, plain ASCII lines at most every 10 s."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=f"{unit}s", unit=unit, file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10)
+
+
 class _Progress:
-    """A tqdm bar on stderr for a run's :class:`~napari_unetpp.prediction.Progress` reports, made at the first report
-    (when the total is known): live on a terminal; in a log or a pipe, plain ASCII lines at most every 10 s."""
+    """A tqdm bar for a run's :class:`~napari_unetpp.prediction.Progress` reports, made at the first report (when the
+    total is known)."""
 
     def __init__(self) -> None:
         self.bar: Any = None
 
     def __call__(self, p: Any) -> None:
         if self.bar is None:
-            from tqdm import tqdm
-
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(
-                total=p.total, desc="tiles", unit="tile", file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10
-            )
+            self.bar = _bar(p.total, "tile")
         self.bar.update(p.done - self.bar.n)
 
     def close(self) -> None:
@@ -165,14 +168,7 @@ class _FileBar:
     """A tqdm bar over files (several inputs), on stderr."""
 
     def __init__(self, total: int, quiet: bool) -> None:
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(
-                total=total, desc="files", unit="file", file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10
-            )
+        self.bar = None if quiet else _bar(total, "file")
 
     def update(self) -> None:
         if self.bar is not None:
@@ -256,12 +252,7 @@ class _BlockBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            from tqdm import tqdm
-
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(
-                total=total, desc="blocks", unit="block", file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10
-            )
+            self.bar = _bar(total, "block")
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:

@@ -446,35 +446,7 @@ def predict_iter(
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
     """
     t_start = time.perf_counter()
-    if zoom is not None and any(abs(float(f) - 1.0) > 1e-6 for f in zoom):
-        result = yield from _zoomed_iter(
-            image,
-            model,
-            zoom,
-            dict(
-                axes=axes,
-                depth=depth,
-                mode=mode,
-                levels=levels,
-                threshold=threshold,
-                tile=tile,
-                overlap=overlap,
-                batch_size=batch_size,
-                device=device,
-                precision=precision,
-                normalization=normalization,
-                prob_dtype=prob_dtype,
-                stats=stats,
-                objects=objects,
-                channel=channel,
-            ),
-            allocate,
-        )
-        result.seconds = time.perf_counter() - t_start
-        return result
-    plan = plan_prediction(
-        image,
-        model,
+    kw: dict[str, Any] = dict(
         axes=axes,
         depth=depth,
         mode=mode,
@@ -490,6 +462,11 @@ def predict_iter(
         objects=objects,
         channel=channel,
     )
+    if zoom is not None and any(abs(float(f) - 1.0) > 1e-6 for f in zoom):
+        result = yield from _zoomed_iter(image, model, zoom, {**kw, "precision": precision}, allocate)
+        result.seconds = time.perf_counter() - t_start
+        return result
+    plan = plan_prediction(image, model, **kw)
     result = plan.allocate(allocate)
     writer = PlaneWriter(plan, result)
     runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch)
