@@ -292,7 +292,16 @@ def _readme(model: Any, k: int, params: int, diffs: dict[str, float]) -> str:
         "",
         "## Training",
         "",
-        *(f"- {key}: {val}" for key, val in tr.items() if isinstance(val, (str, int, float)) and key != "script"),
+        *(
+            f"- {key}: {val}"
+            for key, val in tr.items()
+            if isinstance(val, (str, int, float)) and key not in ("script", "citations")
+        ),
+        "",
+        "## Citations",
+        "",
+        *(f"- {t} (doi:{d})" for t, d in UNETPP_CITATIONS),
+        *(f"- {c}" for c in _as_list(tr.get("citations"))),
         "",
         "## Validation scores per level (from the model card)",
         "",
@@ -308,6 +317,20 @@ def _readme(model: Any, k: int, params: int, diffs: dict[str, float]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _as_list(value: Any) -> list[str]:
+    """A card field that is a list, or a string holding a Python list's text, as a list of strings."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str) and value.startswith("["):
+        import ast
+
+        try:
+            return [str(v) for v in ast.literal_eval(value)]
+        except (ValueError, SyntaxError):
+            return [value]
+    return [value] if value else []
 
 
 def _description(bio: Any, model: Any, k: int, work: Path, x: np.ndarray, y: np.ndarray, authors: Any) -> Any:
