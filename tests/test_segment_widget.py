@@ -412,3 +412,30 @@ def test_ome_zarr_with_its_pixel_size_is_resampled_to_the_model(make_napari_view
     plain = viewer.add_image(small, name="plain")  # no scale: pixels
     w._image.value = plain
     assert w._scale_note.value == "used as it is"
+
+
+def test_channel_of_a_multichannel_layer(make_napari_viewer, em_crop, em_model):
+    """A (C, Z, Y, X) layer not split into channels: the widget offers its channels, segments the chosen one slice
+    by slice and as a stack, as the core does on that channel; the mask layer has the layer's shape without C."""
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    data = np.stack([em_crop, rng.integers(0, 255, em_crop.shape, dtype=np.uint8)])
+    layer = viewer.add_image(data, name="two")
+    _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
+    w._model.value = "em-membranes@v1"
+    w._image.value = layer
+    assert w._channel_offered and [v for _, v in w._channel_choices()] == [0, 1]
+    w._channel.value = 0
+    viewer.dims.set_current_step(1, 2)
+    w.preview()
+    mask = w._mask_layer["two"]
+    assert mask.data.shape == em_crop.shape
+    ref = predict(em_crop, em_model, depth=w._depth_slider.value, levels="all")
+    np.testing.assert_array_equal(mask.data[2], ref.mask[2])
+    w.run_stack()
+    k = w._depth_slider.value
+    decided = np.abs(ref.probabilities[k].astype(np.float32) - 0.5) > 1e-3  # the stack keeps float16 probabilities
+    np.testing.assert_array_equal(mask.data[decided], ref.mask[decided])
+    plain = viewer.add_image(em_crop, name="plain")
+    w._image.value = plain
+    assert not w._channel_offered and w._lead() == 0

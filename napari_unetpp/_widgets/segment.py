@@ -139,6 +139,13 @@ class SegmentWidget(Container):
         )
         self._card = Label(label="trained on", value="")
         self._scale_note = Label(label="pixel size", value="")
+        self._channel = ComboBox(
+            label="channel",
+            choices=self._channel_choices,
+            nullable=True,
+            tooltip="A layer with channels along its first axis (not split into one layer per channel): the channel "
+            "a 1-channel model segments",
+        )
         self._depth_slider = Slider(
             label="depth L",
             min=1,
@@ -191,6 +198,7 @@ class SegmentWidget(Container):
                 self._model_file,
                 self._card,
                 self._scale_note,
+                self._channel,
                 self._depth_slider,
                 self._mode,
                 self._threshold,
@@ -233,6 +241,7 @@ class SegmentWidget(Container):
         self._window.changed.connect(self._on_window_changed)
         self._model_file.changed.connect(self._on_model_file)
         self._image.changed.connect(self._on_image_changed)
+        self._channel.changed.connect(self._on_channel_changed)
         self._preview_btn.changed.connect(self.preview)
         self._run_btn.changed.connect(self.run_stack)
         self._cancel_btn.changed.connect(self.cancel)
@@ -318,11 +327,56 @@ class SegmentWidget(Container):
         self._mask_layer = {k: v for k, v in self._mask_layer.items() if id(v) in ids}
         self._edited &= ids
         self._next_label = {k: v for k, v in self._next_label.items() if k in ids}
+        self._update_channels()
 
     def _on_image_changed(self, _=None) -> None:
         self._suggest_model()
+        self._update_channels()
         self._show_scale()
         self._render_current()
+
+    def _channel_choices(self, _=None) -> list[tuple[str, int]]:
+        """Channels along the first axis of the selected grey layer, for a 1-channel model: offered when the layer
+        has two more dimensions than the model's (C and a stack axis: CZYX for a 2D model) and 2-8 entries along the
+        first. napari's own multi-channel files open as one layer per channel instead."""
+        image = self._image.value
+        lm = self._loaded.get(self._model.value) if self._model.value else None
+        if image is None or image.rgb or lm is None or lm.module.config.in_channels != 1:
+            return []
+        shape = pixels(image).shape
+        dims = lm.module.config.spatial_dims
+        if len(shape) < dims + 2 or not 2 <= shape[0] <= 8 or len(shape) - 1 > 4:
+            return []
+        return [(f"{c} of {shape[0]} (first axis)", c) for c in range(shape[0])]
+
+    def _update_channels(self) -> None:
+        with self._channel.changed.blocked():
+            self._channel.reset_choices()
+            if self._channel.value not in [v for _, v in self._channel_choices()]:
+                self._channel.value = None
+        self._channel.visible = self._channel_offered
+
+    def _on_channel_changed(self, _=None) -> None:
+        self._show_scale()
+        if self._live:
+            self.preview()
+
+    @property
+    def _channel_offered(self) -> bool:
+        return len(self._channel_choices()) > 1
+
+    def _lead(self) -> int:
+        """1 when a channel of the first axis is segmented (that axis is not in the results), else 0."""
+        value = self._channel.value
+        return 1 if value is not None and value in [v for _, v in self._channel_choices()] else 0
+
+    def _source(self, image: Image, lm: LoadedModel) -> tuple[Any, str]:
+        """The pixels the model reads and their axes: the layer's, or the chosen channel of its first axis."""
+        dims = lm.module.config.spatial_dims
+        if self._lead():
+            data = pixels(image)[int(self._channel.value)]
+            return data, layer_axes(data.ndim, False, dims)
+        return pixels(image), image_axes(image, dims)
 
     def _show_scale(self) -> None:
         """Say whether the image is resampled to the model's pixel size (and why), or is used as it is."""
@@ -415,17 +469,19 @@ class SegmentWidget(Container):
         is_ct = lm.normalization.mode == "window"
         self._window.visible = self._window_shown.visible = is_ct
         self._window_shown.value = self.model.normalization.describe() if is_ct and self.model else ""
+        self._update_channels()
         self._show_scale()
 
     # ----------------------------------------------------------------- where we are
     def _plane(self, image: Image, lm: LoadedModel) -> tuple[str, tuple[int, ...]]:
         """(axes, index of the current plane over the non-spatial axes) for ``image`` as the viewer shows it."""
-        axes = image_axes(image, lm.module.config.spatial_dims)
+        data, axes = self._source(image, lm)
         n_loop = len([a for a in axes if a not in ("ZYX" if lm.module.config.spatial_dims == 3 else "YX") + "C"])
         if n_loop == 0:
             return axes, ()
-        pos = image.world_to_data(self._viewer.dims.point)
-        shape = pixels(image).shape
+        lead = self._lead()
+        pos = image.world_to_data(self._viewer.dims.point)[lead:]
+        shape = data.shape
         idx = tuple(int(np.clip(round(float(p)), 0, shape[i] - 1)) for i, p in enumerate(pos[:n_loop]))
         return axes, idx
 
@@ -438,16 +494,17 @@ class SegmentWidget(Container):
         dims = lm.module.config.spatial_dims
         spatial = "ZYX" if dims == 3 else "YX"
         try:
-            axes = image_axes(image, dims)
-            units = [str(u) for u in image.units]
-        except (InputError, AttributeError):
+            axes = self._source(image, lm)[1]
+            units = [str(u) for u in image.units][self._lead() :]
+            scale = list(image.scale)[self._lead() :]
+        except (InputError, AttributeError, IndexError, TypeError):
             return None, ""
         size: dict[str, float] = {}
         for i, a in enumerate(axes):
             if a in spatial and i < len(units):
                 if units[i] not in UNIT_UM:
                     return None, ""  # pixels, or a unit we do not know: as it is
-                size[a] = float(image.scale[i]) * UNIT_UM[units[i]]
+                size[a] = float(scale[i]) * UNIT_UM[units[i]]
         try:
             return zoom_for(lm.card, spatial, size, "um")
         except ValueError:
@@ -459,6 +516,7 @@ class SegmentWidget(Container):
         return (
             image.unique_id,
             tuple(pixels(image).shape),
+            self._lead() and self._channel.value,
             lm.fingerprint,
             plane,
             _norm_key(lm),
@@ -466,9 +524,15 @@ class SegmentWidget(Container):
         )
 
     def _image_stats(self, image: Image, lm: LoadedModel, axes: str) -> list:
-        key = (image.unique_id, tuple(pixels(image).shape), lm.fingerprint, _norm_key(lm))
+        key = (
+            image.unique_id,
+            tuple(pixels(image).shape),
+            lm.fingerprint,
+            _norm_key(lm),
+            self._lead() and self._channel.value,
+        )
         if key not in self._stats:
-            self._stats[key] = normalization_stats(pixels(image), lm, axes=axes)
+            self._stats[key] = normalization_stats(self._source(image, lm)[0], lm, axes=axes)
         return self._stats[key]
 
     # ----------------------------------------------------------------- preview of the current slice
@@ -508,7 +572,8 @@ class SegmentWidget(Container):
         if self._preview_worker is not None:  # one at a time; the newest request wins
             self._pending_preview = True
             return
-        data = pixels(image)[plane] if plane else pixels(image)  # read tile by tile by predict, never whole
+        src = self._source(image, lm)[0]
+        data = src[plane] if plane else src  # read tile by tile by predict, never whole
         sub_axes = axes[len(plane) :]
         key = self._key(image, lm, plane)
         zoom = self._zoom(image, lm)[0]
@@ -620,14 +685,14 @@ class SegmentWidget(Container):
         return plane_mask(prob, cfg.num_classes, self._threshold.value, self._instances.value, cfg.spatial_dims, cue)
 
     def _full_shape(self, image: Image) -> tuple[int, ...]:
-        shape = tuple(pixels(image).shape)
+        shape = tuple(pixels(image).shape)[self._lead() :]
         return shape[:-1] if image.rgb else shape
 
     def _layer_for(self, image: Image, tag: str, labels: bool, dtype: Any, **kw: Any):
         name = layer_name(image.name, tag)
         geo = {
-            "scale": tuple(image.scale)[: len(self._full_shape(image))],
-            "translate": tuple(image.translate)[: len(self._full_shape(image))],
+            "scale": tuple(image.scale)[self._lead() :][: len(self._full_shape(image))],
+            "translate": tuple(image.translate)[self._lead() :][: len(self._full_shape(image))],
             # a CT image's geometry travels with its results, so a mask saved to NIfTI overlays the scan
             "metadata": {k: v for k, v in image.metadata.items() if k == "unetpp_geometry"},
         }
@@ -696,13 +761,12 @@ class SegmentWidget(Container):
             show_info("A whole-stack run is already going; cancel it first.")
             return
         try:
-            axes = image_axes(image, lm.module.config.spatial_dims)
+            data, axes = self._source(image, lm)
             stats = self._image_stats(image, lm, axes)
         except (InputError, ValueError) as exc:
             self._error(user_message(exc))
             return
         k = self._depth_slider.value
-        data = pixels(image)
         cfg = lm.module.config
         # keep only what is shown: every level for the level layers, the ensemble or the disagreement, else head k
         levels = (
@@ -842,7 +906,7 @@ class SegmentWidget(Container):
             return None
         try:
             _, plane = self._plane(image, lm)
-            data = pixels(image)
+            data = self._source(image, lm)[0]
             return np.asarray(data[plane] if plane else data, dtype=np.float32)
         except (InputError, ValueError, IndexError):
             return None
