@@ -381,9 +381,11 @@ def _block_task(
     hi: int,
     stats: Any,
     zoom: Any,
+    by_rows: bool = False,
 ) -> dict[str, Any]:
-    """Planes ``lo:hi`` (along the stack's first axis) of an OME-Zarr input -> the same planes of the outputs
-    (``folders``: output name -> its zarr folder in ``tmp``; class-first probabilities are written as such)."""
+    """Planes ``lo:hi`` along the stack's first axis (or, ``by_rows``, rows ``lo:hi`` along the first spatial axis
+    of a single volume or plane, with the tiles that touch them) -> the same part of the outputs (``folders``:
+    output name -> its zarr folder in ``tmp``; class-first probabilities are written as such)."""
     import dask
     import zarr
 
@@ -394,12 +396,13 @@ def _block_task(
     img = read_image(src)
     with dask.config.set(scheduler="synchronous"):  # read the tiles here, not through the cluster
         res = predict(
-            img.data[lo:hi],
+            img.data if by_rows else img.data[lo:hi],
             _worker_model(model_ref),
             axes=o.axes or img.axes,
             device=_worker_device(o.device),
             stats=stats,
             zoom=zoom,
+            rows=(lo, hi) if by_rows else None,
             **o.predict_kwargs(),
         )
     arrays: dict[str, Any] = {"mask": res.mask, "objects": res.objects, "ensemble": res.ensemble}
@@ -520,13 +523,17 @@ def predict_stack_distributed(
     block: int | None = None,
     on_block: Callable[[int, int], None] | None = None,
 ) -> FileResult:
-    """One stack (an OME-Zarr or any readable file) split into blocks of planes along its first axis, the blocks
-    run on a dask cluster and written into the ``.zarr`` output ``dst`` chunk by chunk. Every block uses the whole
-    stack's normalisation statistics and objects are numbered on across blocks, so the output equals a single
-    process's. ``block``: planes per task (default: about four tasks per worker). ``on_block(done, total)``.
+    """One image split over a dask cluster and written into the ``.zarr`` output ``dst`` chunk by chunk.
+
+    A stack is split into blocks of planes along its first axis (Z or T of a 2D model, T of a 3D one); objects are
+    numbered on across blocks. A single volume (3D model) or plane (2D model) is split into blocks of rows along its
+    first spatial axis, each block running the tiles of the whole image's tile plan that touch its rows (a halo of
+    the tile overlap), so its rows equal the whole run's exactly (no objects or resampling there). Every block uses
+    the whole image's normalisation statistics, so the output equals a single process's. ``block``: planes or rows
+    per task (default: about four tasks per worker, and at least one tile of rows). ``on_block(done, total)``.
 
     Raises:
-        InputError: a single plane, or a first axis that is not a stack axis (Z or T of a 2D model, T of a 3D one);
+        InputError: C before the stack axis; objects or resampling for a split volume or plane;
         SchedulerError: the cluster cannot be started or reached.
     """
     import time
@@ -547,12 +554,20 @@ def predict_stack_distributed(
     axes = opts.axes or img.axes
     cfg = loaded.module.config
     spatial = "ZYX" if cfg.spatial_dims == 3 else "YX"
-    if not axes or axes[0] in spatial or axes[0] == "C":
+    loop = [a for a in axes if a not in spatial + "C"]
+    by_rows = not loop
+    if loop and axes[0] != loop[0]:
         raise InputError(
-            f"{src}: axes {axes} have no stack axis to split first (Z or T for 2D models, T for 3D ones); "
-            "run it without --scheduler."
+            f"{src}: axes {axes} put C before the stack axis; split stacks whose first axis is Z or T, or run it "
+            "without --scheduler."
         )
     zoom, why = _zoom(loaded.card, spatial, img, opts)
+    if by_rows and (opts.objects != "none" or zoom is not None):
+        raise InputError(
+            f"{src} is one {'volume' if cfg.spatial_dims == 3 else 'plane'}: split by rows, it cannot be "
+            + ("split into objects" if opts.objects != "none" else "resampled")
+            + "; run it without --scheduler."
+        )
     stats = normalization_stats(img.data, loaded, axes=axes, channel=opts.channel)
     kw = {k: v for k, v in opts.predict_kwargs().items() if k != "precision"}  # the plan runs nothing
     plan = plan_prediction(img.data, loaded, axes=axes, device="cpu", stats=stats, **kw)
@@ -565,12 +580,15 @@ def predict_stack_distributed(
             publish["ensemble"] = "_ensemble"
     sink = OmeZarrOutputs(dst, out_axes, img.scale, img.units, publish)
     try:
-        result = plan.allocate(sink)
-        n = int(img.data.shape[0])
+        n = plan.spatial_shape[0] if by_rows else int(img.data.shape[0])
         client = connect(scheduler)
         try:
             workers = max(1, len(client.scheduler_info().get("workers", {})))
-            size = block or max(1, -(-n // (4 * workers)))
+            least = plan.tiles.tile_shape[0] if by_rows else 1  # a block of rows costs its touching tile rows
+            size = block or max(least, -(-n // (4 * workers)))
+            # each block must own whole chunks: two workers writing rows of one chunk lose each other's rows
+            sink.chunk_rows = size if by_rows else None
+            result = plan.allocate(sink)
             bounds = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
             folders = {name: sink.folders[name] for name in publish}
             if main == "objects":
@@ -587,6 +605,7 @@ def predict_stack_distributed(
                     hi,
                     stats,
                     zoom,
+                    by_rows,
                     pure=False,
                     key=f"unetpp-block-{lo}",
                 )
@@ -620,7 +639,8 @@ def predict_stack_distributed(
     del result
     summary = (
         f"{src}: {out_axes} {plan.out_shape} with {loaded.card.id} at L{plan.depth} ({plan.mode}) on {workers} "
-        f"dask worker(s), {len(bounds)} blocks in {time.perf_counter() - t0:.1f}s ({seconds:.1f}s of prediction)"
+        f"dask worker(s), {len(bounds)} blocks of {'rows' if by_rows else 'planes'} in "
+        f"{time.perf_counter() - t0:.1f}s ({seconds:.1f}s of prediction)"
         + (f", zoom {' x '.join(f'{z:.2f}' for z in zoom)}" if zoom else "")
         + (f", {total_objects} objects ({plan.objects} split)" if main == "objects" else "")
     )

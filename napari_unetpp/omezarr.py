@@ -180,6 +180,7 @@ class OmeZarrOutputs:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
         self.arrays: dict[str, Any] = {}
         self.folders: dict[str, str] = {}  # output name -> its folder in ``tmp``
+        self.chunk_rows: int | None = None  # chunk along the first spatial axis (blocks of rows own whole chunks)
 
     def __call__(self, shape: tuple[int, ...], dtype: str, name: str = "mask") -> ArrayView:
         axes = self.axes if len(shape) == len(self.axes) else "C" + self.axes
@@ -187,7 +188,11 @@ class OmeZarrOutputs:
             axes = guess_axes(shape)
         folder = self.tmp / (_name(self.target, self.names[name]) if name in self.names else f"scratch-{name}.zarr")
         group = self.zarr.open_group(str(folder), mode="w", zarr_format=2)
-        arr = group.create_array("0", shape=shape, dtype=dtype, chunks=_chunks(shape, axes), fill_value=0)
+        chunks = list(_chunks(shape, axes))
+        first = next((i for i, a in enumerate(axes) if a in "ZYX"), None)
+        if self.chunk_rows and first is not None:
+            chunks[first] = min(int(shape[first]), int(self.chunk_rows))
+        arr = group.create_array("0", shape=shape, dtype=dtype, chunks=tuple(chunks), fill_value=0)
         group.attrs["multiscales"] = [_multiscale(folder.stem, axes, self.scale, self.units)]
         self.arrays[name] = arr
         self.folders[name] = folder.name

@@ -151,6 +151,19 @@ class PredictionPlan:
     batch: int
     objects: str = "none"  # the instance split done per finished plane (after any fallback)
     channel_note: str = ""  # what was done to fit the image's channels to the model ("channel 1 of 2", ...)
+    rows: tuple[int, int] | None = None  # output rows along the first spatial axis (image coordinates); None: all
+
+    @property
+    def row_range(self) -> tuple[int, int]:
+        """The output rows (image coordinates along the first spatial axis)."""
+        return self.rows if self.rows is not None else (0, self.spatial_shape[0])
+
+    @functools.cached_property
+    def tile_list(self) -> list[tuple[slice, ...]]:
+        """The tiles to run (raster order): all, or those touching ``rows`` (padded coordinates)."""
+        top = self.pad[0][0]
+        lo, hi = self.row_range
+        return self.tiles.rows_touching(lo + top, hi + top) if self.rows is not None else list(self.tiles)
 
     @property
     def cue(self) -> bool:
@@ -170,7 +183,9 @@ class PredictionPlan:
     @property
     def out_shape(self) -> tuple[int, ...]:
         """Shape of the mask: the image's shape without C, in the image's axis order."""
-        return tuple(self.shape[self.lay.axes.index(a)] for a in self.lay.out_axes)
+        first = self.lay.spatial[0]
+        lo, hi = self.row_range
+        return tuple(hi - lo if a == first else self.shape[self.lay.axes.index(a)] for a in self.lay.out_axes)
 
     @property
     def channels(self) -> int:
@@ -180,7 +195,7 @@ class PredictionPlan:
     @property
     def total_tiles(self) -> int:
         """Tiles in the whole run."""
-        return len(self.tiles) * int(np.prod(self.loop_shape, dtype=np.int64))
+        return len(self.tile_list) * int(np.prod(self.loop_shape, dtype=np.int64))
 
     def allocate(self, allocate: Allocator | None = None) -> Prediction:
         """An empty :class:`Prediction` of the right shapes: ``allocate(shape, dtype, name)`` makes each array
@@ -225,6 +240,7 @@ def plan_prediction(
     stats: Sequence[tuple[float, float]] | None = None,
     objects: str = "none",
     channel: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> PredictionPlan:
     """Check the inputs and decide how to run them (arguments as for :func:`predict_iter`, without ``precision``).
 
@@ -298,7 +314,19 @@ def plan_prediction(
         batch=batch_size or _default_batch(tiles.tile_shape, dev),
         objects=objects,
         channel_note=channel_note,
+        rows=_check_rows(rows, sp_shape[0], objects),
     )
+
+
+def _check_rows(rows: tuple[int, int] | None, n: int, objects: str) -> tuple[int, int] | None:
+    if rows is None:
+        return None
+    lo, hi = int(rows[0]), int(rows[1])
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"rows must satisfy 0 <= start < stop <= {n}, got {rows}.")
+    if objects != "none":
+        raise InputError("objects need whole planes or volumes; predict them without rows=.")
+    return None if (lo, hi) == (0, n) else (lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------------- the writer
@@ -332,12 +360,13 @@ class PlaneWriter:
         """Rows ``a:b`` of the padded plane ``pidx`` (``(channels, rows, ...)`` blended values) -> the outputs,
         with the padding cropped off."""
         plan, nc = self.plan, self.plan.num_classes
-        top, n_rows = plan.pad[0][0], plan.spatial_shape[0]
-        lo, hi = max(a, top), min(b, top + n_rows)
+        top = plan.pad[0][0]
+        r0, r1 = plan.row_range  # (all the image's rows unless rows= asked for fewer)
+        lo, hi = max(a, top + r0), min(b, top + r1)
         if lo >= hi:
             return
         vals = vals[(slice(None), slice(lo - a, hi - a), *self._crop_rest)]
-        a, b = lo - top, hi - top
+        a, b = lo - top - r0, hi - top - r0
         vals = vals.reshape(-1, plan.per_level, *vals.shape[1:])  # (channels, classes [+ cue], rows, ...)
         chosen = None
         for ci, lv in enumerate(plan.blend_levels):
@@ -402,6 +431,7 @@ def predict_iter(
     objects: str = "none",
     channel: int | None = None,
     zoom: Sequence[float] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Generator[Progress, None, Prediction]:
     """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
 
@@ -441,6 +471,10 @@ def predict_iter(
             image's shape (probabilities linearly, the mask from them, objects by nearest neighbour): brings an
             image to the model's pixel size (see :func:`napari_unetpp.scale.zoom_for`). The resampled image is
             held in memory. Planes are announced done only at the end.
+        rows: ``(start, stop)``: only these rows along the first spatial axis (Y of a 2D model, Z of a 3D one) are
+            computed and returned (the outputs have ``stop - start`` of them). Only the tiles touching them run,
+            with the statistics given in ``stats``, so they equal the same rows of a whole-image run exactly: how a
+            volume is split over a cluster. Not with objects or zoom.
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
@@ -463,10 +497,12 @@ def predict_iter(
         channel=channel,
     )
     if zoom is not None and any(abs(float(f) - 1.0) > 1e-6 for f in zoom):
+        if rows is not None:
+            raise ValueError("rows= and zoom= do not go together; resample first, or predict whole planes.")
         result = yield from _zoomed_iter(image, model, zoom, {**kw, "precision": precision}, allocate)
         result.seconds = time.perf_counter() - t_start
         return result
-    plan = plan_prediction(image, model, **kw)
+    plan = plan_prediction(image, model, rows=rows, **kw)
     result = plan.allocate(allocate)
     writer = PlaneWriter(plan, result)
     runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch)
@@ -480,8 +516,10 @@ def predict_iter(
             finished = []
             for (pidx, sl, _), pr in zip(items, probs):
                 if pidx not in blenders:
-                    blenders[pidx] = Blender(plan.tiles, plan.channels, writer.sink(pidx), weights)
-                    remaining[pidx] = len(plan.tiles)
+                    top = plan.pad[0][0]
+                    rows = (plan.row_range[0] + top, plan.row_range[1] + top)
+                    blenders[pidx] = Blender(plan.tiles, plan.channels, writer.sink(pidx), weights, rows)
+                    remaining[pidx] = len(plan.tile_list)
                 chans = [pr[lv - 1] for lv in plan.blend_levels] + (
                     [pr.mean(axis=0)] if plan.mode == "ensemble" else []
                 )
@@ -713,7 +751,7 @@ def _tiles(plan: PredictionPlan) -> Iterator[tuple[tuple[int, ...], tuple[slice,
     edge = min(plan.spatial_shape) <= 1
     for pidx in np.ndindex(*plan.loop_shape) if plan.loop_shape else [()]:
         plane = lay.src[pidx] if pidx else lay.src
-        for sl in plan.tiles:
+        for sl in plan.tile_list:
             idx = [source_index(s, a, n, edge) for s, (a, _), n in zip(sl, plan.pad, plan.spatial_shape)]
             box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
             block = np.asarray(plane[(slice(None), *box)] if lay.has_c else plane[box])

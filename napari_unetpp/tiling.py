@@ -125,6 +125,10 @@ class TilePlan:
     def __len__(self) -> int:
         return int(np.prod([len(s) for s in self.starts]))
 
+    def rows_touching(self, lo: int, hi: int) -> list[tuple[slice, ...]]:
+        """The tiles (raster order) whose extent along axis 0 overlaps rows ``lo:hi``."""
+        return [t for t in self if t[0].start < hi and t[0].stop > lo]
+
     def __iter__(self) -> Iterator[tuple[slice, ...]]:
         """Tile slices in raster order (axis 0 slowest)."""
         ts = self.tile_shape
@@ -141,6 +145,9 @@ class Blender:
         sink: Called as ``sink(start, stop, values)`` with ``values`` of shape ``(channels, stop - start, ...)``
             holding the blended result for rows ``start:stop`` of axis 0; each row is sent exactly once.
         weights: Per-tile weights (default: :func:`gaussian_weights` of the tile shape).
+        rows: Only rows ``rows[0]:rows[1]`` of axis 0 are sent (default all). Then only the tiles that touch those
+            rows need adding (:meth:`TilePlan.rows_touching`): each of those rows gets every tile that covers it, in
+            the same order, so it equals the whole plan's result exactly.
     """
 
     def __init__(
@@ -149,9 +156,11 @@ class Blender:
         channels: int,
         sink: Callable[[int, int, np.ndarray], None],
         weights: np.ndarray | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         self.plan = plan
         self.sink = sink
+        self.rows = rows if rows is not None else (0, plan.shape[0])
         self._single = len(plan) == 1  # one tile covers everything: nothing to blend
         if self._single:
             self.weights = None
@@ -168,7 +177,8 @@ class Blender:
     def add(self, tile: tuple[slice, ...], values: np.ndarray) -> None:
         """Add the output of one tile, ``values`` of shape ``(channels, *tile_shape)``."""
         if self._single:
-            self.sink(0, self.plan.shape[0], values)
+            lo, hi = self.rows
+            self.sink(lo, hi, values[:, lo:hi])
             self._flushed = self.plan.shape[0]
             return
         start0 = tile[0].start
@@ -195,8 +205,10 @@ class Blender:
     def _emit(self, stop: int) -> None:
         if stop <= self._flushed:
             return
-        a, b = self._flushed - self._origin, stop - self._origin
-        self.sink(self._flushed, stop, self._acc[:, a:b] / self._wsum[a:b])
+        lo, hi = max(self._flushed, self.rows[0]), min(stop, self.rows[1])
+        if lo < hi:
+            a, b = lo - self._origin, hi - self._origin
+            self.sink(lo, hi, self._acc[:, a:b] / self._wsum[a:b])
         self._flushed = stop
 
     def finish(self) -> None:

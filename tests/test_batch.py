@@ -81,15 +81,49 @@ def test_distributed_files_and_a_split_stack_equal_one_process(em_files, tmp_pat
     assert a.max() > 100 and np.abs(a.astype(np.int64) - b).max() == 0
 
 
-def test_unreachable_scheduler_and_a_stack_without_a_stack_axis(tmp_path, em_crop, capsys):
+@pytest.mark.slow
+def test_one_volume_and_one_plane_split_by_rows_equal_one_process(tmp_path, em_crop):
+    """A single 3D volume (a small 3D UNet++) and a single plane are split into blocks of rows along their first
+    spatial axis; each block runs the tiles of the whole tile plan that touch its rows: the masks equal a single
+    process's exactly. (Probabilities agree to float rounding: a worker runs torch on its share of the cores, and
+    convolutions on another thread count round differently; in one process a row block is bit-identical, see
+    test_prediction.)"""
+    import torch
+
+    from napari_unetpp.network import UNetPlusPlus
+    from napari_unetpp.registry import LoadedModel, save_model
+
+    torch.manual_seed(0)
+    lm = LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 16), spatial_dims=3), name="tiny3d")
+    card = save_model(lm.module, lm.card, directory=tmp_path)
+    rng = np.random.default_rng(0)
+    vol = write_image(tmp_path / "vol.zarr", rng.integers(0, 255, (24, 32, 40), dtype=np.uint8), "ZYX")
+    plane = write_image(tmp_path / "plane.zarr", np.tile(em_crop[0], (2, 2)), "YX")
+    for src, model, extra in ((vol, str(card), ["--tile", "16"]), (plane, "em-membranes", ["--tile", "128"])):
+        common = [str(src), "--model", model, "-q", "--precision", "fp32", "--all-levels", *extra]
+        dist, one = tmp_path / f"d-{src.stem}.zarr", tmp_path / f"o-{src.stem}.zarr"
+        assert main(["predict", *common, "-o", str(dist), "--scheduler", "local:2", "--block", "8"]) == 0
+        assert main(["predict", *common, "-o", str(one)]) == 0
+        a, b = np.asarray(read_image(dist).data), np.asarray(read_image(one).data)
+        assert a.shape == b.shape and a.any() and np.array_equal(a, b), src.stem
+        for suffix in ("_L1", "_L2"):
+            a = np.asarray(read_image(dist.with_name(dist.stem + suffix + ".zarr")).data, np.float32)
+            b = np.asarray(read_image(one.with_name(one.stem + suffix + ".zarr")).data, np.float32)
+            bad = np.nonzero(np.abs(a - b).reshape(a.shape[0], -1).max(1) > 2e-3)[0]
+            assert np.abs(a - b).max() < 2e-3, (src.stem, suffix, bad[:20], len(bad), a.shape)
+
+
+def test_unreachable_scheduler_and_what_a_split_cannot_do(tmp_path, em_crop, capsys):
     src = write_image(tmp_path / "plane.zarr", em_crop[0], "YX")
-    assert main(["predict", str(src), "-o", str(tmp_path / "m.zarr"), "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    args = ["predict", str(src), "-o", str(tmp_path / "m.zarr"), "--scheduler", "tcp://127.0.0.1:9"]
+    assert main([*args, "--objects", "watershed"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no stack axis to split" in err
+    assert err.count("\n") == 1 and "cannot be split into objects" in err
     from napari_unetpp.batch import predict_stack_distributed
 
-    with pytest.raises(InputError, match="no stack axis"):
-        predict_stack_distributed(src, tmp_path / "m.zarr", "em-membranes", PredictOptions(), "tcp://127.0.0.1:9")
+    czyx = write_image(tmp_path / "czyx.zarr", np.stack([em_crop, em_crop]), "CZYX")
+    with pytest.raises(InputError, match="put C before the stack axis"):
+        predict_stack_distributed(czyx, tmp_path / "m.zarr", "em-membranes", PredictOptions(channel=0), "local:1")
     stack = write_image(tmp_path / "stack.zarr", em_crop, "ZYX")
     assert main(["predict", str(stack), "-o", str(tmp_path / "m.zarr"), "--scheduler", "tcp://127.0.0.1:9"]) == 2
     assert "cannot reach the dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err

@@ -277,3 +277,23 @@ def test_cuda_autocast_predicts_in_fp16_and_trains_in_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert autocast_dtype(cuda, training=True) is torch.float16
     assert autocast_dtype(cuda, "bf16") is torch.bfloat16 and autocast_dtype(cuda, "fp32") is None
+
+
+def test_a_block_of_rows_equals_the_same_rows_of_the_whole_run(em_model, em_crop):
+    """rows=(a, b) runs only the tiles touching those rows and returns exactly the whole run's rows (how one volume is
+    split over a cluster); objects and resampling need whole planes."""
+    from napari_unetpp.prediction import normalization_stats
+
+    stats = normalization_stats(em_crop, em_model)
+    kw = dict(depth=3, tile=64, levels="all", stats=stats, precision="fp32", prob_dtype="float32")
+    full = predict(em_crop, em_model, **kw)
+    for a, b in ((0, 40), (40, 97), (97, 161), (13, 14)):
+        part = predict(em_crop, em_model, rows=(a, b), **kw)
+        assert part.mask.shape == (3, b - a, 187) and part.tiles < full.tiles
+        np.testing.assert_array_equal(part.mask, full.mask[:, a:b])
+        for lv in (1, 2, 3):
+            np.testing.assert_array_equal(part.probabilities[lv], full.probabilities[lv][:, a:b])
+    with pytest.raises(InputError, match="whole planes"):
+        predict(em_crop, em_model, rows=(0, 10), objects="components")
+    with pytest.raises(ValueError, match="rows must satisfy"):
+        predict(em_crop, em_model, rows=(10, 500))
