@@ -178,9 +178,9 @@ def predict_file(
     zoom, why = _zoom(loaded.card, spatial, img, opts)
     if why:
         notes.append(why)
-    if zoom is None and opts.pixel_size is None and opts.diameter is None:
+    if not opts.rescale and opts.pixel_size is None and opts.diameter is None:  # as it is: say if it differs
         note = spacing_note(loaded.card.training.get("spacing"), img.scale, img.units, spatial)
-        if note and not opts.rescale:
+        if note:
             notes.append(note)
     axes = opts.axes or img.axes
     out_axes = axes.replace("C", "")  # the outputs have no channel axis (probabilities of classes get one back)
@@ -188,7 +188,8 @@ def predict_file(
     if kind == "zarr":
         publish = {"objects" if opts.objects != "none" else "mask": ""}
         if opts.all_levels:
-            publish.update({f"L{lv}": f"_L{lv}" for lv in range(1, 9)} | {"ensemble": "_ensemble"})
+            levels = range(1, loaded.max_depth + 1)  # those computed are published
+            publish.update({f"L{lv}": f"_L{lv}" for lv in levels} | {"ensemble": "_ensemble"})
         sink = OmeZarrOutputs(dst, out_axes, img.scale, img.units, publish)
     try:
         gen = predict_iter(

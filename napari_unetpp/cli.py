@@ -34,16 +34,20 @@ def _bar(total: int, unit: str) -> Any:
 
 
 class _Progress:
-    """A tqdm bar for a run's :class:`~napari_unetpp.prediction.Progress` reports, made at the first report (when the
-    total is known)."""
+    """A tqdm bar made at the first report (when the total is known): called with a run's
+    :class:`~napari_unetpp.prediction.Progress` (tiles), or through :meth:`step` with counts (a cluster's blocks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "tile") -> None:
+        self.unit = unit
         self.bar: Any = None
 
     def __call__(self, p: Any) -> None:
+        self.step(p.done, p.total)
+
+    def step(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = _bar(p.total, "tile")
-        self.bar.update(p.done - self.bar.n)
+            self.bar = _bar(total, self.unit)
+        self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -85,16 +89,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if kind != "none":
         return _predict_distributed(jobs, args, opts)
     failed = 0
-    files = _FileBar(len(jobs), args.quiet) if len(jobs) > 1 else None
+    files = _FileBar(len(jobs), quiet=args.quiet or len(jobs) == 1)  # one file: its tiles get the bar
     for src, dst in jobs:
-        progress = None if args.quiet or files is not None else _Progress()
+        progress = None if args.quiet or len(jobs) > 1 else _Progress()
         try:
             res = predict_file(src, dst, _model_ref(args), opts, progress)
         except (UserError, ValueError, OSError) as exc:
             if len(jobs) == 1:
                 raise CliError(str(exc)) from None
             failed += 1
-            _say(files, f"napari-unetpp: error: {src}: {exc}")
+            files.write(f"napari-unetpp: error: {src}: {exc}", err=True)
             continue
         except MemoryError as exc:
             if len(jobs) == 1:
@@ -102,7 +106,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     f"out of memory: {exc}" if str(exc) else "out of memory; try a smaller --tile."
                 ) from None
             failed += 1
-            _say(files, f"napari-unetpp: error: {src}: out of memory")
+            files.write(f"napari-unetpp: error: {src}: out of memory", err=True)
             continue
         except RuntimeError as exc:  # device problems (CUDA requested but absent, driver errors)
             raise CliError(str(exc).splitlines()[0]) from None
@@ -110,8 +114,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             if progress is not None:
                 progress.close()
         _report(res, files)
-    if files is not None:
-        files.close()
+    files.close()
     if failed:
         print(f"napari-unetpp: {failed} of {len(jobs)} inputs failed (see above); the others were written.")
         return 1
@@ -165,7 +168,7 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 class _FileBar:
-    """A tqdm bar over files (several inputs), on stderr."""
+    """A tqdm bar over files (several inputs), on stderr; without one (quiet, or one file) lines are printed."""
 
     def __init__(self, total: int, quiet: bool) -> None:
         self.bar = None if quiet else _bar(total, "file")
@@ -185,24 +188,12 @@ class _FileBar:
             self.bar.close()
 
 
-def _say(files: _FileBar | None, line: str) -> None:
-    if files is not None:
-        files.write(line, err=True)
-    else:
-        print(line, file=sys.stderr)
-
-
-def _report(res: Any, files: _FileBar | None) -> None:
+def _report(res: Any, files: _FileBar) -> None:
     for note in res.notes:
-        _say(files, f"napari-unetpp: note: {note}")
-    lines = [res.summary] + [f"wrote {p}" for p in res.written]
-    for line in lines:
-        if files is not None:
-            files.write(line)
-        else:
-            print(line)
-    if files is not None:
-        files.update()
+        files.write(f"napari-unetpp: note: {note}", err=True)
+    for line in [res.summary] + [f"wrote {p}" for p in res.written]:
+        files.write(line)
+    files.update()
 
 
 def _predict_distributed(jobs: list[tuple[Path, Path]], args: argparse.Namespace, opts: Any) -> int:
@@ -217,22 +208,22 @@ def _predict_distributed(jobs: list[tuple[Path, Path]], args: argparse.Namespace
         raise CliError(str(exc)) from None
     if len(jobs) == 1:
         src, dst = jobs[0]
-        bar = None if args.quiet else _BlockBar()
+        bar = _Progress("block")
         try:
-            res = predict_stack_distributed(src, dst, ref, opts, args.scheduler, args.block, bar)
+            on_block = None if args.quiet else bar.step
+            res = predict_stack_distributed(src, dst, ref, opts, args.scheduler, args.block, on_block)
         except (UserError, ValueError, OSError) as exc:
             raise CliError(str(exc)) from None
         finally:
-            if bar is not None:
-                bar.close()
-        _report(res, None)
+            bar.close()
+        _report(res, _FileBar(1, quiet=True))
         return 0
     files = _FileBar(len(jobs), args.quiet)
     failed: list[str] = []
 
     def failure(src: str, exc: BaseException) -> None:
         failed.append(src)
-        _say(files, f"napari-unetpp: error: {src}: {exc}")
+        files.write(f"napari-unetpp: error: {src}: {exc}", err=True)
 
     try:
         run_distributed(jobs, ref, opts, args.scheduler, lambda r: _report(r, files), failure)
@@ -244,20 +235,6 @@ def _predict_distributed(jobs: list[tuple[Path, Path]], args: argparse.Namespace
         print(f"napari-unetpp: {len(failed)} of {len(jobs)} inputs failed (see above); the others were written.")
         return 1
     return 0
-
-
-class _BlockBar:
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = _bar(total, "block")
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _with_window(model: Any, spec: str | None, img: Any = None) -> Any:
@@ -657,9 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run on dask.distributed: local:N (a local cluster of N worker processes) or tcp://HOST:PORT (a running "
         "scheduler, e.g. from dask-jobqueue on SLURM); several inputs become one task per file, one stack is split "
-        "into blocks of planes (output .zarr)",
+        "into blocks of planes, one volume or large plane into blocks of rows (output .zarr)",
     )
-    p.add_argument("--block", type=int, default=None, help="with --scheduler and one stack: planes per task")
+    p.add_argument("--block", type=int, default=None, help="with --scheduler and one image: planes (or rows) per task")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 

@@ -98,7 +98,8 @@ def _sample_for(model: Any) -> np.ndarray:
 
     norm, name = model.normalization, model.card.name.lower()
     if norm.mode == "window":
-        return tifffile.imread(SAMPLES / "ct_abdomen.tif")[len(tifffile.imread(SAMPLES / "ct_abdomen.tif")) // 2]
+        ct = tifffile.imread(SAMPLES / "ct_abdomen.tif")
+        return ct[len(ct) // 2]
     if "nucle" in name or "fluor" in str(model.card.training.get("data", "")).lower():
         return tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")[0]
     return tifffile.imread(SAMPLES / "isbi2012_z25-29.tif")[0]

@@ -21,6 +21,7 @@ import tifffile
 
 from .axes import guess_axes
 from .errors import ReadError
+from .scale import short_unit
 
 __all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError", "OUTPUT_SUFFIXES", "output_kind"]
 
@@ -127,10 +128,6 @@ def _squeeze_to(data: Any, shape: tuple[int, ...]) -> Any:
     return data.reshape(shape) if tuple(data.shape) != tuple(shape) and data.size == int(np.prod(shape)) else data
 
 
-# TIFF ResolutionUnit 3 (centimetre) and ImageJ unit names -> our short units
-_IJ_UNITS = {"micron": "um", "um": "um", "\u00b5m": "um", "microns": "um", "nm": "nm", "nanometer": "nm", "mm": "mm"}
-
-
 def _scale(tf: tifffile.TiffFile, raw_axes: str) -> tuple[dict[str, float], str]:
     """Pixel size per axis letter and its unit (``""`` when the file does not name one)."""
     out: dict[str, float] = {}
@@ -147,7 +144,7 @@ def _scale(tf: tifffile.TiffFile, raw_axes: str) -> tuple[dict[str, float], str]
         if "spacing" in ij:
             out["Z"] = float(ij["spacing"])
         if ij.get("unit"):
-            unit = _IJ_UNITS.get(str(ij["unit"]).strip().lower(), "")
+            unit = short_unit(ij["unit"])
         elif "ResolutionUnit" in tags and int(tags["ResolutionUnit"].value) == 3 and out:  # pixels per cm
             out = {a: v * 1e4 for a, v in out.items()}
             unit = "um"

@@ -25,26 +25,10 @@ import numpy as np
 
 from .axes import guess_axes
 from .errors import ReadError
+from .scale import NGFF_UNITS, short_unit
 
-__all__ = ["is_zarr_path", "read_ome_zarr", "OmeZarrOutputs", "ArrayView", "UNIT_UM"]
+__all__ = ["is_zarr_path", "read_ome_zarr", "OmeZarrOutputs", "ArrayView"]
 
-# NGFF unit names (UDUNITS-2) and the short forms we use -> micrometres
-UNIT_UM = {
-    "nanometer": 1e-3,
-    "nm": 1e-3,
-    "micrometer": 1.0,
-    "micron": 1.0,
-    "um": 1.0,
-    "\u00b5m": 1.0,
-    "millimeter": 1e3,
-    "mm": 1e3,
-    "centimeter": 1e4,
-    "cm": 1e4,
-    "meter": 1e6,
-    "m": 1e6,
-}
-_SHORT = {"nanometer": "nm", "micrometer": "um", "micron": "um", "\u00b5m": "um", "millimeter": "mm"}
-_LONG = {"nm": "nanometer", "um": "micrometer", "mm": "millimeter", "cm": "centimeter", "m": "meter"}
 _TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 
 
@@ -128,8 +112,7 @@ def _axes(raw: Any, shape: tuple[int, ...]) -> tuple[str, str]:
     axes = "".join(names)
     if any(a not in "TCZYX" for a in axes) or len(set(axes)) != len(axes):
         axes = guess_axes(shape)
-    unit = str(units.pop()) if len(units) == 1 else ""
-    return axes, _SHORT.get(unit, unit if unit in UNIT_UM else "")
+    return axes, short_unit(units.pop()) if len(units) == 1 else ""
 
 
 def _scale(multiscale: dict[str, Any], dataset: dict[str, Any], axes: str) -> dict[str, float]:
@@ -232,8 +215,8 @@ def _multiscale(name: str, axes: str, scale: dict[str, float], units: str) -> di
     ax = []
     for a in axes:
         d: dict[str, Any] = {"name": a.lower(), "type": _TYPES[a]}
-        if a in "ZYX" and units in _LONG:
-            d["unit"] = _LONG[units]
+        if a in "ZYX" and units in NGFF_UNITS:
+            d["unit"] = NGFF_UNITS[units]
         ax.append(d)
     return {
         "version": "0.4",
@@ -311,6 +294,3 @@ class ArrayView:
         order = sorted(self.dims)
         data = data.transpose([order.index(d) for d in self.dims])
         return data.astype(dtype) if dtype is not None else data
-
-    def max(self, initial: int = 0) -> Any:  # what the CLI asks of a result
-        return np.asarray(self).max(initial=initial)

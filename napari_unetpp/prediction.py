@@ -158,12 +158,16 @@ class PredictionPlan:
         """The output rows (image coordinates along the first spatial axis)."""
         return self.rows if self.rows is not None else (0, self.spatial_shape[0])
 
+    @property
+    def padded_rows(self) -> tuple[int, int]:
+        """:attr:`row_range` in the padded plane's coordinates (those of the tiles and the blender)."""
+        top = self.pad[0][0]
+        return self.row_range[0] + top, self.row_range[1] + top
+
     @functools.cached_property
     def tile_list(self) -> list[tuple[slice, ...]]:
-        """The tiles to run (raster order): all, or those touching ``rows`` (padded coordinates)."""
-        top = self.pad[0][0]
-        lo, hi = self.row_range
-        return self.tiles.rows_touching(lo + top, hi + top) if self.rows is not None else list(self.tiles)
+        """The tiles to run (raster order): all, or those touching ``rows``."""
+        return self.tiles.rows_touching(*self.padded_rows) if self.rows is not None else list(self.tiles)
 
     @property
     def cue(self) -> bool:
@@ -360,13 +364,12 @@ class PlaneWriter:
         """Rows ``a:b`` of the padded plane ``pidx`` (``(channels, rows, ...)`` blended values) -> the outputs,
         with the padding cropped off."""
         plan, nc = self.plan, self.plan.num_classes
-        top = plan.pad[0][0]
-        r0, r1 = plan.row_range  # (all the image's rows unless rows= asked for fewer)
-        lo, hi = max(a, top + r0), min(b, top + r1)
+        first, stop = plan.padded_rows  # (all the image's rows unless rows= asked for fewer)
+        lo, hi = max(a, first), min(b, stop)
         if lo >= hi:
             return
         vals = vals[(slice(None), slice(lo - a, hi - a), *self._crop_rest)]
-        a, b = lo - top - r0, hi - top - r0
+        a, b = lo - first, hi - first
         vals = vals.reshape(-1, plan.per_level, *vals.shape[1:])  # (channels, classes [+ cue], rows, ...)
         chosen = None
         for ci, lv in enumerate(plan.blend_levels):
@@ -516,9 +519,7 @@ def predict_iter(
             finished = []
             for (pidx, sl, _), pr in zip(items, probs):
                 if pidx not in blenders:
-                    top = plan.pad[0][0]
-                    rows = (plan.row_range[0] + top, plan.row_range[1] + top)
-                    blenders[pidx] = Blender(plan.tiles, plan.channels, writer.sink(pidx), weights, rows)
+                    blenders[pidx] = Blender(plan.tiles, plan.channels, writer.sink(pidx), weights, plan.padded_rows)
                     remaining[pidx] = len(plan.tile_list)
                 chans = [pr[lv - 1] for lv in plan.blend_levels] + (
                     [pr.mean(axis=0)] if plan.mode == "ensemble" else []

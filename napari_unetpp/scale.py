@@ -15,17 +15,32 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["zoom_for", "ZOOM_TOLERANCE", "to_um", "resize_plane", "zoomed_shape"]
+__all__ = ["zoom_for", "ZOOM_TOLERANCE", "to_um", "short_unit", "NGFF_UNITS", "resize_plane", "zoomed_shape"]
 
 # factors within this of 1 are not worth a resampling (it costs time and blurs)
 ZOOM_TOLERANCE = 0.1
-# short unit -> micrometres
+# short unit -> micrometres; the one table of length units (files, napari layers, cards)
 _UM = {"nm": 1e-3, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+# short unit -> its NGFF (UDUNITS-2) name, as OME-Zarr and napari's pint units spell it
+NGFF_UNITS = {"nm": "nanometer", "um": "micrometer", "mm": "millimeter", "cm": "centimeter", "m": "meter"}
+_SPELLINGS = {
+    **{long: short for short, long in NGFF_UNITS.items()},
+    "micron": "um",
+    "microns": "um",
+    "\u00b5m": "um",
+}
+
+
+def short_unit(name: object) -> str:
+    """Our short unit (``"nm"``, ``"um"``, ``"mm"``, ``"cm"``, ``"m"``) for any spelling a file or napari uses
+    (``micron``, ``\u00b5m``, ``micrometer`` ...), or ``""`` for pixels and units that are not lengths."""
+    n = str(name).strip().lower()
+    return n if n in _UM else _SPELLINGS.get(n, "")
 
 
 def to_um(value: float, unit: str) -> float | None:
-    """``value`` in ``unit`` as micrometres, or None for an unknown unit."""
-    f = _UM.get(unit)
+    """``value`` in ``unit`` (any spelling, see :func:`short_unit`) as micrometres, or None for an unknown unit."""
+    f = _UM.get(short_unit(unit))
     return None if f is None else float(value) * f
 
 

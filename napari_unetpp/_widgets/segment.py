@@ -488,8 +488,7 @@ class SegmentWidget(Container):
     def _zoom(self, image: Image, lm: LoadedModel) -> tuple[tuple[float, ...] | None, str]:
         """Resampling to the model's pixel size from the layer's scale, when the layer's units are lengths (what
         the readers set from the file: um for OME-Zarr and ImageJ TIFFs, mm for CT), and a note saying so."""
-        from ..omezarr import UNIT_UM
-        from ..scale import zoom_for
+        from ..scale import to_um, zoom_for
 
         dims = lm.module.config.spatial_dims
         spatial = "ZYX" if dims == 3 else "YX"
@@ -502,9 +501,10 @@ class SegmentWidget(Container):
         size: dict[str, float] = {}
         for i, a in enumerate(axes):
             if a in spatial and i < len(units):
-                if units[i] not in UNIT_UM:
+                um = to_um(float(scale[i]), units[i])
+                if um is None:
                     return None, ""  # pixels, or a unit we do not know: as it is
-                size[a] = float(scale[i]) * UNIT_UM[units[i]]
+                size[a] = um
         try:
             return zoom_for(lm.card, spatial, size, "um")
         except ValueError:
