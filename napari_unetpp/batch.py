@@ -58,6 +58,7 @@ class PredictOptions:
     batch_size: int | None = None
     device: str = "auto"
     precision: str = "auto"
+    runtime: str = "auto"
     objects: str = "none"
     axes: str | None = None
     channel: int | None = None
@@ -78,6 +79,7 @@ class PredictOptions:
             "overlap": self.overlap,
             "batch_size": self.batch_size,
             "precision": self.precision,
+            "runtime": self.runtime,
             "objects": self.objects,
             "channel": self.channel,
         }
@@ -570,7 +572,7 @@ def predict_stack_distributed(
             + "; run it without --scheduler."
         )
     stats = normalization_stats(img.data, loaded, axes=axes, channel=opts.channel)
-    kw = {k: v for k, v in opts.predict_kwargs().items() if k != "precision"}  # the plan runs nothing
+    kw = {k: v for k, v in opts.predict_kwargs().items() if k not in ("precision", "runtime")}  # the plan runs nothing
     plan = plan_prediction(img.data, loaded, axes=axes, device="cpu", stats=stats, **kw)
     out_axes = plan.lay.out_axes
     main = "objects" if plan.objects != "none" else "mask"

@@ -157,6 +157,7 @@ def _options(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
+        runtime=args.runtime,
         objects=args.objects,
         axes=args.axes,
         channel=args.channel,
@@ -582,7 +583,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-levels", action="store_true", help="also write every level's probabilities as OUT_L<k>.tif (float16)"
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help="auto (default): fp16 on a GPU, bf16 on a CPU that has it, else fp32; int8: the model's quantised copy "
+        "on the CPU (faster, not exact; see the README)",
+    )
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "torch", "onnx"],
+        help="what runs the network in fp32 on the CPU: auto (default) measures PyTorch against ONNX Runtime once "
+        "per level and batch shape on this machine and keeps the faster; the summary line says which ran and why",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log the runtime choice, exports and timings")
     p.add_argument(
         "--tile",
         type=int,
@@ -763,6 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 success, 2 a reported error)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if getattr(args, "verbose", False) and args.func is _cmd_predict:
+        logging.getLogger("napari_unetpp").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except CliError as exc:

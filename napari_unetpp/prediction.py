@@ -32,13 +32,14 @@ import numpy as np
 import torch
 
 from .axes import Layout, fit_channels, guess_axes, layout
+from .backends import Backend, Choice, TorchBackend, make_backend
 from .errors import InputError
 from .jobs import run_to_end
 from .network import UNetPlusPlus
 from .normalization import Normalization, check_pixels
 from .postprocess import instance_method, split_instances
 from .registry import LoadedModel, resolve_model
-from .runtime import autocast_context, is_oom, memory_format, release_memory, resolve_device
+from .runtime import is_oom, release_memory, resolve_device
 from .tiling import Blender, TilePlan, gaussian_weights, padding_for, source_index
 
 __all__ = [
@@ -73,7 +74,8 @@ class Prediction:
         threshold: Foreground threshold used for 1-class models.
         axes: Axes of ``mask``.
         seconds: Wall-clock time of the run.
-        device: Device description.
+        device: Where and how the network ran, and why: e.g. ``"CPU · ONNX Runtime fp32 (1.52x PyTorch on this
+            CPU at L4, 256x256 tile)"`` (see :mod:`napari_unetpp.backends`).
         tiles: Number of tiles evaluated.
         cue: The instance cue (probability in [0, 1]) of the level (or ensemble) that made ``mask``, for a model
             with a cue (see :class:`~napari_unetpp.network.UNetPlusPlusConfig`); else None.
@@ -84,6 +86,7 @@ class Prediction:
         channels: How the image's channels were fitted to the model: ``"channel N of M"``, ``"RGB as grey
             (luminance)"``, or ``""`` (as they were).
         objects_count: The largest object ID in ``objects`` (the number of objects).
+        runtime: What ran the network: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32) or ``"onnx-int8"``.
     """
 
     mask: np.ndarray
@@ -102,6 +105,7 @@ class Prediction:
     objects_method: str = "none"
     channels: str = ""
     objects_count: int = 0
+    runtime: str = "torch"
 
 
 @dataclass
@@ -435,6 +439,7 @@ def predict_iter(
     channel: int | None = None,
     zoom: Sequence[float] | None = None,
     rows: tuple[int, int] | None = None,
+    runtime: str = "auto",
 ) -> Generator[Progress, None, Prediction]:
     """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
 
@@ -454,7 +459,9 @@ def predict_iter(
         overlap: Minimum tile overlap as a fraction of ``tile`` (default 0.125: 128 pixels of a 1024 tile).
         batch_size: Tiles per forward pass (default: from a memory budget for the device).
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"mps"``.
-        precision: ``"auto"`` (default: bf16 on capable CPUs, fp16/bf16 on GPUs), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        precision: ``"auto"`` (default: bf16 on capable CPUs, fp16 on GPUs, else fp32), ``"fp32"``, ``"bf16"``,
+            ``"fp16"``, or ``"int8"`` (CPU: the model's statically quantised copy in ONNX Runtime, see
+            :mod:`napari_unetpp.quantize`; faster, not exact).
         normalization: Override the model card's normalisation.
         prob_dtype: ``"float16"`` (default), ``"float32"`` or ``"uint8"`` (probability x 255).
         stats: Normalisation statistics per channel from :func:`normalization_stats` of a larger image (default:
@@ -478,6 +485,8 @@ def predict_iter(
             computed and returned (the outputs have ``stop - start`` of them). Only the tiles touching them run,
             with the statistics given in ``stats``, so they equal the same rows of a whole-image run exactly: how a
             volume is split over a cluster. Not with objects or zoom.
+        runtime: ``"auto"`` (default: in fp32 on the CPU, PyTorch or ONNX Runtime, whichever measured faster on
+            this machine for this level; see :func:`napari_unetpp.backends.choose`), ``"torch"`` or ``"onnx"``.
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
@@ -502,13 +511,29 @@ def predict_iter(
     if zoom is not None and any(abs(float(f) - 1.0) > 1e-6 for f in zoom):
         if rows is not None:
             raise ValueError("rows= and zoom= do not go together; resample first, or predict whole planes.")
-        result = yield from _zoomed_iter(image, model, zoom, {**kw, "precision": precision}, allocate)
+        result = yield from _zoomed_iter(
+            image, model, zoom, {**kw, "precision": precision, "runtime": runtime}, allocate
+        )
         result.seconds = time.perf_counter() - t_start
         return result
     plan = plan_prediction(image, model, rows=rows, **kw)
     result = plan.allocate(allocate)
     writer = PlaneWriter(plan, result)
-    runner = _Runner(plan.net, plan.depth, plan.device, precision, plan.batch)
+    backend = make_backend(
+        plan.model,
+        plan.net,
+        plan.depth,
+        plan.device,
+        precision,
+        plan.tiles.tile_shape,
+        runtime,
+        min(plan.batch, plan.total_tiles),
+    )
+    fallback = None
+    if backend.choice.runtime in ("onnx", "auto") and runtime == "auto":
+        why = Choice("torch", "fp32", "ONNX Runtime failed during the run; PyTorch ran the rest")
+        fallback = lambda: TorchBackend(plan.net, plan.depth, plan.device, "fp32", why)  # noqa: E731
+    runner = _Runner(backend, plan.device, plan.batch, fallback)
     weights = gaussian_weights(plan.tiles.tile_shape) if len(plan.tiles) > 1 else None  # shared by every plane
     blenders: dict[tuple[int, ...], Blender] = {}
     remaining: dict[tuple[int, ...], int] = {}
@@ -535,6 +560,8 @@ def predict_iter(
     finally:  # finished, failed or cancelled: give cached accelerator memory back
         if plan.device.type != "cpu":
             release_memory(plan.device)
+    result.device, result.runtime = runner.backend.choice.describe(plan.device), runner.backend.choice.runtime
+    log.info("L%d ran on %s", plan.depth, result.device)
     result.seconds = time.perf_counter() - t_start
     return result
 
@@ -594,6 +621,7 @@ def _zoomed_iter(
         threshold=inner.threshold,
         axes=out_axes,
         device=inner.device,
+        runtime=inner.runtime,
         tiles=inner.tiles,
         cue=alloc(out_shape, prob_dtype, "cue") if inner.cue is not None else None,
         cues={lv: alloc(out_shape, prob_dtype, f"cue_L{lv}") for lv in wanted if lv in inner.cues},
@@ -663,14 +691,13 @@ def normalization_stats(
 
 # ---------------------------------------------------------------------------------------------------- helpers
 class _Runner:
-    """Runs batches of tiles through the model at depth k (with its cue, when it has one); halves the batch on
-    out-of-memory."""
+    """Runs batches of tiles through the model at depth k (with its cue, when it has one) on the backend
+    :func:`~napari_unetpp.backends.make_backend` chose; halves the batch on out-of-memory."""
 
-    def __init__(self, model: UNetPlusPlus, depth: int, device: torch.device, precision: str, batch: int) -> None:
-        self.model, self.depth, self.device, self.precision, self.batch = model, depth, device, precision, batch
-        self.sigmoid = model.config.num_classes == 1
-        self.cue = model.config.has_cue  # a model with a cue returns it with the classes, for the learned split
-        self.fmt = memory_format(model, device)
+    def __init__(
+        self, backend: Backend, device: torch.device, batch: int, fallback: Callable[[], Backend] | None = None
+    ) -> None:
+        self.backend, self.device, self.batch, self.fallback = backend, device, batch, fallback
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         """``(B, C, *tile)`` float32 input -> ``(B, k, classes [+ cue], *tile)`` float32 probabilities."""
@@ -684,7 +711,11 @@ class _Runner:
                 continue
             except (RuntimeError, MemoryError) as exc:
                 if not is_oom(exc):
-                    raise
+                    if self.fallback is None:
+                        raise
+                    log.warning("ONNX Runtime failed (%s); PyTorch runs the rest", exc)
+                    self.backend, self.fallback = self.fallback(), None
+                    continue
                 if self.batch == 1:
                     raise MemoryError(
                         "out of memory even for a single tile; choose a smaller tile size (--tile) or the CPU."
@@ -695,12 +726,7 @@ class _Runner:
         return np.concatenate(outs)
 
     def _forward(self, chunk: np.ndarray) -> np.ndarray:
-        with torch.inference_mode(), autocast_context(self.device, self.precision):
-            t = torch.from_numpy(chunk).to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
-            outs = self.model(t, depth=self.depth, cue=True) if self.cue else self.model(t, depth=self.depth)
-            logits = torch.stack(outs, dim=1).float()  # (B, k, classes [+ cue], ...)
-            p = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=2)  # a cue model has 1 class
-            return p.cpu().numpy()
+        return self.backend(chunk)
 
 
 def _objects_method(objects: str, cfg: Any) -> str:

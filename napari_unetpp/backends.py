@@ -1,0 +1,488 @@
+"""Which runtime runs the pruned network: PyTorch, or ONNX Runtime on CPUs where it is faster, chosen by measurement.
+
+On a CPU without bf16 (AVX2 only, like most laptops) everything runs in fp32, and there ONNX Runtime's CPU provider
+(blocked NCHWc convolutions, fused activations) ran our pruned sub-networks 1.15x-1.7x faster than PyTorch's
+channels-last path (``benchmarks/bench_inference.py``), with probabilities equal to about 3e-6. Which is faster
+depends on the CPU, the level and the tile, so :func:`choose` measures both once per machine, architecture, level and
+tile size class and remembers the answer on disk (``cache_dir()/runtime_choices.json``).
+
+The exported graph is the inference copy of the network at depth k (batch norm folded, only the nodes with
+``i + j <= k``) returning the probabilities of heads 1..k (and the cue), stacked: the same array
+:class:`~napari_unetpp.prediction._Runner` gets from PyTorch. Batch and spatial sizes are dynamic. It is cached on
+disk under a hash of the parameters it holds, so changed weights (a fine-tuned model) never reuse a stale export.
+
+``precision="int8"`` runs a statically quantised copy (see :mod:`napari_unetpp.quantize`) through ONNX Runtime.
+
+Nothing here imports Qt or napari. ``onnx`` (to export) and ``onnxruntime`` are optional: without them, or when an
+export fails, PyTorch runs and the reason says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .network import _run_nodes
+from .runtime import autocast_context, autocast_dtype, cpu_supports_bf16, memory_format
+
+__all__ = [
+    "RUNTIMES",
+    "Backend",
+    "Choice",
+    "RuntimeUnavailable",
+    "cache_dir",
+    "choose",
+    "make_backend",
+    "onnx_available",
+    "onnx_graph",
+    "params_hash",
+]
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("auto", "torch", "onnx")
+_MIN_GAIN = 1.03  # ONNX Runtime must beat PyTorch by 3 % to be chosen: both are exact, so ties stay with PyTorch
+_LOCK = threading.Lock()
+_HASHES: weakref.WeakKeyDictionary[nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
+_CHOICES: dict[str, Choice] = {}  # this process's decisions (the file is read once per key)
+
+
+class RuntimeUnavailable(UserError, RuntimeError):
+    """The runtime or precision asked for cannot run here (a missing package, a failed export, no calibration)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What runs the network, and why.
+
+    Attributes:
+        runtime: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"onnx-int8"``, or ``"auto"`` while not yet measured.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
+        reason: One short clause, e.g. ``"1.52x PyTorch on this CPU at L4"``.
+        speedup: ONNX Runtime's speed over PyTorch where measured, else None.
+    """
+
+    runtime: str
+    precision: str
+    reason: str
+    speedup: float | None = None
+
+    def describe(self, device: torch.device) -> str:
+        """E.g. ``"CPU · ONNX Runtime fp32 (1.52x PyTorch on this CPU at L4)"``."""
+        names = {
+            "torch": "PyTorch",
+            "onnx": "ONNX Runtime",
+            "onnx-int8": "ONNX Runtime",
+            "auto": "PyTorch or ONNX Runtime",
+        }
+        where = {"cpu": "CPU", "cuda": "CUDA", "mps": "Apple MPS"}.get(device.type, device.type)
+        if device.type == "cuda" and torch.cuda.is_available():
+            where = f"CUDA: {torch.cuda.get_device_name(device)}"
+        return f"{where} · {names[self.runtime]} {self.precision} ({self.reason})"
+
+
+class Backend:
+    """Runs ``(B, C, *tile)`` float32 batches through depth k; returns ``(B, k, classes [+ cue], *tile)`` float32
+    probabilities."""
+
+    choice: Choice
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The network in PyTorch (autocast where it pays, channels-last)."""
+
+    def __init__(self, net: Any, depth: int, device: torch.device, precision: str, choice: Choice) -> None:
+        self.net, self.depth, self.device, self.precision, self.choice = net, depth, device, precision, choice
+        cfg = net.config
+        self.sigmoid = cfg.num_classes == 1
+        self.cue = cfg.has_cue
+        self.fmt = memory_format(net, device)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            t = torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+            outs = self.net(t, depth=self.depth, cue=True) if self.cue else self.net(t, depth=self.depth)
+            logits = torch.stack(outs, dim=1).float()  # (B, k, classes [+ cue], ...)
+            p = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=2)  # a cue model has 1 class
+            return p.cpu().numpy()
+
+
+class OnnxBackend(Backend):
+    """An ONNX Runtime session over the exported graph (fp32, or a quantised copy)."""
+
+    def __init__(self, session: Any, choice: Choice) -> None:
+        self.session, self.choice = session, choice
+        self.input = session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        except Exception as exc:  # onnxruntime's own exception types do not derive from RuntimeError
+            msg = str(exc)
+            if "allocate" in msg.lower() or "bad_alloc" in msg.lower():
+                raise MemoryError(f"out of memory in ONNX Runtime: {msg}") from exc
+            raise RuntimeError(msg) from exc
+
+
+class _Heads(nn.Module):
+    """What the exported graph computes: the nodes of depth k (no pad/crop: inputs are multiples of the pooling,
+    as ``predict``'s tiles are) and heads 1..k (with the cue), activated and stacked on axis 1."""
+
+    def __init__(self, net: Any, depth: int) -> None:
+        super().__init__()
+        self.net, self.depth = net, depth
+        cfg = net.config
+        self.sigmoid, self.cue = cfg.num_classes == 1, cfg.has_cue
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net: Any = self.net
+        outs = _run_nodes(net.nodes, x, self.depth, net.pools)
+        logits = []
+        for j in range(1, self.depth + 1):
+            h = net.heads[f"head_{j}"](outs[0, j])
+            logits.append(torch.cat([h, net.cues[f"cue_{j}"](outs[0, j])], 1) if self.cue else h)
+        stacked = torch.stack(logits, dim=1)
+        return torch.sigmoid(stacked) if self.sigmoid else torch.softmax(stacked, dim=2)
+
+
+# ------------------------------------------------------------------------------------------------- availability
+def onnx_available() -> str | None:
+    """None when ONNX export and ONNX Runtime can run here, else why not (one clause)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name or 'onnxruntime'} is not installed (pip install onnx onnxruntime)"
+    return None
+
+
+def cache_dir() -> Path:
+    """Where exported graphs and runtime choices are kept: ``NAPARI_UNETPP_HOME/cache``, else the user cache folder."""
+    env = os.environ.get("NAPARI_UNETPP_HOME")
+    if env:
+        return Path(env) / "cache"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("napari-unetpp", appauthor=False))
+
+
+def params_hash(net: Any, depth: int) -> str:
+    """SHA-256 (16 hex digits) of the parameters and buffers the depth-``depth`` graph uses, and the architecture.
+    Memoised per network object: inference copies are never modified in place (a new copy follows new weights)."""
+    memo = _HASHES.setdefault(net, {})
+    if depth not in memo:
+        memo[depth] = _params_hash(net, depth)
+    return memo[depth]
+
+
+def _params_hash(net: Any, depth: int) -> str:
+    h = hashlib.sha256(json.dumps(net.config.to_dict(), sort_keys=True).encode())
+    h.update(f"depth={depth}".encode())
+    for name, mod in net.modules_for_depth(depth):
+        for k, v in mod.state_dict().items():
+            h.update(f"{name}.{k}".encode())
+            h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def onnx_graph(net: Any, depth: int) -> Path:
+    """The exported fp32 graph of ``net`` (an inference copy: batch norm folded) at ``depth``, from the disk cache
+    or exported now (a few seconds at L4). Written to a temporary name and renamed, so readers never see half a file.
+
+    Raises:
+        RuntimeUnavailable: onnx is not installed or the export failed.
+    """
+    missing = onnx_available()
+    if missing:
+        raise RuntimeUnavailable(missing)
+    path = cache_dir() / "onnx" / f"{params_hash(net, depth)}-L{depth}.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dims = net.config.spatial_dims
+    mult = net.config.multiple
+    sp = ["z", "y", "x"][-dims:]
+    example = torch.zeros((1, net.config.in_channels, *[2 * m for m in mult]))
+    module = _Heads(_contiguous_copy(net), depth).eval()
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    t0 = time.perf_counter()
+    try:
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+            torch.onnx.export(
+                module,
+                (example,),
+                tmp,
+                opset_version=17,
+                dynamo=False,
+                input_names=["x"],
+                output_names=["p"],
+                dynamic_axes={"x": {0: "b", **{2 + i: a for i, a in enumerate(sp)}}, "p": {0: "b"}},
+            )
+        os.replace(tmp, path)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise RuntimeUnavailable(f"the ONNX export failed ({type(exc).__name__}: {exc})") from exc
+    log.info("exported L%d to ONNX in %.1f s: %s", depth, time.perf_counter() - t0, path)
+    return path
+
+
+def _contiguous_copy(net: Any) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(net).cpu().float().to(memory_format=torch.contiguous_format)
+
+
+def ort_session(path: Path | bytes, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with every graph optimisation and ``threads`` (default: torch's) threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    src = str(path) if isinstance(path, Path) else path
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------------------------- the choice
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _choices_file() -> Path:
+    return cache_dir() / "runtime_choices.json"
+
+
+def _read_choices() -> dict[str, Any]:
+    try:
+        data = json.loads(_choices_file().read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_choice(key: str, value: dict[str, Any]) -> None:
+    with _LOCK:
+        data = _read_choices()
+        data[key] = value
+        f = _choices_file()
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".json", dir=f.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(data, out, indent=1, sort_keys=True)
+            os.replace(tmp, f)
+        except OSError as exc:  # a read-only cache: measured again next time
+            log.info("could not save the runtime choice (%s)", exc)
+
+
+def _time(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def _fp32_cpu(device: torch.device, precision: str) -> bool:
+    return device.type == "cpu" and autocast_dtype(device, precision) is None
+
+
+def _key(net: Any, depth: int, batch: int, tile: tuple[int, ...]) -> str:
+    import onnxruntime
+
+    return "|".join(
+        [
+            _cpu_name(),
+            f"threads={torch.get_num_threads()}",
+            f"torch={torch.__version__}",
+            f"ort={onnxruntime.__version__}",
+            json.dumps(net.config.to_dict(), sort_keys=True),
+            f"L{depth}",
+            f"{batch}x{'x'.join(map(str, tile))}",
+        ]
+    )
+
+
+def choose(
+    net: Any,
+    depth: int,
+    device: torch.device,
+    precision: str = "auto",
+    tile: tuple[int, ...] | None = None,
+    runtime: str = "auto",
+    batch: int = 1,
+) -> Choice:
+    """Decide what runs the depth-``depth`` network (an inference copy) for batches of ``batch`` tiles of ``tile``.
+
+    - GPUs and bf16/fp16 autocast: PyTorch (ONNX Runtime has no faster exact path there).
+    - ``precision="int8"``: the quantised graph in ONNX Runtime.
+    - fp32 on the CPU with ``runtime="auto"``: whichever of PyTorch and ONNX Runtime ran this batch shape faster on
+      this machine, remembered per CPU, thread count, package versions, architecture, level and batch shape in
+      ``runtime_choices.json``; ``runtime == "auto"`` in the answer when it has not been measured yet (the
+      :class:`AutoBackend` measures it on the run's own first batch). PyTorch when ONNX Runtime is missing.
+    - ``runtime="torch"`` / ``"onnx"``: that one (``"onnx"`` raises if it cannot run).
+
+    Measured on a 2-core AVX2 CPU (``benchmarks/bench_inference.py``): which one wins depends on the level and the
+    batch shape (ONNX Runtime 1.4-1.7x at L1, 0.97-1.4x at L4), hence one measurement per shape.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise RuntimeUnavailable("int8 runs on the CPU only; use --device cpu, or fp16/bf16 on the GPU.")
+        missing = onnx_available()
+        if missing:
+            raise RuntimeUnavailable(f"int8 needs ONNX Runtime: {missing}.")
+        return Choice("onnx-int8", "int8", "static int8, calibrated on the model's own data")
+    if device.type != "cpu":
+        dt = autocast_dtype(device, precision)
+        prec = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+        if runtime == "onnx":
+            raise RuntimeUnavailable("the ONNX Runtime path runs on the CPU only; use --runtime auto on a GPU.")
+        return Choice("torch", prec, "autocast on the GPU" if dt is not None else "as asked")
+    if not _fp32_cpu(device, precision):
+        if runtime == "onnx":
+            raise RuntimeUnavailable("the ONNX Runtime path runs in fp32; use --precision fp32 with --runtime onnx.")
+        return Choice("torch", "bf16", "bf16 autocast: this CPU has native bf16" if cpu_supports_bf16() else "asked")
+    if runtime == "torch":
+        return Choice("torch", "fp32", "asked")
+    missing = onnx_available()
+    if missing:
+        if runtime == "onnx":
+            raise RuntimeUnavailable(f"ONNX Runtime cannot run: {missing}.")
+        return Choice("torch", "fp32", missing)
+    if runtime == "onnx":
+        return Choice("onnx", "fp32", "asked")
+    cfg = net.config
+    tile_t = tuple(tile) if tile else ((512,) * 2 if cfg.spatial_dims == 2 else (64,) * 3)
+    key = _key(net, depth, batch, tile_t)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    known = _read_choices().get(key)
+    if isinstance(known, dict) and known.get("runtime") in ("torch", "onnx"):
+        _CHOICES[key] = Choice(known["runtime"], "fp32", str(known.get("reason", "")), known.get("speedup"))
+        return _CHOICES[key]
+    return Choice("auto", "fp32", "not measured yet on this CPU")
+
+
+def _decide(key: str, depth: int, shape: str, t_torch: float, t_onnx: float) -> Choice:
+    """Remember which of the two ran faster (seconds per pixel of the same batch shape)."""
+    speedup = t_torch / max(t_onnx, 1e-12)
+    at = f"at L{depth}, batches of {shape}"
+    if speedup >= _MIN_GAIN:
+        choice = Choice("onnx", "fp32", f"{speedup:.2f}x PyTorch on this CPU {at}", speedup)
+    else:
+        choice = Choice("torch", "fp32", f"ONNX Runtime {speedup:.2f}x, not faster on this CPU {at}", speedup)
+    _CHOICES[key] = choice
+    _write_choice(key, {"runtime": choice.runtime, "reason": choice.reason, "speedup": round(speedup, 3)})
+    log.info("runtime for L%d: %s (%s)", depth, choice.runtime, choice.reason)
+    return choice
+
+
+class AutoBackend(Backend):
+    """Measures PyTorch against ONNX Runtime on the run's first batch, then keeps the faster for the whole run.
+
+    The first call runs the batch through each runtime twice (a warm-up for first-run allocations and kernel
+    choice, then a timed run) and returns the faster one's output, so every output of a run comes from one runtime
+    (runs are reproducible). The answer is saved, so this happens once per machine and batch shape.
+    """
+
+    def __init__(self, torch_backend: TorchBackend, session: Callable[[], Any], key: str, depth: int) -> None:
+        self.torch, self._session, self.key, self.depth = torch_backend, session, key, depth
+        self.choice = Choice("auto", "fp32", "measuring")
+        self.decided: Backend | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.decided is not None:
+            return self.decided(x)
+        try:
+            onnx = OnnxBackend(self._session(), Choice("onnx", "fp32", ""))
+        except RuntimeUnavailable as exc:
+            log.warning("ONNX Runtime not used: %s", exc)
+            self.decided, self.choice = self.torch, Choice("torch", "fp32", str(exc))
+            return self.torch(x)
+        self.torch(x), onnx(x)
+        t_t, out_t = _time(lambda: self.torch(x))
+        t_o, out_o = _time(lambda: onnx(x))
+        shape = f"{x.shape[0]}x{'x'.join(map(str, x.shape[2:]))}"
+        self.choice = _decide(self.key, self.depth, shape, t_t, t_o)
+        if self.choice.runtime == "onnx":
+            self.decided = OnnxBackend(onnx.session, self.choice)
+            return out_o
+        self.decided = TorchBackend(self.torch.net, self.depth, self.torch.device, self.torch.precision, self.choice)
+        return out_t
+
+
+def make_backend(
+    loaded: Any,
+    net: Any,
+    depth: int,
+    device: torch.device,
+    precision: str = "auto",
+    tile: tuple[int, ...] | None = None,
+    runtime: str = "auto",
+    batch: int = 1,
+) -> Backend:
+    """The backend :func:`choose` picks (an :class:`AutoBackend` that measures, when it is not known yet), with its
+    ONNX Runtime session cached on ``loaded`` (a LoadedModel, or None) per graph. A failed export falls back to
+    PyTorch, unless ONNX Runtime was asked for by name."""
+    choice = choose(net, depth, device, precision, tile, runtime, batch)
+    torch_backend = TorchBackend(net, depth, device, precision, choice)
+    if choice.runtime == "torch":
+        return torch_backend
+    memo: dict[str, Any] | None = getattr(loaded, "_memo", None)
+
+    def session() -> Any:
+        key = f"ort:{params_hash(net, depth)}:L{depth}:t{torch.get_num_threads()}"
+        sess = memo.get(key) if memo is not None else None
+        if sess is None:
+            sess = ort_session(onnx_graph(net, depth))
+            if memo is not None:
+                memo[key] = sess
+        return sess
+
+    if choice.runtime == "auto":
+        tile_t = tuple(tile) if tile else tuple(net.config.multiple)
+        return AutoBackend(torch_backend, session, _key(net, depth, batch, tile_t), depth)
+    try:
+        if choice.runtime == "onnx-int8":
+            from .quantize import int8_session
+
+            return OnnxBackend(int8_session(loaded, depth), choice)
+        return OnnxBackend(session(), choice)
+    except RuntimeUnavailable as exc:
+        if runtime == "onnx" or choice.runtime == "onnx-int8":
+            raise
+        log.warning("ONNX Runtime not used: %s", exc)
+        return TorchBackend(net, depth, device, precision, Choice("torch", "fp32", str(exc)))

@@ -1,0 +1,191 @@
+"""The runtime that runs the network (PyTorch or ONNX Runtime): chosen by measurement, remembered, exact on real EM,
+falls back cleanly, and never reuses an export of other weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unetpp import LoadedModel, UNetPlusPlus, predict
+from napari_unetpp import backends as bk
+from napari_unetpp.backends import RuntimeUnavailable, cache_dir
+
+from .conftest import dice
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch):
+    """Each test starts without this process's remembered choices (the file lives in the test's own home)."""
+    monkeypatch.setattr(bk, "_CHOICES", {})
+
+
+def tiny(seed: int = 0, **kw) -> LoadedModel:
+    torch.manual_seed(seed)
+    kw.setdefault("features", (4, 8, 8))
+    return LoadedModel.from_module(UNetPlusPlus(norm="batch", **kw).eval())
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_onnx_runtime_agrees_with_torch_on_real_em(em_model, em_crop, depth):
+    """ONNX Runtime fp32 against PyTorch fp32 on a real crop: probabilities to 1e-4, masks at Dice >= 0.999, for
+    every level's head (heads 1..k come from the same graph)."""
+    crop = em_crop[:2]
+    ref = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime="torch", prob_dtype="float32")
+    got = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime="onnx", prob_dtype="float32")
+    assert ref.runtime == "torch" and got.runtime == "onnx" and "ONNX Runtime fp32" in got.device
+    for lv in range(1, depth + 1):
+        assert np.abs(ref.probabilities[lv] - got.probabilities[lv]).max() < 1e-4, lv
+    assert dice(ref.mask, got.mask) >= 0.999
+
+
+def test_multiclass_and_cue_models_export(em_crop):
+    """Softmax over classes and the cue channel come out of the graph as from PyTorch."""
+    crop = em_crop[0, :64, :80]
+    for lm in (tiny(num_classes=3), tiny(cue="distance")):
+        kw = dict(levels="all", precision="fp32", prob_dtype="float32")
+        ref, got = predict(crop, lm, runtime="torch", **kw), predict(crop, lm, runtime="onnx", **kw)
+        np.testing.assert_allclose(got.probabilities[2], ref.probabilities[2], atol=1e-4)
+        if lm.module.config.has_cue:
+            np.testing.assert_allclose(got.cue, ref.cue, atol=1e-4)
+        assert (got.mask != ref.mask).mean() < 1e-3  # an untrained net has values at 0.5 (ties at float rounding)
+
+
+def test_auto_measures_once_remembers_and_runs_one_runtime(em_model, em_crop, monkeypatch):
+    """The first auto run measures both runtimes on its own first batch and saves the answer; the second reads it
+    without measuring; each run's output comes whole from the chosen runtime (equal to a forced run of it)."""
+    crop = em_crop[:3]
+    decided = []
+    real = bk._decide
+    monkeypatch.setattr(bk, "_decide", lambda *a: decided.append(a) or real(*a))
+    first = predict(crop, em_model, depth=1, precision="fp32", batch_size=2, prob_dtype="float32")
+    assert len(decided) == 1 and first.runtime in ("torch", "onnx")
+    assert "PyTorch" in first.device and "on this CPU at L1" in first.device
+    saved = json.loads((cache_dir() / "runtime_choices.json").read_text())
+    (entry,) = saved.values()
+    assert entry["runtime"] == first.runtime and entry["speedup"] > 0
+    forced = predict(
+        crop, em_model, depth=1, precision="fp32", batch_size=2, prob_dtype="float32", runtime=first.runtime
+    )
+    np.testing.assert_array_equal(first.probabilities[1], forced.probabilities[1])
+    monkeypatch.setattr(bk, "_CHOICES", {})  # a new process: the file answers
+    again = predict(crop, em_model, depth=1, precision="fp32", batch_size=2)
+    assert len(decided) == 1 and again.runtime == first.runtime
+
+
+def test_auto_picks_the_faster_by_measurement(em_crop, monkeypatch):
+    """The decision follows the measured times, both ways."""
+    crop = em_crop[0, :64, :64]
+    for t_torch, t_onnx, want in ((1.0, 0.5, "onnx"), (0.5, 1.0, "torch"), (1.0, 0.99, "torch")):
+        monkeypatch.setattr(bk, "_CHOICES", {})
+        (cache_dir() / "runtime_choices.json").unlink(missing_ok=True)
+        times = iter([t_torch, t_onnx])
+        monkeypatch.setattr(bk, "_time", lambda fn, _t=times: (next(_t), fn()))
+        got = predict(crop, tiny(), precision="fp32")
+        assert got.runtime == want, (t_torch, t_onnx)
+        assert f"{t_torch / t_onnx:.2f}x" in got.device
+
+
+def test_falls_back_to_torch_without_onnxruntime(em_crop, monkeypatch):
+    monkeypatch.setattr(bk, "onnx_available", lambda: "onnxruntime is not installed (pip install onnx onnxruntime)")
+    got = predict(em_crop[0, :64, :64], tiny(), precision="fp32")
+    assert got.runtime == "torch" and "onnxruntime is not installed" in got.device
+    with pytest.raises(RuntimeUnavailable, match="not installed"):
+        predict(em_crop[0, :64, :64], tiny(), precision="fp32", runtime="onnx")
+    with pytest.raises(RuntimeUnavailable, match="int8 needs ONNX Runtime"):
+        predict(em_crop[0, :64, :64], tiny(), precision="int8")
+
+
+def test_falls_back_to_torch_when_export_fails(em_crop, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    crop = em_crop[0, :64, :64]
+    got = predict(crop, tiny(seed=5), precision="fp32")
+    ref = predict(crop, tiny(seed=5), precision="fp32", runtime="torch")
+    assert got.runtime == "torch" and "ONNX export failed" in got.device
+    np.testing.assert_array_equal(got.mask, ref.mask)
+    assert not list((cache_dir() / "onnx").glob("*.onnx")) and not list((cache_dir() / "onnx").glob("*.tmp*"))
+    with pytest.raises(RuntimeUnavailable, match="ONNX export failed"):
+        predict(crop, tiny(seed=5), precision="fp32", runtime="onnx")
+
+
+def test_runtime_failure_mid_run_falls_back_to_torch(em_crop, monkeypatch):
+    """An ONNX Runtime error during an auto run: PyTorch finishes the run, with the same result as a torch run."""
+    crop = em_crop[:3, :64, :64]
+    lm = tiny()
+    times = iter([1.0, 0.1])  # onnx "measured" faster
+    monkeypatch.setattr(bk, "_time", lambda fn: (next(times), fn()))
+    calls = []
+    real = bk.OnnxBackend.__call__
+
+    def flaky(self, x):
+        calls.append(len(x))
+        if len(calls) > 3:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed")
+        return real(self, x)
+
+    monkeypatch.setattr(bk.OnnxBackend, "__call__", flaky)
+    got = predict(crop, lm, precision="fp32", batch_size=1)
+    ref = predict(crop, lm, precision="fp32", batch_size=1, runtime="torch")
+    assert got.runtime == "torch" and "ONNX Runtime failed" in got.device and len(calls) == 4
+    np.testing.assert_allclose(
+        got.probabilities[2].astype(np.float32), ref.probabilities[2].astype(np.float32), atol=2e-3
+    )
+
+
+def test_onnx_out_of_memory_halves_the_batch(em_crop, monkeypatch):
+    class Boom:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feeds):
+            if len(feeds["x"]) > 1:
+                raise Exception("[ONNXRuntimeError] : 6 : Failed to allocate memory for requested buffer of size 1")
+            return self.session.run(names, feeds)
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+    real = bk.ort_session
+    monkeypatch.setattr(bk, "ort_session", lambda *a, **k: Boom(real(*a, **k)))
+    crop = em_crop[:3, :64, :64]
+    got = predict(crop, tiny(), precision="fp32", batch_size=4, runtime="onnx")
+    ref = predict(crop, tiny(), precision="fp32", batch_size=1, runtime="onnx")
+    np.testing.assert_array_equal(got.mask, ref.mask)
+
+
+def test_export_cache_follows_the_weights(em_crop):
+    """Changed weights get a new export (keyed by a hash of the parameters), so ONNX Runtime always runs the
+    weights PyTorch has; the same weights reuse the file."""
+    crop = em_crop[0, :64, :64]
+    a = tiny(seed=1)
+    pa = predict(crop, a, precision="fp32", runtime="onnx", prob_dtype="float32")
+    files = sorted((cache_dir() / "onnx").glob("*.onnx"))
+    assert len(files) == 1
+    predict(crop, tiny(seed=1), precision="fp32", runtime="onnx")  # same weights, another object: same file
+    assert sorted((cache_dir() / "onnx").glob("*.onnx")) == files
+    b = tiny(seed=1)
+    with torch.no_grad():
+        b.module.heads["head_2"].weight.mul_(-1.0)  # weights changed (as fine-tuning does, before a new copy)
+    pb = predict(crop, b, precision="fp32", runtime="onnx", prob_dtype="float32")
+    tb = predict(crop, b, precision="fp32", runtime="torch", prob_dtype="float32")
+    assert len(list((cache_dir() / "onnx").glob("*.onnx"))) == 2
+    np.testing.assert_allclose(pb.probabilities[2], tb.probabilities[2], atol=1e-4)
+    assert np.abs(pb.probabilities[2] - pa.probabilities[2]).max() > 0.01
+
+
+def test_gpu_and_bf16_stay_on_torch():
+    net = tiny().inference_module("cpu")
+    c = bk.choose(net, 2, torch.device("cpu"), precision="bf16")
+    assert c.runtime == "torch" and c.precision == "bf16"
+    with pytest.raises(RuntimeUnavailable, match="fp32"):
+        bk.choose(net, 2, torch.device("cpu"), precision="bf16", runtime="onnx")
+    with pytest.raises(ValueError, match="runtime must be"):
+        bk.choose(net, 2, torch.device("cpu"), runtime="tensorrt")
