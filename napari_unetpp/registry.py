@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -375,6 +376,7 @@ def save_model(
     card: ModelCard,
     directory: str | os.PathLike[str] | None = None,
     storage_dtype: str = "float32",
+    calibration: np.ndarray | None = None,
 ) -> Path:
     """Save a new version of ``card.name`` and return the card's path; never overwrites anything.
 
@@ -387,6 +389,8 @@ def save_model(
         card: The card to save; ``architecture``, ``weights_sha256``, ``weights_dtype`` and ``version`` are filled in.
         directory: Target folder (default: the user models folder, versioned).
         storage_dtype: ``"float32"`` (default) or ``"float16"`` (half the size; loading restores fp32).
+        calibration: Normalised tiles of the model's own data for int8 inference
+            (:func:`napari_unetpp.quantize.calibration_tiles`), saved beside the weights before the card.
     """
     from safetensors.torch import save_file
 
@@ -441,6 +445,14 @@ def save_model(
                 raise FileExistsError(
                     f"{stem.with_suffix('.safetensors')} exists; models are never overwritten."
                 ) from None
+        if calibration is not None:  # before the card: a listed model has its calibration complete
+            from .quantize import calibration_path, save_calibration
+
+            tq = Path(tmp) / "q.safetensors"
+            save_calibration(calibration, tq)
+            os.chmod(tq, 0o644)
+            _fsync(tq)
+            os.replace(tq, calibration_path(stem.with_suffix(".safetensors")))
         tc = Path(tmp) / "c.json"
         tc.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
         _fsync(tc)

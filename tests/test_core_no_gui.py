@@ -23,6 +23,8 @@ CORE = [
     "napari_unetpp.ct",
     "napari_unetpp._napari_io",
     "napari_unetpp.metrics",
+    "napari_unetpp.backends",
+    "napari_unetpp.quantize",
 ]
 
 

@@ -492,6 +492,7 @@ def fine_tune_iter(
         write=save,
         classes=class_names,
         levels=levels,
+        calibration=_calibration(ds.items),
     )
     release_memory(dev)
     return result
@@ -544,3 +545,13 @@ def fine_tune(
     """Run :func:`fine_tune_iter` to the end (same arguments) and return its result; ``on_progress`` gets each
     :class:`TrainProgress`."""
     return run_to_end(fine_tune_iter(model, data, **kwargs), on_progress)
+
+
+def _calibration(items: list[Any]) -> Any:
+    """Calibration tiles for int8 inference from the training images (normalised as the model reads them)."""
+    from ..quantize import calibration_tiles
+
+    try:
+        return calibration_tiles([it.image for it in items], 192 if items[0].image.ndim == 3 else 48)
+    except (ValueError, IndexError):
+        return None

@@ -107,9 +107,11 @@ def save_result(
     write: bool = True,
     classes: list[str] | None = None,
     levels: Sequence[int] | None = None,
+    calibration: Any = None,
 ) -> FineTuneResult:
     """Build the best state's card (parent, data, recipe and why, scores, recommended depth on the trained
-    ``levels``), save it as a new version unless ``write`` is False, and return the :class:`FineTuneResult`."""
+    ``levels``), save it as a new version unless ``write`` is False, and return the :class:`FineTuneResult`.
+    ``calibration``: tiles of the training images for int8 inference, saved with the model."""
     untrained = bool(base.card.training.get("untrained"))  # a new_model: trained from scratch, no parent
     net = copy.deepcopy(base.module).cpu()
     net.load_state_dict(state)
@@ -157,8 +159,10 @@ def save_result(
         parent=None if untrained else base.card.id,
         tile=base.card.tile,
     )
-    path = save_model(net, card) if write else None
+    path = save_model(net, card, calibration=calibration) if write else None
     lm = LoadedModel(net, card, None if path is None else path.with_suffix(".safetensors"), False)
+    if calibration is not None:
+        lm._memo["calibration"] = calibration
     if path is not None:
         log.info("fine-tuned %s -> %s (%s; recommended L%d)", base.card.id, card.id, format_scores(scores), rec)
     return FineTuneResult(
