@@ -84,6 +84,39 @@ def reference_forward(ref: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
     return [np.stack([o[j] for o in outs]) for j in range(len(outs[0]))]
 
 
+FLOPS: dict[int, float] = {}  # per level: multiply-adds x 2 per input pixel of the pruned network
+FLOPS_ALL: dict[int, float] = {}  # what the reference computes beyond: every node and head (one entry)
+SGEMM = [1.0]  # GFLOP/s of a plain 2048^2 fp32 matrix product in torch: the practical fp32 ceiling here
+
+
+def count_flops(module: torch.nn.Module, depth: int, size: int = 256) -> float:
+    """Floating-point operations per input pixel of ``module``'s depth-``depth`` forward (convolutions only)."""
+    total = [0.0]
+
+    def hook(m, inp, out):
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            total[0] += 2 * inp[0].numel() * m.out_channels * m.kernel_size[0] * m.kernel_size[1] / m.groups
+        elif isinstance(m, torch.nn.Conv2d):
+            total[0] += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    hs = [
+        m.register_forward_hook(hook)
+        for m in module.modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+    ]
+    with torch.no_grad():
+        module(torch.zeros(1, module.config.in_channels, size, size), depth=depth)
+    for h in hs:
+        h.remove()
+    return total[0] / size**2
+
+
+def sgemm_gflops() -> float:
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    t, _ = timed(lambda: torch.mm(a, b), 5)
+    return 2 * 2048**3 / t / 1e9
+
+
 def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None) -> list[dict]:
     norm = lm.normalization
     x = norm.apply(img.astype(np.float32), norm.compute_stats(img))
@@ -101,18 +134,24 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None)
             "mp_s": mp / t_ref,
             "peak_extra_mb": mem.extra_mb,
             "vs_reference": 1.0,
+            "gflop_s": sum(FLOPS_ALL.values()) * img.size / t_ref / 1e9,
+            "of_sgemm": sum(FLOPS_ALL.values()) * img.size / t_ref / 1e9 / SGEMM[0],
+            "runtime": "PyTorch eager fp32",
             "dice_vs_reference": 1.0,
             "flips_near_0.5": "-",
         }
     ]
     runs = [(f"L{k}", k, "auto", tile) for k in range(1, lm.max_depth + 1)]
     runs += [(f"L{lm.max_depth} fp32", lm.max_depth, "fp32", tile)]
+    runs += [(f"L{lm.max_depth} PyTorch fp32", lm.max_depth, "torch", tile)]
+    runs += [(f"L{k} int8", k, "int8", tile) for k in range(1, lm.max_depth + 1)]
     if max(img.shape[-2:]) > 1024:  # larger than the default tile budget: also show the untiled run
         runs += [(f"L{lm.max_depth} whole image", lm.max_depth, "auto", 1 << 16)]
     for label, k, prec, tl in runs:
-        t, pred = timed(lambda: predict(img, lm, depth=k, tile=tl, precision=prec), repeats)
+        kw = {"precision": "fp32", "runtime": "torch"} if prec == "torch" else {"precision": prec}
+        t, pred = timed(lambda: predict(img, lm, depth=k, tile=tl, **kw), repeats)
         with PeakRSS() as mem:
-            predict(img, lm, depth=k, tile=tl, precision=prec)
+            predict(img, lm, depth=k, tile=tl, **kw)
         ref_k = ref_probs[k - 1]
         flips = pred.mask.astype(bool) != (ref_k >= 0.5)
         near = float((np.abs(ref_k[flips] - 0.5) < 0.05).mean()) if flips.any() else 1.0
@@ -122,6 +161,9 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None)
                 "level": label,
                 "seconds": t,
                 "mp_s": mp / t,
+                "gflop_s": FLOPS[k] * img.size / t / 1e9,
+                "of_sgemm": FLOPS[k] * img.size / t / 1e9 / SGEMM[0],
+                "runtime": pred.device.split(" · ", 1)[-1],
                 "peak_extra_mb": mem.extra_mb,
                 "vs_reference": t_ref / t,
                 "dice_vs_reference": dice_score(pred.mask, ref_k >= 0.5),
@@ -234,6 +276,15 @@ def main() -> int:
         "torch": torch.__version__,
         "model": lm.card.id,
     }
+    for k in range(1, lm.max_depth + 1):
+        FLOPS[k] = count_flops(lm.module, k)
+    FLOPS_ALL[0] = FLOPS[lm.max_depth]  # every node of the deepest level is every node; extra heads are 1x1
+    SGEMM[0] = sgemm_gflops()
+    flags = sorted(
+        set(open("/proc/cpuinfo").read().split()) & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}
+    )
+    info["cpu_flags"] = " ".join(flags)
+    info["sgemm_gflop_s"] = round(SGEMM[0], 1)
     print(f"# napari-unetpp inference benchmark\n{info}\n")
     rows = bench_images(lm, "5 x 512x512", slices, args.repeats, None)
     rows += bench_images(lm, "2048x2048", big, max(1, args.repeats - 1), None)  # default tile budget
@@ -242,6 +293,9 @@ def main() -> int:
         ("level", "level", ""),
         ("seconds", "s", ".3f"),
         ("mp_s", "MP/s", ".2f"),
+        ("gflop_s", "GFLOP/s", ".0f"),
+        ("of_sgemm", "of sgemm", ".0%"),
+        ("runtime", "what ran (and why)", ""),
         ("peak_extra_mb", "peak extra MB", ".0f"),
         ("vs_reference", "x reference", ".2f"),
         ("dice_vs_reference", "mask Dice vs ref", ".4f"),

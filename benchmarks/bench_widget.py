@@ -45,7 +45,14 @@ def main() -> int:
     wait(lambda: w._preview_worker is None)
     viewer.dims.set_current_step(0, 2)
     lm = w.model
-    print(f"torch threads: main {torch.get_num_threads()}")
+    flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    print(f"CPU flags: {' '.join(flags)}; torch threads: main {torch.get_num_threads()}")
+    # the runtime choice (PyTorch or ONNX Runtime, measured once per machine, level and batch shape) is made before
+    # timing, as it is after a user's first run; what ran is printed per level
+    for k in range(1, lm.max_depth + 1):
+        for n in (1, 4):
+            p = predict(np.asarray(img.data[:n]), lm, depth=k, levels="all")
+        print(f"L{k}: {p.device}")
     print("\n## slider move -> mask on the current 512 x 512 slice\n\n| level | uncached s | cached s |\n|---|---|---|")
     for k in (1, 2, 3, 4):
         w._cache.clear()

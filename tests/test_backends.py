@@ -218,3 +218,20 @@ def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
     np.testing.assert_array_equal(load_calibration(back), tiles)
     q = predict(em_crop[0, :64, :64], back, precision="int8")
     assert q.runtime == "onnx-int8" and q.mask.shape == (64, 64)
+
+
+def test_onnx_arena_released_after_large_runs(em_crop, monkeypatch):
+    """ONNX Runtime's memory arena is shrunk at the end of a run larger than one 512^2 tile (a stack, a big image),
+    and kept after a single small tile (a slider preview, which it makes faster); releasing keeps results."""
+    released = []
+    real = bk.OnnxBackend.release
+    monkeypatch.setattr(bk.OnnxBackend, "release", lambda self: released.append(1) or real(self))
+    lm = tiny()
+    small = predict(em_crop[0, :64, :64], lm, precision="fp32", runtime="onnx")
+    assert released == []
+    big = np.tile(em_crop[:, :64, :64], (1, 9, 9))  # 3 planes of 576^2
+    first = predict(big, lm, precision="fp32", runtime="onnx", prob_dtype="float32")
+    assert released == [1]
+    again = predict(big, lm, precision="fp32", runtime="onnx", prob_dtype="float32")
+    np.testing.assert_array_equal(first.probabilities[2], again.probabilities[2])
+    assert small.runtime == "onnx"

@@ -178,7 +178,8 @@ class SegmentWidget(Container):
         self._all_levels = CheckBox(text="every level as a layer", value=False)
         self._disagreement = CheckBox(text="level disagreement layer", value=False)
         self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
-        self._detected = Label(label="detected", value=describe_device(resolve_device("auto")))
+        self._detected = Label(label="runs on", value=describe_device(resolve_device("auto")))
+        self._detected.native.setWordWrap(True)  # after a run: the runtime that ran the level, and why
         self._preview_btn = PushButton(text="Segment current slice")
         self._run_btn = PushButton(text="Run whole stack")
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
@@ -595,6 +596,7 @@ class SegmentWidget(Container):
 
         def done(out: tuple[Prediction, float]) -> None:
             pred, seconds = out
+            self._detected.value = pred.device  # what ran this level, and why (PyTorch or ONNX Runtime, precision)
             entry = self._cache.put(key, pred.probabilities, {k: seconds}, pred.cues)
             if self._key(image, lm, self._plane(image, lm)[1]) == key:
                 self._render(image, lm, plane, entry)
@@ -748,7 +750,19 @@ class SegmentWidget(Container):
             values = np.where(values > 0, values + np.uint32(start), 0).astype(np.uint32)
             self._next_label[id(layer)] = int(values.max())
         layer.data[plane] = values
-        layer.refresh()
+        if self._on_screen(layer, plane):  # planes off screen are read when the user moves there
+            layer.refresh()
+
+    def _on_screen(self, layer: Any, plane: tuple[int, ...]) -> bool:
+        """Whether ``plane`` of ``layer`` is what the viewer shows now (always, in 3D display). A whole-stack run
+        refreshed the layer for every finished plane; re-slicing for planes nobody sees cost 0.1 s each."""
+        if not plane or self._viewer.dims.ndisplay == 3:
+            return True
+        try:
+            point = layer.world_to_data(self._viewer.dims.point)
+        except Exception:  # pragma: no cover - napari API drift: refresh, as before
+            return True
+        return tuple(int(round(float(v))) for v in list(point)[: len(plane)]) == tuple(plane)
 
     # ----------------------------------------------------------------- whole stack
     def run_stack(self, _=None) -> None:
@@ -811,9 +825,15 @@ class SegmentWidget(Container):
                     planes.append((plane, probs, cues, mask))
                 yield p, planes
 
+        shown = [0.0]
+
         def on_yield(item) -> None:
             p, planes = item
-            if self._progress is not None:
+            now = time.perf_counter()
+            # the progress bar at most twice a second: each redraw of the window competes with the prediction for
+            # the CPU (measured: 12.0 s instead of 13.9 s for 30 x 512^2 without per-batch bar updates, under Xvfb)
+            if self._progress is not None and (now - shown[0] >= 0.5 or p.done == p.total):
+                shown[0] = now
                 self._progress.total = p.total
                 self._progress.n = p.done
                 self._progress.refresh()
@@ -821,6 +841,7 @@ class SegmentWidget(Container):
                 self._store_plane(image, lm, plane, probs, mask if self._depth_slider.value == k else None, cues)
 
         def on_return(pred: Prediction) -> None:
+            self._detected.value = pred.device
             self._timing.value = (
                 f"whole stack L{k}: {time.perf_counter() - t0:.1f} s, "
                 f"{pred.mask.size / 1e6 / max(pred.seconds, 1e-9):.2f} MP/s on {pred.device}"
