@@ -466,6 +466,26 @@ class AutoBackend(Backend):
         return out_t
 
 
+def resolve_runtime(
+    loaded: Any,
+    net: Any,
+    depth: int,
+    device: torch.device,
+    precision: str,
+    tile: tuple[int, ...],
+    runtime: str = "auto",
+    batch: int = 1,
+) -> str:
+    """``"torch"`` or ``"onnx"``: what an ``"auto"`` run of this shape uses, measured now on a zero batch if it is not
+    known yet (else ``runtime`` unchanged). Blocks of one split run pass it on, so every block runs the same
+    runtime and their numbers equal a single process's."""
+    backend = make_backend(loaded, net, depth, device, precision, tile, runtime, batch)
+    if isinstance(backend, AutoBackend):
+        backend(np.zeros((batch, net.config.in_channels, *tile), np.float32))
+    chosen = backend.choice.runtime
+    return chosen if chosen in ("torch", "onnx") else runtime
+
+
 def make_backend(
     loaded: Any,
     net: Any,

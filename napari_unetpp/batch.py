@@ -540,13 +540,16 @@ def predict_stack_distributed(
         SchedulerError: the cluster cannot be started or reached.
     """
     import time
+    from dataclasses import replace
 
     from distributed import as_completed
 
+    from .backends import resolve_runtime
     from .io import output_kind, read_image
     from .omezarr import OmeZarrOutputs
     from .prediction import normalization_stats, plan_prediction
     from .registry import load_model
+    from .runtime import resolve_device
 
     t0 = time.perf_counter()
     dst = Path(dst)
@@ -574,6 +577,19 @@ def predict_stack_distributed(
     stats = normalization_stats(img.data, loaded, axes=axes, channel=opts.channel)
     kw = {k: v for k, v in opts.predict_kwargs().items() if k not in ("precision", "runtime")}  # the plan runs nothing
     plan = plan_prediction(img.data, loaded, axes=axes, device="cpu", stats=stats, **kw)
+    if opts.runtime == "auto" and opts.device in ("auto", "cpu") and resolve_device(opts.device).type == "cpu":
+        # one runtime for every block (PyTorch and ONNX Runtime differ by float rounding): the whole run's choice
+        chosen = resolve_runtime(
+            loaded,
+            plan.net,
+            plan.depth,
+            plan.device,
+            opts.precision,
+            plan.tiles.tile_shape,
+            "auto",
+            plan.batch_shape_tiles,
+        )
+        opts = replace(opts, runtime=chosen)
     out_axes = plan.lay.out_axes
     main = "objects" if plan.objects != "none" else "mask"
     publish = {main: ""}

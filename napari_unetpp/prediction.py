@@ -205,6 +205,13 @@ class PredictionPlan:
         """Tiles in the whole run."""
         return len(self.tile_list) * int(np.prod(self.loop_shape, dtype=np.int64))
 
+    @property
+    def batch_shape_tiles(self) -> int:
+        """Tiles per batch of the whole image's run (a run of some rows counts as the whole run, so its runtime
+        choice, and so its numbers, are the whole run's)."""
+        whole = len(self.tiles) * int(np.prod(self.loop_shape, dtype=np.int64))
+        return min(self.batch, whole)
+
     def allocate(self, allocate: Allocator | None = None) -> Prediction:
         """An empty :class:`Prediction` of the right shapes: ``allocate(shape, dtype, name)`` makes each array
         (default ``np.zeros``), ``name`` saying which: ``"mask"``, ``"L<k>"`` (level k's probabilities),
@@ -527,7 +534,7 @@ def predict_iter(
         precision,
         plan.tiles.tile_shape,
         runtime,
-        min(plan.batch, plan.total_tiles),
+        plan.batch_shape_tiles,
     )
     fallback = None
     if backend.choice.runtime in ("onnx", "auto") and runtime == "auto":
