@@ -235,16 +235,14 @@ def onnx_graph(net: Any, depth: int) -> Path:
     path = cache_dir() / "onnx" / f"{params_hash(net, depth)}-L{depth}.onnx"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     dims = net.config.spatial_dims
     mult = net.config.multiple
     sp = ["z", "y", "x"][-dims:]
     example = torch.zeros((1, net.config.in_channels, *[2 * m for m in mult]))
     module = _Heads(_contiguous_copy(net), depth).eval()
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     t0 = time.perf_counter()
-    try:
+
+    def export(tmp: Path) -> None:
         import warnings
 
         with warnings.catch_warnings(), torch.no_grad():
@@ -252,19 +250,35 @@ def onnx_graph(net: Any, depth: int) -> Path:
             torch.onnx.export(
                 module,
                 (example,),
-                tmp,
+                str(tmp),
                 opset_version=17,
                 dynamo=False,
                 input_names=["x"],
                 output_names=["p"],
                 dynamic_axes={"x": {0: "b", **{2 + i: a for i, a in enumerate(sp)}}, "p": {0: "b"}},
             )
+
+    write_atomically(path, export, "the ONNX export")
+    log.info("exported L%d to ONNX in %.1f s: %s", depth, time.perf_counter() - t0, path)
+    return path
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place: readers (another process
+    using the same cache) never see half a file, and a failure leaves nothing behind.
+
+    Raises:
+        RuntimeUnavailable: ``write`` failed ("<what> failed (...)").
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
         os.replace(tmp, path)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise RuntimeUnavailable(f"the ONNX export failed ({type(exc).__name__}: {exc})") from exc
-    log.info("exported L%d to ONNX in %.1f s: %s", depth, time.perf_counter() - t0, path)
-    return path
+        raise RuntimeUnavailable(f"{what} failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _contiguous_copy(net: Any) -> nn.Module:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from .backends import RuntimeUnavailable, cache_dir, onnx_available, onnx_graph, ort_session, params_hash
+from .backends import (
+    RuntimeUnavailable,
+    cache_dir,
+    onnx_available,
+    onnx_graph,
+    ort_session,
+    params_hash,
+    write_atomically,
+)
 
 __all__ = ["CALIBRATION_SUFFIX", "calibration_tiles", "int8_graph", "int8_session", "load_calibration"]
 
@@ -113,17 +120,9 @@ def int8_graph(loaded: Any, depth: int) -> Path:
     path = cache_dir() / "int8" / f"{params_hash(net, depth)}-{digest}-L{depth}.onnx"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     fp32 = onnx_graph(net, depth)
     t0 = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        _quantize(fp32, Path(tmp), tiles.astype(np.float32))
-        os.replace(tmp, path)
-    except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise RuntimeUnavailable(f"int8 quantisation failed ({type(exc).__name__}: {exc})") from exc
+    write_atomically(path, lambda tmp: _quantize(fp32, tmp, tiles.astype(np.float32)), "int8 quantisation")
     log.info("quantised L%d to int8 in %.1f s: %s", depth, time.perf_counter() - t0, path)
     return path
 
