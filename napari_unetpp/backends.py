@@ -3,8 +3,8 @@
 On a CPU without bf16 (AVX2 only, like most laptops) everything runs in fp32, and there ONNX Runtime's CPU provider
 (blocked NCHWc convolutions, fused activations) ran our pruned sub-networks 1.15x-1.7x faster than PyTorch's
 channels-last path (``benchmarks/bench_inference.py``), with probabilities equal to about 3e-6. Which is faster
-depends on the CPU, the level and the tile, so :func:`choose` measures both once per machine, architecture, level and
-tile size class and remembers the answer on disk (``cache_dir()/runtime_choices.json``).
+depends on the CPU, the level and the batch shape, so :func:`choose` measures both once per machine, architecture,
+level and batch shape and remembers the answer on disk (``cache_dir()/runtime_choices.json``).
 
 The exported graph is the inference copy of the network at depth k (batch norm folded, only the nodes with
 ``i + j <= k``) returning the probabilities of heads 1..k (and the cue), stacked: the same array
@@ -263,7 +263,7 @@ def onnx_graph(net: Any, depth: int) -> Path:
     return path
 
 
-def write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object], what: str) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it into place: readers (another process
     using the same cache) never see half a file, and a failure leaves nothing behind.
 
@@ -287,17 +287,29 @@ def _contiguous_copy(net: Any) -> nn.Module:
     return copy.deepcopy(net).cpu().float().to(memory_format=torch.contiguous_format)
 
 
-def ort_session(path: Path | bytes, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session with every graph optimisation and ``threads`` (default: torch's) threads."""
+def ort_session(path: Path) -> Any:
+    """An ONNX Runtime CPU session over the graph at ``path``, with every graph optimisation and torch's threads."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads or torch.get_num_threads())
+    so.intra_op_num_threads = torch.get_num_threads()
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    src = str(path) if isinstance(path, Path) else path
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def cached_session(loaded: Any, path: Path) -> Any:
+    """:func:`ort_session` over ``path``, kept on ``loaded`` (a LoadedModel, or None) per graph file and thread
+    count: the fp32 export and the int8 copy both come through here."""
+    memo: dict[str, Any] | None = getattr(loaded, "_memo", None)
+    key = f"ort:{path}:t{torch.get_num_threads()}"
+    if memo is not None and key in memo:
+        return memo[key]
+    session = ort_session(path)
+    if memo is not None:
+        memo[key] = session
+    return session
 
 
 # ------------------------------------------------------------------------------------------------- the choice
@@ -329,14 +341,10 @@ def _write_choice(key: str, value: dict[str, Any]) -> None:
     with _LOCK:
         data = _read_choices()
         data[key] = value
-        f = _choices_file()
+        text = json.dumps(data, indent=1, sort_keys=True)
         try:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".json", dir=f.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(data, out, indent=1, sort_keys=True)
-            os.replace(tmp, f)
-        except OSError as exc:  # a read-only cache: measured again next time
+            write_atomically(_choices_file(), lambda tmp: tmp.write_text(text, encoding="utf-8"), "saving the choice")
+        except (OSError, RuntimeUnavailable) as exc:  # a read-only cache: measured again next time
             log.info("could not save the runtime choice (%s)", exc)
 
 
@@ -346,13 +354,12 @@ def _time(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
-def _fp32_cpu(device: torch.device, precision: str) -> bool:
-    return device.type == "cpu" and autocast_dtype(device, precision) is None
-
-
-def _key(net: Any, depth: int, batch: int, tile: tuple[int, ...]) -> str:
+def _key(net: Any, depth: int, batch: int, tile: tuple[int, ...] | None) -> str:
+    """What a runtime choice is remembered under (``tile`` None: ``predict``'s usual 512^2 plane, or a 64^3 patch)."""
     import onnxruntime
 
+    if not tile:
+        tile = (512,) * 2 if net.config.spatial_dims == 2 else (64,) * 3
     return "|".join(
         [
             _cpu_name(),
@@ -361,7 +368,7 @@ def _key(net: Any, depth: int, batch: int, tile: tuple[int, ...]) -> str:
             f"ort={onnxruntime.__version__}",
             json.dumps(net.config.to_dict(), sort_keys=True),
             f"L{depth}",
-            f"{batch}x{'x'.join(map(str, tile))}",
+            f"{batch}x{'x'.join(map(str, tuple(tile)))}",
         ]
     )
 
@@ -397,16 +404,17 @@ def choose(
         if missing:
             raise RuntimeUnavailable(f"int8 needs ONNX Runtime: {missing}.")
         return Choice("onnx-int8", "int8", "static int8, calibrated on the model's own data")
+    dt = autocast_dtype(device, precision)
+    prec = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
     if device.type != "cpu":
-        dt = autocast_dtype(device, precision)
-        prec = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
         if runtime == "onnx":
             raise RuntimeUnavailable("the ONNX Runtime path runs on the CPU only; use --runtime auto on a GPU.")
         return Choice("torch", prec, "autocast on the GPU" if dt is not None else "as asked")
-    if not _fp32_cpu(device, precision):
+    if dt is not None:  # bf16 (or fp16) autocast on the CPU
         if runtime == "onnx":
             raise RuntimeUnavailable("the ONNX Runtime path runs in fp32; use --precision fp32 with --runtime onnx.")
-        return Choice("torch", "bf16", "bf16 autocast: this CPU has native bf16" if cpu_supports_bf16() else "asked")
+        native = prec == "bf16" and cpu_supports_bf16()
+        return Choice("torch", prec, "bf16 autocast: this CPU has native bf16" if native else "asked")
     if runtime == "torch":
         return Choice("torch", "fp32", "asked")
     missing = onnx_available()
@@ -416,9 +424,7 @@ def choose(
         return Choice("torch", "fp32", missing)
     if runtime == "onnx":
         return Choice("onnx", "fp32", "asked")
-    cfg = net.config
-    tile_t = tuple(tile) if tile else ((512,) * 2 if cfg.spatial_dims == 2 else (64,) * 3)
-    key = _key(net, depth, batch, tile_t)
+    key = _key(net, depth, batch, tile)
     if key in _CHOICES:
         return _CHOICES[key]
     known = _read_choices().get(key)
@@ -468,16 +474,15 @@ class AutoBackend(Backend):
             log.warning("ONNX Runtime not used: %s", exc)
             self.decided, self.choice = self.torch, Choice("torch", "fp32", str(exc))
             return self.torch(x)
-        self.torch(x), onnx(x)
+        self.torch(x)  # warm-ups
+        onnx(x)
         t_t, out_t = _time(lambda: self.torch(x))
         t_o, out_o = _time(lambda: onnx(x))
         shape = f"{x.shape[0]}x{'x'.join(map(str, x.shape[2:]))}"
         self.choice = _decide(self.key, self.depth, shape, t_t, t_o)
-        if self.choice.runtime == "onnx":
-            self.decided = OnnxBackend(onnx.session, self.choice)
-            return out_o
-        self.decided = TorchBackend(self.torch.net, self.depth, self.torch.device, self.torch.precision, self.choice)
-        return out_t
+        self.decided = onnx if self.choice.runtime == "onnx" else self.torch
+        self.decided.choice = self.choice
+        return out_o if self.decided is onnx else out_t
 
 
 def resolve_runtime(
@@ -517,20 +522,12 @@ def make_backend(
     torch_backend = TorchBackend(net, depth, device, precision, choice)
     if choice.runtime == "torch":
         return torch_backend
-    memo: dict[str, Any] | None = getattr(loaded, "_memo", None)
 
     def session() -> Any:
-        key = f"ort:{params_hash(net, depth)}:L{depth}:t{torch.get_num_threads()}"
-        sess = memo.get(key) if memo is not None else None
-        if sess is None:
-            sess = ort_session(onnx_graph(net, depth))
-            if memo is not None:
-                memo[key] = sess
-        return sess
+        return cached_session(loaded, onnx_graph(net, depth))
 
     if choice.runtime == "auto":
-        tile_t = tuple(tile) if tile else tuple(net.config.multiple)
-        return AutoBackend(torch_backend, session, _key(net, depth, batch, tile_t), depth)
+        return AutoBackend(torch_backend, session, _key(net, depth, batch, tile), depth)
     try:
         if choice.runtime == "onnx-int8":
             from .quantize import int8_session

@@ -75,7 +75,7 @@ class Prediction:
         axes: Axes of ``mask``.
         seconds: Wall-clock time of the run.
         device: Where and how the network ran, and why: e.g. ``"CPU · ONNX Runtime fp32 (1.52x PyTorch on this
-            CPU at L4, 256x256 tile)"`` (see :mod:`napari_unetpp.backends`).
+            CPU at L4, batches of 4x512x512)"`` (see :mod:`napari_unetpp.backends`).
         tiles: Number of tiles evaluated.
         cue: The instance cue (probability in [0, 1]) of the level (or ensemble) that made ``mask``, for a model
             with a cue (see :class:`~napari_unetpp.network.UNetPlusPlusConfig`); else None.

@@ -29,9 +29,9 @@ import numpy as np
 from .backends import (
     RuntimeUnavailable,
     cache_dir,
+    cached_session,
     onnx_available,
     onnx_graph,
-    ort_session,
     params_hash,
     write_atomically,
 )
@@ -172,14 +172,5 @@ def _quantize_static(fp32: Path, out: Path, reader: Any, keep_fp32: list[str]) -
 
 
 def int8_session(loaded: Any, depth: int) -> Any:
-    """An ONNX Runtime session over :func:`int8_graph`, cached on ``loaded``."""
-    import torch
-
-    key = f"int8:{depth}:t{torch.get_num_threads()}"
-    memo = getattr(loaded, "_memo", None)
-    if memo is not None and key in memo:
-        return memo[key]
-    session = ort_session(int8_graph(loaded, depth))
-    if memo is not None:
-        memo[key] = session
-    return session
+    """An ONNX Runtime session over :func:`int8_graph`, kept on ``loaded``."""
+    return cached_session(loaded, int8_graph(loaded, depth))
