@@ -48,7 +48,10 @@ def run_demo(sample: str = "em", screenshot: str | None = None, minutes: float =
             widget._instances.value = "learned"  # the model's own split of touching nuclei
         widget.run_stack()
     if screenshot:
+        from qtpy.QtWidgets import QApplication
+
         viewer.dims.set_current_step(0, 12 if sample == "ct" else 0)  # ct: a slice not trained on
+        QApplication.processEvents()  # lay the docks out first (nothing else ran the event loop before the picture)
         viewer.screenshot(screenshot, canvas_only=False, flash=False)
         viewer.close()
         return 0

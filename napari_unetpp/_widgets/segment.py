@@ -852,7 +852,7 @@ class SegmentWidget(Container):
             self._detected.value = pred.device
             self._timing.value = (
                 f"whole stack L{k}: {time.perf_counter() - t0:.1f} s, "
-                f"{pred.mask.size / 1e6 / max(pred.seconds, 1e-9):.2f} MP/s on {pred.device}"
+                f"{pred.mask.size / 1e6 / max(pred.seconds, 1e-9):.2f} MP/s"
             )
 
         self._run_btn.enabled = False
