@@ -235,3 +235,25 @@ def test_onnx_arena_released_after_large_runs(em_crop, monkeypatch):
     again = predict(big, lm, precision="fp32", runtime="onnx", prob_dtype="float32")
     np.testing.assert_array_equal(first.probabilities[2], again.probabilities[2])
     assert small.runtime == "onnx"
+
+
+@pytest.mark.parametrize("kw", [{}, {"upsample": "linear"}])
+def test_3d_anisotropic_models_on_real_ct(kw):
+    """A 3D model with anisotropic pooling (as CT models are built) through ONNX Runtime agrees with PyTorch on a
+    real CT crop of odd size."""
+    import tifffile
+
+    from napari_unetpp.export import SAMPLES
+    from napari_unetpp.network import anisotropic_pool
+
+    ct = tifffile.imread(SAMPLES / "ct_abdomen.tif")[:, 200:237, 180:221].astype(np.float32)  # 37 x 41 in-plane
+    torch.manual_seed(0)
+    net = UNetPlusPlus(
+        spatial_dims=3, features=(4, 8, 8, 8), norm="batch", pool=anisotropic_pool((2.0, 0.98, 0.98), 3), **kw
+    )
+    lm = LoadedModel.from_module(net.eval())
+    opts = dict(axes="ZYX", precision="fp32", levels="all", prob_dtype="float32")
+    ref, got = predict(ct, lm, runtime="torch", **opts), predict(ct, lm, runtime="onnx", **opts)
+    assert got.runtime == "onnx" and got.mask.shape == ct.shape
+    for lv in ref.probabilities:
+        assert np.abs(ref.probabilities[lv] - got.probabilities[lv]).max() < 1e-4, lv
