@@ -8,15 +8,19 @@ validation) images when the model is packaged or fine-tuned, and the registry sa
 exported fp32 graph and those tiles, and cached (``cache_dir()/int8``) under the hash of the weights and the tiles.
 
 Measured on a 2-core AVX2 CPU, em-membranes L4 on held-out ISBI slices 25-29 (``benchmarks/bench_inference.py``):
-QDQ, per-channel int8 weights, uint8 activations, min-max ranges. The plain u8s8 scheme reached mask Dice 0.983
+QDQ, per-channel int8 weights, uint8 activations. The plain u8s8 scheme reached mask Dice 0.983
 against fp32: without AVX512-VNNI, ONNX Runtime's u8s8 kernels use VPMADDUBSW, whose 16-bit sums saturate. With
 7-bit weights (``reduce_range``) Dice rose to 0.993 at the same speed; keeping the first convolution (raw
-intensities) and the 1x1 heads in fp32 is what this module does on top. int8 is never the default: it is not exact.
+intensities) and the 1x1 heads in fp32 is what this module does on top, and activation ranges are the 99.999th
+percentile of the calibration activations rather than their min and max (nuclei L1 0.9888 -> 0.9905). int8 is never
+the default: it is not exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import time
@@ -100,6 +104,11 @@ def load_calibration(loaded: Any) -> np.ndarray | None:
         return None
 
 
+# how activation ranges are calibrated; part of the cached graph's name, so a change of recipe re-quantises
+_RECIPE = "p99999"
+_PERCENTILE = 99.999
+
+
 def int8_graph(loaded: Any, depth: int) -> Path:
     """The quantised graph of ``loaded`` at ``depth``, from the cache or made now (a few seconds at L4).
 
@@ -117,7 +126,7 @@ def int8_graph(loaded: Any, depth: int) -> Path:
         )
     net = loaded.inference_module("cpu")
     digest = hashlib.sha256(np.ascontiguousarray(tiles).tobytes()).hexdigest()[:8]
-    path = cache_dir() / "int8" / f"{params_hash(net, depth)}-{digest}-L{depth}.onnx"
+    path = cache_dir() / "int8" / f"{params_hash(net, depth)}-{digest}-{_RECIPE}-L{depth}.onnx"
     if path.is_file():
         return path
     fp32 = onnx_graph(net, depth)
@@ -141,10 +150,11 @@ def _quantize(fp32: Path, out: Path, tiles: np.ndarray) -> None:
     graph = onnx.load(str(fp32))
     convs = [n.name for n in graph.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     keep_fp32 = convs[:1] + [c for c in convs if "/head_" in c or "/cue_" in c]  # raw intensities in; 1x1 heads out
-    quiet = _Quiet()  # onnxruntime.quantization logs advice on the root logger
+    quiet = _Quiet()  # onnxruntime.quantization logs advice on the root logger, and its histogram calibrator prints
     logging.getLogger().addFilter(quiet)
     try:
-        _quantize_static(fp32, out, Reader(), keep_fp32)
+        with contextlib.redirect_stdout(io.StringIO()):
+            _quantize_static(fp32, out, Reader(), keep_fp32)
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -166,7 +176,11 @@ def _quantize_static(fp32: Path, out: Path, reader: Any, keep_fp32: list[str]) -
         reduce_range=True,  # 7-bit weights: u8s8 without VNNI saturates (Dice 0.983 -> 0.993 on held-out EM)
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        # activation ranges from the 99.999th percentile, not min-max: a few extreme activations otherwise widen the
+        # 8-bit steps for all. Held-out mask Dice vs fp32 (min-max -> percentile): nuclei L1 0.9888 -> 0.9905, L4
+        # 0.9985 -> 0.9987; EM L1 0.9920 -> 0.9924, L4 0.9955 -> 0.9956 (99.9 was worse: EM L4 0.9931)
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={"CalibPercentile": _PERCENTILE},
         nodes_to_exclude=keep_fp32,
     )
 
