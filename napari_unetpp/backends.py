@@ -288,12 +288,7 @@ def _contiguous_copy(net: Any) -> nn.Module:
 
 
 def ort_session(path: Path) -> Any:
-    """An ONNX Runtime CPU session over the graph at ``path``, with every graph optimisation and torch's threads.
-
-    Its threads sleep between runs instead of spinning (``NAPARI_UNETPP_ORT_SPIN=1`` restores ORT's default): on 2
-    cores a PyTorch L1 run right after an ONNX Runtime run took 0.126 s against 0.077 s, the spinning threads holding
-    the cores PyTorch and the GUI need, while ORT's own runs were as fast either way (L1 0.061-0.065 s, L4
-    0.45-0.47 s on a 512^2 slice)."""
+    """An ONNX Runtime CPU session over the graph at ``path``, with every graph optimisation and torch's threads."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -301,8 +296,6 @@ def ort_session(path: Path) -> Any:
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    if os.environ.get("NAPARI_UNETPP_ORT_SPIN", "0") != "1":
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

@@ -181,24 +181,6 @@ def test_export_cache_follows_the_weights(em_crop):
     assert np.abs(pb.probabilities[2] - pa.probabilities[2]).max() > 0.01
 
 
-def test_onnx_sessions_do_not_spin(em_crop, monkeypatch):
-    """ONNX Runtime's threads sleep between runs (they held the 2 cores PyTorch and the GUI needed); the variable
-    restores ORT's default."""
-    predict(em_crop[0, :64, :64], tiny(), precision="fp32", runtime="onnx")
-    path = next((cache_dir() / "onnx").glob("*.onnx"))
-    entry = "session.intra_op.allow_spinning"
-
-    def spinning(session) -> str:
-        try:
-            return session.get_session_options().get_session_config_entry(entry)
-        except Exception:  # noqa: BLE001 - not set: ORT's default, which spins
-            return "default"
-
-    assert spinning(bk.ort_session(path)) == "0"
-    monkeypatch.setenv("NAPARI_UNETPP_ORT_SPIN", "1")
-    assert spinning(bk.ort_session(path)) == "default"
-
-
 def test_gpu_and_bf16_stay_on_torch():
     net = tiny().inference_module("cpu")
     c = bk.choose(net, 2, torch.device("cpu"), precision="bf16")
