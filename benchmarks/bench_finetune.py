@@ -326,6 +326,7 @@ def main() -> int:
         f"{'rec':>3} "
         f"{'held-out Dice':>13}   per level L1..L4"
     )
+    opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
     for shift in args.shifts:
         data = load_shift(shift)
         if args.train:
@@ -334,7 +335,8 @@ def main() -> int:
             if set(args.held) & set(data[2]):
                 raise SystemExit(f"held-out slices {args.held} overlap the training slices {data[2]}")
             data = (*data[:3], args.held, *data[4:])
-        trivial = round(dice_score(np.ones_like(data[1][data[3]]), data[1][data[3]]), 4)
+        held_lab = data[1][data[3]]
+        trivial = round(dice_score(np.ones_like(held_lab), held_lab), 4)
         out.setdefault("all_foreground", {})[shift] = trivial
         print(f"{shift}: held-out slices {data[3]}; Dice of calling every pixel foreground: {trivial:.3f}")
         for seed in range(args.seeds):
@@ -347,7 +349,6 @@ def main() -> int:
                     for r in rows:
                         r.update(shift=shift, recipe="fresh", chosen="plain", recommended=4, seed=seed)
                 else:
-                    opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
                     rows = [run_recipe(shift, recipe, m, data, opts, args.device, seed) for m in args.minutes]
                 for r in rows:
                     _record(r, out, args.json)

@@ -65,7 +65,8 @@ def _drawing_cpu() -> float:
 
 
 def main() -> int:
-    viewer = napari.Viewer(show="--hidden" not in sys.argv)
+    hidden = "--hidden" in sys.argv
+    viewer = napari.Viewer(show=not hidden)
     img = viewer.open_sample("napari-unetpp", "em")[0]
     _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     w._image.value = img
@@ -92,9 +93,10 @@ def main() -> int:
     plane = np.asarray(img.data[2])
 
     def painted(since: float) -> float:
-        if "--hidden" in sys.argv:
+        """Seconds from ``since`` until the canvas has drawn after it (the draw runs inside processEvents); NaN when
+        the window is hidden, since nothing is drawn."""
+        if hidden:
             return float("nan")
-        """Seconds from ``since`` until the canvas has drawn after it (the draw runs inside processEvents)."""
         wait(lambda: bool(draws) and draws[-1] > since)  # (the event loop pass that drew has returned)
         return time.perf_counter()
 

@@ -105,8 +105,8 @@ def load_calibration(loaded: Any) -> np.ndarray | None:
 
 
 # how activation ranges are calibrated; part of the cached graph's name, so a change of recipe re-quantises
-_RECIPE = "p99999"
 _PERCENTILE = 99.999
+_RECIPE = f"pct{_PERCENTILE:g}"
 
 
 def int8_graph(loaded: Any, depth: int) -> Path:
