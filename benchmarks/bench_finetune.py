@@ -342,12 +342,12 @@ def main() -> int:
         trivial = round(dice_score(np.ones_like(held_lab), held_lab), 4)
         out.setdefault("all_foreground", {})[shift] = trivial
         print(f"{shift}: held-out slices {data[3]}; Dice of calling every pixel foreground: {trivial:.3f}")
+        modality = {"nuclei-to-em": "em", "nuclei-to-scratch": "brightfield", "new-ct-liver": "ct"}.get(
+            shift, "fluorescence"
+        )  # the plain loop's normalisation
         for seed in range(args.seeds):
             for recipe in args.recipes:
                 if recipe == "fresh":
-                    modality = {"nuclei-to-em": "em", "nuclei-to-scratch": "brightfield", "new-ct-liver": "ct"}.get(
-                        shift, "fluorescence"
-                    )
                     rows = plain_loop(*data[:4], modality, sorted(args.minutes), seed=seed, device=args.device)
                     for r in rows:
                         r.update(shift=shift, recipe="fresh", chosen="plain", recommended=4, seed=seed)
@@ -411,7 +411,8 @@ def summarize(out: dict) -> str:
                     text += f" ({rs[0]['steps']})"
                 fmt.append(text)
             a = cell["adaptive"][0] if cell["adaptive"] else {}
-            chose = f"{a.get('chosen')}, lr {a.get('learning_rate'):.1e}, L{a.get('recommended')}" if a else ""
+            depths = "/".join(f"L{d}" for d in sorted({r["recommended"] for r in cell["adaptive"]}))  # every seed's
+            chose = f"{a.get('chosen')}, lr {a.get('learning_rate'):.1e}, {depths}" if a else ""
             trivial = out.get("all_foreground", {}).get(sh)
             triv = f"{trivial:.3f}" if trivial is not None else "-"
             lines.append(f"| {sh} | {m:g} min | " + " | ".join(fmt) + f" | {chose} | {triv} |")
