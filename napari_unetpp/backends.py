@@ -1,9 +1,10 @@
-"""Which runtime runs the pruned network: PyTorch, or ONNX Runtime on CPUs where it is faster, chosen by measurement.
+"""Which runtime runs the pruned network: PyTorch, ONNX Runtime or OpenVINO, chosen by measurement on the CPU.
 
-On a CPU without bf16 (AVX2 only, like most laptops) everything runs in fp32, and there ONNX Runtime's CPU provider
+On a CPU without bf16 (AVX2 only, like most laptops) everything runs in fp32. There ONNX Runtime's CPU provider
 (blocked NCHWc convolutions, fused activations) ran our pruned sub-networks 1.15x-1.7x faster than PyTorch's
-channels-last path (``benchmarks/bench_inference.py``), with probabilities equal to about 3e-6. Which is faster
-depends on the CPU, the level and the batch shape, so :func:`choose` measures both once per machine, architecture,
+channels-last path, and OpenVINO's CPU plugin (the same ONNX graph, f32 inference precision) 1.8x-2.0x, with
+probabilities equal to about 3e-6 and 1e-7 (``benchmarks/bench_inference.py``). Which is faster depends on the CPU,
+the level and the batch shape, so :func:`choose` measures every runtime installed once per machine, architecture,
 level and batch shape and remembers the answer on disk (``cache_dir()/runtime_choices.json``).
 
 The exported graph is the inference copy of the network at depth k (batch norm folded, only the nodes with
@@ -13,8 +14,8 @@ disk under a hash of the parameters it holds, so changed weights (a fine-tuned m
 
 ``precision="int8"`` runs a statically quantised copy (see :mod:`napari_unetpp.quantize`) through ONNX Runtime.
 
-Nothing here imports Qt or napari. ``onnx`` (to export) and ``onnxruntime`` are optional: without them, or when an
-export fails, PyTorch runs and the reason says why.
+Nothing here imports Qt or napari. ``onnx`` (to export), ``onnxruntime`` and ``openvino`` are optional: without
+them, or when an export fails, PyTorch runs and the reason says why.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch import nn
 
 from .errors import UserError
 from .network import _run_nodes
-from .runtime import autocast_context, autocast_dtype, cpu_supports_bf16, memory_format
+from .runtime import autocast_context, autocast_dtype, cpu_supports_bf16, is_oom, memory_format
 
 __all__ = [
     "RUNTIMES",
@@ -52,12 +53,14 @@ __all__ = [
     "make_backend",
     "onnx_available",
     "onnx_graph",
+    "openvino_available",
     "params_hash",
 ]
 
 log = logging.getLogger(__name__)
-RUNTIMES = ("auto", "torch", "onnx")
-_MIN_GAIN = 1.03  # ONNX Runtime must beat PyTorch by 3 % to be chosen: both are exact, so ties stay with PyTorch
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+NAMES = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "openvino": "OpenVINO"}
+_MIN_GAIN = 1.03  # another runtime must beat PyTorch by 3 % to be chosen: all are exact, so ties stay with PyTorch
 _LOCK = threading.Lock()
 _HASHES: weakref.WeakKeyDictionary[nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
 _CHOICES: dict[str, Choice] = {}  # this process's decisions (the file is read once per key)
@@ -72,10 +75,11 @@ class Choice:
     """What runs the network, and why.
 
     Attributes:
-        runtime: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"onnx-int8"``, or ``"auto"`` while not yet measured.
+        runtime: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"openvino"`` (OpenVINO fp32), ``"onnx-int8"``, or
+            ``"auto"`` while not yet measured.
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
         reason: One short clause, e.g. ``"1.52x PyTorch on this CPU at L4"``.
-        speedup: ONNX Runtime's speed over PyTorch where measured, else None.
+        speedup: The chosen runtime's speed over PyTorch where measured, else None.
     """
 
     runtime: str
@@ -85,12 +89,7 @@ class Choice:
 
     def describe(self, device: torch.device) -> str:
         """E.g. ``"CPU · ONNX Runtime fp32 (1.52x PyTorch on this CPU at L4)"``."""
-        names = {
-            "torch": "PyTorch",
-            "onnx": "ONNX Runtime",
-            "onnx-int8": "ONNX Runtime",
-            "auto": "PyTorch or ONNX Runtime",
-        }
+        names = {**NAMES, "auto": "the fastest runtime"}
         where = {"cpu": "CPU", "cuda": "CUDA", "mps": "Apple MPS"}.get(device.type, device.type)
         if device.type == "cuda" and torch.cuda.is_available():
             where = f"CUDA: {torch.cuda.get_device_name(device)}"
@@ -161,6 +160,32 @@ class OnnxBackend(Backend):
             raise RuntimeError(msg) from exc
 
 
+class OpenVinoBackend(Backend):
+    """An OpenVINO CPU inference request over the exported fp32 graph (one request per backend: a request is not
+    thread-safe, the compiled model it comes from is)."""
+
+    def __init__(self, compiled: Any, choice: Choice) -> None:
+        self.compiled, self.choice = compiled, choice
+        self.request = compiled.create_infer_request()
+
+    def release(self) -> None:
+        """Give the compiled model's intermediate buffers back (they are allocated again on the next run)."""
+        try:
+            self.compiled.release_memory()
+        except Exception as exc:  # pragma: no cover - memory stays cached; nothing else is affected
+            log.info("could not release OpenVINO's memory (%s)", exc)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        try:
+            self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+            return np.array(self.request.get_output_tensor(0).data, copy=True)
+        except Exception as exc:  # OpenVINO raises its own exception types
+            msg = str(exc)
+            if "alloc" in msg.lower() or "memory" in msg.lower():
+                raise MemoryError(f"out of memory in OpenVINO: {msg}") from exc
+            raise RuntimeError(msg) from exc
+
+
 class _Heads(nn.Module):
     """What the exported graph computes: the nodes of depth k (no pad/crop: inputs are multiples of the pooling,
     as ``predict``'s tiles are) and heads 1..k (with the cue), activated and stacked on axis 1."""
@@ -190,6 +215,16 @@ def onnx_available() -> str | None:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         return f"{exc.name or 'onnxruntime'} is not installed (pip install onnx onnxruntime)"
+    return None
+
+
+def openvino_available() -> str | None:
+    """None when the graph can be exported and OpenVINO can run it here, else why not (one clause)."""
+    try:
+        import onnx  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name or 'openvino'} is not installed (pip install onnx openvino)"
     return None
 
 
@@ -312,6 +347,43 @@ def cached_session(loaded: Any, path: Path) -> Any:
     return session
 
 
+@functools.lru_cache(maxsize=1)
+def _ov_core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+def openvino_compiled(loaded: Any, path: Path) -> Any:
+    """The graph at ``path`` compiled for OpenVINO's CPU plugin in f32 (never bf16, which it would choose on CPUs
+    that have it: fp32 asked means exact), latency mode with torch's threads; kept on ``loaded`` like
+    :func:`cached_session`.
+
+    Raises:
+        RuntimeUnavailable: OpenVINO is missing or could not compile the graph.
+    """
+    missing = openvino_available()
+    if missing:
+        raise RuntimeUnavailable(missing)
+    memo: dict[str, Any] | None = getattr(loaded, "_memo", None)
+    key = f"ov:{path}:t{torch.get_num_threads()}"
+    if memo is not None and key in memo:
+        return memo[key]
+    core = _ov_core()
+    config = {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    try:
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as exc:
+        raise RuntimeUnavailable(f"OpenVINO could not compile the graph ({type(exc).__name__}: {exc})") from exc
+    if memo is not None:
+        memo[key] = compiled
+    return compiled
+
+
 # ------------------------------------------------------------------------------------------------- the choice
 @functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
@@ -354,10 +426,18 @@ def _time(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, out
 
 
+def _versions() -> list[str]:
+    out = []
+    for mod in ("onnxruntime", "openvino"):
+        try:
+            out.append(f"{mod}={__import__(mod).__version__}")
+        except ImportError:
+            out.append(f"{mod}=none")
+    return out
+
+
 def _key(net: Any, depth: int, batch: int, tile: tuple[int, ...] | None) -> str:
     """What a runtime choice is remembered under (``tile`` None: ``predict``'s usual 512^2 plane, or a 64^3 patch)."""
-    import onnxruntime
-
     if not tile:
         tile = (512,) * 2 if net.config.spatial_dims == 2 else (64,) * 3
     return "|".join(
@@ -365,12 +445,17 @@ def _key(net: Any, depth: int, batch: int, tile: tuple[int, ...] | None) -> str:
             _cpu_name(),
             f"threads={torch.get_num_threads()}",
             f"torch={torch.__version__}",
-            f"ort={onnxruntime.__version__}",
+            *_versions(),
             json.dumps(net.config.to_dict(), sort_keys=True),
             f"L{depth}",
             f"{batch}x{'x'.join(map(str, tuple(tile)))}",
         ]
     )
+
+
+def _installed() -> dict[str, str | None]:
+    """The runtimes besides PyTorch, each with None when it can run here, else why not."""
+    return {"onnx": onnx_available(), "openvino": openvino_available()}
 
 
 def choose(
@@ -384,16 +469,18 @@ def choose(
 ) -> Choice:
     """Decide what runs the depth-``depth`` network (an inference copy) for batches of ``batch`` tiles of ``tile``.
 
-    - GPUs and bf16/fp16 autocast: PyTorch (ONNX Runtime has no faster exact path there).
+    - GPUs and bf16/fp16 autocast: PyTorch (the other runtimes have no faster exact path there).
     - ``precision="int8"``: the quantised graph in ONNX Runtime.
-    - fp32 on the CPU with ``runtime="auto"``: whichever of PyTorch and ONNX Runtime ran this batch shape faster on
-      this machine, remembered per CPU, thread count, package versions, architecture, level and batch shape in
-      ``runtime_choices.json``; ``runtime == "auto"`` in the answer when it has not been measured yet (the
-      :class:`AutoBackend` measures it on the run's own first batch). PyTorch when ONNX Runtime is missing.
-    - ``runtime="torch"`` / ``"onnx"``: that one (``"onnx"`` raises if it cannot run).
+    - fp32 on the CPU with ``runtime="auto"``: whichever of PyTorch, ONNX Runtime and OpenVINO (those installed)
+      ran this batch shape fastest on this machine, remembered per CPU, thread count, package versions,
+      architecture, level and batch shape in ``runtime_choices.json``; ``runtime == "auto"`` in the answer when it
+      has not been measured yet (the :class:`AutoBackend` measures it on the run's own first batch). PyTorch when
+      neither of the others is installed.
+    - ``runtime="torch"`` / ``"onnx"`` / ``"openvino"``: that one (the last two raise if they cannot run).
 
-    Measured on a 2-core AVX2 CPU (``benchmarks/bench_inference.py``): which one wins depends on the level and the
-    batch shape (ONNX Runtime 1.4-1.7x at L1, 0.97-1.4x at L4), hence one measurement per shape.
+    Measured on a 2-core AVX2 CPU (``benchmarks/bench_inference.py``): which one wins depends on the CPU, the level
+    and the batch shape (ONNX Runtime 1.4-1.7x at L1, 0.97-1.6x at L4; OpenVINO 1.2-1.3x ONNX Runtime), hence one
+    measurement per shape.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
@@ -407,57 +494,69 @@ def choose(
     dt = autocast_dtype(device, precision)
     prec = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
     if device.type != "cpu":
-        if runtime == "onnx":
-            raise RuntimeUnavailable("the ONNX Runtime path runs on the CPU only; use --runtime auto on a GPU.")
+        if runtime in ("onnx", "openvino"):
+            raise RuntimeUnavailable(f"the {NAMES[runtime]} path runs on the CPU only; use --runtime auto on a GPU.")
         return Choice("torch", prec, "autocast on the GPU" if dt is not None else "as asked")
     if dt is not None:  # bf16 (or fp16) autocast on the CPU
-        if runtime == "onnx":
-            raise RuntimeUnavailable("the ONNX Runtime path runs in fp32; use --precision fp32 with --runtime onnx.")
+        if runtime in ("onnx", "openvino"):
+            raise RuntimeUnavailable(
+                f"the {NAMES[runtime]} path runs in fp32; use --precision fp32 with --runtime {runtime}."
+            )
         native = prec == "bf16" and cpu_supports_bf16()
         return Choice("torch", prec, "bf16 autocast: this CPU has native bf16" if native else "asked")
     if runtime == "torch":
         return Choice("torch", "fp32", "asked")
-    missing = onnx_available()
-    if missing:
-        if runtime == "onnx":
-            raise RuntimeUnavailable(f"ONNX Runtime cannot run: {missing}.")
-        return Choice("torch", "fp32", missing)
-    if runtime == "onnx":
-        return Choice("onnx", "fp32", "asked")
+    installed = _installed()
+    if runtime != "auto":
+        if installed[runtime]:
+            raise RuntimeUnavailable(f"{NAMES[runtime]} cannot run: {installed[runtime]}.")
+        return Choice(runtime, "fp32", "asked")
+    usable = [r for r, why in installed.items() if why is None]
+    if not usable:
+        return Choice("torch", "fp32", "; ".join(why for why in installed.values() if why))
     key = _key(net, depth, batch, tile)
     if key in _CHOICES:
         return _CHOICES[key]
     known = _read_choices().get(key)
-    if isinstance(known, dict) and known.get("runtime") in ("torch", "onnx"):
+    if isinstance(known, dict) and known.get("runtime") in ("torch", *usable):
         _CHOICES[key] = Choice(known["runtime"], "fp32", str(known.get("reason", "")), known.get("speedup"))
         return _CHOICES[key]
     return Choice("auto", "fp32", "not measured yet on this CPU")
 
 
-def _decide(key: str, depth: int, shape: str, t_torch: float, t_onnx: float) -> Choice:
-    """Remember which of the two ran faster (seconds per pixel of the same batch shape)."""
-    speedup = t_torch / max(t_onnx, 1e-12)
+def _decide(key: str, depth: int, shape: str, seconds: dict[str, float]) -> Choice:
+    """Remember which runtime ran the same batch fastest (``seconds`` per runtime, PyTorch's among them): another
+    runtime must beat PyTorch by :data:`_MIN_GAIN`."""
+    speed = {r: seconds["torch"] / max(t, 1e-12) for r, t in seconds.items()}
+    best = max((r for r in speed if r != "torch"), key=speed.__getitem__)
     at = f"at L{depth}, batches of {shape}"
-    if speedup >= _MIN_GAIN:
-        choice = Choice("onnx", "fp32", f"{speedup:.2f}x PyTorch on this CPU {at}", speedup)
+    if speed[best] >= _MIN_GAIN:
+        choice = Choice(best, "fp32", f"{speed[best]:.2f}x PyTorch on this CPU {at}", speed[best])
     else:
-        choice = Choice("torch", "fp32", f"ONNX Runtime {speedup:.2f}x, not faster on this CPU {at}", speedup)
+        choice = Choice("torch", "fp32", f"{NAMES[best]} {speed[best]:.2f}x, not faster on this CPU {at}", speed[best])
     _CHOICES[key] = choice
-    _write_choice(key, {"runtime": choice.runtime, "reason": choice.reason, "speedup": round(speedup, 3)})
-    log.info("runtime for L%d: %s (%s)", depth, choice.runtime, choice.reason)
+    measured = {r: round(v, 3) for r, v in speed.items() if r != "torch"}
+    _write_choice(
+        key, {"runtime": choice.runtime, "reason": choice.reason, "speedup": round(speed[best], 3), "x_torch": measured}
+    )
+    log.info("runtime for L%d: %s (%s; x PyTorch: %s)", depth, choice.runtime, choice.reason, measured)
     return choice
 
 
 class AutoBackend(Backend):
-    """Measures PyTorch against ONNX Runtime on the run's first batch, then keeps the faster for the whole run.
+    """Measures PyTorch against the other runtimes installed on the run's first batch, then keeps the fastest for
+    the whole run.
 
     The first call runs the batch through each runtime twice (a warm-up for first-run allocations and kernel
-    choice, then a timed run) and returns the faster one's output, so every output of a run comes from one runtime
-    (runs are reproducible). The answer is saved, so this happens once per machine and batch shape.
+    choice, then a timed run) and returns the fastest one's output, so every output of a run comes from one runtime
+    (runs are reproducible). A runtime that cannot be built or fails on the batch is left out (logged). The answer
+    is saved, so this happens once per machine and batch shape.
     """
 
-    def __init__(self, torch_backend: TorchBackend, session: Callable[[], Any], key: str, depth: int) -> None:
-        self.torch, self._session, self.key, self.depth = torch_backend, session, key, depth
+    def __init__(
+        self, torch_backend: TorchBackend, others: dict[str, Callable[[], Backend]], key: str, depth: int
+    ) -> None:
+        self.torch, self._others, self.key, self.depth = torch_backend, others, key, depth
         self.choice = Choice("auto", "fp32", "measuring")
         self.decided: Backend | None = None
 
@@ -468,21 +567,37 @@ class AutoBackend(Backend):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.decided is not None:
             return self.decided(x)
-        try:
-            onnx = OnnxBackend(self._session(), Choice("onnx", "fp32", ""))
-        except RuntimeUnavailable as exc:
-            log.warning("ONNX Runtime not used: %s", exc)
-            self.decided, self.choice = self.torch, Choice("torch", "fp32", str(exc))
+        backends: dict[str, Backend] = {"torch": self.torch}
+        failed = []
+        for name, make in self._others.items():
+            try:
+                backends[name] = make()
+            except RuntimeUnavailable as exc:
+                failed.append(str(exc))
+                log.warning("%s not used: %s", NAMES[name], exc)
+        for name in list(backends):  # warm-ups; a runtime that fails here is left out
+            try:
+                backends[name](x)
+            except (RuntimeError, MemoryError) as exc:
+                if name == "torch" or is_oom(exc):
+                    raise  # out of memory: the caller halves the batch and this measures again
+                failed.append(f"{NAMES[name]} failed ({exc})")
+                log.warning("%s not used: it failed on the first batch (%s)", NAMES[name], exc)
+                backends.pop(name)
+        if len(backends) == 1:
+            self.decided, self.choice = self.torch, Choice("torch", "fp32", "; ".join(dict.fromkeys(failed)))
             return self.torch(x)
-        self.torch(x)  # warm-ups
-        onnx(x)
-        t_t, out_t = _time(lambda: self.torch(x))
-        t_o, out_o = _time(lambda: onnx(x))
+        seconds, outs = {}, {}
+        for name, backend in backends.items():
+            seconds[name], outs[name] = _time(lambda b=backend: b(x))  # type: ignore[misc]
         shape = f"{x.shape[0]}x{'x'.join(map(str, x.shape[2:]))}"
-        self.choice = _decide(self.key, self.depth, shape, t_t, t_o)
-        self.decided = onnx if self.choice.runtime == "onnx" else self.torch
+        self.choice = _decide(self.key, self.depth, shape, seconds)
+        self.decided = backends[self.choice.runtime]
         self.decided.choice = self.choice
-        return out_o if self.decided is onnx else out_t
+        for backend in backends.values():
+            if backend is not self.decided:
+                backend.release()
+        return outs[self.choice.runtime]
 
 
 def resolve_runtime(
@@ -495,14 +610,14 @@ def resolve_runtime(
     runtime: str = "auto",
     batch: int = 1,
 ) -> str:
-    """``"torch"`` or ``"onnx"``: what an ``"auto"`` run of this shape uses, measured now on a zero batch if it is not
-    known yet (else ``runtime`` unchanged). Blocks of one split run pass it on, so every block runs the same
-    runtime and their numbers equal a single process's."""
+    """``"torch"``, ``"onnx"`` or ``"openvino"``: what an ``"auto"`` run of this shape uses, measured now on a zero
+    batch if it is not known yet (else ``runtime`` unchanged). Blocks of one split run pass it on, so every block
+    runs the same runtime and their numbers equal a single process's."""
     backend = make_backend(loaded, net, depth, device, precision, tile, runtime, batch)
     if isinstance(backend, AutoBackend):
         backend(np.zeros((batch, net.config.in_channels, *tile), np.float32))
     chosen = backend.choice.runtime
-    return chosen if chosen in ("torch", "onnx") else runtime
+    return chosen if chosen in ("torch", "onnx", "openvino") else runtime
 
 
 def make_backend(
@@ -516,26 +631,31 @@ def make_backend(
     batch: int = 1,
 ) -> Backend:
     """The backend :func:`choose` picks (an :class:`AutoBackend` that measures, when it is not known yet), with its
-    ONNX Runtime session cached on ``loaded`` (a LoadedModel, or None) per graph. A failed export falls back to
-    PyTorch, unless ONNX Runtime was asked for by name."""
+    ONNX Runtime session or OpenVINO compiled model cached on ``loaded`` (a LoadedModel, or None) per graph. A failed
+    export falls back to PyTorch, unless a runtime was asked for by name."""
     choice = choose(net, depth, device, precision, tile, runtime, batch)
     torch_backend = TorchBackend(net, depth, device, precision, choice)
     if choice.runtime == "torch":
         return torch_backend
-
-    def session() -> Any:
-        return cached_session(loaded, onnx_graph(net, depth))
-
+    makers: dict[str, Callable[[], Backend]] = {
+        "onnx": lambda: OnnxBackend(cached_session(loaded, onnx_graph(net, depth)), Choice("onnx", "fp32", "")),
+        "openvino": lambda: OpenVinoBackend(
+            openvino_compiled(loaded, onnx_graph(net, depth)), Choice("openvino", "fp32", "")
+        ),
+    }
     if choice.runtime == "auto":
-        return AutoBackend(torch_backend, session, _key(net, depth, batch, tile), depth)
+        usable = {r: makers[r] for r, why in _installed().items() if why is None}
+        return AutoBackend(torch_backend, usable, _key(net, depth, batch, tile), depth)
     try:
         if choice.runtime == "onnx-int8":
             from .quantize import int8_session
 
             return OnnxBackend(int8_session(loaded, depth), choice)
-        return OnnxBackend(session(), choice)
+        backend = makers[choice.runtime]()
+        backend.choice = choice
+        return backend
     except RuntimeUnavailable as exc:
-        if runtime == "onnx" or choice.runtime == "onnx-int8":
+        if runtime != "auto" or choice.runtime == "onnx-int8":
             raise
-        log.warning("ONNX Runtime not used: %s", exc)
+        log.warning("%s not used: %s", NAMES[choice.runtime], exc)
         return TorchBackend(net, depth, device, precision, Choice("torch", "fp32", str(exc)))

@@ -578,7 +578,7 @@ def predict_stack_distributed(
     kw = {k: v for k, v in opts.predict_kwargs().items() if k not in ("precision", "runtime")}  # the plan runs nothing
     plan = plan_prediction(img.data, loaded, axes=axes, device="cpu", stats=stats, **kw)
     if opts.runtime == "auto" and opts.device in ("auto", "cpu") and resolve_device(opts.device).type == "cpu":
-        # one runtime for every block (PyTorch and ONNX Runtime differ by float rounding): the whole run's choice
+        # one runtime for every block (the runtimes differ by float rounding): the whole run's choice
         chosen = resolve_runtime(
             loaded,
             plan.net,

@@ -593,9 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runtime",
         default="auto",
-        choices=["auto", "torch", "onnx"],
-        help="what runs the network in fp32 on the CPU: auto (default) measures PyTorch against ONNX Runtime once "
-        "per level and batch shape on this machine and keeps the faster; the summary line says which ran and why",
+        choices=["auto", "torch", "onnx", "openvino"],
+        help="what runs the network in fp32 on the CPU: auto (default) measures PyTorch, ONNX Runtime and OpenVINO "
+        "(those installed) once "
+        "per level and batch shape on this machine and keeps the fastest; the summary line says which ran and why",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log the runtime choice, exports and timings")
     p.add_argument(

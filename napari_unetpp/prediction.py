@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .axes import Layout, fit_channels, guess_axes, layout
-from .backends import Backend, Choice, TorchBackend, make_backend
+from .backends import NAMES, Backend, Choice, TorchBackend, make_backend
 from .errors import InputError
 from .jobs import run_to_end
 from .network import UNetPlusPlus
@@ -86,7 +86,8 @@ class Prediction:
         channels: How the image's channels were fitted to the model: ``"channel N of M"``, ``"RGB as grey
             (luminance)"``, or ``""`` (as they were).
         objects_count: The largest object ID in ``objects`` (the number of objects).
-        runtime: What ran the network: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32) or ``"onnx-int8"``.
+        runtime: What ran the network: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"openvino"`` (OpenVINO fp32)
+            or ``"onnx-int8"``.
     """
 
     mask: np.ndarray
@@ -492,8 +493,9 @@ def predict_iter(
             computed and returned (the outputs have ``stop - start`` of them). Only the tiles touching them run,
             with the statistics given in ``stats``, so they equal the same rows of a whole-image run exactly: how a
             volume is split over a cluster. Not with objects or zoom.
-        runtime: ``"auto"`` (default: in fp32 on the CPU, PyTorch or ONNX Runtime, whichever measured faster on
-            this machine for this level; see :func:`napari_unetpp.backends.choose`), ``"torch"`` or ``"onnx"``.
+        runtime: ``"auto"`` (default: in fp32 on the CPU, PyTorch, ONNX Runtime or OpenVINO, whichever measured
+            fastest on this machine for this level; see :func:`napari_unetpp.backends.choose`), ``"torch"``,
+            ``"onnx"`` or ``"openvino"``.
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
@@ -537,9 +539,13 @@ def predict_iter(
         plan.batch_shape_tiles,
     )
     fallback = None
-    if backend.choice.runtime in ("onnx", "auto") and runtime == "auto":
-        why = Choice("torch", "fp32", "ONNX Runtime failed during the run; PyTorch ran the rest")
-        fallback = lambda: TorchBackend(plan.net, plan.depth, plan.device, "fp32", why)  # noqa: E731
+    if backend.choice.runtime in ("onnx", "openvino", "auto") and runtime == "auto":
+
+        def fallback() -> Backend:
+            failed = NAMES.get(runner.backend.choice.runtime, "the chosen runtime")
+            why = Choice("torch", "fp32", f"{failed} failed during the run; PyTorch ran the rest")
+            return TorchBackend(plan.net, plan.depth, plan.device, "fp32", why)
+
     runner = _Runner(backend, plan.device, plan.batch, fallback)
     weights = gaussian_weights(plan.tiles.tile_shape) if len(plan.tiles) > 1 else None  # shared by every plane
     blenders: dict[tuple[int, ...], Blender] = {}
@@ -722,7 +728,7 @@ class _Runner:
                 if not is_oom(exc):
                     if self.fallback is None:
                         raise
-                    log.warning("ONNX Runtime failed (%s); PyTorch runs the rest", exc)
+                    log.warning("%s failed (%s); PyTorch runs the rest", self.backend.choice.runtime, exc)
                     self.backend, self.fallback = self.fallback(), None
                     continue
                 if self.batch == 1:
@@ -749,8 +755,8 @@ def _objects_method(objects: str, cfg: Any) -> str:
     return objects
 
 
-# ONNX Runtime keeps its memory arena between runs when a run's batches are at most one 512 x 512 tile (at most
-# ~320 MB at L4): a slider preview then runs 20-50 % faster than after a release. Larger runs give it back.
+# ONNX Runtime (and OpenVINO) keep their memory between runs when a run's batches are at most one 512 x 512 tile (at
+# most ~320 MB at L4): a slider preview then runs 20-50 % faster than after a release. Larger runs give it back.
 _KEEP_ARENA = 512 * 512
 
 

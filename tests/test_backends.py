@@ -1,5 +1,5 @@
-"""The runtime that runs the network (PyTorch or ONNX Runtime): chosen by measurement, remembered, exact on real EM,
-falls back cleanly, and never reuses an export of other weights."""
+"""The runtime that runs the network (PyTorch, ONNX Runtime or OpenVINO): chosen by measurement, remembered, exact on
+real EM and CT, falls back cleanly, and never reuses an export of other weights."""
 
 from __future__ import annotations
 
@@ -17,6 +17,18 @@ from .conftest import dice
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
+# the exported graph's runtimes: OpenVINO is tested where it is installed (the testing extra installs it)
+RUNTIMES = ["onnx"] + (["openvino"] if bk.openvino_available() is None else [])
+MISSING = {
+    "onnx": "onnxruntime is not installed (pip install onnx onnxruntime)",
+    "openvino": "openvino is not installed (pip install onnx openvino)",
+}
+
+
+def only(monkeypatch, *runtimes: str) -> None:
+    """Pretend that of the exported graph's runtimes only ``runtimes`` are installed."""
+    monkeypatch.setattr(bk, "onnx_available", lambda: None if "onnx" in runtimes else MISSING["onnx"])
+    monkeypatch.setattr(bk, "openvino_available", lambda: None if "openvino" in runtimes else MISSING["openvino"])
 
 
 @pytest.fixture(autouse=True)
@@ -31,25 +43,27 @@ def tiny(seed: int = 0, **kw) -> LoadedModel:
     return LoadedModel.from_module(UNetPlusPlus(norm="batch", **kw).eval())
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
-def test_onnx_runtime_agrees_with_torch_on_real_em(em_model, em_crop, depth):
-    """ONNX Runtime fp32 against PyTorch fp32 on a real crop: probabilities to 1e-4, masks at Dice >= 0.999, for
-    every level's head (heads 1..k come from the same graph)."""
+def test_runtimes_agree_with_torch_on_real_em(em_model, em_crop, depth, runtime):
+    """ONNX Runtime and OpenVINO fp32 against PyTorch fp32 on a real crop: probabilities to 1e-4, masks at Dice >=
+    0.999, for every level's head (heads 1..k come from the same graph)."""
     crop = em_crop[:2]
     ref = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime="torch", prob_dtype="float32")
-    got = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime="onnx", prob_dtype="float32")
-    assert ref.runtime == "torch" and got.runtime == "onnx" and "ONNX Runtime fp32" in got.device
+    got = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime=runtime, prob_dtype="float32")
+    assert ref.runtime == "torch" and got.runtime == runtime and f"{bk.NAMES[runtime]} fp32" in got.device
     for lv in range(1, depth + 1):
         assert np.abs(ref.probabilities[lv] - got.probabilities[lv]).max() < 1e-4, lv
     assert dice(ref.mask, got.mask) >= 0.999
 
 
-def test_multiclass_and_cue_models_export(em_crop):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_multiclass_and_cue_models_export(em_crop, runtime):
     """Softmax over classes and the cue channel come out of the graph as from PyTorch."""
     crop = em_crop[0, :64, :80]
     for lm in (tiny(num_classes=3), tiny(cue="distance")):
         kw = dict(levels="all", precision="fp32", prob_dtype="float32")
-        ref, got = predict(crop, lm, runtime="torch", **kw), predict(crop, lm, runtime="onnx", **kw)
+        ref, got = predict(crop, lm, runtime="torch", **kw), predict(crop, lm, runtime=runtime, **kw)
         np.testing.assert_allclose(got.probabilities[2], ref.probabilities[2], atol=1e-4)
         if lm.module.config.has_cue:
             np.testing.assert_allclose(got.cue, ref.cue, atol=1e-4)
@@ -57,18 +71,18 @@ def test_multiclass_and_cue_models_export(em_crop):
 
 
 def test_auto_measures_once_remembers_and_runs_one_runtime(em_model, em_crop, monkeypatch):
-    """The first auto run measures both runtimes on its own first batch and saves the answer; the second reads it
+    """The first auto run measures every runtime on its own first batch and saves the answer; the second reads it
     without measuring; each run's output comes whole from the chosen runtime (equal to a forced run of it)."""
     crop = em_crop[:3]
     decided = []
     real = bk._decide
     monkeypatch.setattr(bk, "_decide", lambda *a: decided.append(a) or real(*a))
     first = predict(crop, em_model, depth=1, precision="fp32", batch_size=2, prob_dtype="float32")
-    assert len(decided) == 1 and first.runtime in ("torch", "onnx")
+    assert len(decided) == 1 and first.runtime in ("torch", *RUNTIMES)
     assert "PyTorch" in first.device and "on this CPU at L1" in first.device
     saved = json.loads((cache_dir() / "runtime_choices.json").read_text())
     (entry,) = saved.values()
-    assert entry["runtime"] == first.runtime and entry["speedup"] > 0
+    assert entry["runtime"] == first.runtime and entry["speedup"] > 0 and set(entry["x_torch"]) == set(RUNTIMES)
     forced = predict(
         crop, em_model, depth=1, precision="fp32", batch_size=2, prob_dtype="float32", runtime=first.runtime
     )
@@ -81,6 +95,7 @@ def test_auto_measures_once_remembers_and_runs_one_runtime(em_model, em_crop, mo
 def test_auto_picks_the_faster_by_measurement(em_crop, monkeypatch):
     """The decision follows the measured times, both ways."""
     crop = em_crop[0, :64, :64]
+    only(monkeypatch, "onnx")
     for t_torch, t_onnx, want in ((1.0, 0.5, "onnx"), (0.5, 1.0, "torch"), (1.0, 0.99, "torch")):
         monkeypatch.setattr(bk, "_CHOICES", {})
         (cache_dir() / "runtime_choices.json").unlink(missing_ok=True)
@@ -91,12 +106,47 @@ def test_auto_picks_the_faster_by_measurement(em_crop, monkeypatch):
         assert f"{t_torch / t_onnx:.2f}x" in got.device
 
 
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO is not installed")
+def test_auto_picks_the_fastest_of_three(em_crop, monkeypatch):
+    """With OpenVINO installed too, the fastest of the three runs (measured in the order PyTorch, ONNX Runtime,
+    OpenVINO), and another runtime still has to beat PyTorch by 3 %; the device line says the chosen one's speed."""
+    crop = em_crop[0, :64, :64]
+    for times, want in (((1.0, 0.6, 0.5), "openvino"), ((1.0, 0.5, 0.6), "onnx"), ((1.0, 1.2, 0.99), "torch")):
+        monkeypatch.setattr(bk, "_CHOICES", {})
+        (cache_dir() / "runtime_choices.json").unlink(missing_ok=True)
+        it = iter(times)
+        monkeypatch.setattr(bk, "_time", lambda fn, _t=it: (next(_t), fn()))
+        got = predict(crop, tiny(), precision="fp32")
+        assert got.runtime == want, times
+        assert f"{1.0 / min(times[1:]):.2f}x" in got.device
+
+
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO is not installed")
+def test_a_runtime_that_fails_on_the_first_batch_is_left_out(em_crop, monkeypatch):
+    """OpenVINO failing on the measuring batch: the others are measured without it, and the run completes."""
+
+    def broken(self, x):
+        raise RuntimeError("Exception from src/plugins/intel_cpu: unsupported")
+
+    monkeypatch.setattr(bk.OpenVinoBackend, "__call__", broken)
+    crop = em_crop[0, :64, :64]
+    got = predict(crop, tiny(), precision="fp32")
+    ref = predict(crop, tiny(), precision="fp32", runtime="torch")
+    assert got.runtime in ("torch", "onnx")
+    assert dice(got.mask, ref.mask) >= 0.999
+    saved = json.loads((cache_dir() / "runtime_choices.json").read_text())
+    assert [set(e["x_torch"]) for e in saved.values()] == [{"onnx"}]
+
+
 def test_falls_back_to_torch_without_onnxruntime(em_crop, monkeypatch):
-    monkeypatch.setattr(bk, "onnx_available", lambda: "onnxruntime is not installed (pip install onnx onnxruntime)")
+    only(monkeypatch)
     got = predict(em_crop[0, :64, :64], tiny(), precision="fp32")
     assert got.runtime == "torch" and "onnxruntime is not installed" in got.device
+    assert "openvino is not installed" in got.device
     with pytest.raises(RuntimeUnavailable, match="not installed"):
         predict(em_crop[0, :64, :64], tiny(), precision="fp32", runtime="onnx")
+    with pytest.raises(RuntimeUnavailable, match="OpenVINO cannot run: openvino is not installed"):
+        predict(em_crop[0, :64, :64], tiny(), precision="fp32", runtime="openvino")
     with pytest.raises(RuntimeUnavailable, match="int8 needs ONNX Runtime"):
         predict(em_crop[0, :64, :64], tiny(), precision="int8")
 
@@ -112,14 +162,16 @@ def test_falls_back_to_torch_when_export_fails(em_crop, monkeypatch):
     assert got.runtime == "torch" and "ONNX export failed" in got.device
     np.testing.assert_array_equal(got.mask, ref.mask)
     assert not list((cache_dir() / "onnx").glob("*.onnx")) and not list((cache_dir() / "onnx").glob("*.tmp*"))
-    with pytest.raises(RuntimeUnavailable, match="ONNX export failed"):
-        predict(crop, tiny(seed=5), precision="fp32", runtime="onnx")
+    for runtime in RUNTIMES:
+        with pytest.raises(RuntimeUnavailable, match="ONNX export failed"):
+            predict(crop, tiny(seed=5), precision="fp32", runtime=runtime)
 
 
 def test_runtime_failure_mid_run_falls_back_to_torch(em_crop, monkeypatch):
     """An ONNX Runtime error during an auto run: PyTorch finishes the run, with the same result as a torch run."""
     crop = em_crop[:3, :64, :64]
     lm = tiny()
+    only(monkeypatch, "onnx")
     times = iter([1.0, 0.1])  # onnx "measured" faster
     monkeypatch.setattr(bk, "_time", lambda fn: (next(times), fn()))
     calls = []
@@ -185,8 +237,9 @@ def test_gpu_and_bf16_stay_on_torch():
     net = tiny().inference_module("cpu")
     c = bk.choose(net, 2, torch.device("cpu"), precision="bf16")
     assert c.runtime == "torch" and c.precision == "bf16"
-    with pytest.raises(RuntimeUnavailable, match="fp32"):
-        bk.choose(net, 2, torch.device("cpu"), precision="bf16", runtime="onnx")
+    for runtime in ("onnx", "openvino"):
+        with pytest.raises(RuntimeUnavailable, match="fp32"):
+            bk.choose(net, 2, torch.device("cpu"), precision="bf16", runtime=runtime)
     with pytest.raises(ValueError, match="runtime must be"):
         bk.choose(net, 2, torch.device("cpu"), runtime="tensorrt")
 
@@ -240,9 +293,28 @@ def test_onnx_arena_released_after_large_runs(em_crop, monkeypatch):
     assert small.runtime == "onnx"
 
 
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO is not installed")
+def test_openvino_memory_released_after_large_runs(em_crop, monkeypatch):
+    """OpenVINO's intermediate buffers are given back after a run larger than one 512^2 tile, as ONNX Runtime's
+    arena is, and the next run gives the same numbers."""
+    released = []
+    real = bk.OpenVinoBackend.release
+    monkeypatch.setattr(bk.OpenVinoBackend, "release", lambda self: released.append(1) or real(self))
+    lm = tiny()
+    predict(em_crop[0, :64, :64], lm, precision="fp32", runtime="openvino")
+    assert released == []
+    big = np.tile(em_crop[:, :64, :64], (1, 9, 9))
+    first = predict(big, lm, precision="fp32", runtime="openvino", prob_dtype="float32")
+    assert released == [1]
+    again = predict(big, lm, precision="fp32", runtime="openvino", prob_dtype="float32")
+    np.testing.assert_array_equal(first.probabilities[2], again.probabilities[2])
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("kw", [{}, {"upsample": "linear"}])
-def test_3d_anisotropic_models_on_real_ct(kw):
-    """A 3D model with anisotropic pooling (as CT models are built) through ONNX Runtime agrees with PyTorch on a
+def test_3d_anisotropic_models_on_real_ct(kw, runtime):
+    """A 3D model with anisotropic pooling (as CT models are built) through ONNX Runtime or OpenVINO agrees with
+    PyTorch on a
     real CT crop of odd size."""
     import tifffile
 
@@ -256,7 +328,7 @@ def test_3d_anisotropic_models_on_real_ct(kw):
     )
     lm = LoadedModel.from_module(net.eval())
     opts = dict(axes="ZYX", precision="fp32", levels="all", prob_dtype="float32")
-    ref, got = predict(ct, lm, runtime="torch", **opts), predict(ct, lm, runtime="onnx", **opts)
-    assert got.runtime == "onnx" and got.mask.shape == ct.shape
+    ref, got = predict(ct, lm, runtime="torch", **opts), predict(ct, lm, runtime=runtime, **opts)
+    assert got.runtime == runtime and got.mask.shape == ct.shape
     for lv in ref.probabilities:
         assert np.abs(ref.probabilities[lv] - got.probabilities[lv]).max() < 1e-4, lv
