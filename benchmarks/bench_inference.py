@@ -31,6 +31,7 @@ import torch
 
 from napari_unetpp import load_model, predict
 from napari_unetpp._sample_data import em_sample
+from napari_unetpp.backends import onnx_available, openvino_available
 from napari_unetpp.metrics import dice_score
 from napari_unetpp.runtime import autocast_context, cpu_supports_bf16, optimize_for_inference
 
@@ -144,11 +145,15 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None)
     runs = [(f"L{k}", k, "auto", tile) for k in range(1, lm.max_depth + 1)]
     runs += [(f"L{lm.max_depth} fp32", lm.max_depth, "fp32", tile)]
     runs += [(f"L{lm.max_depth} PyTorch fp32", lm.max_depth, "torch", tile)]
+    for rt, what in (("onnx", "ONNX Runtime"), ("openvino", "OpenVINO")):  # each exact runtime forced, if installed
+        if (onnx_available() if rt == "onnx" else openvino_available()) is None:
+            runs += [(f"L{lm.max_depth} {what} fp32", lm.max_depth, rt, tile)]
     runs += [(f"L{k} int8", k, "int8", tile) for k in range(1, lm.max_depth + 1)]
     if max(img.shape[-2:]) > 1024:  # larger than the default tile budget: also show the untiled run
         runs += [(f"L{lm.max_depth} whole image", lm.max_depth, "auto", 1 << 16)]
     for label, k, prec, tl in runs:
-        kw = {"precision": "fp32", "runtime": "torch"} if prec == "torch" else {"precision": prec}
+        forced = prec in ("torch", "onnx", "openvino")
+        kw = {"precision": "fp32", "runtime": prec} if forced else {"precision": prec}
         t, pred = timed(lambda: predict(img, lm, depth=k, tile=tl, **kw), repeats)
         with PeakRSS() as mem:
             predict(img, lm, depth=k, tile=tl, **kw)
