@@ -160,22 +160,45 @@ class OnnxBackend(Backend):
             raise RuntimeError(msg) from exc
 
 
+class OpenVinoModel:
+    """An OpenVINO compiled model, shared by every run of one graph (cached on the LoadedModel), and how many of
+    its inference requests are running: its memory may be released only when none is (OpenVINO's
+    ``release_memory`` must not overlap inference; a slider preview can run beside a whole-stack run)."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.lock = threading.Lock()
+        self.running = 0
+
+    def release(self) -> bool:
+        """Give the intermediate buffers back (allocated again by the next run) unless a request is running;
+        whether it did."""
+        with self.lock:
+            if self.running:
+                return False
+            try:
+                self.compiled.release_memory()
+            except Exception as exc:  # pragma: no cover - memory stays cached; nothing else is affected
+                log.info("could not release OpenVINO's memory (%s)", exc)
+                return False
+            return True
+
+
 class OpenVinoBackend(Backend):
     """An OpenVINO CPU inference request over the exported fp32 graph (one request per backend: a request is not
     thread-safe, the compiled model it comes from is)."""
 
-    def __init__(self, compiled: Any, choice: Choice) -> None:
-        self.compiled, self.choice = compiled, choice
-        self.request = compiled.create_infer_request()
+    def __init__(self, model: OpenVinoModel, choice: Choice) -> None:
+        self.model, self.choice = model, choice
+        self.request = model.compiled.create_infer_request()
 
     def release(self) -> None:
-        """Give the compiled model's intermediate buffers back (they are allocated again on the next run)."""
-        try:
-            self.compiled.release_memory()
-        except Exception as exc:  # pragma: no cover - memory stays cached; nothing else is affected
-            log.info("could not release OpenVINO's memory (%s)", exc)
+        """Give the compiled model's intermediate buffers back, when no other run is using it."""
+        self.model.release()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self.model.lock:
+            self.model.running += 1
         try:
             self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
             return np.array(self.request.get_output_tensor(0).data, copy=True)
@@ -184,6 +207,9 @@ class OpenVinoBackend(Backend):
             if "alloc" in msg.lower() or "memory" in msg.lower():
                 raise MemoryError(f"out of memory in OpenVINO: {msg}") from exc
             raise RuntimeError(msg) from exc
+        finally:
+            with self.model.lock:
+                self.model.running -= 1
 
 
 class _Heads(nn.Module):
@@ -354,7 +380,7 @@ def _ov_core() -> Any:
     return ov.Core()
 
 
-def openvino_compiled(loaded: Any, path: Path) -> Any:
+def openvino_compiled(loaded: Any, path: Path) -> OpenVinoModel:
     """The graph at ``path`` compiled for OpenVINO's CPU plugin in f32 (never bf16, which it would choose on CPUs
     that have it: fp32 asked means exact), latency mode with torch's threads; kept on ``loaded`` like
     :func:`cached_session`.
@@ -376,7 +402,7 @@ def openvino_compiled(loaded: Any, path: Path) -> Any:
         "INFERENCE_PRECISION_HINT": "f32",
     }
     try:
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        compiled = OpenVinoModel(core.compile_model(core.read_model(str(path)), "CPU", config))
     except Exception as exc:
         raise RuntimeUnavailable(f"OpenVINO could not compile the graph ({type(exc).__name__}: {exc})") from exc
     if memo is not None:

@@ -332,3 +332,38 @@ def test_3d_anisotropic_models_on_real_ct(kw, runtime):
     assert got.runtime == runtime and got.mask.shape == ct.shape
     for lv in ref.probabilities:
         assert np.abs(ref.probabilities[lv] - got.probabilities[lv]).max() < 1e-4, lv
+
+
+def test_openvino_memory_is_not_released_while_another_run_infers():
+    """A slider preview can run beside a whole-stack run on the same compiled model: the release at the end of one
+    run waits for a moment when no request is inferring (OpenVINO's release_memory must not overlap inference)."""
+    import threading
+
+    started, go, released = threading.Event(), threading.Event(), []
+
+    class Request:
+        def infer(self, feeds):
+            started.set()
+            go.wait(10)
+
+        def get_output_tensor(self, i):
+            return type("T", (), {"data": np.zeros((1, 1, 1, 8, 8), np.float32)})()
+
+    class Compiled:
+        def create_infer_request(self):
+            return Request()
+
+        def release_memory(self):
+            released.append(1)
+
+    model = bk.OpenVinoModel(Compiled())
+    stack, preview = (bk.OpenVinoBackend(model, bk.Choice("openvino", "fp32", "")) for _ in range(2))
+    t = threading.Thread(target=stack, args=(np.zeros((1, 1, 8, 8), np.float32),))
+    t.start()
+    assert started.wait(10)
+    preview.release()  # the stack run is inferring: nothing is released
+    assert released == [] and model.running == 1
+    go.set()
+    t.join(10)
+    preview.release()
+    assert released == [1] and model.running == 0
