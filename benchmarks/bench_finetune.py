@@ -7,9 +7,9 @@ clock, for the old recipe, the adaptive recipe and a fresh network; and where a 
     python benchmarks/bench_finetune.py --profile-only                # the step-time table alone
     python benchmarks/bench_finetune.py --shifts nuclei-to-scratch --seeds 3 --skip-profile --ablations
 
-``--seeds N`` repeats every run with seeds 0..N-1, and the table shows the mean with its range: one seed's
-difference between recipes was within run-to-run noise on EM and the scratch assay. ``--held`` replaces a shift's
-held-out slices and ``--train`` the training slices.
+``--seeds N`` repeats every run with seeds 0..N-1 (``--first-seed S``: S..S+N-1), and the table shows the mean with
+its range: one seed's difference between recipes was within run-to-run noise on EM and the scratch assay.
+``--held`` replaces a shift's held-out slices and ``--train`` the training slices.
 
 Shifts (each trains on a few fully labelled slices and is scored on held-out slices it never trained or validated
 on, at least 2 slices away from any training slice):
@@ -286,6 +286,9 @@ def main() -> int:
     ap.add_argument(
         "--seeds", type=int, default=1, help="repeat every run with seeds 0..N-1 (the table shows mean and range)"
     )
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="start the seeds here (add seeds to a stored run with --seeds)"
+    )
     ap.add_argument("--option", nargs="*", default=[], help="KEY=VALUE fine-tuning options for the adaptive recipe")
     ap.add_argument("--summarize", type=Path, default=None, help="print the markdown table of a results JSON")
     ap.add_argument("--device", default="cpu", help="cpu (the default: the figures users without a GPU get) or cuda")
@@ -345,7 +348,7 @@ def main() -> int:
         modality = {"nuclei-to-em": "em", "nuclei-to-scratch": "brightfield", "new-ct-liver": "ct"}.get(
             shift, "fluorescence"
         )  # the plain loop's normalisation
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for recipe in args.recipes:
                 if recipe == "fresh":
                     rows = plain_loop(*data[:4], modality, sorted(args.minutes), seed=seed, device=args.device)
