@@ -65,14 +65,15 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def timed(fn, repeats: int):
+def timed(fn, repeats: int, best: bool = False):
+    """Seconds of ``fn`` after a warm-up: the median of ``repeats`` runs (the fastest with ``best``), and its output."""
     fn()  # warm-up
     times, out = [], None
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
-    return float(np.median(times)), out
+    return float(min(times) if best else np.median(times)), out
 
 
 def reference_forward(ref: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
@@ -116,13 +117,8 @@ def sgemm_gflops() -> float:
     """The fastest of 10 products (the ceiling; a median was measured at 106 and 168 GFLOP/s a minute apart on a
     shared 2-core machine, which made every share of it meaningless): shares of it err on the low side."""
     a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048**3 / best / 1e9
+    t, _ = timed(lambda: torch.mm(a, b), 10, best=True)
+    return 2 * 2048**3 / t / 1e9
 
 
 def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None) -> list[dict]:
@@ -204,7 +200,7 @@ def network_alone(lm, img: np.ndarray, repeats: int) -> list[dict]:
         rows.append(
             {
                 "level": f"L{k}",
-                "runtime": backend.choice.runtime if backend.choice.runtime != "auto" else "?",
+                "runtime": backend.choice.runtime,  # decided by the first call
                 "ms_per_slice": 1000 * t / len(x),
                 "gflop_s": gflop_s,
                 "of_sgemm": gflop_s / SGEMM[0],

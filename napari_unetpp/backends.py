@@ -360,17 +360,23 @@ def ort_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _kept_on(loaded: Any, key: str, build: Callable[[], Any]) -> Any:
+    """``build()``, kept on ``loaded`` (a LoadedModel, or None: built every time) under ``key`` and torch's thread
+    count: what a runtime loads from a graph file is made once per model."""
+    memo: dict[str, Any] | None = getattr(loaded, "_memo", None)
+    key = f"{key}:t{torch.get_num_threads()}"
+    if memo is not None and key in memo:
+        return memo[key]
+    made = build()
+    if memo is not None:
+        memo[key] = made
+    return made
+
+
 def cached_session(loaded: Any, path: Path) -> Any:
     """:func:`ort_session` over ``path``, kept on ``loaded`` (a LoadedModel, or None) per graph file and thread
     count: the fp32 export and the int8 copy both come through here."""
-    memo: dict[str, Any] | None = getattr(loaded, "_memo", None)
-    key = f"ort:{path}:t{torch.get_num_threads()}"
-    if memo is not None and key in memo:
-        return memo[key]
-    session = ort_session(path)
-    if memo is not None:
-        memo[key] = session
-    return session
+    return _kept_on(loaded, f"ort:{path}", lambda: ort_session(path))
 
 
 @functools.lru_cache(maxsize=1)
@@ -391,23 +397,20 @@ def openvino_compiled(loaded: Any, path: Path) -> OpenVinoModel:
     missing = openvino_available()
     if missing:
         raise RuntimeUnavailable(missing)
-    memo: dict[str, Any] | None = getattr(loaded, "_memo", None)
-    key = f"ov:{path}:t{torch.get_num_threads()}"
-    if memo is not None and key in memo:
-        return memo[key]
-    core = _ov_core()
-    config = {
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32",
-    }
-    try:
-        compiled = OpenVinoModel(core.compile_model(core.read_model(str(path)), "CPU", config))
-    except Exception as exc:
-        raise RuntimeUnavailable(f"OpenVINO could not compile the graph ({type(exc).__name__}: {exc})") from exc
-    if memo is not None:
-        memo[key] = compiled
-    return compiled
+
+    def compile_graph() -> OpenVinoModel:
+        core = _ov_core()
+        config = {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        try:
+            return OpenVinoModel(core.compile_model(core.read_model(str(path)), "CPU", config))
+        except Exception as exc:
+            raise RuntimeUnavailable(f"OpenVINO could not compile the graph ({type(exc).__name__}: {exc})") from exc
+
+    return _kept_on(loaded, f"ov:{path}", compile_graph)
 
 
 # ------------------------------------------------------------------------------------------------- the choice
