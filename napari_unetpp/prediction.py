@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .axes import Layout, fit_channels, guess_axes, layout
-from .backends import NAMES, Backend, Choice, TorchBackend, make_backend
+from .backends import NAMES, Backend, Choice, TorchBackend, make_backend, release_later
 from .errors import InputError
 from .jobs import run_to_end
 from .network import UNetPlusPlus
@@ -574,7 +574,7 @@ def predict_iter(
         if plan.device.type != "cpu":
             release_memory(plan.device)
         elif min(plan.batch, plan.total_tiles) * int(np.prod(plan.tiles.tile_shape)) > _KEEP_ARENA:
-            runner.backend.release()
+            release_later(runner.backend)  # in RELEASE_AFTER_S, so that back-to-back runs keep it
     result.device, result.runtime = runner.backend.choice.describe(plan.device), runner.backend.choice.runtime
     log.info("L%d ran on %s", plan.depth, result.device)
     result.seconds = time.perf_counter() - t_start
@@ -756,7 +756,8 @@ def _objects_method(objects: str, cfg: Any) -> str:
 
 
 # ONNX Runtime (and OpenVINO) keep their memory between runs when a run's batches are at most one 512 x 512 tile (at
-# most ~320 MB at L4): a slider preview then runs 20-50 % faster than after a release. Larger runs give it back.
+# most ~320 MB at L4): a slider preview then runs 20-50 % faster than after a release. Larger runs give it back a few
+# seconds after they end, unless another run comes first (backends.release_later).
 _KEEP_ARENA = 512 * 512
 
 

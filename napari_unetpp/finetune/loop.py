@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends import release_pending
 from ..jobs import run_to_end
 from ..losses import DeepSupervisionLoss
 from ..metrics import RECOMMEND_MARGIN, format_scores
@@ -220,6 +221,7 @@ def fine_tune_iter(
     class_names = check_class_names(classes, base)
     clock = Budget(cfg.minutes, cfg.epochs)
     dev = resolve_device(device)
+    release_pending()  # memory a recent prediction kept for the next one: training needs its own
     should_stop = stop.is_set if isinstance(stop, threading.Event) else (stop or (lambda: False))
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
