@@ -59,3 +59,28 @@ def test_large_stacks_are_sampled_not_read_whole():
     lo, hi = norm.compute_stats(lazy)
     assert lazy.read < big.size / 10
     assert lo == pytest.approx(np.percentile(big, 1), abs=3) and hi == pytest.approx(np.percentile(big, 99), rel=0.01)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int8])
+def test_histogram_percentiles_equal_numpys_to_the_bit(dtype, em_crop):
+    """Integer samples go through a histogram; the statistics must be NumPy's exactly (so no prediction moves),
+    at the recipes' percentiles and at awkward ones, on real EM pixels, wide random ranges and skewed counts."""
+    from napari_unetpp.normalization import percentiles
+
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype)
+    samples = [
+        np.tile(em_crop, (3, 1, 1)).astype(dtype)
+        if dtype != np.int8
+        else (em_crop.astype(np.int16) - 128).astype(dtype),
+        rng.integers(info.min, int(info.max) + 1, 300_001).astype(dtype),
+        np.concatenate([np.full(70_000, info.min, dtype), rng.integers(0, 7, 3_000).astype(dtype)]),
+    ]
+    qs = [[1.0, 99.8], [0.0, 100.0], [0.5, 99.5], [33.3333, 66.6667], [2.0, 98.0]]
+    for x in samples:
+        assert x.size >= 65536  # the histogram path
+        for q in qs:
+            np.testing.assert_array_equal(percentiles(x, q), np.percentile(x, q))
+    ro = samples[1].copy()
+    ro.flags.writeable = False  # a read-only memory map
+    np.testing.assert_array_equal(percentiles(ro, [1, 99]), np.percentile(ro, [1, 99]))

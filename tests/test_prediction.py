@@ -99,6 +99,17 @@ def test_prob_dtypes(em_model, em_crop):
     b = predict(em_crop[:1], em_model, depth=1, prob_dtype="float32", precision="fp32").probabilities[1]
     assert a.dtype == np.uint8 and b.dtype == np.float32
     assert np.abs(a / 255.0 - b).max() <= 0.5 / 255 + 1e-6
+    # torch casts them (45x NumPy's float16 cast); the numbers must be NumPy's, to the bit
+    np.testing.assert_array_equal(a, np.clip(np.rint(b * 255.0), 0, 255).astype(np.uint8))
+    h = predict(em_crop[:1], em_model, depth=1, precision="fp32").probabilities[1]
+    assert h.dtype == np.float16
+    np.testing.assert_array_equal(h, b.astype(np.float16))
+    from napari_unetpp.prediction import _as_prob
+
+    edge = np.array([0.0, 1e-8, 6e-8, 3e-5, 0.5 / 255, 1.5 / 255, 0.49999997, 0.5, 0.9995, 1.0], np.float32)
+    edge = np.concatenate([edge, np.random.default_rng(0).random(10_000, dtype=np.float32)])
+    np.testing.assert_array_equal(_as_prob(edge, "float16"), edge.astype(np.float16))
+    np.testing.assert_array_equal(_as_prob(edge, "uint8"), np.clip(np.rint(edge * 255.0), 0, 255).astype(np.uint8))
 
 
 def test_bf16_autocast_agrees_with_fp32(em_model, em_crop):
