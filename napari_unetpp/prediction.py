@@ -284,6 +284,9 @@ def plan_prediction(
     lay = layout(image, axes, cfg.spatial_dims)
     if lay.n_ch != cfg.in_channels:
         hint = "pick one channel (channel=N, --channel N)" if cfg.in_channels == 1 else "pick another model or image"
+        if lay.has_c and "Z" not in axes and cfg.in_channels == 1:  # e.g. a few slices a TIFF calls samples
+            zyx = axes.replace("C", "Z")
+            hint += f", or if that axis is slices, give the axes (axes='{zyx}', --axes {zyx})"
         raise InputError(
             f"the model expects {cfg.in_channels} channel(s) but the image has {lay.n_ch}"
             f"{' (axis C)' if lay.has_c else ' (no C axis)'}; {hint}."

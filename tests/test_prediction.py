@@ -144,8 +144,13 @@ def test_channels_axis_and_mismatch():
     np.testing.assert_allclose(pred.probabilities[2].astype(np.float32).sum(0), 1.0, atol=5e-3)
     with pytest.raises(InputError, match="expects 2 channel"):
         predict(img[:, 0], m, axes="ZYX")
-    with pytest.raises(InputError, match="expects 1 channel.*--channel N"):
+    with pytest.raises(InputError, match="expects 1 channel.*--channel N") as err:
         predict(np.zeros((3, 20, 20, 2), np.uint8), tiny(), axes="ZYXC")
+    assert "give the axes" not in str(err.value)  # it has a Z axis: the C axis is channels
+    # four slices that a TIFF without metadata calls samples (tifffile reads (4, Y, X) as SYX): say how to fix it
+    with pytest.raises(InputError, match=r"--channel N\), or if that axis is slices, give the axes \(axes='ZYX'"):
+        predict(np.zeros((4, 20, 20), np.uint8), tiny(), axes="CYX")
+    assert predict(np.zeros((4, 20, 20), np.uint8), tiny(), axes="ZYX").mask.shape == (4, 20, 20)
     with pytest.raises(InputError, match="for 1-channel models"):
         predict(img, m, axes="ZCYX", channel=0)
 
