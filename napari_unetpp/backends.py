@@ -256,8 +256,7 @@ def release_later(backend: Backend, delay: float | None = None) -> None:
             _pending[key] = (timer, backend)
             timer.start()
             return
-    if not backend.release():  # a run is using it: try again later
-        release_later(backend, max(RELEASE_AFTER_S, 1.0))
+    _release_or_retry(backend, RELEASE_AFTER_S)
 
 
 def _release_due(key: int, backend: Backend, delay: float) -> None:
@@ -266,8 +265,12 @@ def _release_due(key: int, backend: Backend, delay: float) -> None:
         if entry is None or entry[0] is not threading.current_thread():
             return  # restarted or released meanwhile
         del _pending[key]
-    if not backend.release():  # a run is using it: try again later
-        release_later(backend, delay)
+    _release_or_retry(backend, delay)
+
+
+def _release_or_retry(backend: Backend, retry_after: float) -> None:
+    if not backend.release():  # a run is using it: try again later (never at once, or this would spin)
+        release_later(backend, max(retry_after, 1.0))
 
 
 def release_pending() -> None:
@@ -277,8 +280,7 @@ def release_pending() -> None:
         _pending.clear()
     for timer, backend in entries:
         timer.cancel()
-        if not backend.release():
-            release_later(backend)
+        _release_or_retry(backend, RELEASE_AFTER_S)
 
 
 @atexit.register
