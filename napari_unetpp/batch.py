@@ -157,7 +157,7 @@ def predict_file(
     progress: Callable[[Any], None] | None = None,
 ) -> FileResult:
     """Segment one input and write its outputs (see ``napari-unetpp predict``): the mask (or instance labels), and
-    with ``all_levels`` every level's probabilities beside it. ``.zarr`` outputs are written chunk by chunk as the
+    with ``all_levels`` the probabilities of levels 1..k of the depth that runs beside it. ``.zarr`` outputs are written chunk by chunk as the
     prediction goes (bounded memory); other formats when the run is complete. Nothing is written on failure.
 
     Raises:
@@ -181,7 +181,8 @@ def predict_file(
     if why:
         notes.append(why)
     if not opts.rescale and opts.pixel_size is None and opts.diameter is None:  # as it is: say if it differs
-        note = spacing_note(loaded.card.training.get("spacing"), img.scale, img.units, spatial)
+        training = loaded.card.training
+        note = spacing_note(training.get("spacing"), img.scale, img.units, spatial, training.get("spacing_unit", ""))
         if note:
             notes.append(note)
     axes = opts.axes or img.axes
@@ -242,18 +243,20 @@ def predict_file(
 
 def _zoom(card: Any, spatial: str, img: Any, opts: PredictOptions) -> tuple[tuple[float, ...] | None, str]:
     """The resampling to the model's scale from ``--diameter``, ``--pixel-size``, or the file's pixel size (only
-    when the file names its unit), and a note saying what was done."""
+    when the file names its unit), and a note saying what was done. Only the file's pixel size is bounded (a zoom
+    beyond :data:`~napari_unetpp.scale.MAX_ZOOM` is refused); a diameter or pixel size the user gives is taken at
+    its word, and only the memory the resampled image needs is checked."""
     from .scale import zoom_for
 
     if opts.diameter is not None:
-        return zoom_for(card, spatial, diameter=opts.diameter)
+        return zoom_for(card, spatial, diameter=opts.diameter, max_zoom=None)
     if opts.pixel_size is not None:
         ps = list(opts.pixel_size)
         if len(ps) == 1:
             ps = ps * len(spatial) if len(spatial) == 2 else [img.scale.get("Z", ps[0]), ps[0], ps[0]]
         if len(ps) != len(spatial):
             raise ValueError(f"--pixel-size takes one value or {len(spatial)} ({', '.join(spatial)}), got {len(ps)}.")
-        return zoom_for(card, spatial, dict(zip(spatial, ps)), "")
+        return zoom_for(card, spatial, dict(zip(spatial, ps)), "", max_zoom=None)
     if opts.rescale and img.scale and img.units:
         return zoom_for(card, spatial, img.scale, img.units)
     return None, ""

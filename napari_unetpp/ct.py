@@ -328,11 +328,13 @@ def read_dicom(path: str | os.PathLike[str]) -> Volume:
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise ReadError(f"{f}: not a readable DICOM file ({str(exc).splitlines()[0]}).") from None
     datasets = [(f, ds) for f, ds in datasets if ds.get("SOPClassUID", "") != "1.2.840.10008.1.3.10"]  # DICOMDIR
-    series = Counter(str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets)
+    series = Counter(_series_uid(ds) for _, ds in datasets)
     if len(series) > 1:
+        first_of: dict[str, Any] = {}
+        for _, ds in datasets:
+            first_of.setdefault(_series_uid(ds), ds)
         desc = "; ".join(
-            f"{n} files of '{_series_label(next(ds for _, ds in datasets if ds.get('SeriesInstanceUID') == uid))}'"
-            for uid, n in series.most_common()
+            f"{n} file{'s' if n > 1 else ''} " + _series_group(uid, first_of[uid]) for uid, n in series.most_common()
         )
         raise ReadError(
             f"{p} holds {len(series)} DICOM series ({desc}); move each series into its own folder and open one."
@@ -407,6 +409,19 @@ def _multiframe(ds: Any, f: Path) -> Volume:
     geometry = Geometry.from_affine(affine, (frames.shape[2], frames.shape[1], frames.shape[0]))
     data = geometry.to_canonical(np.transpose(frames, (2, 1, 0)))
     return Volume(data, geometry, _windows_of(ds), _dicom_metadata(ds, frames.shape[0]))
+
+
+def _series_uid(ds: Any) -> str:
+    """The file's SeriesInstanceUID, ``""`` when it has none (missing or empty)."""
+    return str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def _series_group(uid: str, ds: Any) -> str:
+    """``of 'CT Body'``, or ``without a SeriesInstanceUID ('CT Body')`` for files without one."""
+    if uid:
+        return f"of '{_series_label(ds)}'"
+    label = str(ds.get("SeriesDescription", "") or ds.get("SeriesNumber", "") or "")
+    return "without a SeriesInstanceUID" + (f" ('{label}')" if label else "")
 
 
 def _series_label(ds: Any) -> str:
@@ -512,21 +527,38 @@ SPACING_TOLERANCE = 0.25
 
 
 def spacing_note(
-    trained: dict[str, float] | None, given: dict[str, float], units: str = "", axes: str = "YX"
+    trained: dict[str, float] | None,
+    given: dict[str, float],
+    units: str = "",
+    axes: str = "YX",
+    trained_units: str | None = None,
 ) -> str | None:
     """One sentence when the input's pixel size along ``axes`` (in-plane for 2D models; ``"ZYX"`` for 3D ones)
     differs from the training data's by more than 25 % (predictions do not resample), else None. Either side
-    unknown: None."""
+    unknown: None.
+
+    Args:
+        trained: The model's training pixel size per axis (in ``trained_units``).
+        given: The input's pixel size per axis (in ``units``).
+        units: The input's unit (``""``: unknown, taken to be the model's).
+        axes: The axes to compare.
+        trained_units: The model's unit (None: the same as ``units``); both lengths: compared in one unit.
+    """
     if not trained or not given:
         return None
-    far = [a for a in axes if a in trained and a in given and abs(given[a] / trained[a] - 1) > SPACING_TOLERANCE]
+    from .scale import to_um
+
+    t_unit = units if trained_units is None else trained_units
+    g_um, t_um = to_um(1.0, units), to_um(1.0, t_unit)
+    f = g_um / t_um if g_um is not None and t_um is not None else 1.0  # input units -> model units
+    far = [a for a in axes if a in trained and a in given and abs(given[a] * f / trained[a] - 1) > SPACING_TOLERANCE]
     if not far:
         return None
-    u = f" {units}" if units else ""
+    u, tu = (f" {units}" if units else ""), (f" {t_unit}" if t_unit else "")
     a = far[0]
     return (
-        f"this model was trained on {trained[a]:.3g}{u} pixels and the input has {given[a]:.3g}{u} (axis {a}); "
+        f"this model was trained on {trained[a]:.3g}{tu} pixels and the input has {given[a]:.3g}{u} (axis {a}); "
         "it is applied without resampling, so objects look "
-        + ("larger" if given[a] < trained[a] else "smaller")
+        + ("larger" if given[a] * f < trained[a] else "smaller")
         + " to it than in training: resample the image to the model's pixel size for the best result."
     )

@@ -19,11 +19,12 @@ Needs ``onnx`` and ``bioimageio.spec`` (``pip install "napari-unetpp[export]"``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,43 +204,91 @@ def export_bioimageio(
         xn = np.stack([norm.apply(x[0, c], st) for c, st in enumerate(stats)])[None]
         xt = torch.from_numpy(xn)
         diffs: dict[str, float] = {}
-        with torch.inference_mode():
-            traced = torch.jit.trace(net, xt, check_trace=False)
-        traced.save(str(work / "weights.torchscript.pt"))
-        with torch.inference_mode():
-            diffs["torchscript"] = float((traced(xt).numpy() - y).__abs__().max())
+        with _stage(f"the TorchScript export of L{k}"):
+            with torch.inference_mode():
+                traced = torch.jit.trace(net, xt, check_trace=False)
+            traced.save(str(work / "weights.torchscript.pt"))
+            with torch.inference_mode():
+                diffs["torchscript"] = float((traced(xt).numpy() - y).__abs__().max())
         names = ["batch", "channel", *(["z"] if dims == 3 else []), "y", "x"]
-        torch.onnx.export(
-            net,
-            (xt,),
-            str(work / "weights.onnx"),
-            input_names=["raw"],
-            output_names=["probabilities"],
-            opset_version=17,
-            dynamo=False,
-            dynamic_axes={
-                "raw": {0: "batch", **{i: n for i, n in enumerate(names) if i >= 2}},
-                "probabilities": {0: "batch", **{i: n for i, n in enumerate(names) if i >= 2}},
-            },
-        )
-        diffs["onnx"] = _onnx_difference(work / "weights.onnx", xn, y)
+        with _stage(f"the ONNX export of L{k}"):
+            torch.onnx.export(
+                net,
+                (xt,),
+                str(work / "weights.onnx"),
+                input_names=["raw"],
+                output_names=["probabilities"],
+                opset_version=17,
+                dynamo=False,
+                dynamic_axes={
+                    "raw": {0: "batch", **{i: n for i, n in enumerate(names) if i >= 2}},
+                    "probabilities": {0: "batch", **{i: n for i, n in enumerate(names) if i >= 2}},
+                },
+            )
+            diffs["onnx"] = _onnx_difference(work / "weights.onnx", xn, y)
         worst = max(diffs.values())
         if worst > 1e-3:
             raise ExportError(f"the exported weights differ from predict by up to {worst:.2g}; not written.")
         say("cover, README and rdf.yaml")
         _cover(x, y, work / "cover.png")
         (work / "README.md").write_text(_readme(loaded, k, params, diffs), encoding="utf-8")
-        descr = _description(bio, loaded, k, work, x, y, authors)
+        with _stage("the bioimage.io description"):
+            descr = _description(bio, loaded, k, work, x, y, authors)
         say(f"writing {out}")
-        if out.suffix.lower() == ".zip":
-            tmp = out.with_name(f".{out.name}.partial")
-            save_bioimageio_package(descr, output_path=tmp)
-            os.replace(tmp, out)
-        else:
-            save_bioimageio_package_as_folder(descr, output_path=out)
+        _write_package(descr, out, save_bioimageio_package, save_bioimageio_package_as_folder)
         return ExportResult(out, k, ["torchscript", "onnx"], diffs, params)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Turn a failure of a third-party step (torch.jit, torch.onnx, onnxruntime) into one sentence naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # TorchScript and ONNX raise anything from RuntimeError to their own errors
+        raise ExportError(f"{what} failed ({_first_line(exc)}); nothing was written.") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _write_package(descr: Any, out: Path, save_zip: Callable[..., Any], save_folder: Callable[..., Any]) -> None:
+    """Write the package under a temporary name beside ``out`` and move it into place complete; on any failure
+    the temporary file or folder is removed and ``out`` is as it was (an empty folder stays empty).
+
+    Raises:
+        ExportError: it could not be written (the message names ``out`` and why).
+    """
+    tmp = out.with_name(f".{out.name}.partial")
+    _remove(tmp)  # what a killed export left
+    try:
+        if out.suffix.lower() == ".zip":
+            save_zip(descr, output_path=tmp)
+            os.replace(tmp, out)
+        else:
+            save_folder(descr, output_path=tmp)
+            if out.is_dir():
+                out.rmdir()  # empty (checked before the export); a folder cannot be renamed over one everywhere
+            os.replace(tmp, out)
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, UserError) or not isinstance(exc, Exception):
+            raise
+        raise ExportError(f"could not write {out}: {_first_line(exc)}; nothing was written.") from None
 
 
 def _onnx_difference(path: Path, x: np.ndarray, y: np.ndarray) -> float:

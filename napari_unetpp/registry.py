@@ -12,12 +12,15 @@ any path to a ``.safetensors`` or ``.json`` file works too.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ __all__ = [
     "shipped_weights_dir",
     "user_models_dir",
     "ModelInfo",
+    "check_model_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,9 +108,37 @@ class ModelCard:
         return f"{self.name}@v{self.version}"
 
 
+class _BuildOnce:
+    """Builds each key's value once however many threads ask at the same time (the others wait for it and get the
+    same object); different keys build in parallel (an OpenVINO compilation for L4 does not hold up a slider's L2).
+    Pickles and copies as a fresh one: locks do not travel, and a copy builds its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
+
+    def __reduce__(self) -> tuple[type[_BuildOnce], tuple[()]]:
+        return (_BuildOnce, ())
+
+    def get(self, store: dict[str, Any], key: str, build: Callable[[], Any]) -> Any:
+        """``store[key]``, made by ``build()`` (once) if it is not there."""
+        if key in store:
+            return store[key]
+        with self._lock:
+            lock = self._building.setdefault(key, threading.Lock())
+        with lock:
+            if key not in store:  # another thread may have built it while this one waited
+                store[key] = build()
+            return store[key]
+
+
 @dataclass
 class LoadedModel:
-    """A model ready to use: the network (fp32, eval mode on CPU), its card and where it came from."""
+    """A model ready to use: the network (fp32, eval mode on CPU), its card and where it came from.
+
+    What it builds for inference (the inference copy per device, ONNX Runtime sessions, OpenVINO compiled models)
+    is built once however many threads ask at the same time (a slider preview beside a whole-stack run).
+    """
 
     module: UNetPlusPlus
     card: ModelCard
@@ -114,6 +146,7 @@ class LoadedModel:
     shipped: bool = False
     _cache: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    _once: _BuildOnce = field(default_factory=_BuildOnce, init=False, repr=False, compare=False)
 
     @classmethod
     def from_module(cls, module: UNetPlusPlus, name: str = "unsaved", **card: Any) -> LoadedModel:
@@ -136,20 +169,29 @@ class LoadedModel:
         hash of its parameters, computed once. Two different files with the same ``name@vN`` differ here."""
         if self.card.weights_sha256:
             return self.card.weights_sha256
-        if "fingerprint" not in self._memo:
+
+        def digest() -> str:
             h = hashlib.sha256()
             for k, v in self.module.state_dict().items():
                 h.update(k.encode())
                 h.update(v.detach().cpu().contiguous().numpy().tobytes())
-            self._memo["fingerprint"] = h.hexdigest()
-        return str(self._memo["fingerprint"])
+            return h.hexdigest()
+
+        return str(self.kept("fingerprint", digest))
 
     def inference_module(self, device: torch.device | str = "cpu") -> UNetPlusPlus:
-        """Eval-mode copy on ``device`` with batch norms folded in; cached per device."""
-        key = str(device)
-        if key not in self._cache:
-            self._cache[key] = optimize_for_inference(self.module, torch.device(device))
-        return self._cache[key]  # type: ignore[return-value]
+        """Eval-mode copy on ``device`` with batch norms folded in; cached per device, built once."""
+        dev = torch.device(device)
+        return self._once.get(self._cache, str(device), lambda: optimize_for_inference(self.module, dev))
+
+    def kept(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, kept on this model under ``key``: built once, however many threads ask at the same time.
+
+        Args:
+            key: What the value is kept under (e.g. ``"ort:<graph file>:t4"``).
+            build: Makes the value (an ONNX Runtime session, an OpenVINO compiled model, a hash).
+        """
+        return self._once.get(self._memo, key, build)
 
 
 @dataclass(frozen=True)
@@ -191,14 +233,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_SUFFIXES = (".safetensors", ".json")
+MAX_SAVE_TRIES = 1000
+
+
 def _pair(path: Path) -> tuple[Path, Path]:
-    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    """The weights and card paths of one model file (either of them, or their common stem). Names are built by
+    string: a model name may hold dots (``em.v2``), so ``with_suffix`` on a stem would cut it at its last dot."""
+    stem = _stem_of(path)
+    return _with(stem, ".safetensors"), _with(stem, ".json")
+
+
+def _stem_of(path: Path) -> Path:
+    """``path`` without its ``.safetensors``/``.json`` suffix (a path without one is already a stem)."""
+    for suffix in _SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def _with(stem: Path, suffix: str) -> Path:
+    """``<stem><suffix>``, keeping every dot already in the stem's name."""
+    return stem.with_name(stem.name + suffix)
 
 
 def _read_card(card_path: Path) -> ModelCard:
     try:
         d = json.loads(card_path.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise ValueError(f"it holds a JSON {type(d).__name__}, not an object")
         card = ModelCard.from_dict(d)
         UNetPlusPlusConfig.from_dict(card.architecture)
         Normalization.from_dict(card.normalization)
@@ -395,8 +458,7 @@ def save_model(
     from safetensors.torch import save_file
 
     module = model.module if isinstance(model, LoadedModel) else model
-    if not _NAME_RE.match(card.name):
-        raise ValueError(f"model name {card.name!r} may use only letters, digits, '.', '_' and '-'.")
+    check_model_name(card.name)
     if storage_dtype not in ("float32", "float16"):
         raise ValueError(f"storage_dtype must be float32 or float16, got {storage_dtype!r}.")
     dt = torch.float16 if storage_dtype == "float16" else torch.float32
@@ -427,24 +489,29 @@ def save_model(
             if (shipped_weights_dir() / f"{card.name}.json").is_file():
                 versions.add(1)  # a shipped model is version 1 of its name: never shadow it
             n = max(versions, default=0) + 1
-            while True:
+            for _ in range(MAX_SAVE_TRIES):
                 stem = folder / f"{card.name}-v{n}"
                 try:
-                    _publish(tw, stem.with_suffix(".safetensors"))
+                    _publish(tw, _with(stem, ".safetensors"))
                     break
                 except FileExistsError:  # another save holds this number (or a crashed one left its weights)
                     n += 1
+            else:  # an OSError like every other failed save: callers keep the trained model and say where
+                raise FileExistsError(
+                    errno.EEXIST,
+                    f"could not claim a version number for {card.name!r} after {MAX_SAVE_TRIES} tries (every "
+                    f"{card.name}-vN.safetensors seems taken); remove stray files there or save under another name",
+                    str(folder),
+                )
             card.version = n
         else:
             stem = folder / card.name
-            if stem.with_suffix(".json").exists():
-                raise FileExistsError(f"{stem.with_suffix('.json')} exists; models are never overwritten.")
+            if _with(stem, ".json").exists():
+                raise FileExistsError(f"{_with(stem, '.json')} exists; models are never overwritten.")
             try:
-                _publish(tw, stem.with_suffix(".safetensors"))
+                _publish(tw, _with(stem, ".safetensors"))
             except FileExistsError:
-                raise FileExistsError(
-                    f"{stem.with_suffix('.safetensors')} exists; models are never overwritten."
-                ) from None
+                raise FileExistsError(f"{_with(stem, '.safetensors')} exists; models are never overwritten.") from None
         if calibration is not None:  # before the card: a listed model has its calibration complete
             from .quantize import calibration_path, save_calibration
 
@@ -452,13 +519,32 @@ def save_model(
             save_calibration(calibration, tq)
             os.chmod(tq, 0o644)
             _fsync(tq)
-            os.replace(tq, calibration_path(stem.with_suffix(".safetensors")))
+            os.replace(tq, calibration_path(_with(stem, ".safetensors")))
         tc = Path(tmp) / "c.json"
         tc.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
         _fsync(tc)
-        _publish(tc, stem.with_suffix(".json"))
+        _publish(tc, _with(stem, ".json"))
     log.info("saved model %s to %s", card.id, stem)
-    return stem.with_suffix(".json")
+    return _with(stem, ".json")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, in one sentence, a name a model could not be saved and loaded back under.
+
+    Letters, digits, ``.``, ``_`` and ``-`` (dots are fine: ``em.v2``), starting with a letter or digit, and not
+    ending in ``.json``/``.safetensors`` (such a name reads as a file path).
+
+    Raises:
+        ValueError: the name is not usable (the message says why).
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"model name {name!r} may use only letters, digits, '.', '_' and '-', starting with a letter or digit."
+        )
+    if name.lower().endswith(_SUFFIXES):
+        raise ValueError(f"model name {name!r} must not end in .json or .safetensors (that reads as a file path).")
+    if name.endswith("."):
+        raise ValueError(f"model name {name!r} must not end in '.' (Windows drops it from folder names).")
 
 
 _SAVING = ".saving-"

@@ -15,10 +15,33 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["zoom_for", "ZOOM_TOLERANCE", "to_um", "short_unit", "NGFF_UNITS", "resize_plane", "zoomed_shape"]
+from .errors import InputError
+
+__all__ = [
+    "zoom_for",
+    "ZOOM_TOLERANCE",
+    "MAX_ZOOM",
+    "ZoomError",
+    "check_zoom_fits",
+    "to_um",
+    "short_unit",
+    "NGFF_UNITS",
+    "resize_plane",
+    "zoomed_shape",
+]
 
 # factors within this of 1 are not worth a resampling (it costs time and blurs)
 ZOOM_TOLERANCE = 0.1
+# :func:`zoom_for` resamples by at most this factor either way: farther means a wrong pixel size or the wrong model
+# (a CT volume in mm given to an EM model trained at 4 nm asked for a zoom of 175,000)
+MAX_ZOOM = 8.0
+_NO_RESCALE = "segment it as it is with --no-rescale (API: rescale=False)"
+
+
+class ZoomError(InputError):
+    """Resampling to the model's pixel size is refused: too far (beyond :data:`MAX_ZOOM`) or too large for memory."""
+
+
 # short unit -> micrometres; the one table of length units (files, napari layers, cards)
 _UM = {"nm": 1e-3, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 # short unit -> its NGFF (UDUNITS-2) name, as OME-Zarr and napari's pint units spell it
@@ -50,6 +73,7 @@ def zoom_for(
     pixel_size: dict[str, float] | None = None,
     units: str = "",
     diameter: float | None = None,
+    max_zoom: float | None = MAX_ZOOM,
 ) -> tuple[tuple[float, ...] | None, str]:
     """Zoom factors per spatial axis that bring the input to the model's scale, and a sentence saying why.
 
@@ -59,6 +83,7 @@ def zoom_for(
         pixel_size: The input's pixel size per axis letter (from the file, the layer, or ``--pixel-size``).
         units: Unit of ``pixel_size`` (``"um"``, ``"nm"``, ``"mm"``); ``""``: the same unit as the card's.
         diameter: Typical object diameter in the input's pixels (takes precedence over ``pixel_size``).
+        max_zoom: The farthest resampling either way (default :data:`MAX_ZOOM`, 8x); None: no bound.
 
     Returns:
         ``(None, "")`` when nothing is to be done (factors within :data:`ZOOM_TOLERANCE` of 1, or the card or the
@@ -66,8 +91,11 @@ def zoom_for(
         factor above 1 enlarges the input.
 
     Raises:
+        ZoomError: a factor beyond ``max_zoom`` either way (the message names both pixel sizes, or diameters, and
+            what to do).
         ValueError: a diameter or pixel size of 0 or less, or a diameter for a model that records none.
     """
+    model = getattr(card, "id", "this model")
     training = getattr(card, "training", {}) or {}
     if diameter is not None:
         if diameter <= 0:
@@ -80,6 +108,12 @@ def zoom_for(
         f = float(trained) / float(diameter)
         factors = tuple(f if a in "YX" else 1.0 for a in spatial)
         why = f"objects of {diameter:g} px resampled to the model's {float(trained):g} px"
+        if _too_far(factors, max_zoom):
+            raise ZoomError(
+                f"objects of {diameter:g} px would be resampled {_times(f)} to {model}'s {float(trained):g} px, "
+                f"beyond the {max_zoom:g}x this tool resamples by; give the objects' diameter in the image's pixels "
+                f"(--diameter; API: diameter=), or {_NO_RESCALE}."
+            )
         return _worth(factors, why)
     trained_px = training.get("spacing") or {}
     if not pixel_size or not trained_px:
@@ -98,12 +132,88 @@ def zoom_for(
             return None, f"pixel size units differ ({units or '?'} vs {t_unit or '?'}); not resampled"
         factors_l.append(float(g_um) / float(t_um))
     factors = tuple(factors_l)
+    if _too_far(factors, max_zoom):
+        axes = [a for a in spatial if a in pixel_size and a in trained_px]
+        mine = " x ".join(f"{pixel_size[a]:.3g}" for a in axes) + f" {units or t_unit or '(unitless)'}"
+        theirs = " x ".join(f"{trained_px[a]:.3g}" for a in axes) + f" {t_unit or units or '(unitless)'}"
+        worst = max(factors, key=lambda f: max(f, 1 / f))
+        in_unit = t_unit or "the model's unit"
+        raise ZoomError(
+            f"the image's pixel size ({mine}, {''.join(axes)}) is {_times(worst)} {model}'s ({theirs}), beyond the "
+            f"{max_zoom:g}x this tool resamples by; if the image's pixel size is wrong give the right one in "
+            f"{in_unit} with --pixel-size (API: pixel_size=), use a model made "
+            f"for this pixel size (`napari-unetpp models` lists them), or {_NO_RESCALE}."
+        )
     u = f" {t_unit}" if t_unit else ""
     why = "pixels of " + " x ".join(
         f"{pixel_size[a] * (to_um(1, units) or 1) / (to_um(1, t_unit) or 1):.3g}" for a in spatial if a in pixel_size
     )
     why += f"{u} resampled to the model's " + " x ".join(f"{trained_px[a]:.3g}" for a in spatial if a in trained_px)
     return _worth(factors, why + u)
+
+
+def _too_far(factors: Sequence[float], max_zoom: float | None) -> bool:
+    return max_zoom is not None and any(not 1.0 / max_zoom <= f <= max_zoom for f in factors)
+
+
+def _times(f: float) -> str:
+    """``250000x the size of`` / ``1/40 the size of``: how far a factor is, for people."""
+    return f"{f:,.3g}x the size of" if f >= 1 else f"1/{1 / f:,.3g} the size of"
+
+
+def check_zoom_fits(
+    shape: Sequence[int], factors: Sequence[float], bytes_per_voxel: float, available: int | None = None
+) -> None:
+    """Refuse, before allocating, a resampled image (and what is computed on it) that would not fit in memory.
+
+    Args:
+        shape: Voxels of the image without its spatial axes' zoom: ``(*loop, *spatial)`` (channels folded into
+            ``bytes_per_voxel``).
+        factors: Zoom per spatial axis (the trailing ``len(factors)`` axes of ``shape``).
+        bytes_per_voxel: Bytes held per resampled voxel (the image's channels and the outputs computed on it).
+        available: Free memory in bytes (default: what the system reports; unknown means no check).
+
+    Raises:
+        ZoomError: it needs more than the free memory (the message says how much, and what to do).
+    """
+    n_sp = len(factors)
+    zshape = (*(int(n) for n in shape[: len(shape) - n_sp]), *zoomed_shape(shape[len(shape) - n_sp :], factors))
+    need = float(np.prod(np.asarray(zshape, dtype=np.float64))) * float(bytes_per_voxel)
+    free = available_memory() if available is None else available
+    if free is not None and need > free:
+        raise ZoomError(
+            f"resampling to the model's pixel size (zoom {' x '.join(f'{f:.3g}' for f in factors)}, "
+            f"{' x '.join(map(str, zshape))} voxels) needs about {_bytes(need)} and {_bytes(free)} is free; "
+            f"crop the image, give its true pixel size with --pixel-size (API: pixel_size=), or {_NO_RESCALE}."
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new allocations (psutil's ``available``, else Linux's ``MemAvailable``, which
+    counts the page cache that can be dropped, as psutil does), or None when the system does not say (then nothing
+    is refused)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # not installed, or an unusual platform
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
 
 
 def _worth(factors: tuple[float, ...], why: str) -> tuple[tuple[float, ...] | None, str]:

@@ -295,9 +295,10 @@ def test_spacing_mismatch_is_said_plainly():
     thick = {"Z": 5.0, "Y": 0.98, "X": 0.98}
     assert spacing_note(trained, thick) is None  # a 2D model does not see Z
     assert "axis Z" in spacing_note(trained, thick, "mm", axes="ZYX")  # a 3D model does
-    thick = {"Z": 5.0, "Y": 0.98, "X": 0.98}
-    assert spacing_note(trained, thick) is None  # a 2D model does not see Z
-    assert "axis Z" in spacing_note(trained, thick, "mm", axes="ZYX")  # a 3D model does
+    # the input in um, the model in mm: compared in one unit, each said in its own
+    assert spacing_note(trained, {"Y": 980.0, "X": 980.0}, "um", trained_units="mm") is None
+    note = spacing_note(trained, {"Y": 600.0, "X": 600.0}, "um", trained_units="mm")
+    assert "trained on 0.98 mm pixels and the input has 600 um" in note and "look larger" in note
 
 
 @pytest.mark.parametrize("name", ["m.tif", "m.nii.gz"])
@@ -475,3 +476,53 @@ def test_a_small_organ_painted_only_in_training_blocks_gets_a_validation_block()
     ds = prepare_data(TrainingPair(img, target, axes="ZYX", slices="all"), lm)
     assert any((it.target[it.val] == 2).any() for it in ds.items)  # the spleen is validated on
     assert all((it.target[it.train] == 2).any() for it in ds.items)  # and still trained on in every slice
+
+
+def _synthetic_dicom(path: Path, z: int, series_uid: str | None, description: str = "synthetic") -> None:
+    """A small CT slice (16 x 16 int16, 1 mm pixels, 2 mm apart) written by pydicom, with or without its series."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesDescription, ds.InstanceNumber = "CT", description, z + 1
+    if series_uid is not None:
+        ds.SeriesInstanceUID = series_uid
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, 2.0 * z]
+    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.0
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = np.full((16, 16), 1000 + z, np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_folder_mixing_files_with_and_without_a_series_uid_is_one_sentence(tmp_path):
+    """Files without SeriesInstanceUID beside files with one once raised 'generator raised StopIteration'."""
+    from pydicom.uid import generate_uid
+
+    from napari_unetpp.errors import ReadError
+    from napari_unetpp.io import read_image
+
+    uid = generate_uid()
+    for z in range(3):
+        _synthetic_dicom(tmp_path / f"s{z}.dcm", z, uid, "CT Body")
+    _synthetic_dicom(tmp_path / "x.dcm", 3, None)
+    with pytest.raises(
+        ReadError, match=r"2 DICOM series .*3 files of 'CT Body'.*1 file without a SeriesInstanceUID \('synthetic'\)"
+    ):
+        read_image(tmp_path)
+    (tmp_path / "x.dcm").unlink()  # one series: it reads, slices in position order, HU applied
+    vol = read_image(tmp_path)
+    assert vol.data.shape == (3, 16, 16) and [int(p[0, 0]) for p in vol.data] == [-24, -23, -22]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for z in range(2):  # every file without the tag: one series
+        _synthetic_dicom(bare / f"b{z}.dcm", z, None)
+    assert read_image(bare).data.shape == (2, 16, 16)

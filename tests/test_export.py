@@ -82,3 +82,53 @@ def test_a_ct_model_exports_its_hounsfield_window_as_preprocessing(tmp_path):
     ids = [p["id"] for p in rdf["inputs"][0]["preprocessing"]]
     assert "scale_linear" in ids and "clip" in ids and "scale_range" not in ids
     assert _test_run(tmp_path / "ct" / "rdf.yaml")["status"] == "passed"
+
+
+def _fail(message):
+    def boom(*a, **k):
+        raise RuntimeError(message)
+
+    return boom
+
+
+@pytest.mark.parametrize("stage", ["torchscript", "onnx"])
+def test_a_failing_trace_or_onnx_export_is_one_sentence_and_writes_nothing(tmp_path, monkeypatch, capsys, stage):
+    import torch
+
+    long = "Exporting the operator 'aten::foo' to ONNX opset version 17 is not supported.\n  File x, line 1\n..."
+    if stage == "torchscript":
+        monkeypatch.setattr(torch.jit, "trace", _fail("Tracer cannot infer type of output\nmore detail"))
+    else:
+        monkeypatch.setattr(torch.onnx, "export", _fail(long))
+    out = tmp_path / "em.zip"
+    assert main(["export", "em-membranes", "--depth", "1", "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-unetpp: error:") and len(err.splitlines()) == 1, err
+    assert ("TorchScript" if stage == "torchscript" else "ONNX") in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "folder"])
+def test_a_failed_write_leaves_no_partial_package(tmp_path, monkeypatch, kind):
+    """The disk fills while the package is written: no `.partial` file, no half-written folder, one sentence."""
+    import bioimageio.spec
+
+    def half(descr, output_path, **kw):
+        p = __import__("pathlib").Path(output_path)
+        if kind == "zip":
+            p.write_bytes(b"PK\x03\x04 half a zip")
+        else:
+            p.mkdir(parents=True, exist_ok=True)
+            (p / "rdf.yaml").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    name = "save_bioimageio_package" if kind == "zip" else "save_bioimageio_package_as_folder"
+    monkeypatch.setattr(bioimageio.spec, name, half)
+    out = tmp_path / ("em.zip" if kind == "zip" else "em")
+    if kind == "folder":
+        out.mkdir()  # an empty folder the user made for it stays as it was
+    with pytest.raises(ExportError, match="No space left on device"):
+        export_bioimageio("em-membranes", out, depth=1, size=64)
+    assert [p.name for p in tmp_path.iterdir()] == ([] if kind == "zip" else ["em"])
+    if kind == "folder":
+        assert list(out.iterdir()) == []

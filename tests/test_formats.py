@@ -238,3 +238,69 @@ def test_cli_pixel_size_from_the_file_and_the_diameter_flag(tmp_path, capsys):
     args = ["predict", str(tif), "-o", str(tmp_path / "d.tif"), "--model", "em-membranes", "--diameter", "8", "-q"]
     assert main(args) == 2
     assert "records no object diameter" in capsys.readouterr().err
+
+
+def test_zoom_beyond_8x_either_way_is_refused_naming_both_pixel_sizes():
+    from napari_unetpp.scale import MAX_ZOOM, ZoomError
+
+    card = _Card(spacing={"Z": 0.05, "Y": 0.004, "X": 0.004}, spacing_unit="um")
+    with pytest.raises(ZoomError) as err:  # a CT slice in mm given to the EM model (4 nm): zoom 175,000
+        zoom_for(card, "YX", {"Y": 0.7, "X": 0.7}, "mm")
+    msg = str(err.value)
+    assert "0.7 x 0.7 mm" in msg and "0.004 x 0.004 um" in msg, msg
+    assert "--no-rescale" in msg and "rescale=False" in msg and "--pixel-size" in msg and "pixel_size=" in msg
+    assert isinstance(err.value, ValueError)  # a UserError the CLI and the widgets show as it is
+    with pytest.raises(ZoomError, match="1/"):  # far the other way
+        zoom_for(card, "YX", {"Y": 0.0004, "X": 0.0004}, "um")
+    edge = 0.004 * MAX_ZOOM  # exactly 8x is still resampled
+    assert zoom_for(card, "YX", {"Y": edge, "X": edge}, "um")[0] == pytest.approx((MAX_ZOOM, MAX_ZOOM))
+    assert zoom_for(card, "YX", {"Y": 0.7, "X": 0.7}, "mm", max_zoom=None)[0] == pytest.approx((175000, 175000))
+    obj = _Card(object_diameter=20)
+    with pytest.raises(ZoomError, match="--diameter"):
+        zoom_for(obj, "YX", diameter=0.5)
+
+
+def test_zoom_is_checked_against_free_memory_before_allocating(monkeypatch, em_crop):
+    """An explicit zoom (API) whose resampled image cannot fit is refused before anything is allocated; one that fits
+    runs."""
+    from napari_unetpp import scale
+    from napari_unetpp.scale import ZoomError
+
+    img = em_crop[0, :64, :64]
+    allocated = []
+    real_empty = np.empty
+    monkeypatch.setattr(
+        np, "empty", lambda shape, *a, **k: allocated.append(shape) or real_empty(shape, *a, **k), raising=True
+    )
+    monkeypatch.setattr(scale, "available_memory", lambda: 1 << 20)  # 1 MiB free
+    with pytest.raises(ZoomError, match=r"needs about .*MiB and 1\.0 MiB is free"):
+        predict(img, "em-membranes", zoom=(8.0, 8.0), depth=1, device="cpu", runtime="torch")
+    assert not [s for s in allocated if tuple(s)[-2:] == (512, 512)]
+    monkeypatch.setattr(scale, "available_memory", lambda: 1 << 40)
+    fits = predict(img, "em-membranes", zoom=(2.0, 2.0), depth=1, device="cpu", runtime="torch", precision="fp32")
+    assert fits.mask.shape == img.shape
+    with pytest.raises(ZoomError):  # the bound itself, independent of the machine
+        scale.check_zoom_fits((20, 512, 512), (175000.0, 175000.0), 9, available=64 << 30)
+
+
+def test_cli_refuses_a_model_far_from_the_files_pixel_size_and_no_rescale_runs(tmp_path, capsys, em_crop):
+    """`predict` of a file in mm (a CT slice) with the EM model (4 nm) once asked for exabytes; now one sentence
+    that names both pixel sizes, and --no-rescale segments it as it is."""
+    tif = tmp_path / "ct.tif"
+    tifffile.imwrite(tif, em_crop[0], imagej=True, resolution=(1 / 0.7, 1 / 0.7), metadata={"unit": "mm"})
+    assert read_image(tif).units == "mm"
+    out = tmp_path / "m.tif"
+    assert main(["predict", str(tif), "-o", str(out), "--model", "em-membranes", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("napari-unetpp: error:") and len(err.splitlines()) == 1, err
+    assert "0.7 x 0.7 mm" in err and "0.004 x 0.004 um" in err and "--no-rescale" in err, err
+    assert not out.exists()
+    args = ["predict", str(tif), "-o", str(out), "--model", "em-membranes", "--runtime", "torch", "--depth", "1"]
+    assert main([*args, "--no-rescale", "-q"]) == 0
+    assert tifffile.imread(out).shape == em_crop[0].shape
+    note = capsys.readouterr().err  # as it is, and the note compares in one unit (it said "0.004 mm" before)
+    assert "trained on 0.004 um pixels and the input has 0.7 mm" in note and "look smaller" in note, note
+    args = ["predict", str(tif), "-o", str(tmp_path / "p.tif"), "--model", "em-membranes", "--pixel-size", "700"]
+    assert main([*args, "-q"]) == 2  # a wrong --pixel-size (nm given as um): taken at its word, but never allocated
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is free" in err and "--pixel-size" in err, err

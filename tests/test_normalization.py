@@ -84,3 +84,25 @@ def test_histogram_percentiles_equal_numpys_to_the_bit(dtype, em_crop):
     ro = samples[1].copy()
     ro.flags.writeable = False  # a read-only memory map
     np.testing.assert_array_equal(percentiles(ro, [1, 99]), np.percentile(ro, [1, 99]))
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small", "histogram"])
+def test_bool_images_normalise_as_0_and_1(em_crop, big):
+    """A 1-bit TIFF reads as bool: its statistics and values are those of the same image as 0/1 uint8 (NumPy cannot
+    interpolate percentiles of bools). ``big`` takes the histogram path (at least 65536 samples)."""
+    b = em_crop > 128 if big else em_crop[0, :40, :40] > 128
+    u = b.astype(np.uint8)
+    norm = Normalization("percentile", 1.0, 99.8)
+    stats = norm.compute_stats(b)
+    assert stats == norm.compute_stats(u)
+    np.testing.assert_array_equal(norm.apply(b, stats), norm.apply(u, stats))
+    flat = np.ones((4, 9, 9), bool)  # a flat bool image stays defined
+    assert np.isfinite(norm.apply(flat, norm.compute_stats(flat))).all()
+
+
+def test_float16_and_int64_images_give_the_statistics_of_their_values(em_crop):
+    norm = Normalization("percentile", 1.0, 99.8)
+    ref = norm.compute_stats(em_crop.astype(np.float32))
+    for dt in (np.float16, np.int64, np.uint64):
+        got = norm.compute_stats(em_crop.astype(dt))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=str(dt))

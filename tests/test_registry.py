@@ -127,3 +127,61 @@ def test_shipped_model_is_found_and_described():
     assert set(em.card.scores) == {"L1", "L2", "L3", "L4"} and 1 <= em.card.recommended_depth <= 4
     assert "Cardona" in " ".join(em.card.training["citations"])
     assert load_model("em-membranes").shipped and load_model("em-membranes@v1").shipped
+
+
+def test_dotted_names_save_list_and_load_every_version(tmp_path):
+    """A name with dots ("em.v2", as typed in "save as" or `train --out`) is one name: every version is listed and
+    loadable under it, and the second save does not hang (with_suffix on the stem once cut the name at its dot)."""
+    save_model(tiny(), card("em.v2"))
+    p2 = save_model(tiny(seed=1), card("em.v2"))
+    assert p2 == user_models_dir() / "em.v2" / "em.v2-v2.json"
+    assert sorted(f.name for f in p2.parent.iterdir()) == [
+        "em.v2-v1.json",
+        "em.v2-v1.safetensors",
+        "em.v2-v2.json",
+        "em.v2-v2.safetensors",
+    ]
+    assert [r.id for r in list_models() if not r.shipped] == ["em.v2@v1", "em.v2@v2"]
+    assert load_model("em.v2").card.version == 2 and load_model("em.v2@v1").card.version == 1
+    assert load_model("em.v2@v2").path == p2.with_name("em.v2-v2.safetensors")
+    assert load_model(p2).card.id == "em.v2@v2"  # by path: the weights beside this card, not em.safetensors
+    # an explicit folder (how shipped models are made): <name>.safetensors/.json, and never overwritten
+    q = save_model(tiny(), card("nuclei-v1.1"), directory=tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["nuclei-v1.1.json", "nuclei-v1.1.safetensors"]
+    assert load_model(q).card.name == "nuclei-v1.1"
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_model(tiny(), card("nuclei-v1.1"), directory=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["em.json", "em.safetensors", "em@v2", "a/b", ".hidden", "", "em."])
+def test_names_that_cannot_be_loaded_back_are_refused_before_saving(name):
+    with pytest.raises(ValueError, match="model name"):
+        save_model(tiny(), card(name))
+    assert not user_models_dir().exists() or not any(user_models_dir().iterdir())
+
+
+def test_a_save_gives_up_instead_of_looping_forever(monkeypatch):
+    """If every version number seems taken (a file system that reports every name as existing), the save stops with
+    a one-sentence error after a bounded number of tries."""
+    from napari_unetpp import registry
+
+    calls = []
+
+    def taken(src, dst):
+        calls.append(dst)
+        if len(calls) > 100_000:
+            raise AssertionError("save_model keeps trying")
+        raise FileExistsError(dst)
+
+    monkeypatch.setattr(registry, "_publish", taken)
+    with pytest.raises(FileExistsError, match="could not claim a version number"):
+        save_model(tiny(), card("busy"))
+    assert len(calls) <= 10_000
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"a card"', "3", "null"])
+def test_a_card_that_is_not_a_json_object_is_a_model_file_error(tmp_path, text):
+    path = save_model(tiny(), card("odd"), directory=tmp_path)
+    path.write_text(text)
+    with pytest.raises(ModelFileError, match="odd.json.*invalid"):
+        load_model(path)
