@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 __all__ = ["main"]
 
@@ -25,12 +28,72 @@ class CliError(Exception):
     """A failure reported to the user as one sentence, exit status 2."""
 
 
-def _bar(total: int, unit: str) -> Any:
-    """A tqdm bar on stderr: live on a terminal; in a log or a pipe, plain ASCII lines at most every 10 s."""
+def _bar(total: int, unit: str, **kw: Any) -> Any:
+    """A tqdm bar on stderr: live on a terminal; in a log or a pipe, plain ASCII lines at most every 10 s (and the
+    last). ``kw`` goes to tqdm (e.g. ``desc``, ``bar_format``)."""
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=f"{unit}s", unit=unit, file=sys.stderr, ascii=not tty, mininterval=0.2 if tty else 10)
+    kw.setdefault("desc", f"{unit}s")
+    file: Any = sys.stderr if tty else _Lines(sys.stderr)
+    return tqdm(total=total, unit=unit, file=file, ascii=not tty, mininterval=0.2 if tty else 10, **kw)
+
+
+class _Lines:
+    """A stream for tqdm outside a terminal: each redraw (``\\r`` + the bar) becomes a line of its own, so a log
+    reads as lines; tqdm's clearing writes (spaces), and a redraw that repeats the line before, are dropped."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, s: str) -> int:
+        line = s.replace("\r", "").rstrip()
+        if line and line != self.last:
+            self.stream.write(line + "\n")
+            self.last = line
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _TrainDisplay:
+    """``train``'s progress on stderr: a bar of the budget used with the step and loss (the same policy as
+    :func:`_bar`: live on a terminal, a line at most every 10 s in a log), and each phase's message on a line."""
+
+    SCALE = 1000  # the bar counts thousandths of the budget
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+
+    def __call__(self, p: Any) -> None:
+        if self.quiet:
+            return
+        if p.phase == "train":
+            if self.bar is None:
+                fmt = "{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]"
+                self.bar = _bar(self.SCALE, "step", desc="training", bar_format=fmt)
+            loss = "" if p.loss is None else f" loss {p.loss:.4f}"
+            self.bar.set_description_str(f"step {p.step}{loss}", refresh=False)
+            self.bar.update(max(0, min(self.SCALE, round(p.fraction * self.SCALE)) - self.bar.n))
+            return
+        if p.phase == "saving":  # training is over: its last state, then what follows
+            self.close()
+        if p.message:
+            self.write(p.message)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class _Progress:
@@ -251,23 +314,28 @@ def _with_window(model: Any, spec: str | None, img: Any = None) -> Any:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .errors import UserError
-    from .finetune import Recipe, TrainingPair, TrainProgress, fine_tune_iter, parse_slices
+    from .finetune import Recipe, TrainingPair, fine_tune_iter, parse_slices
     from .io import read_image
     from .jobs import run_to_end
+    from .registry import check_model_name
 
-    try:
+    try:  # every argument is checked before the model is loaded or a step is trained
         slices = parse_slices(",".join(args.slices)) if args.slices else None
         val_slices = parse_slices(",".join(args.val_slices)) if args.val_slices else None
+        if val_slices == "all":
+            raise CliError("--val-slices takes slice numbers, e.g. 40-47.")
+        if args.out is not None:
+            check_model_name(args.out)
         img = read_image(args.image)
         lab = read_image(args.labels)
+        _check_slices("--slices", slices, lab.data.shape)
+        _check_slices("--val-slices", val_slices, lab.data.shape)
         names, values = _class_map(args.classes)
         base = _with_window(_base_for(args, names, img), args.window, img)
     except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if values:
         lab.data = _remap(lab.data, values, args.ignore_label)
-    if val_slices == "all":
-        raise CliError("--val-slices takes slice numbers, e.g. 40-47.")
     axes = args.axes or img.axes
     if args.channel is not None or (axes.endswith("C") and img.data.shape[-1] in (3, 4)):
         from .axes import fit_channels
@@ -301,17 +369,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if v is not None
     }
     stop = threading.Event()
-
-    def show(p: TrainProgress) -> None:
-        if args.quiet:
-            return
-        if p.phase == "train":
-            sys.stderr.write(f"\r{p.fraction:4.0%} step {p.step} loss {p.loss:.4f}  {p.seconds:5.0f}s")
-            sys.stderr.flush()
-        elif p.phase in ("baseline", "statistics"):
-            sys.stderr.write(p.message + "\n")  # the recipe chosen, and why
-        else:
-            sys.stderr.write(("\n" if p.phase in ("validate", "refit", "saving", "retry") else "") + p.message + "\n")
+    show = _TrainDisplay(args.quiet)
 
     gen = fine_tune_iter(
         base,
@@ -328,11 +386,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         name=args.out,
         stop=stop,
         classes=names,
+        save=False,  # saved below: a models folder that cannot be written keeps the run (_save_trained)
         **options,
     )
     try:
-        with _ctrl_c_sets(stop):  # Ctrl-C: finish the step, validate, keep and save the best state
+        with _ctrl_c_sets(stop), contextlib.closing(show):  # Ctrl-C: finish the step, validate, keep the best
             res = run_to_end(gen, show)
+            elsewhere = _save_trained(res)  # inside: a Ctrl-C while the files are written does not lose the run
     except (UserError, ValueError, FloatingPointError) as exc:
         raise CliError(str(exc)) from None
     except MemoryError as exc:
@@ -341,7 +401,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CliError(str(exc).splitlines()[0]) from None
     origin = "trained from scratch" if res.model.card.parent is None else f"fine-tuned from {base.card.id}"
     print(
-        f"{res.model.card.id}: {origin} in {res.seconds:.0f} s on {res.device}, "
+        f"{res.path if elsewhere else res.model.card.id}: {origin} in {res.seconds:.0f} s on {res.device}, "
         f"{res.steps} steps ({res.stopped}); {res.data.get('train_pixels')} training and "
         f"{res.data.get('val_pixels')} validation pixels"
     )
@@ -355,8 +415,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("validation did not improve on the base model: the saved version keeps the base weights")
     if isinstance(val_slices, list):
         _report_held_out(res, base, img, lab, axes, val_slices, args.device)
-    print(f"saved {res.path}\nuse it: napari-unetpp predict IMAGE.tif -o MASK.tif --model {res.model.card.id}")
+    use = res.path if elsewhere else res.model.card.id  # a model outside the models folder is found by its path
+    print(f"saved {res.path}\nuse it: napari-unetpp predict IMAGE.tif -o MASK.tif --model {use}")
     return 0
+
+
+def _save_trained(res: Any) -> bool:
+    """Save a trained model as the next version in the user models folder; where that cannot be written (a full or
+    read-only disk), in a new folder in the current directory, else in the temporary folder, saying so on stderr.
+    Whether it went elsewhere.
+
+    Raises:
+        CliError: no place could be written.
+    """
+    import tempfile
+
+    from .registry import user_models_dir
+
+    try:
+        res.save()
+        return False
+    except OSError as exc:
+        where = exc.filename or user_models_dir() / res.model.card.name
+        failed = f"could not save the model in {where} ({exc.strerror or exc})"
+    for parent in (Path.cwd(), Path(tempfile.gettempdir())):
+        folder = None
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f"{res.model.card.name}-", dir=parent))
+            res.save(folder)
+        except OSError:
+            if folder is not None:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            continue
+        print(f"napari-unetpp: {failed}; saved it in {folder} instead.", file=sys.stderr)
+        return True
+    raise CliError(
+        f"{failed}, nor in the current or the temporary folder; free some space, or make {user_models_dir()} "
+        f"writable, and train again."
+    )
+
+
+def _check_slices(flag: str, slices: list[int] | str | None, labels_shape: Sequence[int]) -> None:
+    """Every slice number of ``flag`` indexes the labels' first axis (a stack), in one sentence if not."""
+    if not isinstance(slices, list):
+        return
+    if len(labels_shape) < 3:
+        raise CliError(f"{flag} needs a stack of slices; these labels are a single plane (leave {flag} out).")
+    n = int(labels_shape[0])
+    bad = [s for s in slices if not 0 <= s < n]
+    if bad:
+        raise CliError(
+            f"{flag} {bad[0]} is outside the {n} slices (0-{n - 1}) of the labels; slices count from 0."
+            if n > 1
+            else f"{flag} {bad[0]} is outside the labels' single slice (0); slices count from 0."
+        )
 
 
 def _class_map(classes: list[str] | None) -> tuple[list[str] | None, list[int]]:
@@ -528,8 +641,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             authors=args.author,
             progress=None if args.quiet else (lambda line: print(line, file=sys.stderr)),
         )
-    except (UserError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    except (UserError, ValueError, OSError) as exc:
+        raise CliError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
     diffs = ", ".join(f"{w} {d:.1e}" for w, d in res.max_abs_difference.items())
     print(
         f"{res.path}: bioimage.io package of {model.card.id} at L{res.depth} ({res.parameters:,} parameters; "
@@ -542,6 +655,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
     return run_demo(sample=args.sample, screenshot=args.screenshot, minutes=args.minutes)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number of 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
+def _index(text: str) -> int:
+    """argparse type: an index from 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"counts from 0, got {n}")
+    return n
+
+
+def _probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {x:g}")
+    return x
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be above 0, got {x:g}")
+    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,10 +734,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="several inputs: the outputs' format (default: the input's; DICOM gives nii.gz)",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, name@vN or file (default {DEFAULT_MODEL})")
-    p.add_argument("--depth", type=int, default=None, help="pruned depth L1..Lmax (default: the card's recommended)")
+    p.add_argument(
+        "--depth", type=_positive_int, default=None, help="pruned depth L1..Lmax (default: the card's recommended)"
+    )
     p.add_argument("--ensemble", action="store_true", help="mask from the mean of heads 1..k (accurate mode)")
     p.add_argument(
-        "--all-levels", action="store_true", help="also write every level's probabilities as OUT_L<k>.tif (float16)"
+        "--all-levels",
+        action="store_true",
+        help="also write the probabilities of levels L1..Lk, k the depth that runs (--depth, default the card's "
+        "recommended; not every level of the model), as OUT_L1.EXT .. OUT_Lk.EXT (float16), and with --ensemble "
+        "their mean as OUT_ensemble.EXT",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument(
@@ -601,13 +764,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log the runtime choice, exports and timings")
     p.add_argument(
         "--tile",
-        type=int,
+        type=_positive_int,
         default=None,
         help="largest tile in pixels (default: the model's, else 1024 in 2D, 96 in 3D)",
     )
     p.add_argument("--overlap", type=float, default=0.125, help="tile overlap fraction (default 0.125)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: automatic)")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold (default 0.5)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="tiles per forward pass (default: automatic)")
+    p.add_argument("--threshold", type=_probability, default=0.5, help="foreground threshold, 0..1 (default 0.5)")
     p.add_argument(
         "--objects",
         default="none",
@@ -619,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axes", default=None, help="axes of the input, e.g. ZYX, TZYX, ZCYX (default: from the file)")
     p.add_argument(
         "--channel",
-        type=int,
+        type=_index,
         default=None,
         help="segment channel N (from 0) of a multi-channel image with a 1-channel model (an RGB image is read as "
         "grey without it)",
@@ -652,7 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
         "scheduler, e.g. from dask-jobqueue on SLURM); several inputs become one task per file, one stack is split "
         "into blocks of planes, one volume or large plane into blocks of rows (output .zarr)",
     )
-    p.add_argument("--block", type=int, default=None, help="with --scheduler and one image: planes (or rows) per task")
+    p.add_argument(
+        "--block", type=_positive_int, default=None, help="with --scheduler and one image: planes (or rows) per task"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
@@ -701,8 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="corrected slices, e.g. 3 7 10-12, or 'all' (default: every slice holding a label)",
     )
     budget = t.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 2)")
-    budget.add_argument("--epochs", type=int, default=None, help="epoch budget instead of minutes")
+    budget.add_argument("--minutes", type=_positive_float, default=None, help="wall-clock budget (default 2)")
+    budget.add_argument("--epochs", type=_positive_int, default=None, help="epoch budget instead of minutes")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument(
         "--out",
@@ -719,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--axes", default=None, help="axes of the image, e.g. ZYX (default: from the file)")
     t.add_argument(
         "--channel",
-        type=int,
+        type=_index,
         default=None,
         help="train a 1-channel model on channel N (from 0) of a multi-channel image (an RGB image is read as grey "
         "without it); predict with the same --channel",
@@ -727,13 +892,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ignore-label", type=int, default=None, help="label value meaning 'not annotated'")
     t.add_argument(
         "--train-depth",
-        type=int,
+        type=_positive_int,
         default=None,
         help="train only the sub-network of this depth (fast update, e.g. 2; default all levels)",
     )
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
-    t.add_argument("--batch-size", type=int, default=None, help="patches per step (default: automatic)")
-    t.add_argument("--patch-size", type=int, default=None, help="patch edge in pixels (default 256 in 2D)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the recipe's)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="patches per step (default: automatic)")
+    t.add_argument("--patch-size", type=_positive_int, default=None, help="patch edge in pixels (default 256 in 2D)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument(
         "--val-slices",
@@ -757,7 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", help="model name, name@vN or file")
     e.add_argument("-o", "--output", required=True, help="OUT.zip, or a new folder (unzipped package)")
-    e.add_argument("--depth", type=int, default=None, help="the level to export (default: the card's recommended)")
+    e.add_argument(
+        "--depth", type=_positive_int, default=None, help="the level to export (default: the card's recommended)"
+    )
     e.add_argument(
         "--sample", default=None, help="test image (default: a shipped sample of the model's domain; a crop is used)"
     )
@@ -776,7 +943,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 success, 2 a reported error)."""
+    """Entry point; returns the exit status (0 success, 2 a reported error, 3 an unexpected one, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if getattr(args, "verbose", False) and args.func is _cmd_predict:
@@ -786,9 +953,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"napari-unetpp: error: {exc}", file=sys.stderr)
         return 2
+    except UserError as exc:  # written for the user already: as it is
+        print(f"napari-unetpp: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("napari-unetpp: interrupted; no output was written.", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        print(f"napari-unetpp: error: out of memory ({exc}); use a smaller --tile or --batch-size.", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a defect, not the user's input: one sentence, the traceback in a file to report
+        return _report_defect(exc)
+
+
+def _report_defect(exc: BaseException) -> int:
+    """Say in one sentence that something unexpected failed, and keep the traceback in a file for a bug report
+    instead of printing it (the CLI never shows a traceback). Returns the exit status, 3."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        fd, path = tempfile.mkstemp(prefix="napari-unetpp-error-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        where = f"the details are in {path}"
+    except OSError:
+        where = "run it again from Python to see the details"
+    print(
+        f"napari-unetpp: error: an unexpected {type(exc).__name__} ({str(exc)[:200]}). "
+        f"This is a bug: please report it with the command line; {where}.",
+        file=sys.stderr,
+    )
+    return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

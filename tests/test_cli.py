@@ -352,3 +352,119 @@ def test_train_on_one_channel_of_a_two_channel_image(tmp_path, capsys, em_crop, 
     assert main([*args, "--channel", "0"]) == 0
     out = capsys.readouterr()
     assert "training on channel 0 of 2" in out.err and "saved" in out.out
+
+
+def test_predict_reads_a_one_bit_tiff_as_0_and_1(tmp_path, capsys, em_crop):
+    """tifffile reads a 1-bit TIFF as bool; predict segments it like the same image as 0/1, with no traceback."""
+    src = tmp_path / "b.tif"
+    tifffile.imwrite(src, em_crop[0] > 128)  # bitspersample 1
+    assert tifffile.imread(src).dtype == bool
+    assert main(["predict", str(src), "-o", str(tmp_path / "m.tif"), "--depth", "1", "--device", "cpu", "-q"]) == 0
+    u = tmp_path / "u.tif"
+    tifffile.imwrite(u, (em_crop[0] > 128).astype(np.uint8))
+    assert main(["predict", str(u), "-o", str(tmp_path / "mu.tif"), "--depth", "1", "--device", "cpu", "-q"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "m.tif"), tifffile.imread(tmp_path / "mu.tif"))
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--val-slices", "99"], "--val-slices 99 is outside the 3 slices (0-2)"),
+        (["--val-slices", "-1"], "--val-slices -1 is outside the 3 slices (0-2)"),
+        (["--slices", "0", "5-9"], "--slices 5 is outside the 3 slices (0-2)"),
+        (["--slices", "0", "--val-slices", "1", "3"], "--val-slices 3 is outside"),
+        (["--out", "em.json"], "must not end in .json"),
+        (["--out", "a/b"], "may use only letters"),
+    ],
+)
+def test_train_arguments_are_checked_before_any_work(monkeypatch, capsys, extra, match):
+    """A slice outside the stack (or a name that cannot be saved) is refused before the model is loaded or a step is
+    trained: `--val-slices 99` once trained the whole budget, saved, and then died with an IndexError."""
+    from napari_unetpp import finetune, registry
+
+    def never(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(finetune, "fine_tune_iter", never)
+    monkeypatch.setattr(registry, "load_model", never)
+    img, lab = str(DATA / "isbi_val_crop.tif"), str(DATA / "isbi_val_crop_labels.tif")
+    code = main(["train", "--image", img, "--labels", lab, "--epochs", "1", "--device", "cpu", "-q", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("napari-unetpp: error:") and len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+def test_train_slices_on_a_single_plane_are_refused(tmp_path, capsys, em_crop, em_crop_membrane):
+    img, lab = tmp_path / "i.tif", tmp_path / "l.tif"
+    tifffile.imwrite(img, em_crop[0])
+    tifffile.imwrite(lab, em_crop_membrane[0])
+    for flag in ("--slices", "--val-slices"):
+        code = main(["train", "--image", str(img), "--labels", str(lab), "--epochs", "1", flag, "0", "-q"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"{flag} needs a stack of slices" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--tile", "0"], "--tile"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--threshold", "2"], "--threshold"),
+        (["--block", "0"], "--block"),
+    ],
+)
+def test_predict_numbers_out_of_range_are_refused_by_the_parser(tmp_path, args, match):
+    """`--tile 0` once ran with tiny tiles and gave a different mask; `--threshold 2` an empty one."""
+    r = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(tmp_path / "m.tif"), *args)
+    assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "m.tif").exists()
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
+    """In a pipe or a log (stderr not a terminal), `train`'s and `predict`'s progress are plain lines (at most one
+    every 10 s, and the last), never one endless line of carriage returns."""
+    from napari_unetpp import cli
+    from napari_unetpp.finetune import TrainProgress
+
+    show = cli._TrainDisplay(quiet=False)
+    show(TrainProgress("baseline", message="base model: Dice L1 0.8"))
+    for i in range(1, 2001):
+        show(TrainProgress("train", step=i, fraction=i / 2000, loss=1.0 / i, seconds=i * 0.001))
+    show(TrainProgress("validate", message="validation after 2000 steps"))
+    show.close()
+    bar = cli._bar(500, "tile")
+    for _ in range(500):
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err, err[:300]
+    lines = err.splitlines()
+    train = [ln for ln in lines if "step" in ln and "loss" in ln]
+    assert 1 <= len(train) <= 20, lines  # the first, one per 10 s, the last: not 2000
+    assert "100%" in train[-1] and "step 2000" in train[-1]
+    assert lines[0] == "base model: Dice L1 0.8" and "validation after 2000 steps" in lines
+    tiles = [ln for ln in lines if "tiles" in ln]
+    assert 1 <= len(tiles) <= 20 and "500/500" in tiles[-1], lines
+
+
+def test_an_unexpected_error_is_one_sentence_and_its_traceback_goes_to_a_file(tmp_path, capsys, monkeypatch):
+    """A defect (here a TypeError deep in predict) never prints a traceback: one sentence, exit 3, the details in a
+    file the sentence names."""
+    from napari_unetpp import cli
+
+    def broken(args):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    p = cli.build_parser()
+    for action in p._subparsers._group_actions[0].choices.values():  # the subcommands keep their func default
+        if action.get_default("func") is not None and action.get_default("func").__name__ == "_cmd_models":
+            action.set_defaults(func=broken)
+    monkeypatch.setattr(cli, "build_parser", lambda: p)
+    assert main(["models"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "unexpected TypeError (unsupported operand type(s))" in err and "report" in err
+    (report,) = tmp_path.glob("napari-unetpp-error-*.txt")
+    assert "Traceback" in report.read_text() and "broken" in report.read_text()
