@@ -11,10 +11,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["TilePlan", "Blender", "gaussian_weights", "axis_starts"]
+__all__ = ["TilePlan", "Blender", "gaussian_weights", "axis_starts", "default_tile", "read_tile"]
 
 
 def axis_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
@@ -249,3 +250,31 @@ def source_index(tile: slice, before: int, size: int, edge: bool = False) -> np.
     period = 2 * (size - 1)
     m = np.mod(i, period)
     return np.where(m < size, m, period - m)
+
+
+def default_tile(spatial_dims: int) -> tuple[int, ...]:
+    """The largest tile when neither the caller nor the model card gives one: 1024 x 1024 in 2D, 96^3 in 3D
+    (prediction's default; validation during fine-tuning tiles the same way)."""
+    return (1024, 1024) if spatial_dims == 2 else (96, 96, 96)
+
+
+def read_tile(plane: Any, tile: Sequence[slice], pad: Sequence[tuple[int, int]], edge: bool = False) -> np.ndarray:
+    """Tile ``tile`` of ``plane`` padded by ``pad`` (its last ``len(tile)`` axes; leading ones, e.g. channels, kept),
+    read without padding the plane: only the tile's pixels are read (lazily for memory maps and dask arrays),
+    reflected at the borders by :func:`source_index`'s rule, so it equals the same tile cut from
+    ``numpy.pad(plane, pad, "reflect")``.
+
+    Args:
+        plane: Array whose last axes are the spatial ones.
+        tile: Positions in the padded plane, one slice per spatial axis.
+        pad: Padding ``(before, after)`` per spatial axis (e.g. :func:`padding_for`).
+        edge: Repeat the edge value instead of reflecting (for axes of size 1).
+    """
+    shape = tuple(int(n) for n in plane.shape[len(plane.shape) - len(tile) :])
+    idx = [source_index(s, a, n, edge) for s, (a, _), n in zip(tile, pad, shape)]
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    block = np.asarray(plane[(Ellipsis, *box)])
+    if any(len(i) != b.stop - b.start for i, b in zip(idx, box)):  # reflected at a border
+        local: tuple[Any, ...] = (Ellipsis, *np.ix_(*[i - b.start for i, b in zip(idx, box)]))
+        block = block[local]
+    return block

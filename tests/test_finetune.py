@@ -239,7 +239,7 @@ def test_train_step_ignores_unknown_pixels():
 def test_validate_matches_a_direct_computation(em_crop, em_crop_membrane):
     lm = tiny(depth=2)
     ds = prepare_data(TrainingPair(em_crop, em_crop_membrane, slices="all"), lm)
-    scores = validate(lm.module, ds, torch.device("cpu"), None, context=10_000)
+    scores = validate(lm.module, ds, torch.device("cpu"), None)  # each plane fits one tile: the whole plane
     assert set(scores) == {1, 2}
     lm.module.eval()
     with torch.no_grad():
@@ -306,12 +306,66 @@ def test_fine_tune_raises_validation_dice_and_saves_a_child_version(em_crop, em_
     assert set(c.scores) == {"L1", "L2"} and c.training["baseline_scores"]["L1"]["dice"] == res.baseline[1]
     assert c.training["data_summary"]["pairs"][0]["name"] == "isbi crop"
     assert c.training["hyperparameters"]["learning_rate"] == 3e-3
+    # the saved weights are the best validated state: validated again, they score what the card records
+    assert _revalidated(again, em_crop, em_crop_membrane, [0, 1]) == pytest.approx(_card_scores(c), abs=1e-3)
+    assert _card_scores(c) in [h["val"] for h in res.history]
     p1 = predict(em_crop[2], again, depth=2, precision="fp32").mask
     p2 = predict(em_crop[2], res.model, depth=2, precision="fp32").mask
     np.testing.assert_array_equal(p1, p2)
     # slice 2 was never corrected: the held-out slice improves too
     before = predict(em_crop[2], base, depth=2, precision="fp32").mask
     assert dice(p1, em_crop_membrane[2]) > dice(before, em_crop_membrane[2]) + 0.05
+
+
+def _card_scores(card) -> dict[int, float]:
+    return {int(k[1:]): v["dice"] for k, v in card.scores.items()}
+
+
+def _revalidated(model, image, labels, slices) -> dict[int, float]:
+    """Validation Dice of a model on the same held-out pixels the fine-tuning used, at the run's precision."""
+    from napari_unetpp.runtime import autocast_dtype
+
+    ds = prepare_data(TrainingPair(image, labels, slices=slices), model)
+    cpu = torch.device("cpu")
+    return validate(model.module, ds, cpu, autocast_dtype(cpu, "auto", training=True))
+
+
+def test_the_saved_version_is_the_best_state_not_the_last(em_crop, em_crop_membrane, monkeypatch):
+    """Training that wrecks the network after the first validation (heads that predict nothing): the saved version
+    is the best validated state, its card records that state's scores, and the weights score them again."""
+    import napari_unetpp.finetune.loop as tr
+
+    real, calls = tr.train_step, {"n": 0}
+
+    def wrecking(module, *a, **k):
+        loss = real(module, *a, **k)
+        calls["n"] += 1
+        if calls["n"] > 3:  # after the first validation (steps_per_epoch=3): every head says background
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    if name.startswith("heads."):
+                        p.fill_(0.0) if name.endswith("weight") else p.fill_(-20.0)
+        return loss
+
+    monkeypatch.setattr(tr, "train_step", wrecking)
+    res = fine_tune(
+        tiny(depth=2),
+        TrainingPair(em_crop, em_crop_membrane, slices=[0, 1]),
+        epochs=2,
+        steps_per_epoch=3,
+        batch_size=2,
+        patch_size=64,
+        learning_rate=3e-3,
+        patience=0,
+        refit_from=0.0,
+        device="cpu",
+    )
+    last = res.history[-1]["val"]
+    assert max(last.values()) < 0.05  # the last state predicts no membrane
+    saved = load_model(res.path)
+    best = _card_scores(saved.card)
+    assert best == res.scores and best in [h["val"] for h in res.history[:2]] and min(best.values()) > 0.1
+    assert _revalidated(saved, em_crop, em_crop_membrane, [0, 1]) == pytest.approx(best, abs=1e-3)
 
 
 def test_stop_event_keeps_the_best_state(em_crop, em_crop_membrane):

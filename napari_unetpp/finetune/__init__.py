@@ -18,7 +18,8 @@ Validation
     Known pixels are cut into blocks (about a quarter of each axis, 16-128 px). A block goes to validation when a hash
     of (pair, slice, block position) falls under ``val_fraction``: the split depends on nothing else, so the same
     pixels stay in validation when the user corrects more slices and fine-tunes again (no leakage across rounds).
-    Validation runs the network on the whole slice (context included) and scores only validation pixels.
+    Validation runs the module being trained through predict's tiles (the tiles holding validation pixels,
+    blended as predict blends them) and scores only validation pixels.
 
 Training
     Patches centred on known training pixels, preferring pixels the user changed (``focus``) and foreground; flips,

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..axes import layout
-from ..errors import TrainingDataError
+from ..axes import fit_channels, layout
+from ..errors import InputError, TrainingDataError
 from ..normalization import check_pixels
 from ..postprocess import encode_cue_target
 from ..prediction import normalization_stats
@@ -41,6 +41,10 @@ __all__ = [
 class TrainingPair:
     """One image with its (corrected) labels.
 
+    The image's channels are fitted to the model as :func:`~napari_unetpp.prediction.predict` fits them
+    (:func:`~napari_unetpp.axes.fit_channels`): ``channel`` N of a C axis for a 1-channel model, an RGB(A) image as
+    its luminance, otherwise as it is; what the model then reads must have its number of channels.
+
     Attributes:
         image: Array (numpy, memmap, dask) with axes ``axes`` (guessed when None: YX, ZYX, TZYX, YXC).
         labels: Integer array of the image's shape without its channel axis (0 = background; for 1-class models
@@ -54,6 +58,8 @@ class TrainingPair:
         spacing: Pixel size per axis letter (e.g. ``{"Z": 2.0, "Y": 0.98, "X": 0.98}`` mm), recorded in the card so
             predictions at another pixel size are resampled to it (:mod:`napari_unetpp.scale`).
         spacing_unit: Unit of ``spacing`` (``"um"``, ``"nm"``, ``"mm"``; ``""`` unknown).
+        channel: For a 1-channel model and a multi-channel image: train on channel N of its C axis (default None:
+            RGB(A) as grey, other images as they are), as ``predict(channel=N)`` segments it.
     """
 
     image: Any
@@ -65,6 +71,7 @@ class TrainingPair:
     name: str = ""
     spacing: dict[str, float] | None = None
     spacing_unit: str = ""
+    channel: int | None = None
 
 
 @dataclass
@@ -268,8 +275,8 @@ def prepare_data(
     keys: list[str] = []  # the split's key per item
     summary: dict[str, Any] = {"pairs": []}
     for pi, pair in enumerate(pairs):
-        lay = layout(pair.image, pair.axes, cfg.spatial_dims)
-        img_shape_noc = tuple(int(s) for a, s in zip(lay.axes, pair.image.shape) if a != "C")
+        image, lay, channel_note = _fitted(pair, cfg)
+        img_shape_noc = tuple(int(s) for a, s in zip(lay.axes, image.shape) if a != "C")
         labels = np.asarray(pair.labels)
         if labels.shape != img_shape_noc:
             raise TrainingDataError(
@@ -291,7 +298,7 @@ def prepare_data(
         focus = None if pair.focus is None else np.asarray(pair.focus, bool)
         if focus is not None and focus.shape != labels.shape:
             raise TrainingDataError(f"the focus mask has shape {focus.shape} but the labels {labels.shape}.")
-        stats = normalization_stats(pair.image, lm, axes=lay.axes)
+        stats = normalization_stats(image, lm, axes=lay.axes)
         norm = lm.normalization
         order = [lab_axes.index(a) for a in lay.loop] + [lab_axes.index(a) for a in lay.spatial]
         lab_t, known_t = labels.transpose(order), known.transpose(order)
@@ -338,6 +345,7 @@ def prepare_data(
                 "name": pair.name or f"pair {pi}",
                 "shape": list(labels.shape),
                 "axes": lay.axes,
+                **({"channels": channel_note} if channel_note else {}),
                 "known_slices": [list(u) for u in used][:200],
                 "known_pixels": int(known.sum()),
                 **({"instance_labels": instance_labels} if cfg.has_cue else {}),
@@ -377,6 +385,22 @@ def prepare_data(
         ),
     )
     return ds
+
+
+def _fitted(pair: TrainingPair, cfg: Any) -> tuple[Any, Any, str]:
+    """The pair's image as the model reads it (channels fitted by the function predict uses), its layout, and a
+    note of what was done to its channels ("" when nothing).
+
+    Raises:
+        InputError: bad axes, a channel the image lacks, or a channel count the model cannot read.
+    """
+    image, axes, note = fit_channels(pair.image, pair.axes, cfg.spatial_dims, cfg.in_channels, pair.channel)
+    lay = layout(image, axes, cfg.spatial_dims)
+    if lay.n_ch != cfg.in_channels:
+        where = " (axis C)" if lay.has_c else " (no C axis)"
+        hint = "pick one channel (channel=N, --channel N)" if cfg.in_channels == 1 else "pick another model or image"
+        raise InputError(f"the model expects {cfg.in_channels} channel(s) but the image has {lay.n_ch}{where}; {hint}.")
+    return image, lay, note
 
 
 def _check_classes(items: list[TrainingItem], num_classes: int) -> None:

@@ -4,7 +4,9 @@ the :class:`FineTuneResult` the loop returns."""
 from __future__ import annotations
 
 import copy
+import errno
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -12,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..metrics import format_scores, recommend_depth
-from ..registry import LoadedModel, ModelCard, save_model
+from ..registry import LoadedModel, ModelCard, save_model, user_models_dir
 from ..runtime import describe_device
 from .data import TrainingDataError
 
@@ -28,8 +31,8 @@ class FineTuneResult:
     """The outcome of :func:`fine_tune`.
 
     Attributes:
-        model: The fine-tuned model (best validation state), with its card.
-        path: Card path of the saved version (None with ``save=False``).
+        model: The fine-tuned model (best validation state), with its card; kept also when saving failed.
+        path: Card path of the saved version (None with ``save=False``, or when saving failed: see ``save_error``).
         scores: Per-level validation Dice of the saved state.
         baseline: Per-level validation Dice of the base model on the same pixels.
         recommended_depth: Shallowest level within ``margin`` of the best.
@@ -40,6 +43,9 @@ class FineTuneResult:
         improved: Whether any trained state beat the base model on validation.
         device: Where it ran.
         data: Summary of the training data (for the card).
+        save_error: Why the model could not be saved, and where (one sentence), else None. The trained model is
+            in ``model`` all the same: :meth:`save` it elsewhere.
+        calibration: The int8 calibration tiles saved with the model (None when there are none).
     """
 
     model: LoadedModel
@@ -54,6 +60,54 @@ class FineTuneResult:
     improved: bool
     device: str
     data: dict[str, Any] = field(default_factory=dict)
+    save_error: str | None = None
+    calibration: Any = field(default=None, repr=False)
+
+    @property
+    def saved(self) -> bool:
+        """Whether the model was saved (``path`` is where)."""
+        return self.path is not None
+
+    def save(self, directory: str | Path | None = None) -> Path:
+        """Save the model now, e.g. elsewhere after ``save_error``; saving again makes another copy.
+
+        Args:
+            directory: Folder to save ``<name>.safetensors`` and ``<name>.json`` in (load it with its card path);
+                default: the next version in the user models folder.
+
+        Returns:
+            The card's path (also in ``path``).
+
+        Raises:
+            OSError: the folder cannot be written (the model stays in ``model``; ``filename`` says where,
+                ``strerror`` why), or the files exist there.
+        """
+        try:
+            path = save_model(self.model.module, self.model.card, directory, calibration=self.calibration)
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk in its own error type
+            folder = Path(directory) if directory is not None else user_models_dir() / self.model.card.name
+            raise _save_failure(exc, folder) from exc
+        self.path, self.save_error = path, None
+        self.model = LoadedModel(self.model.module, self.model.card, path.with_suffix(".safetensors"), False)
+        if self.calibration is not None:
+            self.model._memo["calibration"] = self.calibration
+        return path
+
+
+def _save_failure(exc: BaseException, folder: Path) -> OSError:
+    """The failed save as an ``OSError`` naming where (``folder`` when the error names no file, or only a file in
+    the save's temporary folder, which is gone) and why. ``safetensors`` reports a full disk as a
+    ``SafetensorError`` whose text holds the OS error."""
+    named = getattr(exc, "filename", None)
+    where = folder if not named or ".saving-" in str(named) else named
+    why = getattr(exc, "strerror", None)
+    code = getattr(exc, "errno", None)
+    if not why:
+        text = str(exc).strip()
+        found = re.search(r"I/O error: (.+?) \(os error (\d+)\)", text)
+        why = found.group(1) if found else (text.splitlines()[0] if text else type(exc).__name__)
+        code = int(found.group(2)) if found else errno.EIO
+    return OSError(code or errno.EIO, str(why), str(where))
 
 
 def check_class_names(classes: Sequence[str] | str | None, base: LoadedModel) -> list[str] | None:
@@ -78,10 +132,13 @@ def default_name(base: LoadedModel | Any) -> str:
 
 def _spacing(summary: dict[str, Any], base: LoadedModel) -> dict[str, Any]:
     """The training data's pixel size and its unit (the first pair that records one), else the base's; the base's
-    object diameter stays (the scale the network works at does not move in a fine-tuning)."""
+    object diameter stays (the scale the network works at does not move in a fine-tuning). A pixel size without a
+    unit never replaces a base's that has one: its numbers would be read in the base's unit (a layer scaled in nm
+    but with no unit, recorded as ``4`` for a base in um, would zoom every later image x1000)."""
     keep = {k: base.card.training[k] for k in ("object_diameter",) if k in base.card.training}
+    base_unit = base.card.training.get("spacing_unit") if base.card.training.get("spacing") else None
     for pair in summary.get("pairs", []):
-        if pair.get("spacing"):
+        if pair.get("spacing") and (pair.get("spacing_unit") or not base_unit):
             unit = {"spacing_unit": pair["spacing_unit"]} if pair.get("spacing_unit") else {}
             return {"spacing": pair["spacing"], **unit, **keep}
     inherited: dict[str, Any] = {
@@ -159,12 +216,35 @@ def save_result(
         parent=None if untrained else base.card.id,
         tile=base.card.tile,
     )
-    path = save_model(net, card, calibration=calibration) if write else None
+    path, error = None, None
+    if write:
+        try:
+            path = save_model(net, card, calibration=calibration)
+        except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder: the model stays in the result
+            failure = _save_failure(exc, user_models_dir() / card.name)
+            error = (
+                f"could not save the model in {failure.filename} ({failure.strerror}); it is kept in memory: save "
+                f"it elsewhere with result.save('FOLDER'), or free space and call result.save()."
+            )
+            log.warning("%s", error)
     lm = LoadedModel(net, card, None if path is None else path.with_suffix(".safetensors"), False)
     if calibration is not None:
         lm._memo["calibration"] = calibration
     if path is not None:
         log.info("fine-tuned %s -> %s (%s; recommended L%d)", base.card.id, card.id, format_scores(scores), rec)
     return FineTuneResult(
-        lm, path, scores, baseline, rec, history, steps, seconds, stopped, improved, describe_device(dev), summary
+        lm,
+        path,
+        scores,
+        baseline,
+        rec,
+        history,
+        steps,
+        seconds,
+        stopped,
+        improved,
+        describe_device(dev),
+        summary,
+        save_error=error,
+        calibration=calibration,
     )
