@@ -32,7 +32,15 @@ import numpy as np
 import torch
 
 from .axes import Layout, fit_channels, guess_axes, layout
-from .backends import NAMES, Backend, Choice, TorchBackend, make_backend, release_later
+from .backends import (
+    Backend,
+    RuntimeUnavailable,
+    hold_cores,
+    make_backend,
+    release_later,
+    runtime_failed,
+    torch_instead,
+)
 from .errors import InputError
 from .jobs import run_to_end
 from .network import UNetPlusPlus
@@ -543,10 +551,8 @@ def predict_iter(
     fallback = None
     if backend.choice.runtime in ("onnx", "openvino", "auto") and runtime == "auto":
 
-        def fallback() -> Backend:
-            failed = NAMES.get(runner.backend.choice.runtime, "the chosen runtime")
-            why = Choice("torch", "fp32", f"{failed} failed during the run; PyTorch ran the rest")
-            return TorchBackend(plan.net, plan.depth, plan.device, "fp32", why)
+        def fallback(exc: BaseException) -> Backend:
+            return torch_instead(runner.backend, exc, plan.net, plan.depth, plan.device)
 
     runner = _Runner(backend, plan.device, plan.batch, fallback)
     weights = gaussian_weights(plan.tiles.tile_shape) if len(plan.tiles) > 1 else None  # shared by every plane
@@ -573,6 +579,7 @@ def predict_iter(
             done += len(items)
             yield Progress(done, plan.total_tiles, finished, result)
     finally:  # finished, failed or cancelled: give cached accelerator memory back
+        runner.close()
         if plan.device.type != "cpu":
             release_memory(plan.device)
         elif min(plan.batch, plan.total_tiles) * int(np.prod(plan.tiles.tile_shape)) > _KEEP_ARENA:
@@ -587,7 +594,7 @@ def _zoomed_iter(
     image: Any, model: Any, zoom: Sequence[float], kw: dict[str, Any], allocate: Allocator | None
 ) -> Generator[Progress, None, Prediction]:
     """:func:`predict_iter` on ``image`` resampled by ``zoom``, the outputs resampled back (see its ``zoom``)."""
-    from .scale import resize_plane, zoomed_shape
+    from .scale import check_zoom_fits, resize_plane, zoomed_shape
 
     loaded = resolve_model(model)
     cfg = loaded.module.config
@@ -602,17 +609,21 @@ def _zoomed_iter(
     zsp = zoomed_shape(sp, zoom)
     loop_shape = tuple(int(n) for n in lay.src.shape[: len(lay.loop)])
     chans = (lay.n_ch,) if lay.has_c else ()
-    small = np.empty((*loop_shape, *chans, *zsp), np.float32)
-    for pidx in np.ndindex(*loop_shape) if loop_shape else [()]:
-        plane = np.asarray(lay.src[pidx] if pidx else lay.src, dtype=np.float32)
-        check_pixels(plane, f" in plane {pidx}" if pidx else "")
-        small[pidx] = resize_plane(plane, zsp, order=1)
     inner_axes = "".join(lay.loop) + ("C" if lay.has_c else "") + lay.spatial
     depth = kw.pop("depth")
     k = loaded.module.check_depth(depth if depth is not None else loaded.card.recommended_depth)
     wanted = _levels(kw.pop("levels"), k)
     mode = kw["mode"]
     inner_levels = sorted(set(wanted) | ({k} if mode == "pruned" else set()))
+    # before allocating: the resampled image (float32 per channel) and what predict computes on it (float32
+    # probabilities per class of each level kept and of the ensemble, the mask) must fit in memory
+    n_maps = len(inner_levels) + (mode == "ensemble")
+    check_zoom_fits((*loop_shape, *sp), zoom, 4 * lay.n_ch + 4 * cfg.num_classes * n_maps + 1)
+    small = np.empty((*loop_shape, *chans, *zsp), np.float32)
+    for pidx in np.ndindex(*loop_shape) if loop_shape else [()]:
+        plane = np.asarray(lay.src[pidx] if pidx else lay.src, dtype=np.float32)
+        check_pixels(plane, f" in plane {pidx}" if pidx else "")
+        small[pidx] = resize_plane(plane, zsp, order=1)
     prob_dtype = kw.pop("prob_dtype")
     gen = predict_iter(small, loaded, axes=inner_axes, depth=k, levels=inner_levels, prob_dtype="float32", **kw)
     while True:
@@ -718,12 +729,26 @@ def normalization_stats(
 # ---------------------------------------------------------------------------------------------------- helpers
 class _Runner:
     """Runs batches of tiles through the model at depth k (with its cue, when it has one) on the backend
-    :func:`~napari_unetpp.backends.make_backend` chose; halves the batch on out-of-memory."""
+    :func:`~napari_unetpp.backends.make_backend` chose; halves the batch on out-of-memory (recognised strictly:
+    :func:`~napari_unetpp.runtime.is_oom`). Another failure of a runtime other than PyTorch runs the rest on
+    ``fallback(exc)`` (PyTorch) in an auto run, and is a one-sentence error where that runtime was asked for. A CPU
+    run holds the cores (:func:`~napari_unetpp.backends.hold_cores`) until :meth:`close`, so no runtime is measured
+    meanwhile on another thread."""
 
     def __init__(
-        self, backend: Backend, device: torch.device, batch: int, fallback: Callable[[], Backend] | None = None
+        self,
+        backend: Backend,
+        device: torch.device,
+        batch: int,
+        fallback: Callable[[BaseException], Backend] | None = None,
     ) -> None:
         self.backend, self.device, self.batch, self.fallback = backend, device, batch, fallback
+        self._cores = hold_cores() if device.type == "cpu" else None
+
+    def close(self) -> None:
+        """The run is over: the cores are free."""
+        if self._cores is not None:
+            self._cores.release()
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         """``(B, C, *tile)`` float32 input -> ``(B, k, classes [+ cue], *tile)`` float32 probabilities."""
@@ -737,10 +762,11 @@ class _Runner:
                 continue
             except (RuntimeError, MemoryError) as exc:
                 if not is_oom(exc):
-                    if self.fallback is None:
+                    if self.backend.choice.runtime == "torch" or isinstance(exc, RuntimeUnavailable):
                         raise
-                    log.warning("%s failed (%s); PyTorch runs the rest", self.backend.choice.runtime, exc)
-                    self.backend, self.fallback = self.fallback(), None
+                    if self.fallback is None:
+                        raise runtime_failed(self.backend, exc) from exc
+                    self.backend, self.fallback = self.fallback(exc), None
                     continue
                 if self.batch == 1:
                     raise MemoryError(

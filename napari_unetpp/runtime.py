@@ -8,6 +8,7 @@ import copy
 import functools
 import gc
 import logging
+import re
 from contextlib import AbstractContextManager
 
 import torch
@@ -148,9 +149,27 @@ def optimize_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return m
 
 
+# What the runtimes say when an allocation fails, and nothing else: a smaller batch cures these, not an error that
+# merely mentions memory (OpenVINO's "memory layout not supported", "Cannot get memory!" for a memory descriptor).
+#   CUDA / MPS: "CUDA out of memory. Tried to allocate ...", "MPS backend out of memory ..."
+#   torch on the CPU (a plain RuntimeError): "DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."
+#       (older), "DefaultCPUAllocator: not enough memory: ..." (newer)
+#   ONNX Runtime: "Failed to allocate memory for requested buffer of size ..."
+#   OpenVINO's CPU plugin: "Failed to allocate 7663872811008 bytes of memory"
+#   C++ std::bad_alloc: "std::bad_alloc" (libstdc++), "bad allocation" (MSVC); errno ENOMEM: "Cannot allocate memory"
+_OOM_MESSAGE = re.compile(
+    r"out of memory|not enough memory|bad[_ ]alloc|(?:can't|cannot|could not|unable to) allocate|failed to allocate",
+    re.IGNORECASE,
+)
+
+
 def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error (CUDA, MPS or host)."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+    """Whether ``exc`` is an out-of-memory error: a ``MemoryError``, torch's ``OutOfMemoryError``, or an error of
+    torch, ONNX Runtime or OpenVINO whose message is one of an allocation failure (see ``_OOM_MESSAGE``); not any
+    error that mentions memory."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return _OOM_MESSAGE.search(str(exc)) is not None
 
 
 def release_memory(device: torch.device | str | None = None) -> None:

@@ -19,6 +19,17 @@ def _isolated_user_models(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NAPARI_UNETPP_HOME", str(tmp_path_factory.mktemp("home")))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_runtime_failures(monkeypatch):
+    """A runtime that failed in one test (e.g. a deliberately broken ONNX export) is not held against it in the
+    next: the process-wide record of failed runtimes starts empty in each test."""
+    import sys
+
+    backends = sys.modules.get("napari_unetpp.backends")
+    if backends is not None:
+        monkeypatch.setattr(backends, "_FAILED", {})
+
+
 @pytest.fixture(scope="session")
 def em_crop() -> np.ndarray:
     """3 x 161 x 187 uint8 crop of ISBI 2012 validation slices 25-27 (odd sizes on purpose)."""

@@ -445,10 +445,12 @@ def test_validation_scores_only_the_classes_it_holds_and_every_painted_class_get
     class Fixed(torch.nn.Module):  # predicts class 1 everywhere, never class 2
         def __init__(self):
             super().__init__()
-            self.config = type("C", (), {"num_classes": 3, "max_depth": 1})()
+            self.config = type(
+                "C", (), {"num_classes": 3, "max_depth": 1, "has_cue": False, "multiple": 1, "spatial_dims": 2}
+            )()
 
-        def forward(self, x):
-            logits = torch.zeros((1, 3, *x.shape[2:]))
+        def forward(self, x, depth=1):  # validation tiles like predict: called on batches of tiles
+            logits = torch.zeros((x.shape[0], 3, *x.shape[2:]))
             logits[:, 1] = 5.0
             return [logits]
 

@@ -33,21 +33,27 @@ def test_lazy_tile_reads_equal_numpy_pad(size, before, after, edge):
     w=st.integers(5, 70),
     lead=st.integers(1, 2),
     dtype=st.sampled_from(["uint8", "uint16", "int16", "float32"]),
-    tile=st.integers(24, 64),
-    overlap=st.sampled_from([0.375, 0.5]),
+    tile=st.integers(40, 64),
     seed=st.integers(0, 2**16),
 )
-def test_tiled_equals_untiled_on_random_images(h, w, lead, dtype, tile, overlap, seed):
-    """Tiles of 24-64 px overlapping by 3/8 or more give each pixel about the context of the depth-1 network's
-    receptive field (about 18 px), so the blended result follows the whole-plane one at any shape and dtype."""
+def test_tiled_equals_untiled_on_random_images(h, w, lead, dtype, tile, seed):
+    """The depth-1 network's receptive field is 18 px (one pixel moves the outputs from 8 px before it to 9 after),
+    and tiles of 40-64 px overlapping by half (20 px at least) give every pixel a tile holding all of it, so the
+    blended result equals the whole-plane one but for the say of other tiles' borders: at most 2.2e-3 of mean
+    absolute error in 110 random cases (up to 0.2 at single pixels: where the Gaussian weights' floor gives two tiles
+    equal say, at seams on the image's border; with 3/4 overlap more tiles have a border near each pixel and it
+    reached 1.1e-2). A tile written one pixel off gave 0.05 or more, an output cropped one pixel off 0.09 or more,
+    so the bound of 5e-3 tells them apart at any shape and dtype (the correlation > 0.9 checked before also let
+    blending with flat weights through: 4e-3 to 2e-2 here)."""
     rng = np.random.default_rng(seed)
     img = (rng.random((lead, h, w)) * 200).astype(dtype)
-    whole = predict(img, NET, axes="ZYX", depth=1, tile=512, precision="fp32", prob_dtype="float32")
-    tiled = predict(img, NET, axes="ZYX", depth=1, tile=tile, overlap=overlap, precision="fp32", prob_dtype="float32")
+    kw = dict(axes="ZYX", depth=1, precision="fp32", prob_dtype="float32", runtime="torch")  # tiling, not runtimes
+    whole = predict(img, NET, tile=512, **kw)
+    tiled = predict(img, NET, tile=tile, overlap=0.5, **kw)
     a, b = whole.probabilities[1], tiled.probabilities[1]
     assert a.shape == b.shape == (lead, h, w)
     assert np.isfinite(b).all()
-    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9 if a.std() > 1e-3 else np.abs(a - b).max() < 1e-3
+    assert np.abs(a - b).mean() < 5e-3
 
 
 @pytest.fixture(scope="module")

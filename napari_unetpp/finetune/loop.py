@@ -23,6 +23,7 @@ the trained levels only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -36,12 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backends import release_pending
+from ..backends import hold_cores, release_pending
 from ..jobs import run_to_end
 from ..losses import DeepSupervisionLoss
 from ..metrics import RECOMMEND_MARGIN, format_scores
 from ..network import UNetPlusPlus
-from ..registry import resolve_model
+from ..registry import check_model_name, resolve_model
 from ..runtime import autocast_dtype, describe_device, is_oom, release_memory, resolve_device
 from .augment import Prefetcher, augment_batch, random_affine, sample_batch
 from .data import TrainingPair, TrainingSet, pad_item, prepare_data
@@ -215,6 +216,8 @@ def fine_tune_iter(
     if unknown:
         raise TypeError(f"unknown fine-tuning option(s) {sorted(unknown)}; see FineTuneConfig.")
     cfg = FineTuneConfig(**{**(asdict(config) if config else {}), **options})
+    if name is not None:
+        check_model_name(name)  # before any work: a name the save would refuse must not cost the run
     if cfg.minutes is None and cfg.epochs is None:
         cfg.minutes = 2.0
     base = resolve_model(model)
@@ -252,7 +255,8 @@ def fine_tune_iter(
     def validated() -> dict[int, float]:
         """Per-level validation Dice; its duration is what the budget keeps for the last validation."""
         t_val = time.perf_counter()
-        scores = validate(module, ds, dev, amp)
+        with _holding_cores(dev):
+            scores = validate(module, ds, dev, amp, tile=base.card.tile)  # predict's tiles, on the module trained
         clock.val_seconds = time.perf_counter() - t_val
         return scores
 
@@ -281,7 +285,8 @@ def fine_tune_iter(
         + (f"; patches {'x'.join(map(str, small_patch))} first" if recipe.small_patch_until else ""),
     )
     if recipe.reestimate_batchnorm:
-        n = reestimate_batchnorm(module, _statistics_batches(ds, rng, batch, full_patch, dev, fmt))
+        with _holding_cores(dev):
+            n = reestimate_batchnorm(module, _statistics_batches(ds, rng, batch, full_patch, dev, fmt))
         scores = validated()
         history.append({"step": 0, "seconds": round(clock.elapsed(), 2), "loss": None, "val": scores, "note": "AdaBN"})
         if _mean(scores, levels) > best:
@@ -314,6 +319,7 @@ def fine_tune_iter(
     refit_at = recipe.refit_from if cfg.refit_from is None else float(cfg.refit_from)
     refit: dict[str, Any] = {"from": refit_at, "used": False, "why": "not reached" if refit_at else "off"}
     summary["refit"] = refit
+    cores = hold_cores() if dev.type == "cpu" else None  # the training phase: released in the finally below
     try:
         while True:
             if should_stop():
@@ -460,6 +466,8 @@ def fine_tune_iter(
         if refit["used"]:
             best_state = _snapshot(module)  # the final state, trained on every known pixel
     finally:  # also when the caller closes the generator: that cancels the run, and nothing is saved
+        if cores is not None:
+            cores.release()
         batches.close()
         if batches.threaded:
             summary["waited_for_batches_s"] = round(waited + batches.wait_seconds, 2)
@@ -498,6 +506,13 @@ def fine_tune_iter(
     )
     release_memory(dev)
     return result
+
+
+def _holding_cores(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Fine-tuning on the CPU holds its cores while it computes (:func:`~napari_unetpp.backends.hold_cores`): no
+    runtime is measured meanwhile on another thread (a prediction beside it), nor saved, since a measurement then
+    times the contention."""
+    return hold_cores() if dev.type == "cpu" else contextlib.nullcontext()
 
 
 def _mean(scores: dict[int, float], levels: Sequence[int]) -> float:
