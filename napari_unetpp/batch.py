@@ -157,8 +157,9 @@ def predict_file(
     progress: Callable[[Any], None] | None = None,
 ) -> FileResult:
     """Segment one input and write its outputs (see ``napari-unetpp predict``): the mask (or instance labels), and
-    with ``all_levels`` the probabilities of levels 1..k of the depth that runs beside it. ``.zarr`` outputs are written chunk by chunk as the
-    prediction goes (bounded memory); other formats when the run is complete. Nothing is written on failure.
+    with ``all_levels`` the probabilities of levels 1..k of the depth that runs beside it. ``.zarr`` outputs are
+    written chunk by chunk as the prediction goes (bounded memory); other formats when the run is complete. Nothing
+    is written on failure.
 
     Raises:
         UserError / ValueError: bad input or options (one sentence); MemoryError; RuntimeError (device problems).

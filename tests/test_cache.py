@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 
-from napari_unetpp._widgets.cache import ResultCache
+from napari_unetpp._widgets.cache import ResultCache, ResultKey
 
 
-def key(layer="a", fp="w1", plane=(0,)):
-    return (layer, (4, 64, 64), fp, plane)
+def key(layer="a", fp="w1", plane=(0,), channel=None):
+    return ResultKey(layer=layer, shape=(4, 64, 64), fingerprint=fp, plane=plane, channel=channel)
 
 
 def test_bounded_lru_keeps_the_newest_and_owns_copies():
@@ -36,3 +39,21 @@ def test_forgets_layers_and_models_that_went_away():
     c.put(key("a", "w2"), p)
     assert c.drop(layer="b") == 1 and len(c) == 2
     assert c.keep_only({"a"}, {"w2"}) == 1 and list(c._entries) == [key("a", "w2")]
+
+
+def test_fields_are_read_by_name_whatever_else_the_key_holds():
+    """The widget's keys carry a channel, a normalisation and a zoom besides layer, shape, weights and plane; the
+    cache reads the fingerprint by name (it once read the channel's position, and forgot everything on every layer
+    insert)."""
+    c = ResultCache()
+    p = {1: np.ones((2, 2), np.float32)}
+    full = ResultKey("a", (3, 2, 2), "w1", (0,), channel=0, normalization=(("mode", "window"),), zoom=(2.0, 2.0))
+    c.put(full, p)
+    c.put(key("a", "w2", channel=1), p)
+    assert c.keep_only({"a"}, {"w1", "w2"}) == 0 and len(c) == 2
+    assert c.drop(fingerprint="w1") == 1 and list(c._entries) == [key("a", "w2", channel=1)]
+    assert c.keep_only({"a"}, {"w1"}) == 1 and len(c) == 0
+    with pytest.raises(TypeError):
+        full[2]  # no positions to get wrong
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        full.plane = (1,)  # type: ignore[misc]

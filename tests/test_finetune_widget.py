@@ -50,7 +50,7 @@ def test_paint_events_mark_edited_slices(both):
     correct(mask, ref, 1)  # a larger correction
     assert ft.edited_slices() == [(1,), (3,)]
     assert ft._edited.value.startswith("2 slice(s): 1, 3")
-    focus = ft._focus[id(mask)]
+    focus = ft._tracked[mask.unique_id].focus
     zs = np.concatenate([c[0] for c in focus])
     assert set(zs.tolist()) == {1, 3}
     # an untouched labels layer has no edits
@@ -115,11 +115,26 @@ def test_fine_tune_hands_the_new_version_to_segment(both):
     assert load_model("em-membranes-finetuned").card.recommended_depth == res.recommended_depth
 
 
-def test_stop_keeps_the_best_state(both):
+def test_stop_keeps_the_best_state(both, monkeypatch):
+    """Stop saves the best validated state: the saved weights are those the best validation scored (not the last
+    state), and the card's scores are that validation's."""
+    import torch
+
+    from napari_unetpp.finetune import loop
+
     viewer, seg, ft, img, ref = both
     correct(viewer.layers[MASK], ref, 2)
     ft._budget.value = 30  # minutes: only Stop ends it
     ft._device.value = "cpu"
+    validated = []  # (scores, the weights they scored), for every validation the run made
+    real_validate = loop.validate
+
+    def validate(module, *a, **kw):
+        scores = real_validate(module, *a, **kw)
+        validated.append((dict(scores), {k: v.detach().clone() for k, v in module.state_dict().items()}))
+        return scores
+
+    monkeypatch.setattr(loop, "validate", validate)
     real = ft._on_yield
 
     def on_yield(p):
@@ -129,9 +144,20 @@ def test_stop_keeps_the_best_state(both):
 
     ft._on_yield = on_yield  # (not monkeypatch: its undo would delete the attribute from the Container)
     ft.start()
-    assert ft.result is not None and ft.result.stopped == "stopped by user" and ft.result.steps == 2
+    res = ft.result
+    assert res is not None and res.stopped == "stopped by user" and res.steps == 2
     assert [m.id for m in list_models() if not m.shipped] == ["em-membranes-finetuned@v1"]
     assert ft._start_btn.enabled and not ft._stop_btn.enabled
+    assert len(validated) >= 2  # the base model's, and the one at the stop
+    saved = load_model(res.path).module.state_dict()
+    same = [s for s, w in validated if all(torch.equal(saved[k].to(v.dtype), v) for k, v in w.items())]
+    assert same and same[-1] == res.scores  # the weights on disk are those these scores are of
+
+    def mean(s):
+        return sum(s.values()) / len(s)
+
+    assert mean(res.scores) == max(mean(s) for s, _ in validated)  # and no validated state was better
+    assert load_model(res.path).card.scores == {f"L{k}": {"dice": v} for k, v in res.scores.items()}
 
 
 @pytest.mark.parametrize(

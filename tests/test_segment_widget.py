@@ -407,7 +407,7 @@ def test_ome_zarr_with_its_pixel_size_is_resampled_to_the_model(make_napari_view
     assert w._scale_note.value == "resampled x3.00 x 3.00" and "0.78" in w._scale_note.tooltip
     viewer.dims.set_current_step(0, 1)
     w.preview()
-    mask = w._mask_layer[layer.name]
+    mask = w.result_layer(layer)
     assert mask.data.shape == small.shape and mask.data[1].any()
     plain = viewer.add_image(small, name="plain")  # no scale: pixels
     w._image.value = plain
@@ -428,7 +428,7 @@ def test_channel_of_a_multichannel_layer(make_napari_viewer, em_crop, em_model):
     w._channel.value = 0
     viewer.dims.set_current_step(1, 2)
     w.preview()
-    mask = w._mask_layer["two"]
+    mask = w.result_layer(layer)
     assert mask.data.shape == em_crop.shape
     ref = predict(em_crop, em_model, depth=w._depth_slider.value, levels="all")
     np.testing.assert_array_equal(mask.data[2], ref.mask[2])

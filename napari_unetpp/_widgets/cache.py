@@ -1,9 +1,10 @@
 """A bounded cache of per-plane results for the Segment widget (no Qt: tested on its own).
 
-Entries are keyed by what makes a result valid: the image layer's unique id and shape, the model's weights
-fingerprint (not its ``name@vN``: two files may share one), and the plane. The cache holds at most ``max_bytes``
-of arrays, dropping the least recently used plane first, and forgets a layer or a model as soon as it goes away.
-Entries own copies of their arrays, so a cached plane never pins a whole-stack result.
+Entries are keyed by what makes a result valid (:class:`ResultKey`, fields by name): the image layer's unique id
+and shape, the model's weights fingerprint (not its ``name@vN``: two files may share one), the plane, and the
+channel, normalisation and zoom the model read it with. The cache holds at most ``max_bytes`` of arrays, dropping
+the least recently used plane first, and forgets a layer or a model as soon as it goes away. Entries own copies of
+their arrays, so a cached plane never pins a whole-stack result.
 """
 
 from __future__ import annotations
@@ -18,8 +19,32 @@ __all__ = ["DEFAULT_CACHE_MB", "PlaneResult", "ResultCache", "ResultKey"]
 
 DEFAULT_CACHE_MB = 512
 
-#: (layer unique id, layer data shape, model fingerprint, plane index)
-ResultKey = tuple[Hashable, tuple[int, ...], str, tuple[int, ...]]
+
+@dataclass(frozen=True)
+class ResultKey:
+    """What a cached plane result is valid for. Frozen and read by field name only (a positional tuple once had its
+    fields read at the wrong index, and forgot every result on every layer insert).
+
+    Attributes:
+        layer: The image layer's unique id.
+        shape: The shape of the layer's full-resolution data.
+        fingerprint: The model's weights fingerprint.
+        plane: Index of the plane over the non-spatial axes (``()`` for a 2D image or a 3D model's volume).
+        channel: The channel of the layer's first axis that is segmented (None: the layer as it is).
+        normalization: The model's normalisation as a hashable (one HU window's results are not another's).
+        zoom: The resampling to the model's pixel size (None: none).
+        version: How many times the layer's data was replaced before this result (a result of the old data is
+            never served for the new).
+    """
+
+    layer: Hashable
+    shape: tuple[int, ...]
+    fingerprint: str
+    plane: tuple[int, ...]
+    channel: int | None = None
+    normalization: tuple = ()
+    zoom: tuple[float, ...] | None = None
+    version: int = 0
 
 
 @dataclass
@@ -91,7 +116,7 @@ class ResultCache:
         gone = [
             k
             for k in self._entries
-            if (layer is not None and k[0] == layer) or (fingerprint is not None and k[2] == fingerprint)
+            if (layer is not None and k.layer == layer) or (fingerprint is not None and k.fingerprint == fingerprint)
         ]
         for k in gone:
             del self._entries[k]
@@ -99,7 +124,7 @@ class ResultCache:
 
     def keep_only(self, layers: set[Hashable], fingerprints: set[str]) -> int:
         """Forget entries whose layer or model is no longer present; returns how many went."""
-        gone = [k for k in self._entries if k[0] not in layers or k[2] not in fingerprints]
+        gone = [k for k in self._entries if k.layer not in layers or k.fingerprint not in fingerprints]
         for k in gone:
             del self._entries[k]
         return len(gone)

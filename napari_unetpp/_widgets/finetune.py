@@ -7,7 +7,8 @@ import functools
 import hashlib
 import logging
 import threading
-from collections import defaultdict
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import napari
@@ -16,6 +17,7 @@ from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit,
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
+from ..axes import layer_axes
 from ..ct import parse_window, with_window
 from ..errors import ModelFileError
 from ..finetune import FineTuneResult, TrainingPair, TrainProgress, default_name, fine_tune_iter, parse_slices
@@ -23,8 +25,9 @@ from ..modalities import MODALITIES, new_model
 from ..registry import LoadedModel, list_models, load_model
 from ..runtime import DEVICE_CHOICES
 from ._workers import WeakHandler, abandon, run_generator, user_message
+from .pixel_size import layer_pixel_size
 from .plot import TrainingPlot
-from .segment import WINDOW_CHOICES, SegmentWidget, children_blocked, image_axes, image_choices
+from .segment import WINDOW_CHOICES, SegmentWidget, children_blocked, image_axes, image_choices, pixels
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,19 @@ def slice_before(data: Any, key: tuple[int, ...], atoms: Any) -> np.ndarray:
 
 def _digest(plane: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(plane).tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class LayerEdits:
+    """What the user did on one labels layer, and the paint handler that records it (so it can be disconnected when
+    the layer goes)."""
+
+    layer: weakref.ref
+    handler: WeakHandler
+    slices: set[tuple[int, ...]] = field(default_factory=set)  # painted slices
+    original: dict[tuple[int, ...], bytes] = field(default_factory=dict)  # slice -> digest before its first edit
+    restored: set[tuple[int, ...]] = field(default_factory=set)  # painted, but back to the original (undone)
+    focus: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # changed pixel coordinates
 
 
 class FineTuneWidget(Container):
@@ -185,12 +201,8 @@ class FineTuneWidget(Container):
         self.plot = TrainingPlot()
         self.native.layout().addWidget(self.plot)
 
-        self._edits: dict[int, set[tuple[int, ...]]] = defaultdict(set)  # labels layer id -> painted slices
-        # labels layer id -> slice -> digest of the slice before its first edit (an undone edit restores it)
-        self._original: dict[int, dict[tuple[int, ...], bytes]] = defaultdict(dict)
-        self._restored: dict[int, set[tuple[int, ...]]] = defaultdict(set)  # painted, but back to the original
-        self._focus: dict[int, list[tuple[np.ndarray, ...]]] = defaultdict(list)  # -> changed pixel coords
-        self._hooked: set[int] = set()
+        # labels layer's unique_id (never id(): a new layer may get a removed one's) -> its edits; dropped with it
+        self._tracked: dict[Any, LayerEdits] = {}
         self._worker: Any = None
         self._stop: threading.Event | None = None
         self.result: FineTuneResult | None = None
@@ -233,10 +245,17 @@ class FineTuneWidget(Container):
 
     def _on_layers_changed(self, _=None) -> None:
         self.reset_choices()
+        present = {ly.unique_id for ly in self._viewer.layers}
+        for uid in [u for u in self._tracked if u not in present]:  # gone: its edits and its handler go too
+            gone = self._tracked.pop(uid)
+            layer = gone.layer()
+            if layer is not None:
+                layer.events.paint.disconnect(gone.handler)
         for ly in self._viewer.layers:
-            if isinstance(ly, Labels) and id(ly) not in self._hooked:
-                ly.events.paint.connect(WeakHandler(self, "_on_paint", ly))
-                self._hooked.add(id(ly))
+            if isinstance(ly, Labels) and ly.unique_id not in self._tracked:
+                handler = WeakHandler(self, "_on_paint", ly.unique_id)
+                ly.events.paint.connect(handler)
+                self._tracked[ly.unique_id] = LayerEdits(weakref.ref(ly), handler)
         images = [c for c in self._image.choices if c is not None]
         labels = [c for c in self._labels.choices if c is not None]
         if self._image.value is None and images:
@@ -267,26 +286,31 @@ class FineTuneWidget(Container):
             self._classes.native.setPlaceholderText(", ".join(row.card.classes))
 
     # ----------------------------------------------------------------- edits
-    def _on_paint(self, layer: Labels, event: Any) -> None:
+    def _on_paint(self, uid: Any, event: Any) -> None:
+        rec = self._tracked.get(uid)
+        layer = rec.layer() if rec is not None else None
+        if rec is None or layer is None:
+            return
         atoms = getattr(event, "value", None)
         slices, coords = painted(atoms, layer.data.ndim)
-        lid = id(layer)
         for s in slices:
-            if s not in self._original[lid]:
-                self._original[lid][s] = _digest(slice_before(layer.data, s, atoms))
-        self._edits[lid].update(slices)
-        self._restored[lid] -= slices  # napari sends this event before or after writing, so no re-read here
-        self._focus[lid].extend(coords)
+            if s not in rec.original:
+                rec.original[s] = _digest(slice_before(layer.data, s, atoms))
+        rec.slices.update(slices)
+        rec.restored -= slices  # napari sends this event before or after writing, so no re-read here
+        rec.focus.extend(coords)
         if layer is self._labels.value:
             self._show_edited()
 
     def _recheck(self, layer: Labels, slices: Any) -> None:
         """Mark which of ``slices`` are back to their content before the first edit (napari's undo sends no
         event, so this also runs before training starts)."""
-        lid = id(layer)
+        rec = self._tracked.get(layer.unique_id)
+        if rec is None:
+            return
         for s in slices:
             now = _digest(np.asarray(layer.data[s]))
-            (self._restored[lid].add if now == self._original[lid].get(s) else self._restored[lid].discard)(s)
+            (rec.restored.add if now == rec.original.get(s) else rec.restored.discard)(s)
 
     def edited_slices(self, layer: Labels | None = None, recheck: bool = False) -> list[tuple[int, ...]]:
         """Slices of ``layer`` (default: the chosen labels) the user painted on and did not undo back to what they
@@ -294,9 +318,12 @@ class FineTuneWidget(Container):
         layer = layer or self._labels.value
         if layer is None:
             return []
+        rec = self._tracked.get(layer.unique_id)
+        if rec is None:
+            return []
         if recheck:
-            self._recheck(layer, self._edits.get(id(layer), set()))
-        return sorted(self._edits.get(id(layer), set()) - self._restored.get(id(layer), set()))
+            self._recheck(layer, rec.slices)
+        return sorted(rec.slices - rec.restored)
 
     def _show_edited(self, _=None) -> None:
         ed = self.edited_slices()
@@ -314,9 +341,25 @@ class FineTuneWidget(Container):
         image, labels = self._image.value, self._labels.value
         if image is None or labels is None:
             raise ValueError("Choose an image and the labels layer with your corrections.")
-        axes = image_axes(image, base.module.config.spatial_dims)
-        shape = tuple(image.data.shape[:-1]) if image.rgb else tuple(image.data.shape)
+        dims = base.module.config.spatial_dims
+        axes = image_axes(image, dims)
+        data = pixels(image)  # lazy (dask, zarr) stays lazy: the worker reads the slices it trains on
+        shape = tuple(data.shape[:-1]) if image.rgb else tuple(data.shape)
+        seg = SegmentWidget.for_viewer(self._viewer)
+        channel = seg.chosen_channel(image) if seg is not None else None
+        lead = 0  # leading axes of the layer that are not in the pair (its scale and units are not theirs)
+        if channel is not None and tuple(labels.data.shape) == shape[1:]:
+            # a mask the Segment widget made from one channel of the first axis: train on that channel
+            data = data[channel]
+            axes = layer_axes(data.ndim, False, dims)
+            shape = shape[1:]
+            lead = 1
         if tuple(labels.data.shape) != shape:
+            if tuple(labels.data.shape) == shape[1:] and not image.rgb:
+                raise ValueError(
+                    f"'{labels.name}' matches one channel of '{image.name}' (its first axis); choose that channel "
+                    f"in the Segment widget, or draw the labels on a layer of that channel alone."
+                )
             raise ValueError(
                 f"'{labels.name}' has shape {tuple(labels.data.shape)} but '{image.name}' {shape}; "
                 f"choose the labels drawn on this image."
@@ -335,7 +378,8 @@ class FineTuneWidget(Container):
                 )
             slices = "all" if ed == [()] else [s for s in ed]
             focus = np.zeros(lab.shape, bool)
-            for c in self._focus.get(id(labels), []):
+            rec = self._tracked.get(labels.unique_id)
+            for c in rec.focus if rec is not None else []:
                 focus[c] = True
             if ed != [()]:  # pixels painted on slices that were undone are no focus
                 lead = lab.ndim - 2
@@ -348,15 +392,17 @@ class FineTuneWidget(Container):
                 raise ValueError("List the corrected slices, e.g. 3, 7, 10-12.")
         else:
             slices = "all"
+        spacing, unit = _spacing(image, axes, lead)
         return TrainingPair(
-            np.asarray(image.data),
+            data,
             lab,
             axes=axes,
             slices=slices,
             known=known,
             focus=focus,
             name=f"{image.name} / {labels.name}",
-            spacing=_spacing(image, axes),
+            spacing=spacing,
+            spacing_unit=unit,
         )
 
     def start(self, _=None) -> None:
@@ -373,7 +419,7 @@ class FineTuneWidget(Container):
                 base = new_model(
                     modality,
                     classes=classes or ["foreground"],
-                    in_channels=int(img.data.shape[-1]) if img is not None and img.rgb else 1,
+                    in_channels=int(pixels(img).shape[-1]) if img is not None and img.rgb else 1,
                     name=name,
                 )
             else:
@@ -438,11 +484,19 @@ class FineTuneWidget(Container):
         card = res.model.card
         scores = ", ".join(f"L{k} {res.baseline[k]:.3f}->{v:.3f}" for k, v in res.scores.items())
         note = "" if res.improved else " Validation did not improve: the new version keeps the base weights."
+        self._bar.value = 1000
+        if res.save_error:
+            # trained but not written (a full or read-only models folder): keep the result, say where it failed
+            self._status.value = (
+                f"Not saved ({res.stopped}, {res.steps} steps, {res.seconds:.0f} s): {res.save_error} "
+                f"Validation Dice {scores}."
+            )
+            show_error(f"The fine-tuned model could not be saved: {res.save_error}")
+            return
         self._status.value = (
             f"Saved {card.id} ({res.stopped}, {res.steps} steps, {res.seconds:.0f} s). "
             f"Validation Dice {scores}; recommended L{res.recommended_depth}.{note}"
         )
-        self._bar.value = 1000
         show_info(f"Fine-tuned model saved as {card.id}; recommended depth L{res.recommended_depth}.")
         with self._base.changed.blocked():
             self._base.reset_choices()
@@ -471,8 +525,11 @@ def _abandon_jobs(jobs: list[tuple[Any, threading.Event]], *_: Any) -> None:
     jobs.clear()
 
 
-def _spacing(image: Image, axes: str) -> dict[str, float] | None:
-    """The image layer's pixel size per spatial axis, when it has one (a scale other than all ones)."""
-    scale = [float(s) for s in image.scale]
-    spatial = {a: s for a, s in zip(axes, scale) if a in "ZYX"}
-    return spatial if any(abs(s - 1.0) > 1e-9 for s in spatial.values()) else None
+def _spacing(image: Image, axes: str, lead: int = 0) -> tuple[dict[str, float] | None, str]:
+    """The pixel size the Segment widget reads from the layer (:func:`~.pixel_size.layer_pixel_size`, after its
+    ``lead`` axes: a channel segmented on its own), for the card, and its unit; None for napari's default scale of
+    ones in pixels (the layer says nothing: the base's pixel size stays)."""
+    spacing, unit = layer_pixel_size(image, axes, lead)
+    if not spacing or (not unit and all(abs(s - 1.0) <= 1e-9 for s in spacing.values())):
+        return None, ""
+    return spacing, unit

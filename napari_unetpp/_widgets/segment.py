@@ -4,6 +4,7 @@ current slice, and whole-stack runs in a worker thread."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -24,11 +25,11 @@ from magicgui.widgets import (
     PushButton,
     Slider,
 )
-from napari.layers import Image, Labels
+from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..axes import layer_axes
-from ..ct import WINDOWS, parse_window, with_window
+from ..ct import WINDOWS, Window, parse_window, with_window
 from ..errors import InputError, ModelFileError
 from ..metrics import headline_score
 from ..postprocess import INSTANCE_METHODS, level_disagreement, split_instances
@@ -36,7 +37,8 @@ from ..prediction import Prediction, normalization_stats, predict_iter
 from ..registry import LoadedModel, list_models, load_model
 from ..runtime import DEVICE_CHOICES, describe_device, resolve_device
 from ._workers import WeakHandler, abandon, run_generator, user_message
-from .cache import PlaneResult, ResultCache
+from .cache import PlaneResult, ResultCache, ResultKey
+from .pixel_size import layer_pixel_size
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,10 @@ class SegmentWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._loaded: dict[str, LoadedModel] = {}
-        self._windowed: dict[tuple[str, str], LoadedModel] = {}  # (model, window) -> the model with that window
+        # (model, window) -> the model with that window (its own folded copy, runtime sessions): one per window, so
+        # images that share a window share it, and a file's own ("dicom") window is that image's, never another's
+        self._windowed: dict[tuple[str, Window], LoadedModel] = {}
+        self._zoom_refused: set[tuple[Any, str]] = set()  # (image, model) pairs told once that they are not resampled
         self._files: list[str] = []  # models opened from files, listed after the registry's
         self._image = ComboBox(
             label="image",
@@ -231,11 +236,17 @@ class SegmentWidget(Container):
             ]
         )
 
+        # everything per layer is keyed by napari's layer.unique_id (never id(), which a new layer may reuse, nor
+        # the name, which a new layer may share) and forgotten when the layer goes or its data changes
         self._cache = ResultCache()
-        self._next_label: dict[int, int] = {}  # mask layer id -> next free object id (unique across the stack)
-        self._stats: dict[tuple, list] = {}
-        self._mask_layer: dict[str, Labels] = {}  # image name -> the mask layer we write
-        self._edited: set[int] = set()  # ids of mask layers the user painted on
+        self._next_label: dict[Any, int] = {}  # mask layer -> next free object id (unique across the stack)
+        self._stats: dict[ResultKey, list] = {}
+        self._results: dict[tuple[Any, str], Any] = {}  # (image layer, tag) -> the result layer we write
+        self._edited: set[Any] = set()  # mask layers the user painted on
+        self._version: dict[Any, int] = {}  # image layer -> how many times its data was replaced
+        self._data_hooks: dict[Any, tuple[weakref.ref, WeakHandler]] = {}  # image layer -> its data-event handler
+        self._shapes: dict[Any, tuple[int, ...]] = {}  # image layer -> the shape of its data when last seen
+        self._stack_layer: Any = None  # the image layer of the whole-stack run going on
         self._preview_worker: Any = None
         self._pending_preview = False
         self._stack_worker: Any = None
@@ -329,24 +340,68 @@ class SegmentWidget(Container):
             self._suggest_model()
 
     def _forget_gone(self) -> None:
-        """Drop cached results, statistics and models of layers and models that went away."""
+        """Drop cached results, statistics, windows, result-layer links and data hooks of layers and models that
+        went away (result layers of a removed image stay in the viewer, the user's now, and are never written
+        again); listen to the data of image layers that came."""
         present = {ly.unique_id for ly in self._viewer.layers}
         choices = set(self._model.choices) | set(self._files)
         for mid in [m for m in self._loaded if m not in choices and m != self._model.value]:
             del self._loaded[mid]
         self._cache.keep_only(present, {lm.fingerprint for lm in self._loaded.values()})
-        self._stats = {k: v for k, v in self._stats.items() if k[0] in present}
-        ids = {id(ly) for ly in self._viewer.layers}
-        self._mask_layer = {k: v for k, v in self._mask_layer.items() if id(v) in ids}
-        self._edited &= ids
-        self._next_label = {k: v for k, v in self._next_label.items() if k in ids}
+        self._stats = {k: v for k, v in self._stats.items() if k.layer in present}
+        in_use = set(WINDOWS.values()) | {w for ly in self._viewer.layers for w in _file_windows(ly)}
+        self._windowed = {k: v for k, v in self._windowed.items() if k[0] in self._loaded and k[1] in in_use}
+        self._results = {k: v for k, v in self._results.items() if k[0] in present and v.unique_id in present}
+        self._edited &= present
+        self._next_label = {k: v for k, v in self._next_label.items() if k in present}
+        self._version = {k: v for k, v in self._version.items() if k in present}
+        self._shapes = {k: v for k, v in self._shapes.items() if k in present}
+        for uid in [u for u in self._data_hooks if u not in present]:
+            ref, handler = self._data_hooks.pop(uid)
+            layer = ref()
+            if layer is not None:
+                layer.events.data.disconnect(handler)
+        for ly in self._viewer.layers:
+            if isinstance(ly, Image) and ly.unique_id not in self._data_hooks:
+                handler = WeakHandler(self, "_on_data_changed", ly.unique_id)
+                ly.events.data.connect(handler)
+                self._data_hooks[ly.unique_id] = (weakref.ref(ly), handler)
+                self._shapes[ly.unique_id] = tuple(pixels(ly).shape)
         self._update_channels()
+
+    def _on_data_changed(self, uid: Any, event: Any = None) -> None:
+        """An image layer's data was replaced: its results and statistics are stale; a whole-stack run on it stops
+        (what it computes now is for the old data and is not kept). Data of another shape gets new result layers:
+        the old ones stay in the viewer as they are (they may hold the user's corrections) and are never written
+        again."""
+        self._version[uid] = self._version.get(uid, 0) + 1
+        self._cache.drop(layer=uid)
+        self._stats = {k: v for k, v in self._stats.items() if k.layer != uid}
+        hook = self._data_hooks.get(uid)
+        layer = hook[0]() if hook is not None else None
+        shape = tuple(pixels(layer).shape) if layer is not None else None
+        if shape != self._shapes.get(uid):
+            gone = {v.unique_id for k, v in self._results.items() if k[0] == uid}
+            self._results = {k: v for k, v in self._results.items() if k[0] != uid}
+            self._next_label = {k: v for k, v in self._next_label.items() if k not in gone}
+            if shape is not None:
+                self._shapes[uid] = shape
+        if self._stack_worker is not None and self._stack_layer == uid:
+            self.cancel()
 
     def _on_image_changed(self, _=None) -> None:
         self._suggest_model()
+        self._show_window()
         self._update_channels()
         self._show_scale()
         self._render_current()
+
+    def chosen_channel(self, image: Image | None) -> int | None:
+        """The channel of ``image``'s first axis this widget segments (its masks then lack that axis), or None
+        when ``image`` is not the selected layer or is segmented whole."""
+        if image is None or self._image.value is not image or not self._lead():
+            return None
+        return int(self._channel.value)
 
     def _channel_choices(self, _=None) -> list[tuple[str, int]]:
         """Channels along the first axis of the selected grey layer, for a 1-channel model: offered when the layer
@@ -395,7 +450,11 @@ class SegmentWidget(Container):
         """Say whether the image is resampled to the model's pixel size (and why), or is used as it is."""
         image, lm = self._image.value, self.model
         zoom, why = self._zoom(image, lm) if image is not None and lm is not None else (None, "")
-        self._scale_note.value = f"resampled x{' x '.join(f'{z:.2f}' for z in zoom)}" if zoom else "used as it is"
+        if zoom:
+            self._scale_note.value = f"resampled x{' x '.join(f'{z:.2f}' for z in zoom)}"
+        else:
+            refused = why.startswith("not resampled")
+            self._scale_note.value = "used as it is (pixel size far from the model's)" if refused else "used as it is"
         self._scale_note.tooltip = why or (
             "The layer's pixel size matches the model's, or one of them is unknown (a layer in pixels): the image "
             "is segmented as it is."
@@ -431,23 +490,32 @@ class SegmentWidget(Container):
         choice = str(self._window.value)
         if lm.normalization.mode != "window" or choice == WINDOW_CHOICES[0]:
             return lm
-        key = (mid, choice)
+        image = self._image.value
+        # "dicom": the selected image's own window (another image's may differ)
+        key = (mid, parse_window(choice, _file_windows(image) if image is not None else []))
         if key not in self._windowed:
-            image = self._image.value
-            dicom = image.metadata.get("unetpp_windows", []) if image is not None else []
-            self._windowed[key] = with_window(lm, parse_window(choice, dicom))
+            self._windowed[key] = with_window(lm, key[1])
         return self._windowed[key]
 
-    def _on_window_changed(self, _=None) -> None:
+    def _show_window(self) -> bool:
+        """Say which HU window is active; a window the selected image cannot give (``dicom`` for an image without
+        one) goes back to the model's, with one sentence. Returns whether the chosen window stands."""
         try:
             lm = self.model
         except InputError as exc:
-            self._window.value = WINDOW_CHOICES[0]
+            with self._window.changed.blocked():
+                self._window.value = WINDOW_CHOICES[0]
             self._error(user_message(exc))
-            return
-        if lm is not None:
+            lm = self.model
+            ok = False
+        else:
+            ok = True
+        if lm is not None and lm.normalization.mode == "window":
             self._window_shown.value = lm.normalization.describe()
-        if self._image.value is not None and self._live:
+        return ok
+
+    def _on_window_changed(self, _=None) -> None:
+        if self._show_window() and self._image.value is not None and self._live:
             self.preview()
 
     def _on_model_changed(self, _=None) -> None:
@@ -481,7 +549,9 @@ class SegmentWidget(Container):
             self._instances.value = "watershed"
         is_ct = lm.normalization.mode == "window"
         self._window.visible = self._window_shown.visible = is_ct
-        self._window_shown.value = self.model.normalization.describe() if is_ct and self.model else ""
+        self._window_shown.value = ""
+        if is_ct:
+            self._show_window()
         self._update_channels()
         self._show_scale()
 
@@ -501,49 +571,49 @@ class SegmentWidget(Container):
     def _zoom(self, image: Image, lm: LoadedModel) -> tuple[tuple[float, ...] | None, str]:
         """Resampling to the model's pixel size from the layer's scale, when the layer's units are lengths (what
         the readers set from the file: um for OME-Zarr and ImageJ TIFFs, mm for CT), and a note saying so."""
-        from ..scale import to_um, zoom_for
+        from ..scale import ZoomError, zoom_for
 
         dims = lm.module.config.spatial_dims
         spatial = "ZYX" if dims == 3 else "YX"
         try:
-            axes = self._source(image, lm)[1]
-            units = [str(u) for u in image.units][self._lead() :]
-            scale = list(image.scale)[self._lead() :]
+            size, unit = layer_pixel_size(image, self._source(image, lm)[1], self._lead(), spatial)
         except (InputError, AttributeError, IndexError, TypeError):
             return None, ""
-        size: dict[str, float] = {}
-        for i, a in enumerate(axes):
-            if a in spatial and i < len(units):
-                um = to_um(float(scale[i]), units[i])
-                if um is None:
-                    return None, ""  # pixels, or a unit we do not know: as it is
-                size[a] = um
+        if not unit:
+            return None, ""  # pixels, or a unit we do not know: as it is
         try:
-            return zoom_for(lm.card, spatial, size, "um")
+            return zoom_for(lm.card, spatial, size, unit)
+        except ZoomError as exc:
+            # too far to resample (a wrong layer scale, or a model for another pixel size): segment as it is, and
+            # say so once per image and model instead of quietly ignoring the layer's scale
+            seen = (image.unique_id, lm.fingerprint)
+            if seen not in self._zoom_refused:
+                self._zoom_refused.add(seen)
+                show_warning(
+                    f"'{image.name}' is segmented as it is, not resampled: {exc} In napari, the layer's scale and "
+                    f"units (layer properties) are its pixel size."
+                )
+            return None, f"not resampled: {exc}"
         except ValueError:
             return None, ""
 
-    def _key(self, image: Image, lm: LoadedModel, plane: tuple[int, ...]) -> tuple:
-        """Layer (unique id and shape), weights (fingerprint) and plane: never a stale result from a new layer that
-        reuses an ``id()`` or from another file with the same ``name@vN``."""
-        return (
-            image.unique_id,
-            tuple(pixels(image).shape),
-            self._lead() and self._channel.value,
-            lm.fingerprint,
-            plane,
-            _norm_key(lm),
-            self._zoom(image, lm)[0],
+    def _key(self, image: Image, lm: LoadedModel, plane: tuple[int, ...]) -> ResultKey:
+        """Layer (unique id, shape, data version), weights (fingerprint), plane, channel, normalisation and zoom:
+        never a stale result from a new layer that reuses an ``id()``, a layer whose data was replaced, or another
+        file with the same ``name@vN``."""
+        return ResultKey(
+            layer=image.unique_id,
+            shape=tuple(pixels(image).shape),
+            fingerprint=lm.fingerprint,
+            plane=plane,
+            channel=int(self._channel.value) if self._lead() else None,
+            normalization=_norm_key(lm),
+            zoom=self._zoom(image, lm)[0],
+            version=self._version.get(image.unique_id, 0),
         )
 
     def _image_stats(self, image: Image, lm: LoadedModel, axes: str) -> list:
-        key = (
-            image.unique_id,
-            tuple(pixels(image).shape),
-            lm.fingerprint,
-            _norm_key(lm),
-            self._lead() and self._channel.value,
-        )
+        key = dataclasses.replace(self._key(image, lm, ()), zoom=None)  # (statistics of the image as it is)
         if key not in self._stats:
             self._stats[key] = normalization_stats(self._source(image, lm)[0], lm, axes=axes)
         return self._stats[key]
@@ -589,7 +659,8 @@ class SegmentWidget(Container):
         data = src[plane] if plane else src  # read tile by tile by predict, never whole
         sub_axes = axes[len(plane) :]
         key = self._key(image, lm, plane)
-        zoom = self._zoom(image, lm)[0]
+        zoom = key.zoom
+        device = self._device.value  # (every widget value is read here, on the main thread: the worker reads none)
 
         def gen():
             t0 = time.perf_counter()
@@ -599,7 +670,7 @@ class SegmentWidget(Container):
                 axes=sub_axes,
                 depth=k,
                 levels="all",
-                device=self._device.value,
+                device=device,
                 stats=stats,
                 prob_dtype="float32",
                 zoom=zoom,
@@ -609,13 +680,31 @@ class SegmentWidget(Container):
         def done(out: tuple[Prediction, float]) -> None:
             pred, seconds = out
             self._detected.value = pred.device  # what ran this level, and why (PyTorch or ONNX Runtime, precision)
+            if not self._current(key):
+                return  # the layer's data was replaced meanwhile: a result of the old data
             entry = self._cache.put(key, pred.probabilities, {k: seconds}, pred.cues)
-            if self._key(image, lm, self._plane(image, lm)[1]) == key:
+            if self._shows(image, key) and self._plane(image, lm)[1] == plane:
                 self._render(image, lm, plane, entry)
 
         self._set_busy_preview(True)
         self._preview_worker = run_generator(gen, lambda p: None, done, self._error, self._preview_finished)
         self._track(self._preview_worker)
+
+    def _current(self, key: ResultKey) -> bool:
+        """Whether ``key`` is of its layer's current data."""
+        return key.version == self._version.get(key.layer, 0)
+
+    def _shows(self, image: Image, key: ResultKey) -> bool:
+        """Whether a result under ``key`` is what the widget shows for its plane now: ``image`` is selected and the
+        model, window, channel, zoom and data are those the result was computed with (a result that arrives after
+        the user changed one of them is cached, never drawn)."""
+        if self._image.value is not image:
+            return False
+        try:
+            lm = self.model
+            return lm is not None and self._key(image, lm, key.plane) == key
+        except (InputError, ValueError):
+            return False
 
     def _set_busy_preview(self, busy: bool) -> None:
         self._preview_btn.enabled = not busy
@@ -702,38 +791,52 @@ class SegmentWidget(Container):
         shape = tuple(pixels(image).shape)[self._lead() :]
         return shape[:-1] if image.rgb else shape
 
+    def result_layer(self, image: Image, tag: str = "mask") -> Any:
+        """The result layer (``"mask"``, ``"L2"``, ``"ensemble"``, ``"disagreement"``) this widget writes for the
+        image layer ``image``, or None. Found by the layer's identity, never its name: the results of a closed
+        ``a.tif`` are never written for another ``a.tif``."""
+        layer = self._results.get((image.unique_id, tag))
+        return layer if layer is not None and layer in self._viewer.layers else None
+
+    def _free_name(self, image: str, tag: str) -> str:
+        """``"<image> [UNet++ <tag>]"``, or ``<tag> 2``, ``<tag> 3`` ... when a layer has that name (the user's edited
+        mask, or the results of a closed image of the same name)."""
+        name, n = layer_name(image, tag), 2
+        while name in self._viewer.layers:
+            name, n = layer_name(image, f"{tag} {n}"), n + 1
+        return name
+
     def _layer_for(self, image: Image, tag: str, labels: bool, dtype: Any, **kw: Any):
-        name = layer_name(image.name, tag)
         geo = {
             "scale": tuple(image.scale)[self._lead() :][: len(self._full_shape(image))],
             "translate": tuple(image.translate)[self._lead() :][: len(self._full_shape(image))],
             # a CT image's geometry travels with its results, so a mask saved to NIfTI overlays the scan
             "metadata": {k: v for k, v in image.metadata.items() if k == "unetpp_geometry"},
         }
+        layer = self.result_layer(image, tag)
         if labels:
-            layer = self._mask_layer.get(image.name)
-            if layer is not None and (layer not in self._viewer.layers or id(layer) in self._edited):
-                if id(layer) in self._edited and layer in self._viewer.layers:
-                    n = 2
-                    while layer_name(image.name, f"mask {n}") in self._viewer.layers:
-                        n += 1
-                    name = layer_name(image.name, f"mask {n}")
-                    show_info(f"'{layer.name}' has your edits and is kept; the new result is in '{name}'.")
+            if layer is not None and layer.unique_id in self._edited:
+                name = self._free_name(image.name, tag)
+                show_info(f"'{layer.name}' has your edits and is kept; the new result is in '{name}'.")
                 layer = None
             if layer is None:
                 layer = self._viewer.add_labels(
-                    blank(self._full_shape(image), dtype, pixels(image)), name=name, opacity=0.5, **geo
+                    blank(self._full_shape(image), dtype, pixels(image)),
+                    name=self._free_name(image.name, tag),
+                    opacity=0.5,
+                    **geo,
                 )
-                layer.events.paint.connect(WeakHandler(self, "_on_mask_painted", layer))
-                self._mask_layer[image.name] = layer
+                layer = _unproxied(layer)
+                layer.events.paint.connect(WeakHandler(self, "_on_mask_painted", layer.unique_id))
+                self._results[(image.unique_id, tag)] = layer
             elif layer.data.dtype != dtype and np.dtype(dtype).itemsize > layer.data.dtype.itemsize:
                 layer.data = layer.data.astype(dtype)
             return layer
-        if name in self._viewer.layers:
-            return self._viewer.layers[name]
-        return self._viewer.add_image(
+        if layer is not None:
+            return layer
+        layer = self._viewer.add_image(
             blank(self._full_shape(image), np.float16, pixels(image)),
-            name=name,
+            name=self._free_name(image.name, tag),
             colormap=kw.get("colormap", "magma"),
             blending="additive",
             opacity=0.5,
@@ -741,10 +844,13 @@ class SegmentWidget(Container):
             visible=kw.get("visible", True),
             **geo,
         )
+        layer = _unproxied(layer)
+        self._results[(image.unique_id, tag)] = layer
+        return layer
 
-    def _on_mask_painted(self, layer: Labels, event: Any) -> None:
+    def _on_mask_painted(self, uid: Any, event: Any) -> None:
         """The user painted on one of our mask layers: it is theirs now, and never overwritten."""
-        self._edited.add(id(layer))
+        self._edited.add(uid)
 
     def _write_plane(
         self,
@@ -758,9 +864,9 @@ class SegmentWidget(Container):
     ) -> None:
         layer = self._layer_for(image, tag, labels, values.dtype if labels else np.float16, visible=visible, **kw)
         if labels and values.dtype == np.uint32 and values.any():  # objects: ids unique across the whole stack
-            start = self._next_label.get(id(layer), 0)
+            start = self._next_label.get(layer.unique_id, 0)
             values = np.where(values > 0, values + np.uint32(start), 0).astype(np.uint32)
-            self._next_label[id(layer)] = int(values.max())
+            self._next_label[layer.unique_id] = int(values.max())
         layer.data[plane] = values
         if self._on_screen(layer, plane):  # planes off screen are read when the user moves there
             layer.refresh()
@@ -799,7 +905,9 @@ class SegmentWidget(Container):
             "all" if (self._all_levels.value or self._disagreement.value or self._mode.value == "ensemble") else [k]
         )
         post = (self._threshold.value, self._instances.value, self._mode.value)
-        zoom = self._zoom(image, lm)[0]
+        base_key = self._key(image, lm, ())
+        zoom = base_key.zoom
+        device = self._device.value  # (every widget value is read here, on the main thread: the worker reads none)
         self._bar.value, self._bar.visible = 0, True
         t0 = time.perf_counter()
 
@@ -811,7 +919,7 @@ class SegmentWidget(Container):
                 axes=axes,
                 depth=k,
                 levels=levels,
-                device=self._device.value,
+                device=device,
                 stats=stats,
                 allocate=lambda shape, dtype, name: blank(shape, dtype, data),
                 zoom=zoom,
@@ -845,8 +953,16 @@ class SegmentWidget(Container):
                 shown[0] = now
                 self._bar.max, self._bar.value = p.total, p.done
                 self._timing.value = f"whole stack L{k}: {p.done} / {p.total} tiles, {now - t0:.0f} s"
+            # the worker's mask stands for what is shown only while depth and post-processing are those it used
+            same = (k, *post) == (
+                self._depth_slider.value,
+                self._threshold.value,
+                self._instances.value,
+                self._mode.value,
+            )
             for plane, probs, cues, mask in planes:
-                self._store_plane(image, lm, plane, probs, mask if self._depth_slider.value == k else None, cues)
+                key = dataclasses.replace(base_key, plane=plane)
+                self._store_plane(image, lm, key, probs, mask if same else None, cues)
 
         def on_return(pred: Prediction) -> None:
             self._detected.value = pred.device
@@ -858,6 +974,7 @@ class SegmentWidget(Container):
         self._run_btn.enabled = False
         self._cancel_btn.enabled = True
         self._cancelled = False
+        self._stack_layer = image.unique_id
         self._stack_worker = run_generator(gen, on_yield, on_return, self._error, self._stack_finished)
         self._track(self._stack_worker)
 
@@ -865,18 +982,24 @@ class SegmentWidget(Container):
         self,
         image: Image,
         lm: LoadedModel,
-        plane: tuple[int, ...],
+        key: ResultKey,
         probs: dict[int, np.ndarray],
         mask: np.ndarray | None,
         cues: dict[int, np.ndarray] | None = None,
     ) -> None:
-        entry = self._cache.put(self._key(image, lm, plane), probs, cues=cues)
-        self._render(image, lm, plane, entry, mask)
+        """Cache a whole-stack run's plane under the key the run started with, and draw it unless the user changed
+        what the image is shown with since (model, window, channel: the result is then only cached). While another
+        image is selected, the run keeps filling its own image's layers."""
+        if not self._current(key):
+            return  # the layer's data was replaced: a result of the old data
+        entry = self._cache.put(key, probs, cues=cues)
+        if self._image.value is not image or self._shows(image, key):
+            self._render(image, lm, key.plane, entry, mask)
 
     def _stack_finished(self) -> None:
         if self._cancelled:
             self._timing.value = "cancelled; the slices already shown are complete and kept"
-        self._stack_worker = None
+        self._stack_worker = self._stack_layer = None
         self._run_btn.enabled = True
         self._cancel_btn.enabled = False
         self._bar.visible = False
@@ -949,6 +1072,18 @@ class SegmentWidget(Container):
     def _error(self, message: str) -> None:
         show_error(message)
         self._timing.value = message[:80]
+
+
+def _file_windows(layer: Any) -> list[Window]:
+    """The HU windows the layer's file records (our DICOM reader's ``metadata["unetpp_windows"]``), else none."""
+    found = getattr(layer, "metadata", {}).get("unetpp_windows", [])
+    return [w for w in found if isinstance(w, Window)] if isinstance(found, (list, tuple)) else []
+
+
+def _unproxied(layer: Any) -> Any:
+    """The layer behind napari's proxy (a plugin's viewer hands out proxies of the layers it adds, which are never
+    ``is`` the layers in ``viewer.layers``)."""
+    return getattr(layer, "__wrapped__", layer)
 
 
 def _forget(workers: list[Any], worker: Any) -> None:
