@@ -92,12 +92,13 @@ NAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,24}", fullmatch=True)
 
 
 @settings(max_examples=25, deadline=None)
-@given(name=NAMES | st.sampled_from(["em.v2", "nuclei-v1.1", "a.b.c", "x.json", "y.safetensors", "v.2-v3"]))
+@given(name=NAMES | st.sampled_from(["em.v2", "nuclei-v1.1", "a.b.c", "x.json", "y.safetensors", "v.2-v3", "0."]))
 def test_any_valid_name_saves_two_versions_that_load_by_name(name):
     """Dots anywhere: two saves give name@v1 and name@v2, listed under the name and loaded by it; a name that reads
-    as a file (ending in .json/.safetensors) is refused before anything is written."""
+    as a file (ending in .json/.safetensors) or ending in a dot (Windows drops it from folder names) is refused
+    before anything is written."""
     with tempfile.TemporaryDirectory() as home, mock.patch.dict(os.environ, {"NAPARI_UNETPP_HOME": home}):
-        if name.lower().endswith((".json", ".safetensors")):
+        if name.lower().endswith((".json", ".safetensors", ".")):
             with pytest.raises(ValueError, match="must not end in"):
                 save_model(NET, ModelCard(name=name, architecture={}))
             assert not os.listdir(home)
