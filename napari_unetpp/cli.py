@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -657,48 +657,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(sample=args.sample, screenshot=args.screenshot, minutes=args.minutes)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number of 1 or more."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
-    return n
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str, kind: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, and refuse it unless ``ok`` (``rule`` says what is allowed)."""
+
+    def parse(text: str) -> Any:
+        try:
+            x = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not ok(x):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"{rule}, got {x:g}")
+        return x
+
+    return parse
 
 
-def _index(text: str) -> int:
-    """argparse type: an index from 0."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"counts from 0, got {n}")
-    return n
-
-
-def _probability(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, got {x:g}")
-    return x
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a number above 0."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not x > 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"must be above 0, got {x:g}")
-    return x
+_positive_int = _checked(int, lambda n: n >= 1, "must be 1 or more", "a whole number")
+_index = _checked(int, lambda n: n >= 0, "counts from 0", "a whole number")
+_probability = _checked(float, lambda x: 0.0 <= x <= 1.0, "must lie between 0 and 1", "a number")
+_positive_float = _checked(float, lambda x: x > 0, "must be above 0", "a number")
 
 
 def build_parser() -> argparse.ArgumentParser:
