@@ -48,7 +48,7 @@ from .normalization import Normalization, check_pixels
 from .postprocess import instance_method, split_instances
 from .registry import LoadedModel, resolve_model
 from .runtime import is_oom, release_memory, resolve_device
-from .tiling import Blender, TilePlan, gaussian_weights, padding_for, source_index
+from .tiling import Blender, TilePlan, default_batch, default_tile, gaussian_weights, padding_for, read_tile
 
 __all__ = [
     "Progress",
@@ -305,7 +305,7 @@ def plan_prediction(
         raise ValueError(f"stats has {len(stats)} entries for an image with {lay.n_ch} channel(s).")
     tile = tile if tile is not None else loaded.card.tile
     if tile is None:
-        tile_t = _default_tile(cfg.spatial_dims)
+        tile_t = default_tile(cfg.spatial_dims)
     elif isinstance(tile, (int, np.integer)):
         tile_t = (int(tile),) * cfg.spatial_dims
     else:
@@ -798,13 +798,8 @@ def _objects_method(objects: str, cfg: Any) -> str:
 _KEEP_ARENA = 512 * 512
 
 
-def _default_tile(spatial_dims: int) -> tuple[int, ...]:
-    return (1024, 1024) if spatial_dims == 2 else (96, 96, 96)
-
-
 def _default_batch(tile_shape: Sequence[int], device: torch.device) -> int:
-    budget = 2**20 if device.type == "cpu" else 2**22
-    return max(1, budget // int(np.prod(tile_shape)))
+    return default_batch(tile_shape, device.type)
 
 
 def _stats(lay: Layout, norm: Normalization) -> list[tuple[float, float]]:
@@ -837,14 +832,9 @@ def _tiles(plan: PredictionPlan) -> Iterator[tuple[tuple[int, ...], tuple[slice,
     for pidx in np.ndindex(*plan.loop_shape) if plan.loop_shape else [()]:
         plane = lay.src[pidx] if pidx else lay.src
         for sl in plan.tile_list:
-            idx = [source_index(s, a, n, edge) for s, (a, _), n in zip(sl, plan.pad, plan.spatial_shape)]
-            box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
-            block = np.asarray(plane[(slice(None), *box)] if lay.has_c else plane[box])
+            block = read_tile(plane, sl, plan.pad, edge)
             if not lay.has_c:
                 block = block[None]
-            if any(len(i) != b.stop - b.start for i, b in zip(idx, box)):  # reflected at a border
-                local: tuple[Any, ...] = (slice(None), *np.ix_(*[i - b.start for i, b in zip(idx, box)]))
-                block = block[local]
             check_pixels(block, f" in plane {pidx}" if pidx else "")
             yield pidx, sl, np.stack([plan.norm.apply(block[c], plan.stats[c]) for c in range(n_ch)])
 

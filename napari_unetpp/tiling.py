@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TilePlan", "Blender", "gaussian_weights", "axis_starts", "default_tile", "read_tile"]
+__all__ = ["TilePlan", "Blender", "gaussian_weights", "axis_starts", "default_tile", "default_batch", "read_tile"]
 
 
 def axis_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
@@ -258,6 +258,12 @@ def default_tile(spatial_dims: int) -> tuple[int, ...]:
     return (1024, 1024) if spatial_dims == 2 else (96, 96, 96)
 
 
+def default_batch(tile_shape: Sequence[int], device_type: str) -> int:
+    """Tiles per batch: about 1 M voxels on a CPU, 4 M on an accelerator (prediction's and validation's budget)."""
+    budget = 2**20 if device_type == "cpu" else 2**22
+    return max(1, budget // int(np.prod(tile_shape)))
+
+
 def read_tile(plane: Any, tile: Sequence[slice], pad: Sequence[tuple[int, int]], edge: bool = False) -> np.ndarray:
     """Tile ``tile`` of ``plane`` padded by ``pad`` (its last ``len(tile)`` axes; leading ones, e.g. channels, kept),
     read without padding the plane: only the tile's pixels are read (lazily for memory maps and dask arrays),
@@ -273,7 +279,8 @@ def read_tile(plane: Any, tile: Sequence[slice], pad: Sequence[tuple[int, int]],
     shape = tuple(int(n) for n in plane.shape[len(plane.shape) - len(tile) :])
     idx = [source_index(s, a, n, edge) for s, (a, _), n in zip(tile, pad, shape)]
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
-    block = np.asarray(plane[(Ellipsis, *box)])
+    lead = (slice(None),) * (len(plane.shape) - len(tile))  # no Ellipsis: not every lazy array takes one
+    block = np.asarray(plane[(*lead, *box)])
     if any(len(i) != b.stop - b.start for i, b in zip(idx, box)):  # reflected at a border
         local: tuple[Any, ...] = (Ellipsis, *np.ix_(*[i - b.start for i, b in zip(idx, box)]))
         block = block[local]

@@ -21,7 +21,7 @@ from ..backends import Choice, TorchBackend
 from ..metrics import dice_from_counts
 from ..network import UNetPlusPlus
 from ..runtime import is_oom, release_memory
-from ..tiling import Blender, TilePlan, default_tile, padding_for, per_axis, read_tile
+from ..tiling import Blender, TilePlan, default_batch, default_tile, padding_for, per_axis, read_tile
 from .data import TrainingItem, TrainingSet
 
 __all__ = ["validate"]
@@ -65,7 +65,7 @@ def validate(
     predictor = TorchBackend(module, cfg.max_depth, device, precision, Choice("torch", precision, "validation"))
     mult = per_axis(cfg.multiple, cfg.spatial_dims)
     size = per_axis(tile, cfg.spatial_dims) if tile is not None else default_tile(cfg.spatial_dims)
-    batch = max(1, (2**20 if device.type == "cpu" else 2**22) // int(np.prod(size)))  # predict's budget
+    batch = default_batch(size, device.type)  # predict's budget
     try:
         for it in ds.items:
             if not it.val.any():
