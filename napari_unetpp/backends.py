@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import UserError
 from .network import _run_nodes
+from .paths import cache_dir
 from .runtime import autocast_context, autocast_dtype, cpu_supports_bf16, is_oom, memory_format
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
     "Backend",
     "Choice",
     "RuntimeUnavailable",
-    "cache_dir",
     "choose",
     "hold_cores",
     "make_backend",
@@ -351,16 +351,6 @@ def openvino_available() -> str | None:
     except ImportError as exc:
         return f"{exc.name or 'openvino'} is not installed (pip install onnx openvino)"
     return None
-
-
-def cache_dir() -> Path:
-    """Where exported graphs and runtime choices are kept: ``NAPARI_UNETPP_HOME/cache``, else the user cache folder."""
-    env = os.environ.get("NAPARI_UNETPP_HOME")
-    if env:
-        return Path(env) / "cache"
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("napari-unetpp", appauthor=False))
 
 
 def params_hash(net: Any, depth: int) -> str:

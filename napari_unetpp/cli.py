@@ -430,7 +430,7 @@ def _save_trained(res: Any) -> bool:
     """
     import tempfile
 
-    from .registry import user_models_dir
+    from .paths import user_models_dir
 
     try:
         res.save()
@@ -588,7 +588,8 @@ def _report_held_out(res, base, img, lab, axes: str, slices: list[int], device: 
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .registry import list_models, shipped_weights_dir, user_models_dir
+    from .paths import shipped_weights_dir, user_models_dir
+    from .registry import list_models
 
     rows = list_models()
     if not rows:

@@ -32,13 +32,13 @@ import numpy as np
 
 from .backends import (
     RuntimeUnavailable,
-    cache_dir,
     cached_session,
     onnx_available,
     onnx_graph,
     params_hash,
     write_atomically,
 )
+from .paths import cache_dir
 
 __all__ = ["CALIBRATION_SUFFIX", "calibration_tiles", "int8_graph", "int8_session", "load_calibration"]
 

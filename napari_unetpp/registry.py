@@ -32,6 +32,7 @@ from torch import nn
 from .errors import ModelFileError
 from .network import UNetPlusPlus, UNetPlusPlusConfig
 from .normalization import Normalization
+from .paths import shipped_weights_dir, user_models_dir
 from .runtime import optimize_for_inference
 
 __all__ = [
@@ -43,8 +44,6 @@ __all__ = [
     "save_model",
     "list_models",
     "resolve_model",
-    "shipped_weights_dir",
-    "user_models_dir",
     "ModelInfo",
     "check_model_name",
 ]
@@ -204,25 +203,6 @@ class ModelInfo:
     shipped: bool
     path: Path
     card: ModelCard
-
-
-def shipped_weights_dir() -> Path:
-    """The shipped ``weights/`` folder: inside the installed package (wheel) or beside it (source checkout)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "weights", here.parent / "weights"):
-        if cand.is_dir():
-            return cand
-    return here / "weights"
-
-
-def user_models_dir() -> Path:
-    """Where fine-tuned versions are saved; ``NAPARI_UNETPP_HOME`` overrides the per-user data directory."""
-    env = os.environ.get("NAPARI_UNETPP_HOME")
-    if env:
-        return Path(env) / "models"
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("napari-unetpp", appauthor=False)) / "models"
 
 
 def _sha256(path: Path) -> str:

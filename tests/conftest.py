@@ -13,10 +13,40 @@ DATA = Path(__file__).parent / "data"
 os.environ.setdefault("NAPARI_UNETPP_SYNC", "1")
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    """One cache folder for the whole run (exported graphs, int8 copies, measured runtime choices): the caches are
+    keyed by the weights' hash, so sharing them is what a user's machine does too, and it spares every test a
+    re-export and a re-measurement. Tests about the caches themselves point ``NAPARI_UNETPP_CACHE`` elsewhere."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_user_models(tmp_path_factory, monkeypatch):
-    """Every test gets its own user-model folder, so nothing a test saves leaks into another (or the user's)."""
+def _isolated_user_models(tmp_path_factory, monkeypatch, _session_cache):
+    """Every test gets its own user-model folder, so nothing a test saves leaks into another (or the user's); the
+    caches are shared by the session (see ``_session_cache``)."""
     monkeypatch.setenv("NAPARI_UNETPP_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.setenv("NAPARI_UNETPP_CACHE", str(_session_cache))
+
+
+@pytest.fixture
+def own_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A cache folder for this test alone (for tests that count exports, corrupt caches or measure choices)."""
+    path = tmp_path_factory.mktemp("own_cache")
+    monkeypatch.setenv("NAPARI_UNETPP_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_unless_a_runtime_test(request, monkeypatch):
+    """Outside tests marked ``runtimes``, ``runtime="auto"`` means PyTorch: measuring ONNX Runtime and OpenVINO on
+    every first batch (and compiling an OpenVINO model per test) was most of the suite's time, and what it checks
+    belongs to the runtime tests. Asking for a runtime by name still runs it."""
+    if request.node.get_closest_marker("runtimes"):
+        return
+    from napari_unetpp import backends
+
+    monkeypatch.setattr(backends, "_usable", lambda net, depth: ([], ["only PyTorch runs outside the runtime tests"]))
 
 
 @pytest.fixture(autouse=True)

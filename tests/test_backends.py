@@ -11,9 +11,14 @@ import torch
 
 from napari_unetpp import LoadedModel, UNetPlusPlus, predict
 from napari_unetpp import backends as bk
-from napari_unetpp.backends import RuntimeUnavailable, cache_dir
+from napari_unetpp.backends import RuntimeUnavailable
+from napari_unetpp.paths import cache_dir
 
 from .conftest import dice
+
+# these tests count exports, corrupt caches and measure runtime choices: each gets a cache of its own, and
+# runtime="auto" measures the runtimes as it does for users
+pytestmark = [pytest.mark.runtimes, pytest.mark.usefixtures("own_cache")]
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -122,7 +122,7 @@ def test_bad_depth_and_output(tmp_path):
 def test_corrupt_model_file(tmp_path):
     import shutil
 
-    from napari_unetpp.registry import shipped_weights_dir
+    from napari_unetpp.paths import shipped_weights_dir
 
     for ext in (".json", ".safetensors"):
         shutil.copy(shipped_weights_dir() / f"em-membranes{ext}", tmp_path / f"copy{ext}")

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from napari_unetpp import UNetPlusPlus
+from napari_unetpp.paths import shipped_weights_dir, user_models_dir
 from napari_unetpp.registry import (
     ModelCard,
     ModelFileError,
     list_models,
     load_model,
     save_model,
-    shipped_weights_dir,
-    user_models_dir,
 )
 
 

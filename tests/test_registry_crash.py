@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from napari_unetpp import UNetPlusPlus, registry
-from napari_unetpp.registry import ModelCard, list_models, load_model, save_model, user_models_dir
+from napari_unetpp.paths import user_models_dir
+from napari_unetpp.registry import ModelCard, list_models, load_model, save_model
 
 
 def tiny(seed=0) -> UNetPlusPlus:

@@ -17,8 +17,13 @@ import torch
 
 from napari_unetpp import LoadedModel, UNetPlusPlus, predict, predict_iter, registry
 from napari_unetpp import backends as bk
-from napari_unetpp.backends import RuntimeUnavailable, cache_dir
+from napari_unetpp.backends import RuntimeUnavailable
+from napari_unetpp.paths import cache_dir
 from napari_unetpp.runtime import is_oom
+
+# these tests count exports, corrupt caches and measure runtime choices: each gets a cache of its own, and
+# runtime="auto" measures the runtimes as it does for users
+pytestmark = [pytest.mark.runtimes, pytest.mark.usefixtures("own_cache")]
 
 ONNX = "onnxruntime is not installed (pip install onnx onnxruntime)"
 OPENVINO = "openvino is not installed (pip install onnx openvino)"

@@ -22,8 +22,9 @@ from napari_unetpp.finetune import (
     validate,
 )
 from napari_unetpp.network import UNetPlusPlus
+from napari_unetpp.paths import user_models_dir
 from napari_unetpp.prediction import normalization_stats, predict
-from napari_unetpp.registry import LoadedModel, load_model, user_models_dir
+from napari_unetpp.registry import LoadedModel, load_model
 
 from .conftest import DATA
 

@@ -463,7 +463,7 @@ def test_an_unsaved_fine_tune_says_so_and_keeps_the_result(make_napari_viewer, e
 
     import napari_unetpp.finetune.saving as sv
     from napari_unetpp._widgets import finetune
-    from napari_unetpp.registry import user_models_dir
+    from napari_unetpp.paths import user_models_dir
 
     real_save = sv.save_model
 

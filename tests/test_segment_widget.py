@@ -154,7 +154,7 @@ def test_model_from_a_file_and_a_corrupt_one(docked, tmp_path, monkeypatch):
     import shutil
 
     from napari_unetpp._widgets import segment
-    from napari_unetpp.registry import shipped_weights_dir
+    from napari_unetpp.paths import shipped_weights_dir
 
     viewer, w, img = docked
     for ext in (".json", ".safetensors"):

@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError
 
 from ..metrics import format_scores, recommend_depth
-from ..registry import LoadedModel, ModelCard, save_model, user_models_dir
+from ..paths import user_models_dir
+from ..registry import LoadedModel, ModelCard, save_model
 from ..runtime import describe_device
 from .data import TrainingDataError
 
