@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from bench_finetune import cpu_flags  # the same CPU line as the fine-tuning benchmark
 
-from napari_unetpp.finetune import TrainingPair, fine_tune
-from napari_unetpp.io import read_image
-from napari_unetpp.metrics import dice_score
-from napari_unetpp.modalities import new_model
-from napari_unetpp.prediction import predict
-from napari_unetpp.runtime import autocast_dtype, describe_device
+from napari_unetpp.inference.predict import predict
+from napari_unetpp.io.images import read_image
+from napari_unetpp.model.modalities import new_model
+from napari_unetpp.runtimes.device import autocast_dtype, describe_device
+from napari_unetpp.training import TrainingPair, fine_tune
+from napari_unetpp.training.metrics import dice_score
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct-abdomen"
 HELD = [0, 5, 6, 12, 13, 19]

@@ -54,14 +54,14 @@ import torch
 
 os.environ.setdefault("NAPARI_UNETPP_HOME", tempfile.mkdtemp(prefix="unetpp-bench-"))
 
-from napari_unetpp.finetune import TrainingPair, dice_score, fine_tune, prepare_data, train_step  # noqa: E402
-from napari_unetpp.finetune.augment import augment_batch, sample_batch  # noqa: E402
-from napari_unetpp.finetune.validation import validate  # noqa: E402
-from napari_unetpp.losses import DeepSupervisionLoss  # noqa: E402
-from napari_unetpp.modalities import new_model  # noqa: E402
-from napari_unetpp.prediction import normalization_stats, predict  # noqa: E402
-from napari_unetpp.registry import LoadedModel, load_model, save_model  # noqa: E402
-from napari_unetpp.runtime import autocast_dtype, describe_device  # noqa: E402
+from napari_unetpp.inference.predict import normalization_stats, predict  # noqa: E402
+from napari_unetpp.model.modalities import new_model  # noqa: E402
+from napari_unetpp.model.registry import LoadedModel, load_model, save_model  # noqa: E402
+from napari_unetpp.runtimes.device import autocast_dtype, describe_device  # noqa: E402
+from napari_unetpp.training import TrainingPair, dice_score, fine_tune, prepare_data, train_step  # noqa: E402
+from napari_unetpp.training.augment import augment_batch, sample_batch  # noqa: E402
+from napari_unetpp.training.losses import DeepSupervisionLoss  # noqa: E402
+from napari_unetpp.training.validation import validate  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

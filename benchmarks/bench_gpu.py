@@ -42,12 +42,12 @@ os.environ.setdefault("NAPARI_UNETPP_HOME", str(Path("/tmp") / f"unetpp-gpu-benc
 
 from bench_finetune import cpu_flags  # noqa: E402
 
-from napari_unetpp.finetune import TrainingPair, fine_tune, fine_tune_iter  # noqa: E402
-from napari_unetpp.finetune import loop as ft_loop  # noqa: E402
-from napari_unetpp.metrics import dice_score  # noqa: E402
-from napari_unetpp.prediction import predict, predict_iter  # noqa: E402
-from napari_unetpp.registry import load_model  # noqa: E402
-from napari_unetpp.runtime import optimize_for_inference, release_memory  # noqa: E402
+from napari_unetpp.inference.predict import predict, predict_iter  # noqa: E402
+from napari_unetpp.model.registry import load_model  # noqa: E402
+from napari_unetpp.runtimes.device import optimize_for_inference, release_memory  # noqa: E402
+from napari_unetpp.training import TrainingPair, fine_tune, fine_tune_iter  # noqa: E402
+from napari_unetpp.training import loop as ft_loop  # noqa: E402
+from napari_unetpp.training.metrics import dice_score  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "napari_unetpp" / "_samples"
 MB = 2**20

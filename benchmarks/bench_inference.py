@@ -32,10 +32,10 @@ import tifffile
 import torch
 
 from napari_unetpp import load_model, predict
-from napari_unetpp._sample_data import em_sample
-from napari_unetpp.backends import onnx_available, openvino_available, release_pending
-from napari_unetpp.metrics import dice_score
-from napari_unetpp.runtime import autocast_context, cpu_supports_bf16, optimize_for_inference
+from napari_unetpp.napari.samples import em_sample
+from napari_unetpp.runtimes.backends import onnx_available, openvino_available, release_pending
+from napari_unetpp.runtimes.device import autocast_context, cpu_supports_bf16, optimize_for_inference
+from napari_unetpp.training.metrics import dice_score
 
 
 class PeakRSS:
@@ -194,7 +194,7 @@ def network_alone(lm, img: np.ndarray, repeats: int) -> list[dict]:
     batches of 4 slices, after a warm-up, nothing released between runs. Against ``predict`` end to end this shows
     what the pipeline around it costs: the last partial batch, and the first batch after the memory a run held was
     given back."""
-    from napari_unetpp.backends import make_backend
+    from napari_unetpp.runtimes.backends import make_backend
 
     norm = lm.normalization
     x = norm.apply(img.astype(np.float32), norm.compute_stats(img))[:4, None].copy()

@@ -25,10 +25,10 @@ import numpy as np
 import tifffile
 from bench_finetune import cpu_flags  # the same CPU line as the other benchmarks
 
-from napari_unetpp.metrics import level_object_scores
-from napari_unetpp.postprocess import fill_object_holes
-from napari_unetpp.prediction import predict
-from napari_unetpp.registry import load_model
+from napari_unetpp.inference.postprocess import fill_object_holes
+from napari_unetpp.inference.predict import predict
+from napari_unetpp.model.registry import load_model
+from napari_unetpp.training.metrics import level_object_scores
 
 VAL_Z = list(range(40, 48))
 SCRATCH_VAL_T = [8, 9]

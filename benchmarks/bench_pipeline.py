@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import napari_unetpp.normalization as nm
-import napari_unetpp.prediction as pr
+import napari_unetpp.data.normalization as nm
+import napari_unetpp.inference.predict as pr
 from napari_unetpp import load_model, predict
-from napari_unetpp._sample_data import em_sample
-from napari_unetpp.backends import Backend, Choice
+from napari_unetpp.napari.samples import em_sample
+from napari_unetpp.runtimes.backends import Backend, Choice
 
 
 class Stub(Backend):

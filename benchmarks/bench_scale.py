@@ -24,10 +24,10 @@ from bench_finetune import cpu_flags
 from bench_objects import sources
 from skimage.measure import regionprops
 
-from napari_unetpp.metrics import dice_score, object_f1
-from napari_unetpp.prediction import predict
-from napari_unetpp.registry import load_model
-from napari_unetpp.scale import resize_plane, zoom_for
+from napari_unetpp.data.scale import resize_plane, zoom_for
+from napari_unetpp.inference.predict import predict
+from napari_unetpp.model.registry import load_model
+from napari_unetpp.training.metrics import dice_score, object_f1
 
 CELLS3D_UM = 0.26
 

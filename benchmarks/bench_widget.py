@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
 from napari_unetpp import predict  # noqa: E402
-from napari_unetpp.prediction import normalization_stats, predict_iter  # noqa: E402
+from napari_unetpp.inference.predict import normalization_stats, predict_iter  # noqa: E402
 
 
 def wait(cond, timeout=300.0):

@@ -38,7 +38,7 @@ def main() -> int:
     args = ap.parse_args()
     pp = json.loads((args.unetpp / "history.json").read_text())
     un = json.loads((args.unet / "history.json").read_text())
-    from napari_unetpp.network import UNet, UNetPlusPlus, count_parameters
+    from napari_unetpp.model.network import UNet, UNetPlusPlus, count_parameters
 
     rows = []
     n_levels = len(pp["history"][0]["val"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "shipped_weights_dir", "user_models_dir"]
+__all__ = ["cache_dir", "samples_dir", "shipped_weights_dir", "user_models_dir"]
 
 _APP = "napari-unetpp"
 
@@ -27,6 +27,11 @@ def shipped_weights_dir() -> Path:
         if cand.is_dir():
             return cand
     return here / "weights"
+
+
+def samples_dir() -> Path:
+    """The shipped sample images (``napari_unetpp/_samples``): the napari samples, the demo, export's test input."""
+    return Path(__file__).resolve().parent / "_samples"
 
 
 def user_models_dir() -> Path:

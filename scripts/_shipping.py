@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from napari_unetpp.finetune import learning_rate as _schedule
-from napari_unetpp.metrics import recommend_depth
-from napari_unetpp.network import UNetPlusPlus
-from napari_unetpp.registry import ModelCard, load_model, save_model
+from napari_unetpp.model.network import UNetPlusPlus
+from napari_unetpp.model.registry import ModelCard, load_model, save_model
+from napari_unetpp.training import learning_rate as _schedule
+from napari_unetpp.training.metrics import recommend_depth
 
 log = logging.getLogger("shipping")
 
@@ -48,7 +48,7 @@ def save_fp16_checked(
 
 
 def learning_rate(peak: float, frac: float, step: int) -> float:
-    """Fine-tuning's schedule (:func:`napari_unetpp.finetune.learning_rate`) with the shipped models' constants:
+    """Fine-tuning's schedule (:func:`napari_unetpp.training.learning_rate`) with the shipped models' constants:
     cosine decay from ``peak`` to 2 % of it over the budget fraction ``frac``, after a 50-step linear warm-up."""
     return _schedule(step, frac, peak, warmup_steps=50, floor=0.02)
 
@@ -78,7 +78,7 @@ def load_best(ckpt: Path) -> tuple[UNetPlusPlus, dict, dict]:
 
 
 def recommended(scores: dict[str, dict[str, float]], metric: str, margin: float) -> int:
-    """:func:`napari_unetpp.metrics.recommend_depth` over a card's ``{"L1": {metric: ...}, ...}`` scores."""
+    """:func:`napari_unetpp.training.metrics.recommend_depth` over a card's ``{"L1": {metric: ...}, ...}`` scores."""
     return recommend_depth({int(k[1:]): s[metric] for k, s in scores.items()}, margin)
 
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_nuclei import datasets  # noqa: E402
 
 from napari_unetpp import load_model, predict  # noqa: E402
-from napari_unetpp.metrics import dice_score  # noqa: E402
-from napari_unetpp.quantize import calibration_path, calibration_tiles, save_calibration  # noqa: E402
+from napari_unetpp.runtimes.int8 import calibration_path, calibration_tiles, save_calibration  # noqa: E402
+from napari_unetpp.training.metrics import dice_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012" / "train-volume.tif"

@@ -45,8 +45,8 @@ def main() -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_unetpp.prediction import predict
-    from napari_unetpp.registry import load_model
+    from napari_unetpp.inference.predict import predict
+    from napari_unetpp.model.registry import load_model
 
     model = load_model(args.model)
     depth = model.card.recommended_depth or model.max_depth

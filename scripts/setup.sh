@@ -25,5 +25,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[all,testing]"
+.venv/bin/python -m pip install -q -e ".[all,testing,docs]"
 .venv/bin/python -c "import torch, napari_unetpp; print(f'setup: napari-unetpp {napari_unetpp.__version__}, torch {torch.__version__}, ready in .venv')"

@@ -24,10 +24,10 @@ import tifffile
 import torch
 from _shipping import learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint  # noqa: E402  (scripts/ is on sys.path when run)
 
-from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.network import UNet, UNetPlusPlus
-from napari_unetpp.normalization import Normalization
-from napari_unetpp.runtime import autocast_context, resolve_device
+from napari_unetpp.data.normalization import Normalization
+from napari_unetpp.model.network import UNet, UNetPlusPlus
+from napari_unetpp.runtimes.device import autocast_context, resolve_device
+from napari_unetpp.training.losses import DeepSupervisionLoss
 
 log = logging.getLogger("train_em")
 
@@ -198,8 +198,8 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
     """Evaluate the best checkpoint per level through the real prediction path on slices 25-29, pick the
     recommended depth (shallowest level within ``margin`` mean IoU of the best), save fp16 weights + card into
     ``dest`` and check the saved file reproduces the scores."""
-    from napari_unetpp.prediction import predict
-    from napari_unetpp.registry import LoadedModel, ModelCard
+    from napari_unetpp.inference.predict import predict
+    from napari_unetpp.model.registry import LoadedModel, ModelCard
 
     model, hist, best = load_best(ckpt)
     norm = Normalization(mode="percentile", low=1.0, high=99.8)

@@ -32,7 +32,12 @@ import torch
 import torch.nn.functional as F
 from _shipping import learning_rate, load_best, recommended, run_record, save_fp16_checked, write_checkpoint  # noqa: E402  (scripts/ is on sys.path when run)
 
-from napari_unetpp.finetune import (
+from napari_unetpp.data.normalization import Normalization
+from napari_unetpp.inference.postprocess import fill_object_holes
+from napari_unetpp.model.network import UNetPlusPlus
+from napari_unetpp.model.registry import LoadedModel
+from napari_unetpp.runtimes.device import autocast_dtype, describe_device, resolve_device
+from napari_unetpp.training import (
     TrainingPair,
     augment_batch,
     prepare_data,
@@ -41,12 +46,7 @@ from napari_unetpp.finetune import (
     train_step,
     validate,
 )
-from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.network import UNetPlusPlus
-from napari_unetpp.normalization import Normalization
-from napari_unetpp.postprocess import fill_object_holes
-from napari_unetpp.registry import LoadedModel
-from napari_unetpp.runtime import autocast_dtype, describe_device, resolve_device
+from napari_unetpp.training.losses import DeepSupervisionLoss
 
 log = logging.getLogger("train_nuclei")
 TRAIN_Z = [z for z in range(60) if z < 36 or z >= 52]
@@ -195,7 +195,7 @@ def timelapse_check(model) -> dict[str, dict[str, float]]:
     import tifffile
     from scipy import ndimage as ndi
 
-    from napari_unetpp.prediction import predict
+    from napari_unetpp.inference.predict import predict
 
     root = bio_samples()
     img = tifffile.imread(str(root / "2D_timelapse.tif"))
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
     model = UNetPlusPlus(features=tuple(args.features), norm="batch", cue=args.cue)
     if args.init:
-        from napari_unetpp.registry import load_model
+        from napari_unetpp.model.registry import load_model
 
         missing, unexpected = model.load_state_dict(load_model(args.init).module.float().state_dict(), strict=False)
         log.info("started from %s; fresh: %s", args.init, ", ".join(missing) or "nothing")
@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 def object_scores(model: UNetPlusPlus, dev: torch.device) -> dict[str, dict[int, float]]:
     """Object F1 at IoU 0.5 of the learned split per level on both validation sources (whole planes, eval mode, fp32),
     for choosing the best state of a model with a cue: ``{"f1_cells3d": {level: f1}, "f1_scratch": ...}``."""
-    from napari_unetpp.metrics import object_f1
-    from napari_unetpp.postprocess import split_instances
+    from napari_unetpp.inference.postprocess import split_instances
+    from napari_unetpp.training.metrics import object_f1
 
     img, lab = load_cells3d(instances=True)
     simg, slab = load_scratch()
@@ -348,8 +348,8 @@ def validation_scores(m) -> dict[str, dict[str, float]]:
     """Per level, through the real prediction path (fp32): Dice on each validation source and their mean
     (``dice``); object F1 at IoU 0.5 of each split (``f1_<split>_<source>`` and the mean ``f1_<split>``; the learned
     split for a model with a cue) against the instance labels with holes filled."""
-    from napari_unetpp.metrics import level_object_scores
-    from napari_unetpp.prediction import predict
+    from napari_unetpp.inference.predict import predict
+    from napari_unetpp.training.metrics import level_object_scores
 
     img, lab = load_cells3d(instances=True)
     simg, slab = load_scratch()
@@ -395,7 +395,7 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
     """Score the best checkpoint per level through the real prediction path on both validation sets and on the
     unseen time lapse, pick the recommended depth, save fp16 weights + card into ``dest``, and check the saved file
     reproduces the scores."""
-    from napari_unetpp.registry import ModelCard
+    from napari_unetpp.model.registry import ModelCard
 
     model, hist, best = load_best(ckpt)
     cue = model.config.has_cue

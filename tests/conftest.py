@@ -44,7 +44,7 @@ def _pytorch_unless_a_runtime_test(request, monkeypatch):
     belongs to the runtime tests. Asking for a runtime by name still runs it."""
     if request.node.get_closest_marker("runtimes"):
         return
-    from napari_unetpp import backends
+    from napari_unetpp.runtimes import backends
 
     monkeypatch.setattr(backends, "_usable", lambda net, depth: ([], ["only PyTorch runs outside the runtime tests"]))
 
@@ -55,7 +55,7 @@ def _fresh_runtime_failures(monkeypatch):
     next: the process-wide record of failed runtimes starts empty in each test."""
     import sys
 
-    backends = sys.modules.get("napari_unetpp.backends")
+    backends = sys.modules.get("napari_unetpp.runtimes.backends")
     if backends is not None:
         monkeypatch.setattr(backends, "_FAILED", {})
 

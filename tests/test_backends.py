@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from napari_unetpp import LoadedModel, UNetPlusPlus, predict
-from napari_unetpp import backends as bk
-from napari_unetpp.backends import RuntimeUnavailable
 from napari_unetpp.paths import cache_dir
+from napari_unetpp.runtimes import backends as bk
+from napari_unetpp.runtimes.backends import RuntimeUnavailable
 
 from .conftest import dice
 
@@ -267,8 +267,8 @@ def test_int8_on_real_em_within_its_bound(em_model, em_crop, capfd):
 
 def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
     from napari_unetpp import load_model
-    from napari_unetpp.quantize import calibration_path, calibration_tiles, load_calibration
-    from napari_unetpp.registry import ModelCard, save_model
+    from napari_unetpp.model.registry import ModelCard, save_model
+    from napari_unetpp.runtimes.int8 import calibration_path, calibration_tiles, load_calibration
 
     lm = tiny()
     with pytest.raises(RuntimeUnavailable, match="has no int8 calibration"):
@@ -285,7 +285,8 @@ def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
 
 
 class _Timers:
-    """Stands in for ``threading.Timer`` in :func:`~napari_unetpp.backends.release_later`: a timer fires when the
+    """Stands in for ``threading.Timer`` in :func:`~napari_unetpp.runtimes.backends.release_later`: a timer fires when
+    the
     test says so, never by the clock (a loaded CI machine cannot make a test late)."""
 
     def __init__(self) -> None:
@@ -365,8 +366,8 @@ def test_3d_anisotropic_models_on_real_ct(kw, runtime):
     real CT crop of odd size."""
     import tifffile
 
-    from napari_unetpp.export import SAMPLES
-    from napari_unetpp.network import anisotropic_pool
+    from napari_unetpp.export.bioimageio import SAMPLES
+    from napari_unetpp.model.network import anisotropic_pool
 
     ct = tifffile.imread(SAMPLES / "ct_abdomen.tif")[:, 200:237, 180:221].astype(np.float32)  # 37 x 41 in-plane
     torch.manual_seed(0)

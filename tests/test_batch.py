@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unetpp.batch import PredictOptions, expand_inputs, output_for, parse_scheduler
-from napari_unetpp.cli import main
+from napari_unetpp.batch.files import PredictOptions, expand_inputs, output_for, parse_scheduler
+from napari_unetpp.cli.app import main
 from napari_unetpp.errors import InputError
-from napari_unetpp.io import read_image, write_image
+from napari_unetpp.io.images import read_image, write_image
 
 pytest.importorskip("zarr")
 
@@ -90,8 +90,8 @@ def test_one_volume_and_one_plane_split_by_rows_equal_one_process(tmp_path, em_c
     test_prediction.)"""
     import torch
 
-    from napari_unetpp.network import UNetPlusPlus
-    from napari_unetpp.registry import LoadedModel, save_model
+    from napari_unetpp.model.network import UNetPlusPlus
+    from napari_unetpp.model.registry import LoadedModel, save_model
 
     torch.manual_seed(0)
     lm = LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 16), spatial_dims=3), name="tiny3d")
@@ -119,7 +119,7 @@ def test_unreachable_scheduler_and_what_a_split_cannot_do(tmp_path, em_crop, cap
     assert main([*args, "--objects", "watershed"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be split into objects" in err
-    from napari_unetpp.batch import predict_stack_distributed
+    from napari_unetpp.batch.files import predict_stack_distributed
 
     czyx = write_image(tmp_path / "czyx.zarr", np.stack([em_crop, em_crop]), "CZYX")
     with pytest.raises(InputError, match="put C before the stack axis"):

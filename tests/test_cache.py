@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from napari_unetpp._widgets.cache import ResultCache, ResultKey
+from napari_unetpp.napari.cache import ResultCache, ResultKey
 
 
 def key(layer="a", fp="w1", plane=(0,), channel=None):

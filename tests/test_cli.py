@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unetpp.cli import main
-from napari_unetpp.registry import load_model
+from napari_unetpp.cli.app import main
+from napari_unetpp.model.registry import load_model
 
 from .conftest import DATA, dice
 
@@ -218,7 +218,7 @@ def test_train_failures_are_one_sentence_and_save_nothing(tmp_path, capsys, em_c
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1 and err.startswith("napari-unetpp: error:")
-    from napari_unetpp.registry import list_models
+    from napari_unetpp.model.registry import list_models
 
     assert all(m.shipped for m in list_models())
 
@@ -227,7 +227,7 @@ def test_train_failures_are_one_sentence_and_save_nothing(tmp_path, capsys, em_c
 def test_multi_output_failure_keeps_the_users_files(tmp_path, monkeypatch, capsys, failure):
     """`--all-levels` writes several files as one unit: a failure (disk full, Ctrl-C) on a later file removes no
     earlier one, leaves the files the user had at those paths as they were, and says so truthfully."""
-    from napari_unetpp import io
+    from napari_unetpp.io import images as io
 
     out = tmp_path / "m.tif"
     before = {out: b"users mask", tmp_path / "m_L1.tif": b"users L1"}
@@ -267,7 +267,7 @@ def test_multi_output_failure_keeps_the_users_files(tmp_path, monkeypatch, capsy
 def test_predict_objects_writes_instance_labels(tmp_path, capsys):
     """--objects writes uint16 instance labels, IDs unique across the stack; a model without a learned cue falls back
     to the watershed and says so on stderr."""
-    from napari_unetpp.postprocess import split_instances
+    from napari_unetpp.inference.postprocess import split_instances
 
     src = tmp_path / "nuclei.tif"
     tifffile.imwrite(
@@ -381,7 +381,8 @@ def test_predict_reads_a_one_bit_tiff_as_0_and_1(tmp_path, capsys, em_crop):
 def test_train_arguments_are_checked_before_any_work(monkeypatch, capsys, extra, match):
     """A slice outside the stack (or a name that cannot be saved) is refused before the model is loaded or a step is
     trained: `--val-slices 99` once trained the whole budget, saved, and then died with an IndexError."""
-    from napari_unetpp import finetune, registry
+    from napari_unetpp import training as finetune
+    from napari_unetpp.model import registry
 
     def never(*a, **k):
         raise AssertionError("work started before the arguments were checked")
@@ -424,8 +425,8 @@ def test_predict_numbers_out_of_range_are_refused_by_the_parser(tmp_path, args, 
 def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
     """In a pipe or a log (stderr not a terminal), `train`'s and `predict`'s progress are plain lines (at most one
     every 10 s, and the last), never one endless line of carriage returns."""
-    from napari_unetpp import cli
-    from napari_unetpp.finetune import TrainProgress
+    from napari_unetpp.cli import app as cli
+    from napari_unetpp.training import TrainProgress
 
     show = cli._TrainDisplay(quiet=False)
     show(TrainProgress("baseline", message="base model: Dice L1 0.8"))
@@ -451,7 +452,7 @@ def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
 def test_an_unexpected_error_is_one_sentence_and_its_traceback_goes_to_a_file(tmp_path, capsys, monkeypatch):
     """A defect (here a TypeError deep in predict) never prints a traceback: one sentence, exit 3, the details in a
     file the sentence names."""
-    from napari_unetpp import cli
+    from napari_unetpp.cli import app as cli
 
     def broken(args):
         raise TypeError("unsupported operand type(s)")

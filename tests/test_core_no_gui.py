@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-CORE = [
-    "napari_unetpp",
-    "napari_unetpp.network",
-    "napari_unetpp.tiling",
-    "napari_unetpp.prediction",
-    "napari_unetpp.registry",
-    "napari_unetpp.io",
-    "napari_unetpp.cli",
-    "napari_unetpp.losses",
-    "napari_unetpp.runtime",
-    "napari_unetpp.normalization",
-    "napari_unetpp.postprocess",
-    "napari_unetpp.finetune",
-    "napari_unetpp.finetune.recipe",
-    "napari_unetpp.modalities",
-    "napari_unetpp.ct",
-    "napari_unetpp._napari_io",
-    "napari_unetpp.metrics",
-    "napari_unetpp.backends",
-    "napari_unetpp.quantize",
-]
+ROOT = Path(__file__).resolve().parents[1]
+# every module of the package but the napari side (napari_unetpp.napari) and the ``python -m`` entry point
+CORE = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for p in (ROOT / "napari_unetpp").rglob("*.py")
+    if "napari" not in p.relative_to(ROOT / "napari_unetpp").parts and p.name != "__main__.py"
+)
 
 
 def test_core_imports_no_gui():
@@ -51,9 +38,18 @@ def test_package_import_is_light():
     assert r.stdout.strip() == "False", r.stderr
 
 
-def test_readme_test_command_is_what_ci_runs():
-    from pathlib import Path
+def test_core_list_is_the_whole_core():
+    assert len(CORE) > 30 and "napari_unetpp.inference.predict" in CORE and "napari_unetpp.napari.segment" not in CORE
 
-    root = Path(__file__).resolve().parents[1]
+
+def test_the_top_level_manifest_is_the_one_npe2_loads():
+    """napari.yaml stands at the top (the design card) and inside the package (where npe2 loads it): two plain
+    files, since a symlink breaks Windows checkouts; they must not drift apart."""
+    top, loaded = (ROOT / "napari.yaml").read_text(), (ROOT / "napari_unetpp" / "napari.yaml").read_text()
+    assert top == loaded, "napari.yaml differs from napari_unetpp/napari.yaml: copy the package's file to the top"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    root = ROOT
     ci = [ln for ln in (root / ".ci/run").read_text().splitlines() if ln.startswith("bash scripts/setup.sh")]
     assert len(ci) == 1 and ci[0] in (root / "README.md").read_text()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unetpp.cli import main
+from napari_unetpp.cli.app import main
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
@@ -27,14 +27,14 @@ needs_series = pytest.mark.skipif(not DICOM.is_dir(), reason="the shared CT seri
 
 @pytest.fixture(scope="module")
 def series():
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     return read_image(DICOM)
 
 
 @pytest.fixture(scope="module")
 def organ_labels():
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     return read_image(LABELS)
 
@@ -58,7 +58,7 @@ def test_slice_order_comes_from_positions_not_file_names(series, tmp_path):
     files = sorted(DICOM.iterdir())
     for n, f in enumerate(reversed(files)):  # file names now run against the slice order
         shutil.copy(f, tmp_path / f"img{n:03d}")
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     again = read_image(tmp_path)
     np.testing.assert_array_equal(again.data, series.data)
@@ -76,7 +76,7 @@ def test_nifti_labels_overlay_the_dicom_series_in_the_common_orientation(series,
 
 @needs_series
 def test_nifti_round_trip_keeps_shape_affine_and_voxel_order(organ_labels, series, tmp_path):
-    from napari_unetpp.io import write_image
+    from napari_unetpp.io.images import write_image
 
     out = write_image(tmp_path / "same.nii.gz", organ_labels.data, geometry=organ_labels.geometry)
     src, back = nib.load(LABELS), nib.load(out)
@@ -94,8 +94,8 @@ def test_nifti_round_trip_keeps_shape_affine_and_voxel_order(organ_labels, serie
 
 # ----------------------------------------------------------------------------------------------- windows
 def test_window_presets_names_numbers_and_the_files_own():
-    from napari_unetpp.ct import WINDOWS, Window, parse_window, window_normalization
     from napari_unetpp.errors import InputError
+    from napari_unetpp.io.ct import WINDOWS, Window, parse_window, window_normalization
 
     assert (parse_window("abdomen").width, parse_window("abdomen").level) == (400, 40)
     assert (WINDOWS["lung"].low, WINDOWS["lung"].high) == (-1350, 150)
@@ -119,8 +119,8 @@ def test_nan_and_non_numbers_get_one_sentence(tmp_path, capsys):
     vol[1, 5, 5] = np.nan
     img = nib.Nifti1Image(vol.T, np.diag([1.0, 1.0, 2.0, 1.0]))
     nib.save(img, tmp_path / "nan.nii.gz")
-    from napari_unetpp.modalities import new_model
-    from napari_unetpp.registry import save_model
+    from napari_unetpp.model.modalities import new_model
+    from napari_unetpp.model.registry import save_model
 
     lm = new_model("ct", name="ct-nan")
     save_model(lm.module, lm.card)
@@ -133,7 +133,7 @@ def test_nan_and_non_numbers_get_one_sentence(tmp_path, capsys):
 @needs_series
 def test_a_folder_of_mixed_series_is_refused_with_what_to_do(tmp_path):
     from napari_unetpp.errors import ReadError
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     files = sorted(DICOM.iterdir())[:3]
     for f in files:
@@ -149,7 +149,7 @@ def test_a_folder_of_mixed_series_is_refused_with_what_to_do(tmp_path):
 @needs_series
 def test_a_dicom_without_pixel_data_is_named(tmp_path):
     from napari_unetpp.errors import ReadError
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     ds = pydicom.dcmread(sorted(DICOM.iterdir())[0])
     del ds.PixelData
@@ -162,7 +162,7 @@ def test_a_dicom_without_pixel_data_is_named(tmp_path):
 
 def test_corrupt_nifti_and_empty_folder(tmp_path):
     from napari_unetpp.errors import ReadError
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti at all")
     with pytest.raises(ReadError, match="not a readable NIfTI"):
@@ -175,7 +175,7 @@ def test_corrupt_nifti_and_empty_folder(tmp_path):
 # ----------------------------------------------------------------------------------------------- napari
 @needs_series
 def test_napari_reader_opens_a_dicom_folder_and_a_label_volume_and_declines_tiffs():
-    from napari_unetpp._napari_io import get_reader
+    from napari_unetpp.napari.reader import get_reader
 
     assert get_reader(str(SAMPLE / "ct_abdomen.tif")) is None  # left to napari's own readers
     [(data, kw, kind)] = get_reader(str(DICOM))(str(DICOM))
@@ -188,7 +188,7 @@ def test_napari_reader_opens_a_dicom_folder_and_a_label_volume_and_declines_tiff
 
 @needs_series
 def test_napari_writer_saves_labels_over_the_ct_grid(series, organ_labels, tmp_path):
-    from napari_unetpp._napari_io import write_labels
+    from napari_unetpp.napari.reader import write_labels
 
     liver = (organ_labels.data == LIVER).astype(np.int32)  # napari labels are often int32
     meta = {"scale": (2.0, 0.977, 0.977), "metadata": {"unetpp_geometry": series.geometry}}
@@ -212,7 +212,7 @@ def test_the_manifest_declares_the_reader_writer_and_ct_sample():
 
 
 def test_ct_sample_is_hounsfield_units_with_spacing_and_organs():
-    from napari_unetpp._sample_data import ct_sample
+    from napari_unetpp.napari.samples import ct_sample
 
     (img, ikw, ikind), (lab, lkw, lkind) = ct_sample()
     assert ikind == "image" and lkind == "labels" and img.dtype == np.int16 and img.shape == lab.shape
@@ -228,7 +228,7 @@ def _ct_crop(tmp_path: Path, box: tuple[slice, ...] = np.s_[8:12, 60:156, 40:168
     img = tifffile.imread(SAMPLE / "ct_abdomen.tif")[box]
     lab = tifffile.imread(SAMPLE / "ct_abdomen_labels.tif")[box]
     assert (lab == LIVER).mean() > 0.2 and (lab == 1).sum() == 0
-    from napari_unetpp.io import write_image
+    from napari_unetpp.io.images import write_image
 
     sp = {"Z": 2.0, "Y": 0.9765625, "X": 0.9765625}
     return (
@@ -238,7 +238,7 @@ def _ct_crop(tmp_path: Path, box: tuple[slice, ...] = np.s_[8:12, 60:156, 40:168
 
 
 def test_new_ct_model_trains_and_predicts_nifti_end_to_end(tmp_path, capsys):
-    from napari_unetpp.registry import load_model
+    from napari_unetpp.model.registry import load_model
 
     image, labels = _ct_crop(tmp_path)
     args = ["train", "--image", str(image), "--labels", str(labels), "--new", "--modality", "ct"]
@@ -268,7 +268,7 @@ def test_new_ct_model_trains_and_predicts_nifti_end_to_end(tmp_path, capsys):
 
 def test_ct_training_bad_inputs(tmp_path, capsys):
     image, labels = _ct_crop(tmp_path)
-    from napari_unetpp.io import write_image
+    from napari_unetpp.io.images import write_image
 
     wrong = write_image(tmp_path / "wrong.nii.gz", np.zeros((4, 96, 120), np.uint8))
     base = ["train", "--image", str(image), "--new", "--modality", "ct", "--epochs", "1"]
@@ -285,7 +285,7 @@ def test_ct_training_bad_inputs(tmp_path, capsys):
 
 
 def test_spacing_mismatch_is_said_plainly():
-    from napari_unetpp.ct import spacing_note
+    from napari_unetpp.io.ct import spacing_note
 
     trained = {"Z": 2.0, "Y": 0.98, "X": 0.98}
     assert spacing_note(trained, {"Z": 3.0, "Y": 0.9, "X": 0.9}) is None  # within 25 % in-plane
@@ -306,7 +306,7 @@ def test_outputs_get_the_usual_permissions_not_the_temporary_files(tmp_path, nam
     import os
     import stat
 
-    from napari_unetpp.io import write_image
+    from napari_unetpp.io.images import write_image
 
     old = os.umask(0o022)
     try:
@@ -330,7 +330,7 @@ def test_outputs_get_the_usual_permissions_not_the_temporary_files(tmp_path, nam
     ],
 )
 def test_anisotropic_pooling_follows_the_voxel_size(spacing, expected):
-    from napari_unetpp.network import anisotropic_pool
+    from napari_unetpp.model.network import anisotropic_pool
 
     assert anisotropic_pool(spacing, 4) == expected
 
@@ -338,9 +338,9 @@ def test_anisotropic_pooling_follows_the_voxel_size(spacing, expected):
 def test_anisotropic_3d_network_runs_prunes_and_keeps_its_pooling(tmp_path):
     import torch
 
-    from napari_unetpp.modalities import new_model
-    from napari_unetpp.network import UNetPlusPlus, UNetPlusPlusConfig
-    from napari_unetpp.registry import load_model, save_model
+    from napari_unetpp.model.modalities import new_model
+    from napari_unetpp.model.network import UNetPlusPlus, UNetPlusPlusConfig
+    from napari_unetpp.model.registry import load_model, save_model
 
     lm = new_model("ct", spatial_dims=3, spacing=(2.0, 0.977, 0.977), name="ct3d")
     cfg = lm.module.config
@@ -371,7 +371,7 @@ def test_anisotropic_3d_network_runs_prunes_and_keeps_its_pooling(tmp_path):
 
 
 def test_3d_ct_model_trains_on_sparse_slices_and_predicts(tmp_path, capsys):
-    from napari_unetpp.registry import load_model
+    from napari_unetpp.model.registry import load_model
 
     image, labels = _ct_crop(tmp_path, np.s_[6:14, 40:168, 30:190])  # 8 x 128 x 160
     args = ["train", "--image", str(image), "--labels", str(labels), "--new", "--modality", "ct", "--dims", "3"]
@@ -388,7 +388,7 @@ def test_3d_ct_model_trains_on_sparse_slices_and_predicts(tmp_path, capsys):
 
 @needs_series
 def test_slices_without_positions_are_ordered_by_instance_number(tmp_path, series):
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     files = sorted(DICOM.iterdir())
     for n, f in enumerate(files[:4]):
@@ -404,7 +404,7 @@ def test_slices_without_positions_are_ordered_by_instance_number(tmp_path, serie
 
 # ----------------------------------------------------------------------------------------------- organs side by side
 def test_ct_models_train_without_mirroring_and_microscopy_with_it():
-    from napari_unetpp.finetune.augment import augment_batch
+    from napari_unetpp.training.augment import augment_batch
 
     rng = np.random.default_rng(0)
     y = np.zeros((8, 16, 16), np.int64)
@@ -418,8 +418,8 @@ def test_ct_models_train_without_mirroring_and_microscopy_with_it():
 
 
 def test_foreground_patches_pick_each_organ_equally_often():
-    from napari_unetpp.finetune.augment import sample_batch
-    from napari_unetpp.finetune.data import TrainingItem, TrainingSet
+    from napari_unetpp.training.augment import sample_batch
+    from napari_unetpp.training.data import TrainingItem, TrainingSet
 
     target = np.zeros((64, 64), np.int64)
     target[:, :40] = 1  # a large organ
@@ -439,8 +439,8 @@ def test_foreground_patches_pick_each_organ_equally_often():
 def test_validation_scores_only_the_classes_it_holds_and_every_painted_class_gets_a_block():
     import torch
 
-    from napari_unetpp.finetune.data import TrainingItem, TrainingSet
-    from napari_unetpp.finetune.validation import validate
+    from napari_unetpp.training.data import TrainingItem, TrainingSet
+    from napari_unetpp.training.validation import validate
 
     class Fixed(torch.nn.Module):  # predicts class 1 everywhere, never class 2
         def __init__(self):
@@ -466,9 +466,9 @@ def test_validation_scores_only_the_classes_it_holds_and_every_painted_class_get
 
 
 def test_a_small_organ_painted_only_in_training_blocks_gets_a_validation_block():
-    from napari_unetpp.finetune import TrainingPair
-    from napari_unetpp.finetune.data import prepare_data
-    from napari_unetpp.modalities import new_model
+    from napari_unetpp.model.modalities import new_model
+    from napari_unetpp.training import TrainingPair
+    from napari_unetpp.training.data import prepare_data
 
     img = tifffile.imread(SAMPLE / "ct_abdomen.tif")[[2, 9, 16]]
     org = tifffile.imread(SAMPLE / "ct_abdomen_labels.tif")[[2, 9, 16]]
@@ -510,7 +510,7 @@ def test_a_folder_mixing_files_with_and_without_a_series_uid_is_one_sentence(tmp
     from pydicom.uid import generate_uid
 
     from napari_unetpp.errors import ReadError
-    from napari_unetpp.io import read_image
+    from napari_unetpp.io.images import read_image
 
     uid = generate_uid()
     for z in range(3):

@@ -18,8 +18,8 @@ DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-abdomen" /
 
 @pytest.mark.skipif(not DICOM.is_dir(), reason="the shared CT series is not beside this checkout")
 def test_dicom_folder_segmented_under_a_window_and_saved_as_nifti(make_napari_viewer, tmp_path):
-    from napari_unetpp.modalities import new_model
-    from napari_unetpp.registry import save_model
+    from napari_unetpp.model.modalities import new_model
+    from napari_unetpp.model.registry import save_model
 
     lm = new_model("ct", name="ct-gui")
     save_model(lm.module, lm.card)
@@ -56,7 +56,7 @@ def test_ct_demo_teaches_a_new_model_the_liver(tmp_path):
     import subprocess
     import sys
 
-    from napari_unetpp.registry import load_model
+    from napari_unetpp.model.registry import load_model
 
     shot = tmp_path / "ct.png"
     cmd = [sys.executable, "-m", "napari_unetpp.cli", "demo", "--sample", "ct", "--minutes", "0.15"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from napari_unetpp.cli import main
-from napari_unetpp.export import ExportError, export_bioimageio, exported_network
+from napari_unetpp.cli.app import main
+from napari_unetpp.export.bioimageio import ExportError, export_bioimageio, exported_network
 
 bioimageio_core = pytest.importorskip("bioimageio.core")
 pytest.importorskip("onnxruntime")
@@ -73,8 +73,8 @@ def test_a_ct_model_exports_its_hounsfield_window_as_preprocessing(tmp_path):
     """A fresh CT network (soft-tissue window): the window becomes scale_linear + clip, and the package test-runs."""
     import tifffile
 
-    from napari_unetpp.export import SAMPLES
-    from napari_unetpp.modalities import new_model
+    from napari_unetpp.export.bioimageio import SAMPLES
+    from napari_unetpp.model.modalities import new_model
 
     ct = tifffile.imread(SAMPLES / "ct_abdomen.tif")[3]
     export_bioimageio(new_model("ct", classes=["liver"], name="ct-test"), tmp_path / "ct", depth=2, sample=ct)

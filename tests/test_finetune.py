@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp.finetune import (
+from napari_unetpp.inference.predict import InputError, predict
+from napari_unetpp.model.network import UNetPlusPlus
+from napari_unetpp.model.registry import LoadedModel, load_model, save_model
+from napari_unetpp.training import (
     TrainingDataError,
     TrainingPair,
     augment_batch,
@@ -24,10 +27,7 @@ from napari_unetpp.finetune import (
     train_step,
     validate,
 )
-from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.network import UNetPlusPlus
-from napari_unetpp.prediction import InputError, predict
-from napari_unetpp.registry import LoadedModel, load_model, save_model
+from napari_unetpp.training.losses import DeepSupervisionLoss
 
 from .conftest import dice
 
@@ -323,7 +323,7 @@ def _card_scores(card) -> dict[int, float]:
 
 def _revalidated(model, image, labels, slices) -> dict[int, float]:
     """Validation Dice of a model on the same held-out pixels the fine-tuning used, at the run's precision."""
-    from napari_unetpp.runtime import autocast_dtype
+    from napari_unetpp.runtimes.device import autocast_dtype
 
     ds = prepare_data(TrainingPair(image, labels, slices=slices), model)
     cpu = torch.device("cpu")
@@ -333,7 +333,7 @@ def _revalidated(model, image, labels, slices) -> dict[int, float]:
 def test_the_saved_version_is_the_best_state_not_the_last(em_crop, em_crop_membrane, monkeypatch):
     """Training that wrecks the network after the first validation (heads that predict nothing): the saved version
     is the best validated state, its card records that state's scores, and the weights score them again."""
-    import napari_unetpp.finetune.loop as tr
+    import napari_unetpp.training.loop as tr
 
     real, calls = tr.train_step, {"n": 0}
 
@@ -395,7 +395,7 @@ def test_stop_event_keeps_the_best_state(em_crop, em_crop_membrane):
 
 
 def test_out_of_memory_retries_smaller(em_crop, em_crop_membrane, monkeypatch):
-    import napari_unetpp.finetune.loop as tr
+    import napari_unetpp.training.loop as tr
 
     real = tr.train_step
     calls = {"n": 0}
@@ -474,7 +474,7 @@ def test_class_names_must_fit_the_model(em_model, em_crop, em_crop_membrane, cla
 
 
 def test_saving_under_a_shipped_name_never_shadows_it(em_model):
-    from napari_unetpp.registry import ModelCard
+    from napari_unetpp.model.registry import ModelCard
 
     card = ModelCard(name="em-membranes", architecture={})
     path = save_model(em_model.module, card)
@@ -538,7 +538,7 @@ def test_unknown_pixels_cannot_poison_the_loss():
 
 
 def test_only_previously_trained_batch_norms_are_frozen(em_crop, em_crop_membrane, em_model):
-    from napari_unetpp.finetune import trained_batchnorms
+    from napari_unetpp.training import trained_batchnorms
 
     assert len(trained_batchnorms(em_model.module)) == 30  # the shipped model: all its batch norms
     assert trained_batchnorms(tiny().module) == []  # from scratch: they learn their statistics

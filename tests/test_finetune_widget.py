@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unetpp.registry import list_models, load_model
+from napari_unetpp.model.registry import list_models, load_model
 
 pytestmark = pytest.mark.gui
 
@@ -120,7 +120,7 @@ def test_stop_keeps_the_best_state(both, monkeypatch):
     state), and the card's scores are that validation's."""
     import torch
 
-    from napari_unetpp.finetune import loop
+    from napari_unetpp.training import loop
 
     viewer, seg, ft, img, ref = both
     correct(viewer.layers[MASK], ref, 2)
@@ -172,7 +172,7 @@ def test_stop_keeps_the_best_state(both, monkeypatch):
 def test_errors_are_one_sentence_and_save_nothing(both, monkeypatch, case, match):
     viewer, seg, ft, img, ref = both
     shown = []
-    monkeypatch.setattr("napari_unetpp._widgets.finetune.show_error", shown.append)
+    monkeypatch.setattr("napari_unetpp.napari.finetune.show_error", shown.append)
     if case == "shape":
         ft._labels.value = viewer.add_labels(np.zeros((5, 100, 100), np.uint8), name="small")
         ft._truth.value = "all slices"

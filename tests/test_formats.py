@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unetpp.cli import main
+from napari_unetpp.cli.app import main
+from napari_unetpp.data.scale import zoom_for
 from napari_unetpp.errors import ReadError
-from napari_unetpp.io import read_image, write_image
-from napari_unetpp.omezarr import ArrayView, OmeZarrOutputs
-from napari_unetpp.prediction import predict
-from napari_unetpp.scale import zoom_for
+from napari_unetpp.inference.predict import predict
+from napari_unetpp.io.images import read_image, write_image
+from napari_unetpp.io.zarr import ArrayView, OmeZarrOutputs
 
 zarr = pytest.importorskip("zarr")
 SAMPLES = Path(__file__).resolve().parents[1] / "napari_unetpp" / "_samples"
@@ -124,7 +124,7 @@ def test_cli_zarr_to_zarr_equals_tiff_and_a_failed_run_keeps_the_old_output(tmp_
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import resource, sys
-    from napari_unetpp.cli import main
+    from napari_unetpp.cli.app import main
     rc = main(sys.argv[1:])
     print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux
     sys.exit(rc)
@@ -139,8 +139,8 @@ def test_zarr_output_runs_in_bounded_memory(tmp_path):
     through with about the memory of a 2-slice stack: nothing is held whole."""
     import torch
 
-    from napari_unetpp.network import UNetPlusPlus
-    from napari_unetpp.registry import LoadedModel, save_model
+    from napari_unetpp.model.network import UNetPlusPlus
+    from napari_unetpp.model.registry import LoadedModel, save_model
 
     torch.manual_seed(0)
     lm = LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 16)), name="tiny-mem")
@@ -191,7 +191,7 @@ def test_zoom_from_pixel_size_diameter_and_units():
 
 
 def test_shipped_nuclei_cards_record_their_scale():
-    from napari_unetpp.registry import load_model
+    from napari_unetpp.model.registry import load_model
 
     for name in ("nuclei", "nuclei-objects"):
         tr = load_model(name).card.training
@@ -202,9 +202,9 @@ def test_rescaling_recovers_nuclei_imaged_at_a_third_of_the_pixel_size():
     """cells3d nuclei enlarged 3x (as if imaged at 0.087 um, ~110 px across): the shipped model breaks them up as
     they are; told the pixel size, it resamples them to its scale and finds them whole, and the outputs keep the
     input's shape."""
-    from napari_unetpp.metrics import dice_score, object_f1
-    from napari_unetpp.registry import load_model
-    from napari_unetpp.scale import resize_plane
+    from napari_unetpp.data.scale import resize_plane
+    from napari_unetpp.model.registry import load_model
+    from napari_unetpp.training.metrics import dice_score, object_f1
 
     img = tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")[:2, 64:160, 64:160]
     lab = tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47_labels.tif")[:2, 64:160, 64:160]
@@ -241,7 +241,7 @@ def test_cli_pixel_size_from_the_file_and_the_diameter_flag(tmp_path, capsys):
 
 
 def test_zoom_beyond_8x_either_way_is_refused_naming_both_pixel_sizes():
-    from napari_unetpp.scale import MAX_ZOOM, ZoomError
+    from napari_unetpp.data.scale import MAX_ZOOM, ZoomError
 
     card = _Card(spacing={"Z": 0.05, "Y": 0.004, "X": 0.004}, spacing_unit="um")
     with pytest.raises(ZoomError) as err:  # a CT slice in mm given to the EM model (4 nm): zoom 175,000
@@ -263,8 +263,8 @@ def test_zoom_beyond_8x_either_way_is_refused_naming_both_pixel_sizes():
 def test_zoom_is_checked_against_free_memory_before_allocating(monkeypatch, em_crop):
     """An explicit zoom (API) whose resampled image cannot fit is refused before anything is allocated; one that fits
     runs."""
-    from napari_unetpp import scale
-    from napari_unetpp.scale import ZoomError
+    from napari_unetpp.data import scale
+    from napari_unetpp.data.scale import ZoomError
 
     img = em_crop[0, :64, :64]
     allocated = []

@@ -10,20 +10,20 @@ import pytest
 import tifffile
 import torch
 
-from napari_unetpp.finetune import TrainingPair, prepare_data
-from napari_unetpp.finetune.steps import train_step
-from napari_unetpp.losses import DeepSupervisionLoss
-from napari_unetpp.metrics import match_objects, object_f1
-from napari_unetpp.network import UNet, UNetPlusPlus, UNetPlusPlusConfig
-from napari_unetpp.postprocess import (
+from napari_unetpp.inference.postprocess import (
     CUE_UNKNOWN,
     decode_cue_target,
     distance_cue,
     encode_cue_target,
     split_instances,
 )
-from napari_unetpp.prediction import predict
-from napari_unetpp.registry import LoadedModel
+from napari_unetpp.inference.predict import predict
+from napari_unetpp.model.network import UNet, UNetPlusPlus, UNetPlusPlusConfig
+from napari_unetpp.model.registry import LoadedModel
+from napari_unetpp.training import TrainingPair, prepare_data
+from napari_unetpp.training.losses import DeepSupervisionLoss
+from napari_unetpp.training.metrics import match_objects, object_f1
+from napari_unetpp.training.steps import train_step
 
 SAMPLES = Path(__file__).resolve().parents[1] / "napari_unetpp" / "_samples"
 YY, XX = np.mgrid[:80, :80]
@@ -271,8 +271,8 @@ def test_objects_need_a_one_class_model():
 def test_fine_tuning_a_cue_model_keeps_and_trains_its_cue(nuclei_crop):
     """A whole fine-tuning run on instance labels: the saved model keeps its cue heads (whichever state won; the
     step itself is tested above) and predicts objects with the learned split."""
-    from napari_unetpp.finetune import fine_tune
-    from napari_unetpp.registry import load_model
+    from napari_unetpp.model.registry import load_model
+    from napari_unetpp.training import fine_tune
 
     img, lab = nuclei_crop
     base = LoadedModel.from_module(tiny(), name="cue-base")
@@ -333,7 +333,7 @@ def test_shipped_model_splits_rendered_touching_nuclei(radius, gap, level):
 
 
 def test_fill_object_holes_per_object_and_plane():
-    from napari_unetpp.postprocess import fill_object_holes
+    from napari_unetpp.inference.postprocess import fill_object_holes
 
     lab = np.zeros((2, 20, 20), np.uint16)
     lab[0, 2:9, 2:9] = 1
@@ -347,7 +347,7 @@ def test_fill_object_holes_per_object_and_plane():
 
 
 def test_level_object_scores(nuclei_crop):
-    from napari_unetpp.metrics import level_object_scores
+    from napari_unetpp.training.metrics import level_object_scores
 
     img, lab = nuclei_crop
     lm = LoadedModel.from_module(tiny(), name="t")

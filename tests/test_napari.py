@@ -50,7 +50,7 @@ def test_nuclei_sample_has_instance_labels(make_napari_viewer):
 @pytest.mark.parametrize("sample, model", [("em", "em-membranes@v1"), ("nuclei", "nuclei-objects@v1")])
 def test_samples_select_their_shipped_model(make_napari_viewer, sample, model):
     """Opening a sample and the Segment widget gives the model made for it, and a good segmentation at once."""
-    from napari_unetpp.finetune import dice_score
+    from napari_unetpp.training import dice_score
 
     viewer = make_napari_viewer()
     img, ref = viewer.open_sample("napari-unetpp", sample)

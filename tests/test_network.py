@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from napari_unetpp.network import PrunedUNetPlusPlus, UNetPlusPlus, UNetPlusPlusConfig, count_parameters, node_names
+from napari_unetpp.model.network import (
+    PrunedUNetPlusPlus,
+    UNetPlusPlus,
+    UNetPlusPlusConfig,
+    count_parameters,
+    node_names,
+)
 
 
 def tiny(**kw) -> UNetPlusPlus:
@@ -183,7 +189,7 @@ def test_first_convolution_stays_fp32_under_autocast():
 
 def test_plain_unet_baseline_matches_the_paper():
     """The U-Net baseline from the same blocks: 7.76M parameters in the paper's configuration (UNet++: 9.04M)."""
-    from napari_unetpp.network import UNet, count_parameters
+    from napari_unetpp.model.network import UNet, count_parameters
 
     assert round(count_parameters(UNet()) / 1e6, 2) == 7.76
     net = UNet(features=(4, 8, 16), norm="batch")

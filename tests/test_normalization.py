@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unetpp.normalization import NonFiniteInputError, Normalization
+from napari_unetpp.data.normalization import NonFiniteInputError, Normalization
 
 
 def test_percentile_maps_low_and_high_to_0_and_1(em_crop):
@@ -65,7 +65,7 @@ def test_large_stacks_are_sampled_not_read_whole():
 def test_histogram_percentiles_equal_numpys_to_the_bit(dtype, em_crop):
     """Integer samples go through a histogram; the statistics must be NumPy's exactly (so no prediction moves),
     at the recipes' percentiles and at awkward ones, on real EM pixels, wide random ranges and skewed counts."""
-    from napari_unetpp.normalization import percentiles
+    from napari_unetpp.data.normalization import percentiles
 
     rng = np.random.default_rng(0)
     info = np.iinfo(dtype)

@@ -60,7 +60,7 @@ def test_wheel_installs_and_npe2_sees_the_plugin(tmp_path):
     _sh(
         py,
         "-c",
-        "from napari_unetpp._sample_data import em_sample; assert em_sample()[0][0].shape == (5, 512, 512)",
+        "from napari_unetpp.napari.samples import em_sample; assert em_sample()[0][0].shape == (5, 512, 512)",
         cwd=tmp_path,
         env=env,
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from napari_unetpp.postprocess import level_disagreement, split_instances
+from napari_unetpp.inference.postprocess import level_disagreement, split_instances
 
 
 def touching_disks() -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_unetpp import UNetPlusPlus, predict, predict_iter
-from napari_unetpp.prediction import InputError, guess_axes
+from napari_unetpp.inference.predict import InputError, guess_axes
 
 from .conftest import dice
 
@@ -21,7 +21,7 @@ def tiny(**kw) -> UNetPlusPlus:
 @pytest.fixture(scope="module")
 def em_slice() -> np.ndarray:
     """One full 512 x 512 real validation slice (ISBI 2012 slice 25) from the package's sample data."""
-    from napari_unetpp._sample_data import em_sample
+    from napari_unetpp.napari.samples import em_sample
 
     return em_sample()[0][0][:1]
 
@@ -58,7 +58,7 @@ def test_no_seams_at_tile_borders(em_model, em_crop):
     whole = predict(em_crop[:1], em_model, depth=4, tile=1024, precision="fp32").probabilities[4].astype(np.float32)
     tiled = predict(em_crop[:1], em_model, depth=4, tile=96, overlap=0.25, precision="fp32").probabilities[4]
     diff = np.abs(whole - tiled.astype(np.float32))[0]
-    from napari_unetpp.tiling import TilePlan
+    from napari_unetpp.inference.tiling import TilePlan
 
     plan = TilePlan(diff.shape, (96, 96), 0.25)
     border = np.zeros(diff.shape, bool)
@@ -104,7 +104,7 @@ def test_prob_dtypes(em_model, em_crop):
     h = predict(em_crop[:1], em_model, depth=1, precision="fp32").probabilities[1]
     assert h.dtype == np.float16
     np.testing.assert_array_equal(h, b.astype(np.float16))
-    from napari_unetpp.prediction import _as_prob
+    from napari_unetpp.inference.predict import _as_prob
 
     edge = np.array([0.0, 1e-8, 6e-8, 3e-5, 0.5 / 255, 1.5 / 255, 0.49999997, 0.5, 0.9995, 1.0], np.float32)
     edge = np.concatenate([edge, np.random.default_rng(0).random(10_000, dtype=np.float32)])
@@ -246,7 +246,7 @@ def test_progress_and_cancellation(em_model, em_crop):
 
 
 def test_out_of_memory_halves_the_batch(monkeypatch, em_model, em_crop):
-    from napari_unetpp import prediction as inference
+    from napari_unetpp.inference import predict as inference
 
     calls = []
     real = inference._Runner._forward
@@ -267,7 +267,7 @@ def test_out_of_memory_halves_the_batch(monkeypatch, em_model, em_crop):
 
 
 def test_slice_with_stack_stats_matches_stack_result(em_model, em_crop):
-    from napari_unetpp.prediction import normalization_stats
+    from napari_unetpp.inference.predict import normalization_stats
 
     stack = predict(em_crop, em_model, depth=2, precision="fp32")
     stats = normalization_stats(em_crop, em_model)
@@ -285,7 +285,7 @@ def test_slice_with_stack_stats_matches_stack_result(em_model, em_crop):
 def test_cuda_autocast_predicts_in_fp16_and_trains_in_bf16(monkeypatch):
     """Measured on an H100 (benchmarks/bench_gpu.py): fp16 masks agree with fp32 at Dice 0.9998 where bf16 reaches
     0.9981 at L4, and run 6 % faster; training keeps bf16 where the GPU has it (no gradient scaling needed)."""
-    from napari_unetpp.runtime import autocast_dtype
+    from napari_unetpp.runtimes.device import autocast_dtype
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -298,7 +298,7 @@ def test_cuda_autocast_predicts_in_fp16_and_trains_in_bf16(monkeypatch):
 def test_a_block_of_rows_equals_the_same_rows_of_the_whole_run(em_model, em_crop):
     """rows=(a, b) runs only the tiles touching those rows and returns exactly the whole run's rows (how one volume is
     split over a cluster); objects and resampling need whole planes."""
-    from napari_unetpp.prediction import normalization_stats
+    from napari_unetpp.inference.predict import normalization_stats
 
     stats = normalization_stats(em_crop, em_model)
     kw = dict(depth=3, tile=64, levels="all", stats=stats, precision="fp32", prob_dtype="float32")

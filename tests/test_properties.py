@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from napari_unetpp import UNetPlusPlus, predict
-from napari_unetpp.cli import main
-from napari_unetpp.tiling import source_index
+from napari_unetpp.cli.app import main
+from napari_unetpp.inference.tiling import source_index
 
 torch.manual_seed(0)
 NET = UNetPlusPlus(features=(4, 8, 8), norm="batch").eval()  # depth 2: planes padded to multiples of 4

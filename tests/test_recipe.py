@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp.finetune import TrainingPair, augment_batch, fine_tune, fine_tune_iter, prepare_data
-from napari_unetpp.finetune.data import _blocks
-from napari_unetpp.finetune.recipe import (
+from napari_unetpp.inference.predict import predict
+from napari_unetpp.model.modalities import MODALITIES, new_model
+from napari_unetpp.model.network import UNetPlusPlus
+from napari_unetpp.model.registry import LoadedModel, list_models, load_model, save_model
+from napari_unetpp.training import TrainingPair, augment_batch, fine_tune, fine_tune_iter, prepare_data
+from napari_unetpp.training.data import _blocks
+from napari_unetpp.training.recipe import (
     ADAPT_LR,
     GENTLE_LR,
     GOOD_BASELINE,
@@ -26,11 +30,7 @@ from napari_unetpp.finetune.recipe import (
     patch_at,
     reestimate_batchnorm,
 )
-from napari_unetpp.finetune.steps import small_patch_for
-from napari_unetpp.modalities import MODALITIES, new_model
-from napari_unetpp.network import UNetPlusPlus
-from napari_unetpp.prediction import predict
-from napari_unetpp.registry import LoadedModel, list_models, load_model, save_model
+from napari_unetpp.training.steps import small_patch_for
 
 from .conftest import DATA, dice
 
@@ -175,7 +175,7 @@ def test_new_model_trains_from_scratch_end_to_end(em_crop, em_crop_membrane):
 
 def test_the_wall_clock_budget_includes_validation_and_saving(em_crop, em_crop_membrane, monkeypatch):
     """A slow validation (2 s here) is reserved for: the run, saving included, ends within 5 % of the budget."""
-    import napari_unetpp.finetune.loop as loop
+    import napari_unetpp.training.loop as loop
 
     real = loop.validate
 
@@ -228,7 +228,7 @@ def test_odd_sized_images_fine_tune_with_the_default_patch(em_crop, em_crop_memb
 def test_fast_mode_chooses_the_best_state_on_the_levels_it_trains(em_crop, em_crop_membrane, monkeypatch):
     """With train_depth=1 only head 1 trains; a state where L1 got worse but untrained L2 looked better was
     chosen before (mean over all levels)."""
-    import napari_unetpp.finetune.loop as loop
+    import napari_unetpp.training.loop as loop
 
     scores = iter([{1: 0.5, 2: 0.1}, {1: 0.4, 2: 0.9}, {1: 0.45, 2: 0.8}])
     monkeypatch.setattr(loop, "validate", lambda *a, **k: next(scores))
@@ -396,7 +396,7 @@ def test_cli_new_model_trains_and_predicts(tmp_path, em_crop_membrane):
 def test_out_of_memory_on_a_small_patch_halves_the_batch_and_keeps_the_full_patch(
     em_crop, em_crop_membrane, monkeypatch
 ):
-    import napari_unetpp.finetune.loop as loop
+    import napari_unetpp.training.loop as loop
 
     real, shapes = loop.train_step, []
 
@@ -423,10 +423,10 @@ def test_out_of_memory_on_a_small_patch_halves_the_batch_and_keeps_the_full_patc
 
 
 def test_budget_reserves_the_last_validation_and_the_save(monkeypatch):
-    from napari_unetpp.finetune.steps import Budget
+    from napari_unetpp.training.steps import Budget
 
     now = [100.0]
-    monkeypatch.setattr("napari_unetpp.finetune.steps.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("napari_unetpp.training.steps.time.perf_counter", lambda: now[0])
     b = Budget(minutes=1.0, epochs=None)
     b.val_seconds, b.step_seconds = 5.0, 2.0
     train_s = 60.0 - 1.2 * 5.0 - Budget.SAVE_SECONDS
@@ -443,7 +443,7 @@ def test_budget_reserves_the_last_validation_and_the_save(monkeypatch):
 def test_prefetcher_hands_out_batches_of_the_size_asked_and_passes_errors_on():
     import threading
 
-    from napari_unetpp.finetune.augment import Prefetcher
+    from napari_unetpp.training.augment import Prefetcher
 
     made: list[tuple[int, tuple[int, ...]]] = []
 
@@ -478,7 +478,7 @@ def test_fine_tuning_with_batches_made_ahead(em_crop, em_crop_membrane, monkeypa
     for batches, and leaves no thread behind, also when the run is cancelled."""
     import threading
 
-    import napari_unetpp.finetune.loop as loop
+    import napari_unetpp.training.loop as loop
 
     inline = loop._batch_maker
     monkeypatch.setattr(
@@ -499,7 +499,7 @@ def test_fine_tuning_with_batches_made_ahead(em_crop, em_crop_membrane, monkeypa
 def test_gpu_memory_returns_to_its_start_after_a_run_a_cancel_and_an_out_of_memory_retry(em_crop, em_crop_membrane):
     """On CUDA: allocated and reserved memory are back where they started after a run, a cancelled run, and a run
     whose first batch did not fit (a real out-of-memory error under a per-process cap)."""
-    from napari_unetpp.runtime import release_memory
+    from napari_unetpp.runtimes.device import release_memory
 
     pair = TrainingPair(em_crop, em_crop_membrane, slices="all")
     torch.zeros(1, device="cuda")
@@ -539,7 +539,7 @@ def test_the_last_phase_trains_on_the_validation_pixels_only_while_validation_im
 ):
     """At half the budget: still improving -> the validation pixels join training and the final state is kept,
     with the card scoring the last honest validation; no longer improving -> the best validated state is kept."""
-    import napari_unetpp.finetune.loop as loop
+    import napari_unetpp.training.loop as loop
 
     # the baseline, then validations after steps 2, 4 (the switch at half the budget), (6,) 8
     script = iter([0.3, 0.5, 0.7, 0.99] if improving else [0.3, 0.5, 0.4, 0.45, 0.42])

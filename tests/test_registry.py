@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from napari_unetpp import UNetPlusPlus
-from napari_unetpp.paths import shipped_weights_dir, user_models_dir
-from napari_unetpp.registry import (
+from napari_unetpp.model.registry import (
     ModelCard,
     ModelFileError,
     list_models,
     load_model,
     save_model,
 )
+from napari_unetpp.paths import shipped_weights_dir, user_models_dir
 
 
 def tiny(seed=0, **kw) -> UNetPlusPlus:
@@ -162,7 +162,7 @@ def test_names_that_cannot_be_loaded_back_are_refused_before_saving(name):
 def test_a_save_gives_up_instead_of_looping_forever(monkeypatch):
     """If every version number seems taken (a file system that reports every name as existing), the save stops with
     a one-sentence error after a bounded number of tries."""
-    from napari_unetpp import registry
+    from napari_unetpp.model import registry
 
     calls = []
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp import UNetPlusPlus, registry
+from napari_unetpp import UNetPlusPlus
+from napari_unetpp.model import registry
+from napari_unetpp.model.registry import ModelCard, list_models, load_model, save_model
 from napari_unetpp.paths import user_models_dir
-from napari_unetpp.registry import ModelCard, list_models, load_model, save_model
 
 
 def tiny(seed=0) -> UNetPlusPlus:
@@ -101,7 +102,7 @@ def test_a_folder_named_like_a_model_does_not_shadow_it(tmp_path, monkeypatch):
 _SAVER = r"""
 import sys, torch
 from napari_unetpp import UNetPlusPlus
-from napari_unetpp.registry import ModelCard, save_model
+from napari_unetpp.model.registry import ModelCard, save_model
 torch.manual_seed(0)
 net = UNetPlusPlus(features=(4, 8, 8), norm="batch").eval()
 print("ready", flush=True)

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from napari_unetpp import UNetPlusPlus, predict
-from napari_unetpp.cli import main
-from napari_unetpp.io import read_image
-from napari_unetpp.normalization import Normalization
-from napari_unetpp.registry import ModelCard, list_models, load_model, save_model
-from napari_unetpp.scale import MAX_ZOOM, ZoomError, to_um, zoom_for
+from napari_unetpp.cli.app import main
+from napari_unetpp.data.normalization import Normalization
+from napari_unetpp.data.scale import MAX_ZOOM, ZoomError, to_um, zoom_for
+from napari_unetpp.io.images import read_image
+from napari_unetpp.model.registry import ModelCard, list_models, load_model, save_model
 
 torch.manual_seed(0)
 NET = UNetPlusPlus(features=(4, 8, 8), norm="batch").eval()

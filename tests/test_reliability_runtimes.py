@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp import LoadedModel, UNetPlusPlus, predict, predict_iter, registry
-from napari_unetpp import backends as bk
-from napari_unetpp.backends import RuntimeUnavailable
+from napari_unetpp import LoadedModel, UNetPlusPlus, predict, predict_iter
+from napari_unetpp.model import registry
 from napari_unetpp.paths import cache_dir
-from napari_unetpp.runtime import is_oom
+from napari_unetpp.runtimes import backends as bk
+from napari_unetpp.runtimes.backends import RuntimeUnavailable
+from napari_unetpp.runtimes.device import is_oom
 
 # these tests count exports, corrupt caches and measure runtime choices: each gets a cache of its own, and
 # runtime="auto" measures the runtimes as it does for users
@@ -336,7 +337,8 @@ def _to_end(gen):
 
 
 def _timings(*seconds: float):
-    """A stand-in for :func:`~napari_unetpp.backends._time` that answers ``seconds`` in turn (PyTorch first, then
+    """A stand-in for :func:`~napari_unetpp.runtimes.backends._time` that answers ``seconds`` in turn (PyTorch first,
+    then
     the others in the order they are measured) and fails the test if anything is measured once more."""
     left = list(seconds)
 
@@ -480,7 +482,7 @@ def test_a_runtime_failure_is_held_against_those_weights_only(em_crop, monkeypat
 def test_no_runtime_is_measured_while_a_cpu_fine_tune_trains(em_crop, em_crop_membrane, monkeypatch):
     """A fine-tune on the CPU holds the cores while it trains: a prediction of an unmeasured shape meanwhile (on
     another thread) runs PyTorch and saves no measurement of the contention; once fine-tuning ends, it measures."""
-    from napari_unetpp.finetune import TrainingPair, fine_tune_iter
+    from napari_unetpp.training import TrainingPair, fine_tune_iter
 
     _only_onnx(monkeypatch)
     decided = []

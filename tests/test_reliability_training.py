@@ -10,9 +10,13 @@ import pytest
 import tifffile
 import torch
 
-from napari_unetpp.axes import fit_channels
+from napari_unetpp.data.axes import fit_channels
 from napari_unetpp.errors import InputError
-from napari_unetpp.finetune import (
+from napari_unetpp.inference.predict import normalization_stats, predict
+from napari_unetpp.model.network import UNetPlusPlus
+from napari_unetpp.model.registry import LoadedModel, load_model
+from napari_unetpp.paths import user_models_dir
+from napari_unetpp.training import (
     TrainingItem,
     TrainingPair,
     TrainingSet,
@@ -21,10 +25,6 @@ from napari_unetpp.finetune import (
     prepare_data,
     validate,
 )
-from napari_unetpp.network import UNetPlusPlus
-from napari_unetpp.paths import user_models_dir
-from napari_unetpp.prediction import normalization_stats, predict
-from napari_unetpp.registry import LoadedModel, load_model
 
 from .conftest import DATA
 
@@ -195,7 +195,7 @@ def _failing_save(monkeypatch, code: int | str):
 
         monkeypatch.setattr(safetensors.torch, "save_file", write)
         return
-    import napari_unetpp.finetune.saving as sv
+    import napari_unetpp.training.saving as sv
 
     real = sv.save_model
 
@@ -240,8 +240,8 @@ def test_unwritable_models_folder_keeps_the_trained_model(
 
 
 def test_cli_train_with_an_unwritable_models_folder_saves_elsewhere(tmp_path, monkeypatch, capsys, em_crop_membrane):
-    from napari_unetpp.cli import main
-    from napari_unetpp.registry import ModelCard, save_model
+    from napari_unetpp.cli.app import main
+    from napari_unetpp.model.registry import ModelCard, save_model
 
     save_model(tiny().module, ModelCard(name="tiny", architecture={}))  # the base, before the folder fills up
     _failing_save(monkeypatch, errno.ENOSPC)
@@ -261,7 +261,7 @@ def test_cli_train_with_an_unwritable_models_folder_saves_elsewhere(tmp_path, mo
 
 def test_read_tile_equals_the_tile_of_the_reflect_padded_plane():
     """The tile reader validation uses: a tile of the padded plane, read without padding the plane."""
-    from napari_unetpp.tiling import TilePlan, padding_for, read_tile
+    from napari_unetpp.inference.tiling import TilePlan, padding_for, read_tile
 
     plane = np.arange(2 * 13 * 21, dtype=np.float32).reshape(2, 13, 21)  # (C, Y, X), odd sizes
     pad = padding_for(plane.shape[1:], 8)
@@ -273,7 +273,7 @@ def test_read_tile_equals_the_tile_of_the_reflect_padded_plane():
 
 
 def test_a_name_that_cannot_be_saved_is_refused_before_training(em_crop, em_crop_membrane):
-    from napari_unetpp.finetune import fine_tune_iter
+    from napari_unetpp.training import fine_tune_iter
 
     gen = fine_tune_iter(tiny(), TrainingPair(em_crop, em_crop_membrane), name="my model!", epochs=1, device="cpu")
     with pytest.raises(ValueError, match="may use only letters"):

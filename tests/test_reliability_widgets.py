@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from napari_unetpp import predict
-from napari_unetpp.prediction import normalization_stats
+from napari_unetpp.inference.predict import normalization_stats
 
 pytestmark = pytest.mark.gui
 
@@ -29,7 +29,7 @@ def seg(make_napari_viewer, em_crop):
 @pytest.fixture
 def calls(monkeypatch):
     """The depths the widget computed (every call of the core's predict_iter)."""
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
 
     seen: list[int] = []
     real = segment.predict_iter
@@ -77,7 +77,7 @@ def test_image_data_of_another_shape_gets_new_result_layers(seg, em_model, em_cr
     """Data of another shape put in the image layer: the next preview writes new result layers of that shape (it
     wrote into the old ones: a broadcast error), and the old ones, which may hold the user's corrections, are kept
     as they were. Data of the same shape keeps writing into the same layers."""
-    from napari_unetpp.postprocess import split_instances
+    from napari_unetpp.inference.postprocess import split_instances
 
     viewer, w, img = seg
     errors = []
@@ -104,9 +104,9 @@ def test_image_data_of_another_shape_gets_new_result_layers(seg, em_model, em_cr
 
 # ----------------------------------------------------------------- item 8: the DICOM window per image
 def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop):
-    from napari_unetpp.ct import Window
-    from napari_unetpp.modalities import new_model
-    from napari_unetpp.registry import save_model
+    from napari_unetpp.io.ct import Window
+    from napari_unetpp.model.modalities import new_model
+    from napari_unetpp.model.registry import save_model
 
     lm = new_model("ct", name="ct-two")
     save_model(lm.module, lm.card)
@@ -130,9 +130,9 @@ def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop):
 def test_images_with_the_same_dicom_window_share_one_windowed_model(make_napari_viewer, em_crop):
     """The windowed model (its own folded copy, ONNX session, OpenVINO compile) is made once per window, not once
     per image: the slices of one series opened as several layers share it; another window gets its own."""
-    from napari_unetpp.ct import Window
-    from napari_unetpp.modalities import new_model
-    from napari_unetpp.registry import save_model
+    from napari_unetpp.io.ct import Window
+    from napari_unetpp.model.modalities import new_model
+    from napari_unetpp.model.registry import save_model
 
     lm = new_model("ct", name="ct-two")
     save_model(lm.module, lm.card)
@@ -203,7 +203,7 @@ class _Signal:
 def _capture_stack_run(monkeypatch, w):
     """Start nothing for the next whole-stack run: keep its generator and handlers, to drive by hand (``finish()``
     then ends it as a worker's ``finished`` signal would)."""
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
 
     real = segment.run_generator
     got: dict = {}
@@ -224,7 +224,7 @@ def _capture_stack_run(monkeypatch, w):
 
 def test_workers_use_the_values_set_when_they_started(seg, monkeypatch):
     """The worker reads no widget: a device chosen after the start does not reach a run already going."""
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
 
     viewer, w, img = seg
     w._depth_slider.value = 1
@@ -246,7 +246,7 @@ def test_a_slider_preview_during_a_whole_stack_run(seg, em_model, em_crop, monke
     """A whole-stack run at L1 driven by hand: after its first slice, the user previews slice 2 at L2, goes back to
     L1 and changes the threshold; then the run finishes. Each slice shows what it should, nothing is written across
     slices or levels, and nothing is computed twice."""
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
 
     viewer, w, img = seg
     w._depth_slider.value = 1  # (computes slice 0 at L1)
@@ -304,7 +304,7 @@ def test_a_removed_labels_layer_leaves_nothing_behind(ft, monkeypatch):
     goes without a paint handler."""
     from napari.layers import Labels
 
-    from napari_unetpp._widgets import finetune
+    from napari_unetpp.napari import finetune
 
     viewer, w, img = ft
     a = viewer.add_labels(np.zeros(img.data.shape, np.uint8), name="a")
@@ -329,7 +329,7 @@ def test_fine_tune_keeps_the_pixel_size_unit_and_resegmenting_does_not_zoom(
     """A layer in mm (as our CT and OME-Zarr readers make them): the new version's card records the unit, so the
     next Segment run on the same layer resamples nothing (before: the card had mm numbers without a unit, read as
     um, a zoom of x1000)."""
-    from napari_unetpp.registry import load_model
+    from napari_unetpp.model.registry import load_model
 
     viewer = make_napari_viewer()
     mm = (5e-5, 4e-6, 4e-6)  # the crop's 50 nm sections of 4 nm pixels, in mm
@@ -365,7 +365,7 @@ def test_fine_tune_keeps_the_pixel_size_unit_and_resegmenting_does_not_zoom(
 
 
 def test_a_unitless_training_spacing_never_takes_the_bases_unit_away():
-    from napari_unetpp.finetune.saving import _spacing
+    from napari_unetpp.training.saving import _spacing
 
     base = types.SimpleNamespace(
         card=types.SimpleNamespace(training={"spacing": {"Y": 0.004, "X": 0.004}, "spacing_unit": "um"})
@@ -381,7 +381,7 @@ def test_a_unitless_training_spacing_never_takes_the_bases_unit_away():
 def test_a_lazy_image_is_not_loaded_whole_on_the_gui_thread(ft, monkeypatch, em_crop):
     """The training pair keeps the layer's lazy array; the worker reads the slices it trains on."""
     da = pytest.importorskip("dask.array")
-    from napari_unetpp._widgets import finetune
+    from napari_unetpp.napari import finetune
 
     viewer, w, _ = ft
     lazy = da.from_array(em_crop, chunks=(1, *em_crop.shape[1:]))
@@ -399,7 +399,7 @@ def test_a_lazy_image_is_not_loaded_whole_on_the_gui_thread(ft, monkeypatch, em_
 def test_a_mask_of_one_chosen_channel_trains_on_that_channel(make_napari_viewer, em_crop, monkeypatch):
     """Item 5 in the widgets: a CZYX-like layer segmented on one channel of its first axis gives a mask without that
     axis; the Fine-tune widget takes the Segment widget's channel instead of refusing the mask's shape."""
-    from napari_unetpp._widgets import finetune
+    from napari_unetpp.napari import finetune
 
     viewer = make_napari_viewer()
     stack = np.stack([em_crop, 255 - em_crop])  # (C=2, Z, Y, X)
@@ -438,7 +438,7 @@ def test_a_mask_of_one_chosen_channel_trains_on_that_channel(make_napari_viewer,
 def test_a_pixel_size_far_from_the_models_is_said_not_ignored(seg, monkeypatch):
     """A layer scaled in mm given to the 4 nm EM model: the widget segments it as it is and says so once (the core
     refuses a 250,000x zoom; the widget had swallowed such errors without a word)."""
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
 
     viewer, w, img = seg
     warned = []
@@ -461,8 +461,8 @@ def test_an_unsaved_fine_tune_says_so_and_keeps_the_result(make_napari_viewer, e
     model was not saved and why, never 'Saved', and keeps the trained model in ``result``."""
     import errno
 
-    import napari_unetpp.finetune.saving as sv
-    from napari_unetpp._widgets import finetune
+    import napari_unetpp.training.saving as sv
+    from napari_unetpp.napari import finetune
     from napari_unetpp.paths import user_models_dir
 
     real_save = sv.save_model

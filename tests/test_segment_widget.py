@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_unetpp import predict
-from napari_unetpp.prediction import normalization_stats
+from napari_unetpp.inference.predict import normalization_stats
 
 pytestmark = pytest.mark.gui
 
@@ -40,7 +40,7 @@ def test_slider_segments_current_slice_at_every_level(docked, em_model, monkeypa
     viewer.dims.set_current_step(0, 2)
     w._all_levels.value = True
     calls = []
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
 
     real = segment.predict_iter
     monkeypatch.setattr(segment, "predict_iter", lambda *a, **k: (calls.append(k["depth"]), real(*a, **k))[1])
@@ -111,7 +111,7 @@ def test_user_edits_are_never_overwritten(docked):
 
 def test_bad_input_is_one_notification_and_widget_stays_usable(docked, monkeypatch):
     viewer, w, img = docked
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
 
     errors = []
     monkeypatch.setattr(segment, "show_error", errors.append)
@@ -153,7 +153,7 @@ def test_background_preview_and_cancelled_stack_run(docked, em_model, monkeypatc
 def test_model_from_a_file_and_a_corrupt_one(docked, tmp_path, monkeypatch):
     import shutil
 
-    from napari_unetpp._widgets import segment
+    from napari_unetpp.napari import segment
     from napari_unetpp.paths import shipped_weights_dir
 
     viewer, w, img = docked
@@ -190,7 +190,7 @@ def test_3d_model_segments_the_whole_volume(make_napari_viewer):
     import torch
 
     from napari_unetpp import UNetPlusPlus
-    from napari_unetpp.registry import ModelCard, save_model
+    from napari_unetpp.model.registry import ModelCard, save_model
 
     torch.manual_seed(0)
     net = UNetPlusPlus(features=(4, 8, 8), spatial_dims=3, norm="group")
@@ -221,7 +221,7 @@ def test_3d_model_segments_the_whole_volume(make_napari_viewer):
 
 def test_results_are_keyed_by_layer_and_weights_not_names(docked, em_model):
     """A new layer with the old one's name, or another file with the same name@vN, never shows a stale result."""
-    from napari_unetpp.registry import LoadedModel
+    from napari_unetpp.model.registry import LoadedModel
 
     viewer, w, img = docked
     w._depth_slider.value = 1
@@ -248,7 +248,7 @@ def test_whole_stack_objects_have_unique_ids_and_only_shown_levels_are_kept(dock
 
 def test_multiscale_image_uses_the_finest_level(make_napari_viewer, em_model):
     viewer = make_napari_viewer()
-    from napari_unetpp._sample_data import em_sample
+    from napari_unetpp.napari.samples import em_sample
 
     data = np.asarray(em_sample()[0][0][0])
     img = viewer.add_image([data, data[::2, ::2]], multiscale=True, name="pyramid")
@@ -338,7 +338,7 @@ def test_learned_objects_with_a_cue_model(make_napari_viewer):
 
 def test_rgb_image_is_segmented_as_grey(make_napari_viewer, em_model):
     """An RGB layer with a 1-channel model: its luminance is segmented (before, the widget refused it)."""
-    from napari_unetpp._sample_data import em_sample
+    from napari_unetpp.napari.samples import em_sample
 
     viewer = make_napari_viewer()
     grey = np.asarray(em_sample()[0][0][0])
@@ -391,8 +391,8 @@ def test_ome_zarr_with_its_pixel_size_is_resampled_to_the_model(make_napari_view
 
     import tifffile
 
-    from napari_unetpp.io import write_image
-    from napari_unetpp.scale import resize_plane
+    from napari_unetpp.data.scale import resize_plane
+    from napari_unetpp.io.images import write_image
 
     samples = Path(__file__).resolve().parents[1] / "napari_unetpp" / "_samples"
     img = tifffile.imread(samples / "cells3d_nuclei_z40-47.tif")[:2]

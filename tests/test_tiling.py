@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_unetpp.tiling import Blender, TilePlan, axis_starts, gaussian_weights
+from napari_unetpp.inference.tiling import Blender, TilePlan, axis_starts, gaussian_weights
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_plan_validation():
     [(2048, 1024, 0.125, 16), (2048, 512, 0.25, 16), (1000, 256, 0.25, 1), (513, 512, 0.125, 1), (176, 96, 0.5, 16)],
 )
 def test_fitted_tiles_cover_with_overlap_and_less_waste(size, tile, overlap, align):
-    from napari_unetpp.tiling import fit_tile
+    from napari_unetpp.inference.tiling import fit_tile
 
     plan = TilePlan((size,), (tile,), overlap, align)
     t = plan.tile_shape[0]
@@ -91,7 +91,7 @@ def test_fitted_tiles_cover_with_overlap_and_less_waste(size, tile, overlap, ali
     if len(starts) > 1:
         assert t - gaps.max() >= max(int(tile * overlap) // align * align, 4 * align if align > 1 else 0)
     # never more tiles, and never more computed pixels, than full-budget tiles with the same overlap would need
-    from napari_unetpp.tiling import _overlap_px
+    from napari_unetpp.inference.tiling import _overlap_px
 
     full = axis_starts(size, min(tile, size), _overlap_px(tile, overlap, align) / min(tile, size), 1)
     assert len(starts) <= len(full) + (align > 1)

@@ -1,0 +1,1 @@
+"""Many files and clusters: one file to its outputs, folders, dask.distributed."""

@@ -1,0 +1,1 @@
+"""Sharing a model: bioimage.io packages of a pruned level."""

@@ -1,0 +1,1 @@
+"""From an image to probabilities, masks and objects: the tile plan, the sliding window, the writer."""

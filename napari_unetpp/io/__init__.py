@@ -1,0 +1,1 @@
+"""Reading and writing images: TIFF, OME-Zarr, DICOM series and NIfTI volumes."""
