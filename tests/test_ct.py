@@ -94,8 +94,9 @@ def test_nifti_round_trip_keeps_shape_affine_and_voxel_order(organ_labels, serie
 
 # ----------------------------------------------------------------------------------------------- windows
 def test_window_presets_names_numbers_and_the_files_own():
+    from napari_unetpp.data.normalization import window_normalization
+    from napari_unetpp.data.windows import WINDOWS, Window, parse_window
     from napari_unetpp.errors import InputError
-    from napari_unetpp.io.ct import WINDOWS, Window, parse_window, window_normalization
 
     assert (parse_window("abdomen").width, parse_window("abdomen").level) == (400, 40)
     assert (WINDOWS["lung"].low, WINDOWS["lung"].high) == (-1350, 150)
@@ -279,7 +280,7 @@ def test_ct_training_bad_inputs(tmp_path, capsys):
     assert main([*base, "--labels", str(labels), "--classes", "liver=5", "spleen"]) == 2
     assert "not a mix" in capsys.readouterr().err
     assert main(["predict", str(image), "-o", str(tmp_path / "x.nii.gz"), "--window", "lung"]) == 2
-    assert "--window is for CT models" in capsys.readouterr().err
+    assert "window (--window) is for CT models" in capsys.readouterr().err
     assert main(["predict", str(image), "-o", str(tmp_path / "x.png")]) == 2
     assert ".nii.gz" in capsys.readouterr().err
 

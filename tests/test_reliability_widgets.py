@@ -104,7 +104,7 @@ def test_image_data_of_another_shape_gets_new_result_layers(seg, em_model, em_cr
 
 # ----------------------------------------------------------------- item 8: the DICOM window per image
 def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop):
-    from napari_unetpp.io.ct import Window
+    from napari_unetpp.data.windows import Window
     from napari_unetpp.model.modalities import new_model
     from napari_unetpp.model.registry import save_model
 
@@ -130,7 +130,7 @@ def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop):
 def test_images_with_the_same_dicom_window_share_one_windowed_model(make_napari_viewer, em_crop):
     """The windowed model (its own folded copy, ONNX session, OpenVINO compile) is made once per window, not once
     per image: the slices of one series opened as several layers share it; another window gets its own."""
-    from napari_unetpp.io.ct import Window
+    from napari_unetpp.data.windows import Window
     from napari_unetpp.model.modalities import new_model
     from napari_unetpp.model.registry import save_model
 

@@ -174,7 +174,9 @@ def predict_file(
     dst = Path(dst)
     kind = output_kind(dst)
     img = read_image(src)
-    loaded = _with_window(resolve_model(model), opts.window, img)
+    from napari_unetpp.model.windowed import with_window
+
+    loaded = with_window(resolve_model(model), opts.window, img.windows if img is not None else ())
     dims = loaded.module.config.spatial_dims
     spatial = "ZYX" if dims == 3 else "YX"
     notes: list[str] = []
@@ -284,17 +286,6 @@ def _beside(out: Path, tag: str) -> Path:
     name = out.name
     ext = ".nii.gz" if name.lower().endswith(".nii.gz") else out.suffix
     return out.with_name(name[: len(name) - len(ext)] + tag + ext)
-
-
-def _with_window(model: Any, spec: str | None, img: Any = None) -> Any:
-    """``model`` with its Hounsfield window replaced by ``spec`` (CT models only)."""
-    from napari_unetpp.io.ct import parse_window, with_window
-
-    if spec is None:
-        return model
-    if model.normalization.mode != "window":
-        raise InputError(f"--window is for CT models; {model.card.id} normalises by {model.normalization.describe()}.")
-    return with_window(model, parse_window(spec, img.windows if img is not None else ()))
 
 
 # ---------------------------------------------------------------------------------------------------- dask
@@ -560,7 +551,9 @@ def predict_stack_distributed(
     if output_kind(dst) != "zarr":
         raise InputError(f"splitting one stack over a cluster writes OME-Zarr; name the output {dst.stem}.zarr.")
     img = read_image(src)
-    loaded = _with_window(load_model(model_ref), opts.window, img)
+    from napari_unetpp.model.windowed import with_window
+
+    loaded = with_window(load_model(model_ref), opts.window, img.windows if img is not None else ())
     axes = opts.axes or img.axes
     cfg = loaded.module.config
     spatial = "ZYX" if cfg.spatial_dims == 3 else "YX"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_unetpp.errors import UserError
+from napari_unetpp.inference.masks import mask_from
 
 __all__ = ["main"]
 
@@ -302,17 +303,6 @@ def _predict_distributed(jobs: list[tuple[Path, Path]], args: argparse.Namespace
     return 0
 
 
-def _with_window(model: Any, spec: str | None, img: Any = None) -> Any:
-    """``model`` with its Hounsfield window replaced by ``--window`` (CT models only)."""
-    from napari_unetpp.batch import files as batch
-    from napari_unetpp.errors import UserError
-
-    try:
-        return batch._with_window(model, spec, img)
-    except UserError as exc:
-        raise CliError(str(exc)) from None
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from napari_unetpp.errors import UserError
     from napari_unetpp.io.images import read_image
@@ -332,7 +322,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _check_slices("--slices", slices, lab.data.shape)
         _check_slices("--val-slices", val_slices, lab.data.shape)
         names, values = _class_map(args.classes)
-        base = _with_window(_base_for(args, names, img), args.window, img)
+        from napari_unetpp.model.windowed import with_window
+
+        base = with_window(_base_for(args, names, img), args.window, img.windows if img is not None else ())
     except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if values:
@@ -583,8 +575,7 @@ def _report_held_out(res, base, img, lab, axes: str, slices: list[int], device: 
     nc = res.model.module.config.num_classes
     for lv in range(1, k + 1):
         b, a = before.probabilities[lv], after.probabilities[lv]
-        pb = b > 0.5 if nc == 1 else b.argmax(0)
-        pa = a > 0.5 if nc == 1 else a.argmax(0)
+        pb, pa = mask_from(b, nc), mask_from(a, nc)
         print(f"L{lv:<5} {dice_score(pb, gt, num_classes=nc):11.3f} {dice_score(pa, gt, num_classes=nc):10.3f}")
 
 

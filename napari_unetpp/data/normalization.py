@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_unetpp.data.windows import Window
 from napari_unetpp.errors import InputError, NonFiniteInputError
 
 __all__ = ["Normalization", "NonFiniteInputError", "check_pixels", "percentiles"]
@@ -55,12 +56,15 @@ class Normalization:
     def describe(self) -> str:
         """One line for people, e.g. ``HU window soft-tissue W400 L40 (-160..240 HU)`` or ``percentiles 1-99.8``."""
         if self.mode == "window":
-            from napari_unetpp.io.ct import Window
-
             return "HU window " + Window(self.name, self.high - self.low, (self.high + self.low) / 2).describe()
         if self.mode == "percentile":
             return f"percentiles {self.low:g}-{self.high:g} of the stack"
         return "no normalisation"
+
+    @classmethod
+    def from_window(cls, window: Window) -> Normalization:
+        """Clip to the Hounsfield-unit ``window`` and scale to 0..1 (a CT model's normalisation)."""
+        return cls("window", window.low, window.high, name=window.name)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalization:
@@ -170,3 +174,8 @@ def check_pixels(block: np.ndarray, where: str = "", task: str = "segmenting") -
         raise InputError(f"cannot use an image of dtype {block.dtype}; convert it to numbers before {task}.")
     if block.dtype.kind == "f" and not np.isfinite(block).all():
         raise NonFiniteInputError(f"the image contains NaN or infinite values{where}; replace them before {task}.")
+
+
+def window_normalization(window: Window) -> Normalization:
+    """The :class:`Normalization` that clips to ``window`` and scales to 0..1 (:meth:`Normalization.from_window`)."""
+    return Normalization.from_window(window)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from napari_unetpp.errors import UserError
-from napari_unetpp.model.network import PrunedUNetPlusPlus, _run_nodes
+from napari_unetpp.model.network import PrunedUNetPlusPlus, probabilities
 from napari_unetpp.paths import samples_dir
 
 __all__ = ["export_bioimageio", "ExportResult", "ExportError", "exported_network"]
@@ -81,12 +81,10 @@ class _Probabilities(nn.Module):
         self.has_cue = has_cue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the nodes alone, without the pruned network's pad-and-crop (a trace would freeze its sizes): inputs are
-        # multiples of the pooling, as the package declares
-        net: PrunedUNetPlusPlus = self.net
-        top = _run_nodes(net.nodes, x, net.depth, net.pools)[0, net.depth]
-        logits = net.head(top)
-        return torch.sigmoid(logits) if self.num_classes == 1 else torch.softmax(logits, dim=1)
+        # without the pruned network's pad-and-crop (a trace would freeze its sizes): inputs are multiples of the
+        # pooling, as the package declares; the classes only (a package holds no instance cue)
+        logits = self.net(x, pad=False)[:, : self.num_classes]
+        return probabilities(logits, self.num_classes, dim=1)
 
 
 def exported_network(model: Any, depth: int) -> nn.Module:

@@ -34,6 +34,7 @@ import torch
 from napari_unetpp.data.axes import Layout, fit_channels, guess_axes, layout
 from napari_unetpp.data.normalization import Normalization, check_pixels
 from napari_unetpp.errors import InputError
+from napari_unetpp.inference.masks import mask_from
 from napari_unetpp.inference.postprocess import instance_method, split_instances
 from napari_unetpp.inference.tiling import (
     Blender,
@@ -416,7 +417,7 @@ class PlaneWriter:
         assert chosen is not None
         if self._cue is not None:
             self._store(self._cue, pidx, a, b, chosen[nc:])
-        self._mask[pidx][a:b] = (chosen[0] >= plan.threshold) if nc == 1 else np.argmax(chosen[:nc], axis=0)
+        self._mask[pidx][a:b] = mask_from(chosen[0] if nc == 1 else chosen[:nc], nc, plan.threshold)
 
     def split_plane(self, pidx: tuple[int, ...]) -> None:
         """Instance labels of a finished plane (its mask and cue are complete), numbered on from the planes before,
@@ -683,7 +684,7 @@ def _zoomed_iter(
             e = resize_plane(np.asarray(inner.ensemble[cix] if multi else inner.ensemble[pidx]), sp, 1)
             view(res.ensemble, multi)[cix if multi else pidx] = _as_prob(e, prob_dtype)
         c = resize_plane(np.asarray(chosen_src[cix] if multi else chosen_src[pidx], np.float32), sp, 1)
-        view(res.mask, False)[pidx] = (c >= inner.threshold) if not multi else np.argmax(c, axis=0)
+        view(res.mask, False)[pidx] = mask_from(c, c.shape[0] if multi else 1, inner.threshold)
         if res.cue is not None and inner.cue is not None:
             view(res.cue, False)[pidx] = _as_prob(resize_plane(np.asarray(inner.cue[pidx]), sp, 1), prob_dtype)
         for lv, cu in res.cues.items():

@@ -28,14 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from napari_unetpp.data.windows import Window
 from napari_unetpp.errors import InputError, ReadError
 
 __all__ = [
-    "WINDOWS",
     "Geometry",
-    "Window",
-    "parse_window",
-    "window_normalization",
     "is_dicom_file",
     "is_ct_path",
     "is_nifti_name",
@@ -50,82 +47,6 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CANONICAL = ("L", "P", "S")  # voxel axes i, j, k of the canonical grid; the array is (k, j, i) = (Z, Y, X)
-
-
-# ------------------------------------------------------------------------------------------------------ windows
-@dataclass(frozen=True)
-class Window:
-    """A Hounsfield-unit window: ``width`` around ``level``; values outside are clipped."""
-
-    name: str
-    width: float
-    level: float
-
-    @property
-    def low(self) -> float:
-        return self.level - self.width / 2
-
-    @property
-    def high(self) -> float:
-        return self.level + self.width / 2
-
-    def describe(self) -> str:
-        """E.g. ``soft-tissue W400 L40 (-160..240 HU)`` (without a name: ``W400 L40 (-160..240 HU)``)."""
-        name = f"{self.name} " if self.name else ""
-        return f"{name}W{self.width:g} L{self.level:g} ({self.low:g}..{self.high:g} HU)"
-
-
-# The usual radiology presets (width, level) in HU.
-WINDOWS: dict[str, Window] = {
-    w.name: w
-    for w in (
-        Window("soft-tissue", 400, 40),  # abdomen: liver, spleen, kidneys, muscle
-        Window("liver", 150, 30),
-        Window("mediastinum", 350, 50),
-        Window("lung", 1500, -600),
-        Window("bone", 1800, 400),
-        Window("brain", 80, 40),
-    )
-}
-ALIASES = {"abdomen": "soft-tissue", "soft": "soft-tissue", "softtissue": "soft-tissue"}
-
-
-def parse_window(spec: str, dicom_windows: Sequence[Window] = ()) -> Window:
-    """A window from a preset name (``soft-tissue``, ``lung``, ...), ``dicom`` (the file's own first window),
-    ``dicom2`` (its second), or ``W,L`` numbers (e.g. ``400,40``).
-
-    Raises:
-        InputError: an unknown name, a non-positive width, or ``dicom`` for a file without a window.
-    """
-    s = spec.strip().lower()
-    s = ALIASES.get(s, s)
-    if s in WINDOWS:
-        return WINDOWS[s]
-    if s.startswith("dicom"):
-        k = int(s[5:] or 1) if s[5:].isdigit() or not s[5:] else 0
-        if not dicom_windows:
-            raise InputError("this image has no DICOM window of its own; name one, e.g. --window soft-tissue.")
-        if not 1 <= k <= len(dicom_windows):
-            raise InputError(
-                f"the image has {len(dicom_windows)} DICOM window(s); use dicom1..dicom{len(dicom_windows)}."
-            )
-        return dicom_windows[k - 1]
-    parts = s.replace(";", ",").split(",")
-    try:
-        width, level = (float(p) for p in parts)
-    except ValueError:
-        names = ", ".join(WINDOWS)
-        raise InputError(f"unknown window {spec!r}: use one of {names}, dicom, or width,level (e.g. 400,40).") from None
-    if width <= 0:
-        raise InputError(f"a window's width must be positive, got {width:g}.")
-    return Window(f"W{width:g}L{level:g}", width, level)
-
-
-def window_normalization(window: Window) -> Any:
-    """The :class:`~napari_unetpp.data.normalization.Normalization` that clips to ``window`` and scales to 0..1."""
-    from napari_unetpp.data.normalization import Normalization
-
-    return Normalization("window", window.low, window.high, name=window.name)
 
 
 # ----------------------------------------------------------------------------------------------------- geometry
@@ -513,17 +434,6 @@ def save_nifti_temp(target: Path, img: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ models and CT
-def with_window(model: Any, window: Window) -> Any:
-    """A :class:`~napari_unetpp.model.registry.LoadedModel` sharing ``model``'s network whose card normalises with
-    ``window`` (fine-tuning then stores it in the new version's card)."""
-    import dataclasses
-
-    from napari_unetpp.model.registry import LoadedModel
-
-    card = dataclasses.replace(model.card, normalization=window_normalization(window).to_dict())
-    return LoadedModel(model.module, card, model.path, model.shipped)
-
-
 SPACING_TOLERANCE = 0.25
 
 

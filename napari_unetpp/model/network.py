@@ -21,7 +21,7 @@ from torch import nn
 
 from napari_unetpp.inference.tiling import padding_for
 
-__all__ = ["UNetPlusPlusConfig", "UNetPlusPlus", "PrunedUNetPlusPlus", "node_names"]
+__all__ = ["UNetPlusPlusConfig", "UNetPlusPlus", "PrunedUNetPlusPlus", "node_names", "probabilities", "run_nodes"]
 
 NORMS = ("none", "batch", "instance", "group")
 UPSAMPLES = ("transpose", "nearest", "linear")
@@ -281,7 +281,7 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int | tuple[int, ...]) -> tuple[
     return F.pad(x, pads, mode=mode), crop
 
 
-def _run_nodes(
+def run_nodes(
     nodes: nn.ModuleDict, x: torch.Tensor, depth: int, pools: nn.ModuleList
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Evaluate exactly the nodes with ``i + j <= depth``; return their outputs by (i, j)."""
@@ -410,13 +410,20 @@ class UNetPlusPlus(_ConfiguredNet):
             raise ValueError(f"depth must be between 1 and {self.max_depth}, got {depth}.")
         return int(depth)
 
-    def forward(self, x: torch.Tensor, depth: int | None = None, cue: bool = False) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, depth: int | None = None, cue: bool = False, pad: bool = True
+    ) -> list[torch.Tensor]:
         """Logits of heads 1..k (k = ``depth`` or the maximum), evaluating only the nodes with ``i + j <= k``.
+
+        This is the one place heads 1..k are computed: the PyTorch runtime, the exported ONNX graph and training
+        all call it (activate them with :func:`probabilities`).
 
         Args:
             x: ``(N, C, H, W)`` or ``(N, C, D, H, W)`` tensor of any spatial size.
             depth: Sub-network depth k in 1..max_depth (default: max_depth).
             cue: Append the instance cue's logits as one more channel (models built with a ``cue`` only).
+            pad: Pad to a multiple of the pooling and crop back (default True). ``False`` for inputs that already
+                are multiples (predict's tiles), as an exported graph needs: a trace would freeze the padding.
 
         Returns:
             List of k logit tensors ``(N, num_classes [+ 1], *spatial)``, head 1 first.
@@ -425,8 +432,8 @@ class UNetPlusPlus(_ConfiguredNet):
         if cue and not self.config.has_cue:
             raise ValueError("this model has no instance cue (it was built with cue='none').")
         _check_input(x, self.config)
-        xp, crop = _pad_to_multiple(x, self.config.multiple)
-        outs = _run_nodes(self.nodes, xp, k, self.pools)
+        xp, crop = _pad_to_multiple(x, self.config.multiple) if pad else (x, (slice(None),) * x.ndim)
+        outs = run_nodes(self.nodes, xp, k, self.pools)
         if cue:
             return [
                 torch.cat([self.heads[f"head_{j}"](outs[0, j]), self.cues[f"cue_{j}"](outs[0, j])], 1)[crop]
@@ -485,11 +492,11 @@ class PrunedUNetPlusPlus(nn.Module):
         self.cue = copy.deepcopy(cue) if cue is not None else None
         self.pools = _pools(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Head k's logits ``(N, num_classes [+ 1 cue], *spatial)``."""
+    def forward(self, x: torch.Tensor, pad: bool = True) -> torch.Tensor:
+        """Head k's logits ``(N, num_classes [+ 1 cue], *spatial)``; ``pad`` as in :meth:`UNetPlusPlus.forward`."""
         _check_input(x, self.config)
-        xp, crop = _pad_to_multiple(x, self.pad_multiple)
-        outs = _run_nodes(self.nodes, xp, self.depth, self.pools)
+        xp, crop = _pad_to_multiple(x, self.pad_multiple) if pad else (x, (slice(None),) * x.ndim)
+        outs = run_nodes(self.nodes, xp, self.depth, self.pools)
         top = outs[0, self.depth]
         if self.cue is not None:
             return torch.cat([self.head(top), self.cue(top)], 1)[crop]
@@ -541,6 +548,14 @@ class UNet(_ConfiguredNet):
         for i in range(self.config.max_depth - 1, -1, -1):
             h = self.decoder[i]([skips[i]], h)
         return [self.head(h)[crop]]
+
+
+def probabilities(logits: torch.Tensor, num_classes: int, dim: int = 1) -> torch.Tensor:
+    """Heads' logits to probabilities: the sigmoid for a 1-class model, the softmax over ``dim`` otherwise. The
+    one activation rule (PyTorch runtime, exported graphs, bioimage.io packages, validation).
+
+    A model with an instance cue has one class, so its cue channel (after the class) gets the sigmoid too."""
+    return torch.sigmoid(logits) if num_classes == 1 else torch.softmax(logits, dim=dim)
 
 
 def _check_input(x: torch.Tensor, cfg: UNetPlusPlusConfig) -> None:

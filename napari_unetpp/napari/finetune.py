@@ -19,9 +19,9 @@ from napari.utils.notifications import show_error, show_info
 
 from napari_unetpp.data.axes import layer_axes
 from napari_unetpp.errors import ModelFileError
-from napari_unetpp.io.ct import parse_window, with_window
 from napari_unetpp.model.modalities import MODALITIES, new_model
 from napari_unetpp.model.registry import LoadedModel, list_models, load_model
+from napari_unetpp.model.windowed import with_window
 from napari_unetpp.napari.pixel_size import layer_pixel_size
 from napari_unetpp.napari.plot import TrainingPlot
 from napari_unetpp.napari.segment import (
@@ -441,7 +441,7 @@ class FineTuneWidget(Container):
             if self._window.value != WINDOW_CHOICES[0] and base.normalization.mode == "window":
                 img = self._image.value
                 dicom = img.metadata.get("unetpp_windows", []) if img is not None else []
-                base = with_window(base, parse_window(str(self._window.value), dicom))
+                base = with_window(base, str(self._window.value), dicom)
             pair = self._pair(base)
         except (ValueError, ModelFileError) as exc:
             self._error(user_message(exc))

@@ -57,7 +57,7 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
         return [(data, {**kw, "opacity": 0.5}, "labels")]
     window = img.windows[0] if img.windows else None
     if window is None and meta.get("Modality", "CT") == "CT" and data.min() < -500:  # HU without a window of its own
-        from napari_unetpp.io.ct import WINDOWS
+        from napari_unetpp.data.windows import WINDOWS
 
         window = WINDOWS["soft-tissue"]
     if window is not None:

@@ -74,7 +74,7 @@ def ct_sample() -> list[LayerData]:
     """A real abdominal CT series (20 axial slices, rows 144-495 of 512: the body), in Hounsfield units, shown with
     the soft-tissue window W400 L40, with TotalSegmentator's organ labels (1 spleen, 5 liver, 6 stomach, 7 pancreas;
     its other classes, bones, muscles and vessels, are left out). Voxels 2 x 0.977 x 0.977 mm."""
-    from napari_unetpp.io.ct import WINDOWS
+    from napari_unetpp.data.windows import WINDOWS
 
     window = WINDOWS["soft-tissue"]
     scale = (2.0, 0.9765625, 0.9765625)

@@ -29,11 +29,13 @@ from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from napari_unetpp.data.axes import layer_axes
+from napari_unetpp.data.windows import WINDOWS, Window, parse_window
 from napari_unetpp.errors import InputError, ModelFileError
+from napari_unetpp.inference.masks import mask_from
 from napari_unetpp.inference.postprocess import INSTANCE_METHODS, level_disagreement, split_instances
 from napari_unetpp.inference.predict import Prediction, normalization_stats, predict_iter
-from napari_unetpp.io.ct import WINDOWS, Window, parse_window, with_window
 from napari_unetpp.model.registry import LoadedModel, list_models, load_model
+from napari_unetpp.model.windowed import with_window
 from napari_unetpp.napari.cache import PlaneResult, ResultCache, ResultKey
 from napari_unetpp.napari.pixel_size import layer_pixel_size
 from napari_unetpp.napari.workers import WeakHandler, abandon, run_generator, user_message
@@ -77,13 +79,13 @@ def plane_mask(
 ) -> np.ndarray:
     """A plane's mask from its probabilities: threshold (1 class) or argmax, then the object split (1 class):
     ``learned`` uses the model's ``cue`` (without one, the watershed)."""
+    mask = mask_from(prob, num_classes, threshold).astype(np.uint8)
     if num_classes == 1:
-        mask = (prob >= threshold).astype(np.uint8)
         if objects == "none":
             return mask
         method = "watershed" if objects == "learned" and cue is None else objects
         return split_instances(mask, method, spatial_dims, cue=None if cue is None else cue.astype(np.float32))
-    return np.argmax(prob, axis=0).astype(np.uint8)
+    return mask
 
 
 def chosen_cue(cues: dict[int, np.ndarray], k: int, ensemble: bool) -> np.ndarray | None:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from napari_unetpp.errors import UserError
-from napari_unetpp.model.network import _run_nodes
+from napari_unetpp.model.network import probabilities
 from napari_unetpp.paths import cache_dir
 from napari_unetpp.runtimes.device import autocast_context, autocast_dtype, cpu_supports_bf16, is_oom, memory_format
 
@@ -139,9 +139,7 @@ class TorchBackend(Backend):
 
     def __init__(self, net: Any, depth: int, device: torch.device, precision: str, choice: Choice) -> None:
         self.net, self.depth, self.device, self.precision, self.choice = net, depth, device, precision, choice
-        cfg = net.config
-        self.sigmoid = cfg.num_classes == 1
-        self.cue = cfg.has_cue
+        self.num_classes, self.cue = net.config.num_classes, net.config.has_cue
         self.fmt = memory_format(net, device)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -149,8 +147,7 @@ class TorchBackend(Backend):
             t = torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
             outs = self.net(t, depth=self.depth, cue=True) if self.cue else self.net(t, depth=self.depth)
             logits = torch.stack(outs, dim=1).float()  # (B, k, classes [+ cue], ...)
-            p = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=2)  # a cue model has 1 class
-            return p.cpu().numpy()
+            return probabilities(logits, self.num_classes, dim=2).cpu().numpy()
 
 
 class OnnxBackend(Backend):
@@ -320,18 +317,11 @@ class _Heads(nn.Module):
     def __init__(self, net: Any, depth: int) -> None:
         super().__init__()
         self.net, self.depth = net, depth
-        cfg = net.config
-        self.sigmoid, self.cue = cfg.num_classes == 1, cfg.has_cue
+        self.num_classes, self.cue = net.config.num_classes, net.config.has_cue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net: Any = self.net
-        outs = _run_nodes(net.nodes, x, self.depth, net.pools)
-        logits = []
-        for j in range(1, self.depth + 1):
-            h = net.heads[f"head_{j}"](outs[0, j])
-            logits.append(torch.cat([h, net.cues[f"cue_{j}"](outs[0, j])], 1) if self.cue else h)
-        stacked = torch.stack(logits, dim=1)
-        return torch.sigmoid(stacked) if self.sigmoid else torch.softmax(stacked, dim=2)
+        stacked = torch.stack(self.net(x, depth=self.depth, cue=self.cue, pad=False), dim=1)
+        return probabilities(stacked, self.num_classes, dim=2)
 
 
 # ------------------------------------------------------------------------------------------------- availability

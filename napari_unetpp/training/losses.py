@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_unetpp.model.network import probabilities
+
 __all__ = ["hybrid_loss", "soft_dice_loss", "cue_loss", "DeepSupervisionLoss"]
 
 
@@ -21,10 +23,6 @@ def _one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (target > 0).unsqueeze(1).float()
     oh = F.one_hot(target.long().clamp(0, num_classes - 1), num_classes)
     return oh.movedim(-1, 1).float()
-
-
-def _probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
 def soft_dice_loss(
@@ -38,7 +36,7 @@ def soft_dice_loss(
         valid: ``(N, *S)`` mask of known pixels (default: all known).
         smooth: Additive smoothing (default 1.0).
     """
-    p = _probs(logits.float())
+    p = probabilities(logits.float(), logits.shape[1])
     t = _one_hot(target, logits.shape[1])
     if valid is not None:
         v = valid.unsqueeze(1).bool()

@@ -107,12 +107,13 @@ def level_object_scores(
     cue."""
     import time
 
+    from napari_unetpp.inference.masks import mask_from
     from napari_unetpp.inference.postprocess import split_instances
 
     target = np.asarray(target)
     out: dict[int, dict[str, float]] = {}
     for lv, prob in prediction.probabilities.items():
-        mask = np.asarray(prob, np.float32) >= 0.5
+        mask = mask_from(np.asarray(prob, np.float32), 1)
         row: dict[str, float] = {"dice": round(dice_score(mask, target > 0), 4)}
         for split in splits:
             if split == "learned" and lv not in prediction.cues:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from napari_unetpp.inference.masks import mask_from
 from napari_unetpp.inference.tiling import (
     Blender,
     TilePlan,
@@ -158,7 +159,7 @@ def _item_counts(
         v = vals[(slice(None), slice(a + top - lo, b + top - lo), *rest)]
         v = v.reshape(levels, per_level, *v.shape[1:])[:, :, m]  # (levels, classes [+ cue], validation pixels)
         t = it.target[a:b][m]
-        pred = v[:, 0] >= 0.5 if nc == 1 else np.argmax(v[:, :nc], axis=1)  # predict's mask rule
+        pred = mask_from(v[:, 0] if nc == 1 else v[:, :nc], nc, class_axis=1)  # predict's mask rule
         for ci, c in enumerate(classes):
             pc, tc = (pred, t > 0) if nc == 1 else (pred == c, t == c)
             out[0, :, ci] += (pc & tc).sum(axis=-1)
