@@ -13,9 +13,11 @@ per user or test while the caches are shared:
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cache_dir", "samples_dir", "shipped_weights_dir", "user_models_dir"]
+__all__ = ["cache_dir", "partial_beside", "samples_dir", "shipped_weights_dir", "user_models_dir", "write_atomically"]
 
 _APP = "napari-unetpp"
 
@@ -56,3 +58,31 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir(_APP, appauthor=False))
+
+
+def partial_beside(target: Path, suffix: str = "", folder: bool = False) -> Path:
+    """A new hidden temporary file (or folder) beside ``target``, ``.<name>.<random>.partial<suffix>``: on the same
+    file system, so renaming it onto ``target`` is atomic, and named so a crash leaves something recognisable."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix, end = f".{target.name}.", ".partial" + suffix
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=end, dir=target.parent))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=end, dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object], mode: int | None = 0o644) -> None:
+    """``write(tmp)`` into :func:`partial_beside` ``path``, then rename it into place: a reader (another process, a
+    later run) sees the old file or the whole new one, never half of one, and a failure (or Ctrl-C) leaves nothing
+    behind. ``mode`` (default ``0o644``, as a plain file gets; None keeps the temporary file's ``0o600``) is set
+    before the rename. Whatever ``write`` raises is raised again."""
+    tmp = partial_beside(path, path.suffix)
+    try:
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

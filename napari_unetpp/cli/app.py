@@ -6,15 +6,15 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from napari_unetpp.errors import UserError
 from napari_unetpp.inference.masks import mask_from
+from napari_unetpp.interrupts import ctrl_c_sets
 
 __all__ = ["main"]
 
@@ -383,7 +383,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         **options,
     )
     try:
-        with _ctrl_c_sets(stop), contextlib.closing(show):  # Ctrl-C: finish the step, validate, keep the best
+        with (
+            ctrl_c_sets(stop, "stopping: validating and saving the best state so far (Ctrl-C again to abort)"),
+            contextlib.closing(show),
+        ):  # Ctrl-C: finish the step, validate, keep the best
             res = run_to_end(gen, show)
             elsewhere = _save_trained(res)  # inside: a Ctrl-C while the files are written does not lose the run
     except (UserError, ValueError, FloatingPointError) as exc:
@@ -535,27 +538,6 @@ def _labelled_slices_except(labels: Any, held: list[int], ignore_label: int | No
     if not keep:
         raise CliError("every labelled slice is held out; label another slice or list the training --slices.")
     return keep
-
-
-@contextlib.contextmanager
-def _ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
-    """The first Ctrl-C sets ``stop`` (the job ends at its next step and keeps its best state); a second one
-    interrupts. Outside the main thread, Ctrl-C is left as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping: validating and saving the best state so far (Ctrl-C again to abort)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _report_held_out(res, base, img, lab, axes: str, slices: list[int], device: str) -> None:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import tempfile
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import tifffile
 from napari_unetpp.data.axes import guess_axes
 from napari_unetpp.data.scale import short_unit
 from napari_unetpp.errors import ReadError
+from napari_unetpp.interrupts import ctrl_c_held
 
 __all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError", "OUTPUT_SUFFIXES", "output_kind"]
 
@@ -218,7 +217,7 @@ def write_images(
     for tmp, p in temps:
         if not isinstance(tmp, OmeZarrOutputs):
             _give_mode(tmp, p)
-    with _sigint_held():
+    with ctrl_c_held():
         for tmp, p in temps:
             if isinstance(tmp, OmeZarrOutputs):
                 tmp.publish()
@@ -276,16 +275,3 @@ def _write_temp(p: Path, data: np.ndarray, axes: str | None, scale: dict[str, fl
             os.unlink(tmp)
         raise
     return tmp
-
-
-@contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Ignore Ctrl-C for the few microseconds of a group of renames (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
