@@ -28,7 +28,8 @@ import numpy as np
 import tifffile
 from bench_finetune import cpu_flags
 
-from napari_unetpp.batch.files import PredictOptions, predict_file, run_distributed
+from napari_unetpp.batch.distributed import run_distributed
+from napari_unetpp.batch.files import PredictOptions, predict_file
 from napari_unetpp.model.registry import load_model, model_file
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012" / "train-volume.tif"

@@ -55,8 +55,9 @@ import torch
 os.environ.setdefault("NAPARI_UNETPP_HOME", tempfile.mkdtemp(prefix="unetpp-bench-"))
 
 from napari_unetpp.inference.predict import normalization_stats, predict  # noqa: E402
+from napari_unetpp.model.loaded import LoadedModel  # noqa: E402
 from napari_unetpp.model.modalities import new_model  # noqa: E402
-from napari_unetpp.model.registry import LoadedModel, load_model, save_model  # noqa: E402
+from napari_unetpp.model.registry import load_model, save_model  # noqa: E402
 from napari_unetpp.runtimes.device import autocast_dtype, describe_device  # noqa: E402
 from napari_unetpp.training import TrainingPair, dice_score, fine_tune, prepare_data, train_step  # noqa: E402
 from napari_unetpp.training.augment import augment_batch, sample_batch  # noqa: E402

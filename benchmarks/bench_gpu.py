@@ -46,7 +46,7 @@ from napari_unetpp.inference.predict import predict, predict_iter  # noqa: E402
 from napari_unetpp.model.registry import load_model  # noqa: E402
 from napari_unetpp.runtimes.device import optimize_for_inference, release_memory  # noqa: E402
 from napari_unetpp.training import TrainingPair, fine_tune, fine_tune_iter  # noqa: E402
-from napari_unetpp.training import loop as ft_loop  # noqa: E402
+from napari_unetpp.training import source as ft_source  # noqa: E402
 from napari_unetpp.training.metrics import dice_score  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "napari_unetpp" / "_samples"
@@ -203,7 +203,7 @@ def steps_section(seconds: float = 30.0) -> list[dict]:
     pair = TrainingPair(img, lab, axes="ZYX", slices=[0, 2])
     base = load_model("em-membranes")
     rows = []
-    inline = ft_loop._batch_maker
+    inline = ft_source.batch_maker
 
     def no_prefetch(ds, rng, cfg, mirror, dev):
         return inline(ds, rng, cfg, mirror, torch.device("cpu"))
@@ -215,13 +215,13 @@ def steps_section(seconds: float = 30.0) -> list[dict]:
         ("bf16, batches made in line (no prefetch)", {"precision": "auto"}, no_prefetch),
     ):
         if patch:
-            ft_loop._batch_maker = patch
+            ft_source.batch_maker = patch
         try:
             t = time.perf_counter()
             res = fine_tune(base, pair, minutes=seconds / 60, device="cuda", save=False, recipe="adapt", **opts)
             wall = time.perf_counter() - t
         finally:
-            ft_loop._batch_maker = inline
+            ft_source.batch_maker = inline
         d = res.data
         row = {
             "run": label,
@@ -389,7 +389,7 @@ def throughput_section(compile_levels: list[int]) -> dict:
         sec = time.perf_counter() - t
         out["predict"].append({"level": k, "seconds": round(sec, 3), "mpx_s": round(stack.size / sec / 1e6, 1)})
         print(
-            f"  predict() 32 x 512^2 L{k}: {sec:.2f} s, {stack.size / sec / 1e6:.1f} Mpx/s ({pred.device})", flush=True
+            f"  predict() 32 x 512^2 L{k}: {sec:.2f} s, {stack.size / sec / 1e6:.1f} Mpx/s ({pred.ran_on})", flush=True
         )
     return out
 

@@ -33,7 +33,7 @@ import torch
 
 from napari_unetpp import load_model, predict
 from napari_unetpp.napari.samples import em_sample
-from napari_unetpp.runtimes.backends import onnx_available, openvino_available, release_pending
+from napari_unetpp.runtimes import onnx_available, openvino_available, release_pending
 from napari_unetpp.runtimes.device import autocast_context, cpu_supports_bf16, optimize_for_inference
 from napari_unetpp.training.metrics import dice_score
 
@@ -125,7 +125,7 @@ def sgemm_gflops() -> float:
 
 def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None) -> list[dict]:
     norm = lm.normalization
-    x = norm.apply(img.astype(np.float32), norm.compute_stats(img))
+    x = norm.apply(img.astype(np.float32), norm.bounds(img))
     ref = copy.deepcopy(lm.module).eval()
     mp = img.size / 1e6
     # timings without the memory sampler (its thread would take a core); then one sampled run for memory
@@ -179,7 +179,7 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None)
                 "mp_s": mp / t,
                 "gflop_s": FLOPS[k] * img.size / t / 1e9,
                 "of_sgemm": FLOPS[k] * img.size / t / 1e9 / SGEMM[0],
-                "runtime": pred.device.split(" · ", 1)[-1],
+                "runtime": pred.ran_on.split(" · ", 1)[-1],
                 "peak_extra_mb": mem.extra_mb,
                 "vs_reference": t_ref / t,
                 "dice_vs_reference": dice_score(pred.mask, ref_k >= 0.5),
@@ -194,10 +194,10 @@ def network_alone(lm, img: np.ndarray, repeats: int) -> list[dict]:
     batches of 4 slices, after a warm-up, nothing released between runs. Against ``predict`` end to end this shows
     what the pipeline around it costs: the last partial batch, and the first batch after the memory a run held was
     given back."""
-    from napari_unetpp.runtimes.backends import make_backend
+    from napari_unetpp.runtimes import make_backend
 
     norm = lm.normalization
-    x = norm.apply(img.astype(np.float32), norm.compute_stats(img))[:4, None].copy()
+    x = norm.apply(img.astype(np.float32), norm.bounds(img))[:4, None].copy()
     net = lm.inference_module("cpu")
     rows = []
     for k in range(1, lm.max_depth + 1):
@@ -221,7 +221,7 @@ def network_alone(lm, img: np.ndarray, repeats: int) -> list[dict]:
 def ablation(lm, img: np.ndarray, repeats: int) -> list[dict]:
     """Forward-only timings at L4 on 512 x 512 slices: what each optimisation buys."""
     norm = lm.normalization
-    x = torch.from_numpy(norm.apply(img.astype(np.float32), norm.compute_stats(img))[:, None])
+    x = torch.from_numpy(norm.apply(img.astype(np.float32), norm.bounds(img))[:, None])
     plain = copy.deepcopy(lm.module).eval()
     cpu = torch.device("cpu")
     optimized = optimize_for_inference(lm.module, cpu)  # folded batch norm, channels-last

@@ -24,9 +24,10 @@ import torch
 
 import napari_unetpp.data.normalization as nm
 import napari_unetpp.inference.predict as pr
+import napari_unetpp.inference.writer as wr
 from napari_unetpp import load_model, predict
 from napari_unetpp.napari.samples import em_sample
-from napari_unetpp.runtimes.backends import Backend, Choice
+from napari_unetpp.runtimes import Backend, Choice
 
 
 class Stub(Backend):
@@ -60,7 +61,7 @@ def main() -> int:
     lm = load_model("em-membranes")
     slices = em_sample()[0][0]
     stack = np.concatenate([slices] * (args.slices // len(slices) + 1))[: args.slices]
-    current = (pr._as_prob, nm.percentiles)
+    current = (wr.as_prob, nm.percentiles)
     previous = (assigned, lambda x, q: np.asarray(np.percentile(x, q)))
     runs = [
         ("L1", dict(depth=1)),
@@ -72,7 +73,7 @@ def main() -> int:
     for label, kw in runs:
         ms, outs = {}, {}
         for name, (cast, pct) in (("now", current), ("before", previous)):
-            pr._as_prob, nm.percentiles = cast, pct  # type: ignore[assignment]
+            wr.as_prob, nm.percentiles = cast, pct  # type: ignore[assignment]
             outs[name] = predict(stack, lm, **kw)  # warm-up
             times = []
             for _ in range(args.repeats):
@@ -80,7 +81,7 @@ def main() -> int:
                 predict(stack, lm, **kw)
                 times.append(time.perf_counter() - t0)
             ms[name] = 1000 * float(np.median(times)) / len(stack)
-        pr._as_prob, nm.percentiles = current  # type: ignore[assignment]
+        wr.as_prob, nm.percentiles = current  # type: ignore[assignment]
         a, b = outs["now"], outs["before"]
         same = np.array_equal(a.mask, b.mask) and all(
             np.array_equal(a.probabilities[lv], b.probabilities[lv]) for lv in a.probabilities

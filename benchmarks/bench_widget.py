@@ -69,9 +69,8 @@ def main() -> int:
     viewer = napari.Viewer(show=not hidden)
     img = viewer.open_sample("napari-unetpp", "em")[0]
     _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
-    w._image.value = img
-    w._depth_slider.value = 1
-    wait(lambda: w._preview_worker is None)
+    w.configure(image=img, depth=1)
+    wait(lambda: w.jobs.preview is None)
     viewer.dims.set_current_step(0, 2)
     lm = w.model
     flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
@@ -81,7 +80,7 @@ def main() -> int:
     for k in range(1, lm.max_depth + 1):
         for n in (1, 4):
             p = predict(np.asarray(img.data[:n]), lm, depth=k, levels="all")
-        print(f"L{k}: {p.device}")
+        print(f"L{k}: {p.ran_on}")
     canvas = viewer.window._qt_viewer.canvas._scene_canvas
     canvas.native.makeCurrent()
     from vispy.gloo import gl
@@ -118,23 +117,23 @@ def main() -> int:
     )
     for k in (1, 2, 3, 4):
         net = min(_timed(lambda: predict(plane, lm, depth=k, levels="all", prob_dtype="float32")) for _ in range(3))
-        w._cache.clear()
-        w._depth_slider.value = 4 if k == 1 else 1  # move away (cached or not, then clear again)
-        wait(lambda: w._preview_worker is None)
+        w.controller.cache.clear()
+        w.configure(depth=4 if k == 1 else 1)  # move away (cached or not, then clear again)
+        wait(lambda: w.jobs.preview is None)
         settle()
-        w._cache.clear()
+        w.controller.cache.clear()
         cpu0 = _drawing_cpu()
         t0 = time.perf_counter()
-        w._depth_slider.value = k
-        wait(lambda: w._preview_worker is None)
+        w.configure(depth=k)
+        wait(lambda: w.jobs.preview is None)
         unc = time.perf_counter() - t0
         unc_painted = painted(t0 + unc) - t0
         drawing = _drawing_cpu() - cpu0
-        w._depth_slider.value = 1 if k != 1 else 2
-        wait(lambda: w._preview_worker is None)
+        w.configure(depth=1 if k != 1 else 2)
+        wait(lambda: w.jobs.preview is None)
         settle()
         t0 = time.perf_counter()
-        w._depth_slider.value = k  # cached now: shown in the slider's own event
+        w.configure(depth=k)  # cached now: shown in the slider's own event
         cached = time.perf_counter() - t0
         cached_painted = painted(t0) - t0
         print(
@@ -147,12 +146,12 @@ def main() -> int:
         return 0
     tall = np.concatenate([img.data] * 6)
     big = viewer.add_image(tall, name="tall", scale=img.scale)
-    w._image.value = big
+    w.configure(image=big)
     stats = normalization_stats(tall, lm)
     print("\n## whole stack, 30 x 512 x 512, recommended depth\n\n| where | s | MP/s |\n|---|---|---|")
     k = lm.card.recommended_depth or lm.max_depth
-    w._depth_slider.value = k
-    wait(lambda: w._preview_worker is None)
+    w.configure(depth=k)
+    wait(lambda: w.jobs.preview is None)
     mp = tall.size / 1e6
     t0 = time.perf_counter()
     predict(tall, lm, depth=k, levels="all", stats=stats)
@@ -177,7 +176,7 @@ def main() -> int:
     print(f"| predict_iter in a napari thread worker, no layers | {t_bare:.2f} | {mp / t_bare:.2f} |")
     t0 = time.perf_counter()
     w.run_stack()
-    wait(lambda: w._stack_worker is None)
+    wait(lambda: w.jobs.stack is None)
     t_widget = time.perf_counter() - t0
     print(f"| widget Run whole stack (worker + streaming into layers) | {t_widget:.2f} | {mp / t_widget:.2f} |")
     print(

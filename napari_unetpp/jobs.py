@@ -2,7 +2,7 @@
 
 Every long job comes as a pair with one name pattern: ``<job>_iter`` is the generator (``predict_iter``,
 ``fine_tune_iter``), ``<job>`` runs it to the end (``predict``, ``fine_tune``). The napari widgets drive the
-generators in thread workers (``_widgets/_workers.py``); everything else calls :func:`run_to_end`.
+generators in thread workers (:mod:`napari_unetpp.napari.workers`); everything else calls :func:`run_to_end`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where napari-unetpp keeps things on disk: the shipped weights, the user's models and the caches.
+"""Where napari-unetpp keeps things on disk (shipped weights, the user's models, caches), and how it writes them.
 
 Two environment variables move them, each on its own so that tests (or a shared machine) can keep one models folder
 per user or test while the caches are shared:
@@ -8,16 +8,35 @@ per user or test while the caches are shared:
 - ``NAPARI_UNETPP_CACHE``: exported graphs, int8 copies and the measured runtime choices (default:
   ``$NAPARI_UNETPP_HOME/cache`` when the home is set, else the per-user cache folder, e.g.
   ``~/.cache/napari-unetpp``). Everything in it can be deleted; it is rebuilt when needed.
+
+And the one atomic write, so a reader (another process, a later run) sees the old file or the whole new one, and a
+failure or Ctrl-C leaves nothing behind: :func:`write_atomically` for one file; for a group of outputs that appear
+together, :func:`partial_beside` for each, then :func:`move_all_into_place` (:func:`remove_partial` on failure).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["cache_dir", "partial_beside", "samples_dir", "shipped_weights_dir", "user_models_dir", "write_atomically"]
+from napari_unetpp.interrupts import ctrl_c_held
+
+__all__ = [
+    "cache_dir",
+    "move_all_into_place",
+    "move_into_place",
+    "partial_beside",
+    "remove_partial",
+    "samples_dir",
+    "shipped_weights_dir",
+    "usual_mode",
+    "user_models_dir",
+    "write_atomically",
+]
 
 _APP = "napari-unetpp"
 
@@ -86,3 +105,45 @@ def write_atomically(path: Path, write: Callable[[Path], object], mode: int | No
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def usual_mode(target: Path, folder: bool = False) -> int:
+    """The permissions a plain ``open()`` (``mkdir`` for a folder) would give ``target``: the mode of what is there
+    (replacing a file keeps its mode), else ``0o666`` (``0o777``) less the umask. :func:`partial_beside` makes
+    private ones (``0o600``, ``0o700``): give it this before it is moved into place, so colleagues see the results."""
+    try:
+        return os.stat(target).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return (0o777 if folder else 0o666) & ~umask
+
+
+def remove_partial(path: Path) -> None:
+    """Remove a partial file or folder (a failed or cancelled write); what is not there is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def move_into_place(partial: Path, target: Path) -> None:
+    """Rename a complete partial file or folder onto ``target``. A file replaces what is there atomically; a folder
+    (which cannot be renamed over a full one) moves what is there aside first and removes it only once the new one is
+    in place."""
+    if partial.is_dir() and (target.exists() or target.is_symlink()):
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(partial, target)
+        remove_partial(old)
+    else:
+        os.replace(partial, target)
+
+
+def move_all_into_place(moves: Iterable[tuple[Path, Path]]) -> None:
+    """:func:`move_into_place` each ``(partial, target)`` with Ctrl-C held off, so a group of outputs (a mask and its
+    per-level probabilities) is all in place or none is."""
+    with ctrl_c_held():
+        for partial, target in moves:
+            move_into_place(partial, target)

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from napari_unetpp.model.card import ModelCard
 from napari_unetpp.model.network import UNetPlusPlus
-from napari_unetpp.model.registry import ModelCard, load_model, save_model
+from napari_unetpp.model.registry import load_model, save_model
 from napari_unetpp.training import learning_rate as _schedule
 from napari_unetpp.training.metrics import recommend_depth
 

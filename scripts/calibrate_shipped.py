@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_nuclei import datasets  # noqa: E402
 
 from napari_unetpp import load_model, predict  # noqa: E402
-from napari_unetpp.runtimes.int8 import calibration_path, calibration_tiles, save_calibration  # noqa: E402
+from napari_unetpp.model.files import calibration_path, save_calibration  # noqa: E402
+from napari_unetpp.runtimes import calibration_tiles  # noqa: E402
 from napari_unetpp.training.metrics import dice_score  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ ISBI = ROOT.parent / "shared" / "data" / "isbi2012" / "train-volume.tif"
 def em_images(lm) -> tuple[list[np.ndarray], np.ndarray]:
     vol = tifffile.imread(ISBI)
     norm = lm.normalization
-    return [norm.apply(vol[i].astype(np.float32), norm.compute_stats(vol[i]))[None] for i in range(25)], vol[25:]
+    return [norm.apply(vol[i].astype(np.float32), norm.bounds(vol[i]))[None] for i in range(25)], vol[25:]
 
 
 def nuclei_images(lm) -> tuple[list[np.ndarray], np.ndarray]:

@@ -31,8 +31,7 @@ def main() -> int:
     viewer.window._qt_window.resize(1550, 980)
     img, ref = viewer.open_sample("napari-unetpp", "nuclei")
     _, seg = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
-    seg._model.value = "em-membranes@v1"
-    seg._image.value = img
+    seg.configure(model="em-membranes@v1", image=img)
     app = QApplication.instance()
 
     def wait(cond, timeout=900):
@@ -42,23 +41,23 @@ def main() -> int:
             time.sleep(0.02)
 
     viewer.dims.set_current_step(0, 5)
-    seg._depth_slider.value = 3
+    seg.configure(depth=3)
     seg.preview()
-    wait(lambda: seg._preview_worker is None and "[UNet++ mask]" in " ".join(ly.name for ly in viewer.layers))
+    wait(lambda: not seg.busy and "[UNet++ mask]" in " ".join(ly.name for ly in viewer.layers))
     mask = viewer.layers["cells3d nuclei [UNet++ mask]"]
     before = np.array(mask.data[5])
     _, ft = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Fine-tune")
-    ft._labels.value = mask
+    ft.configure(labels=mask)
     for z in args.slices:
         want = (np.asarray(ref.data[z]) > 0).astype(mask.data.dtype)
         yy, xx = np.nonzero(np.asarray(mask.data[z]) != want)
         mask.data_setitem((np.full(yy.shape, z), yy, xx), want[yy, xx])
-    ft._budget.value = args.minutes
+    ft.configure(budget=args.minutes)
     t0 = time.time()
     ft.start()
-    wait(lambda: ft.result is not None and ft._worker is None)
-    print(f"fine-tuned in {time.time() - t0:.0f} s: {ft._status.value}")
-    wait(lambda: seg._preview_worker is None)
+    wait(lambda: ft.result is not None and not ft.running)
+    print(f"fine-tuned in {time.time() - t0:.0f} s: {ft.status}")
+    wait(lambda: not seg.busy)
     new = viewer.layers["cells3d nuclei [UNet++ mask 2]"]
     gt = np.asarray(ref.data[5]) > 0
 

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     vol = tifffile.imread(args.data / "train-volume.tif")
     lab = tifffile.imread(args.data / "train-labels.tif")
     norm = Normalization(mode="percentile", low=1.0, high=99.8)
-    img = norm.apply(vol.astype(np.float32), norm.compute_stats(vol))
+    img = norm.apply(vol.astype(np.float32), norm.bounds(vol))
     mem = (lab == 0).astype(np.uint8)  # membrane = foreground
     tr_img, tr_mem, va_img, va_mem = img[:25], mem[:25], img[25:], mem[25:]
 
@@ -199,7 +199,8 @@ def package(ckpt: Path, dest: Path, data: Path, name: str = "em-membranes", marg
     recommended depth (shallowest level within ``margin`` mean IoU of the best), save fp16 weights + card into
     ``dest`` and check the saved file reproduces the scores."""
     from napari_unetpp.inference.predict import predict
-    from napari_unetpp.model.registry import LoadedModel, ModelCard
+    from napari_unetpp.model.card import ModelCard
+    from napari_unetpp.model.loaded import LoadedModel
 
     model, hist, best = load_best(ckpt)
     norm = Normalization(mode="percentile", low=1.0, high=99.8)

@@ -34,8 +34,8 @@ from _shipping import learning_rate, load_best, recommended, run_record, save_fp
 
 from napari_unetpp.data.normalization import Normalization
 from napari_unetpp.inference.postprocess import fill_object_holes
+from napari_unetpp.model.loaded import LoadedModel
 from napari_unetpp.model.network import UNetPlusPlus
-from napari_unetpp.model.registry import LoadedModel
 from napari_unetpp.runtimes.device import autocast_dtype, describe_device, resolve_device
 from napari_unetpp.training import (
     TrainingPair,
@@ -334,7 +334,7 @@ def object_scores(model: UNetPlusPlus, dev: torch.device) -> dict[str, dict[int,
         "cells3d": (img[VAL_Z], lab[VAL_Z]),
         "scratch": (simg[SCRATCH_VAL_T], slab[SCRATCH_VAL_T]),
     }.items():
-        xn = norm.apply(x.astype(np.float32), norm.compute_stats(x))
+        xn = norm.apply(x.astype(np.float32), norm.bounds(x))
         with torch.no_grad():
             outs = model(torch.from_numpy(np.ascontiguousarray(xn[:, None])).to(dev), depth=model.max_depth, cue=True)
         for lv, o in enumerate(outs, start=1):
@@ -395,7 +395,7 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
     """Score the best checkpoint per level through the real prediction path on both validation sets and on the
     unseen time lapse, pick the recommended depth, save fp16 weights + card into ``dest``, and check the saved file
     reproduces the scores."""
-    from napari_unetpp.model.registry import ModelCard
+    from napari_unetpp.model.card import ModelCard
 
     model, hist, best = load_best(ckpt)
     cue = model.config.has_cue

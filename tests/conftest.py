@@ -44,9 +44,9 @@ def _pytorch_unless_a_runtime_test(request, monkeypatch):
     belongs to the runtime tests. Asking for a runtime by name still runs it."""
     if request.node.get_closest_marker("runtimes"):
         return
-    from napari_unetpp.runtimes import backends
+    from napari_unetpp.runtimes import selection
 
-    monkeypatch.setattr(backends, "_usable", lambda net, depth: ([], ["only PyTorch runs outside the runtime tests"]))
+    monkeypatch.setattr(selection, "_usable", lambda net, depth: ([], ["only PyTorch runs outside the runtime tests"]))
 
 
 @pytest.fixture(autouse=True)
@@ -55,9 +55,9 @@ def _fresh_runtime_failures(monkeypatch):
     next: the process-wide record of failed runtimes starts empty in each test."""
     import sys
 
-    backends = sys.modules.get("napari_unetpp.runtimes.backends")
-    if backends is not None:
-        monkeypatch.setattr(backends, "_FAILED", {})
+    failures = sys.modules.get("napari_unetpp.runtimes.failures")
+    if failures is not None:
+        monkeypatch.setattr(failures, "_FAILED", {})
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,23 @@ import torch
 
 from napari_unetpp import LoadedModel, UNetPlusPlus, predict
 from napari_unetpp.paths import cache_dir
-from napari_unetpp.runtimes import backends as bk
-from napari_unetpp.runtimes.backends import RuntimeUnavailable
+from napari_unetpp.runtimes import (
+    NAMES,
+    Choice,
+    RuntimeUnavailable,
+    auto,
+    base,
+    choices,
+    choose,
+    failures,
+    memory,
+    onnx_backend,
+    openvino_available,
+    release_later,
+    release_pending,
+)
+from napari_unetpp.runtimes.onnx_backend import OnnxBackend
+from napari_unetpp.runtimes.openvino_backend import OpenVinoBackend, OpenVinoModel
 
 from .conftest import dice
 
@@ -23,7 +38,7 @@ pytestmark = [pytest.mark.runtimes, pytest.mark.usefixtures("own_cache")]
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 # the exported graph's runtimes: OpenVINO is tested where it is installed (the testing extra installs it)
-RUNTIMES = ["onnx"] + (["openvino"] if bk.openvino_available() is None else [])
+RUNTIMES = ["onnx"] + (["openvino"] if openvino_available() is None else [])
 MISSING = {
     "onnx": "onnxruntime is not installed (pip install onnx onnxruntime)",
     "openvino": "openvino is not installed (pip install onnx openvino)",
@@ -32,16 +47,16 @@ MISSING = {
 
 def only(monkeypatch, *runtimes: str) -> None:
     """Pretend that of the exported graph's runtimes only ``runtimes`` are installed."""
-    monkeypatch.setattr(bk, "onnx_available", lambda: None if "onnx" in runtimes else MISSING["onnx"])
-    monkeypatch.setattr(bk, "openvino_available", lambda: None if "openvino" in runtimes else MISSING["openvino"])
+    monkeypatch.setattr(base, "onnx_available", lambda: None if "onnx" in runtimes else MISSING["onnx"])
+    monkeypatch.setattr(base, "openvino_available", lambda: None if "openvino" in runtimes else MISSING["openvino"])
 
 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
     """Each test starts without this process's remembered choices and failed runtimes (the file lives in the test's
     own home)."""
-    monkeypatch.setattr(bk, "_CHOICES", {})
-    monkeypatch.setattr(bk, "_FAILED", {})
+    monkeypatch.setattr(choices, "_CHOICES", {})
+    monkeypatch.setattr(failures, "_FAILED", {})
 
 
 def tiny(seed: int = 0, **kw) -> LoadedModel:
@@ -58,7 +73,7 @@ def test_runtimes_agree_with_torch_on_real_em(em_model, em_crop, depth, runtime)
     crop = em_crop[:2]
     ref = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime="torch", prob_dtype="float32")
     got = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime=runtime, prob_dtype="float32")
-    assert ref.runtime == "torch" and got.runtime == runtime and f"{bk.NAMES[runtime]} fp32" in got.device
+    assert ref.runtime == "torch" and got.runtime == runtime and f"{NAMES[runtime]} fp32" in got.device
     for lv in range(1, depth + 1):
         assert np.abs(ref.probabilities[lv] - got.probabilities[lv]).max() < 1e-4, lv
     assert dice(ref.mask, got.mask) >= 0.999
@@ -82,8 +97,8 @@ def test_auto_measures_once_remembers_and_runs_one_runtime(em_model, em_crop, mo
     without measuring; each run's output comes whole from the chosen runtime (equal to a forced run of it)."""
     crop = em_crop[:3]
     decided = []
-    real = bk._decide
-    monkeypatch.setattr(bk, "_decide", lambda *a: decided.append(a) or real(*a))
+    real = auto.decide
+    monkeypatch.setattr(auto, "decide", lambda *a: decided.append(a) or real(*a))
     first = predict(crop, em_model, depth=1, precision="fp32", batch_size=2, prob_dtype="float32")
     assert len(decided) == 1 and first.runtime in ("torch", *RUNTIMES)
     assert "PyTorch" in first.device and "on this CPU at L1" in first.device
@@ -94,7 +109,7 @@ def test_auto_measures_once_remembers_and_runs_one_runtime(em_model, em_crop, mo
         crop, em_model, depth=1, precision="fp32", batch_size=2, prob_dtype="float32", runtime=first.runtime
     )
     np.testing.assert_array_equal(first.probabilities[1], forced.probabilities[1])
-    monkeypatch.setattr(bk, "_CHOICES", {})  # a new process: the file answers
+    monkeypatch.setattr(choices, "_CHOICES", {})  # a new process: the file answers
     again = predict(crop, em_model, depth=1, precision="fp32", batch_size=2)
     assert len(decided) == 1 and again.runtime == first.runtime
 
@@ -104,10 +119,10 @@ def test_auto_picks_the_faster_by_measurement(em_crop, monkeypatch):
     crop = em_crop[0, :64, :64]
     only(monkeypatch, "onnx")
     for t_torch, t_onnx, want in ((1.0, 0.5, "onnx"), (0.5, 1.0, "torch"), (1.0, 0.99, "torch")):
-        monkeypatch.setattr(bk, "_CHOICES", {})
+        monkeypatch.setattr(choices, "_CHOICES", {})
         (cache_dir() / "runtime_choices.json").unlink(missing_ok=True)
         times = iter([t_torch, t_onnx])
-        monkeypatch.setattr(bk, "_time", lambda fn, _t=times: (next(_t), fn()))
+        monkeypatch.setattr(auto, "_time", lambda fn, _t=times: (next(_t), fn()))
         got = predict(crop, tiny(), precision="fp32")
         assert got.runtime == want, (t_torch, t_onnx)
         assert f"{t_torch / t_onnx:.2f}x" in got.device
@@ -119,10 +134,10 @@ def test_auto_picks_the_fastest_of_three(em_crop, monkeypatch):
     OpenVINO), and another runtime still has to beat PyTorch by 3 %; the device line says the chosen one's speed."""
     crop = em_crop[0, :64, :64]
     for times, want in (((1.0, 0.6, 0.5), "openvino"), ((1.0, 0.5, 0.6), "onnx"), ((1.0, 1.2, 0.99), "torch")):
-        monkeypatch.setattr(bk, "_CHOICES", {})
+        monkeypatch.setattr(choices, "_CHOICES", {})
         (cache_dir() / "runtime_choices.json").unlink(missing_ok=True)
         it = iter(times)
-        monkeypatch.setattr(bk, "_time", lambda fn, _t=it: (next(_t), fn()))
+        monkeypatch.setattr(auto, "_time", lambda fn, _t=it: (next(_t), fn()))
         got = predict(crop, tiny(), precision="fp32")
         assert got.runtime == want, times
         assert f"{1.0 / min(times[1:]):.2f}x" in got.device
@@ -136,7 +151,7 @@ def test_a_runtime_that_fails_on_the_first_batch_is_left_out(em_crop, monkeypatc
     def broken(self, x):
         raise RuntimeError("Exception from src/plugins/intel_cpu: unsupported")
 
-    monkeypatch.setattr(bk.OpenVinoBackend, "__call__", broken)
+    monkeypatch.setattr(OpenVinoBackend, "__call__", broken)
     crop = em_crop[0, :64, :64]
     got = predict(crop, tiny(), precision="fp32")
     ref = predict(crop, tiny(), precision="fp32", runtime="torch")
@@ -181,9 +196,9 @@ def test_runtime_failure_mid_run_falls_back_to_torch(em_crop, monkeypatch):
     lm = tiny()
     only(monkeypatch, "onnx")
     times = iter([1.0, 0.1])  # onnx "measured" faster
-    monkeypatch.setattr(bk, "_time", lambda fn: (next(times), fn()))
+    monkeypatch.setattr(auto, "_time", lambda fn: (next(times), fn()))
     calls = []
-    real = bk.OnnxBackend.__call__
+    real = OnnxBackend.__call__
 
     def flaky(self, x):
         calls.append(len(x))
@@ -191,7 +206,7 @@ def test_runtime_failure_mid_run_falls_back_to_torch(em_crop, monkeypatch):
             raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed")
         return real(self, x)
 
-    monkeypatch.setattr(bk.OnnxBackend, "__call__", flaky)
+    monkeypatch.setattr(OnnxBackend, "__call__", flaky)
     got = predict(crop, lm, precision="fp32", batch_size=1)
     ref = predict(crop, lm, precision="fp32", batch_size=1, runtime="torch")
     assert got.runtime == "torch" and "ONNX Runtime failed" in got.device and len(calls) == 4
@@ -213,8 +228,8 @@ def test_onnx_out_of_memory_halves_the_batch(em_crop, monkeypatch):
         def get_inputs(self):
             return self.session.get_inputs()
 
-    real = bk.ort_session
-    monkeypatch.setattr(bk, "ort_session", lambda *a, **k: Boom(real(*a, **k)))
+    real = onnx_backend.ort_session
+    monkeypatch.setattr(onnx_backend, "ort_session", lambda *a, **k: Boom(real(*a, **k)))
     crop = em_crop[:3, :64, :64]
     got = predict(crop, tiny(), precision="fp32", batch_size=4, runtime="onnx")
     ref = predict(crop, tiny(), precision="fp32", batch_size=1, runtime="onnx")
@@ -243,13 +258,13 @@ def test_export_cache_follows_the_weights(em_crop):
 
 def test_gpu_and_bf16_stay_on_torch():
     net = tiny().inference_module("cpu")
-    c = bk.choose(net, 2, torch.device("cpu"), precision="bf16")
+    c = choose(net, 2, torch.device("cpu"), precision="bf16")
     assert c.runtime == "torch" and c.precision == "bf16"
     for runtime in ("onnx", "openvino"):
         with pytest.raises(RuntimeUnavailable, match="fp32"):
-            bk.choose(net, 2, torch.device("cpu"), precision="bf16", runtime=runtime)
+            choose(net, 2, torch.device("cpu"), precision="bf16", runtime=runtime)
     with pytest.raises(ValueError, match="runtime must be"):
-        bk.choose(net, 2, torch.device("cpu"), runtime="tensorrt")
+        choose(net, 2, torch.device("cpu"), runtime="tensorrt")
 
 
 def test_int8_on_real_em_within_its_bound(em_model, em_crop, capfd):
@@ -267,8 +282,10 @@ def test_int8_on_real_em_within_its_bound(em_model, em_crop, capfd):
 
 def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
     from napari_unetpp import load_model
-    from napari_unetpp.model.registry import ModelCard, save_model
-    from napari_unetpp.runtimes.int8 import calibration_path, calibration_tiles, load_calibration
+    from napari_unetpp.model.card import ModelCard
+    from napari_unetpp.model.files import calibration_path
+    from napari_unetpp.model.registry import save_model
+    from napari_unetpp.runtimes import calibration_tiles
 
     lm = tiny()
     with pytest.raises(RuntimeUnavailable, match="has no int8 calibration"):
@@ -279,15 +296,14 @@ def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
     card = save_model(lm.module, ModelCard(name="calibrated", architecture={}), calibration=tiles)
     back = load_model(card)
     assert calibration_path(back.path).is_file()
-    np.testing.assert_array_equal(load_calibration(back), tiles)
+    np.testing.assert_array_equal(back.calibration, tiles)
     q = predict(em_crop[0, :64, :64], back, precision="int8")
     assert q.runtime == "onnx-int8" and q.mask.shape == (64, 64)
 
 
 class _Timers:
-    """Stands in for ``threading.Timer`` in :func:`~napari_unetpp.runtimes.backends.release_later`: a timer fires when
-    the
-    test says so, never by the clock (a loaded CI machine cannot make a test late)."""
+    """Stands in for ``threading.Timer`` in :func:`~napari_unetpp.runtimes.memory.release_later`: a timer fires when
+    the test says so, never by the clock (a loaded CI machine cannot make a test late)."""
 
     def __init__(self) -> None:
         self.made: list[_Timers.Timer] = []
@@ -324,7 +340,7 @@ class _Timers:
 @pytest.fixture
 def timers(monkeypatch) -> _Timers:
     fake = _Timers()
-    monkeypatch.setattr(bk, "_timer", fake)
+    monkeypatch.setattr(memory, "_timer", fake)
     return fake
 
 
@@ -333,7 +349,7 @@ def test_memory_released_a_moment_after_large_runs(em_crop, monkeypatch, runtime
     """ONNX Runtime's arena and OpenVINO's buffers are kept after a single small tile (a slider preview, which they
     make faster) and given back a moment after a run larger than one 512^2 tile (a stack, a big image); a run within
     that moment keeps them (the next file of a batch skips the allocation), and releasing keeps results."""
-    cls = bk.OnnxBackend if runtime == "onnx" else bk.OpenVinoBackend
+    cls = OnnxBackend if runtime == "onnx" else OpenVinoBackend
     released = []
     real = cls.release
     monkeypatch.setattr(cls, "release", lambda self: released.append(1) or real(self))
@@ -343,31 +359,30 @@ def test_memory_released_a_moment_after_large_runs(em_crop, monkeypatch, runtime
     big = np.tile(em_crop[:, :64, :64], (1, 9, 9))  # 3 planes of 576^2
     first = predict(big, lm, precision="fp32", runtime=runtime, prob_dtype="float32")
     (wait,) = timers.live
-    assert wait.interval == bk.RELEASE_AFTER_S
+    assert wait.interval == memory.RELEASE_AFTER_S
     again = predict(big, lm, precision="fp32", runtime=runtime, prob_dtype="float32")
     assert wait.cancelled and len(timers.live) == 1  # the second run came within the moment: it restarted the wait
     wait.function(*wait.args)  # a restarted timer that fires all the same (it lost the race to cancel) does nothing
     assert released == []
     timers.live[0].fire()
-    assert released == [1] and not bk._pending  # once, for both runs
+    assert released == [1] and not memory._pending  # once, for both runs
     after = predict(big, lm, precision="fp32", runtime=runtime, prob_dtype="float32")
     for other in (again, after):
         np.testing.assert_array_equal(first.probabilities[2], other.probabilities[2])
     assert small.runtime == runtime
-    bk.release_pending()  # training gives it back at once
-    assert released == [1, 1] and not bk._pending and timers.live == []
+    release_pending()  # training gives it back at once
+    assert released == [1, 1] and not memory._pending and timers.live == []
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("kw", [{}, {"upsample": "linear"}])
 def test_3d_anisotropic_models_on_real_ct(kw, runtime):
     """A 3D model with anisotropic pooling (as CT models are built) through ONNX Runtime or OpenVINO agrees with
-    PyTorch on a
-    real CT crop of odd size."""
+    PyTorch on a real CT crop of odd size."""
     import tifffile
 
     from napari_unetpp.export.bioimageio import SAMPLES
-    from napari_unetpp.model.network import anisotropic_pool
+    from napari_unetpp.model.config import anisotropic_pool
 
     ct = tifffile.imread(SAMPLES / "ct_abdomen.tif")[:, 200:237, 180:221].astype(np.float32)  # 37 x 41 in-plane
     torch.manual_seed(0)
@@ -404,14 +419,14 @@ def test_openvino_memory_is_not_released_while_another_run_infers(timers):
         def release_memory(self):
             released.append(1)
 
-    model = bk.OpenVinoModel(Compiled())
-    stack, preview = (bk.OpenVinoBackend(model, bk.Choice("openvino", "fp32", "")) for _ in range(2))
+    model = OpenVinoModel(Compiled())
+    stack, preview = (OpenVinoBackend(model, Choice("openvino", "fp32", "")) for _ in range(2))
     t = threading.Thread(target=stack, args=(np.zeros((1, 1, 8, 8), np.float32),))
     t.start()
     assert started.wait(10)
     assert preview.release() is False  # the stack run is inferring: nothing is released
     assert released == [] and model.running == 1
-    bk.release_later(preview, 0.05)
+    release_later(preview, 0.05)
     (due,) = timers.live
     due.fire()  # it comes due while the stack run is inferring ...
     assert released == []
@@ -421,4 +436,4 @@ def test_openvino_memory_is_not_released_while_another_run_infers(timers):
     t.join(10)
     assert model.running == 0
     retry.fire()
-    assert released == [1] and not bk._pending and timers.live == []
+    assert released == [1] and not memory._pending and timers.live == []

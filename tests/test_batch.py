@@ -6,12 +6,33 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_unetpp.batch.files import PredictOptions, expand_inputs, output_for, parse_scheduler
+from napari_unetpp.batch.distributed import parse_scheduler
+from napari_unetpp.batch.files import PredictOptions, expand_inputs, output_for
 from napari_unetpp.cli.app import main
 from napari_unetpp.errors import InputError
 from napari_unetpp.io.images import read_image, write_image
 
 pytest.importorskip("zarr")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One ``--scheduler local:2`` cluster for the module's distributed tests (its workers start once and keep the
+    models they load), given to the CLI by address. Its workers get their own models and cache folders."""
+    pytest.importorskip("distributed")
+    from napari_unetpp.batch.distributed import connect
+
+    with pytest.MonkeyPatch.context() as mp:  # what the workers inherit when they start
+        mp.setenv("NAPARI_UNETPP_HOME", str(tmp_path_factory.mktemp("worker-home")))
+        mp.setenv("NAPARI_UNETPP_CACHE", str(tmp_path_factory.mktemp("worker-cache")))
+        client = connect("local:2")
+    try:
+        assert len(client.scheduler_info()["workers"]) == 2
+        yield client.scheduler.address
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
 
 
 @pytest.fixture
@@ -63,26 +84,26 @@ def test_cli_many_files_writes_one_output_each_and_goes_on_past_a_bad_one(em_fil
 
 
 @pytest.mark.slow
-def test_distributed_files_and_a_split_stack_equal_one_process(em_files, tmp_path, em_crop):
+def test_distributed_files_and_a_split_stack_equal_one_process(em_files, tmp_path, em_crop, cluster):
     """LocalCluster with 2 workers: files as tasks, and one OME-Zarr stack split into blocks of planes (objects
     numbered on across blocks), give exactly the single-process outputs."""
     stack = write_image(tmp_path / "stack.zarr", np.concatenate([em_crop, em_crop[::-1]]), "ZYX")
     common = ["--depth", "2", "-q", "--precision", "fp32"]
-    assert main(["predict", str(em_files), "-o", str(tmp_path / "d"), "--scheduler", "local:2", *common]) == 0
+    assert main(["predict", str(em_files), "-o", str(tmp_path / "d"), "--scheduler", cluster, *common]) == 0
     assert main(["predict", str(em_files), "-o", str(tmp_path / "s"), *common]) == 0
     for i in range(3):
         a = tifffile.imread(tmp_path / "d" / f"slice{i}_mask.tif")
         np.testing.assert_array_equal(a, tifffile.imread(tmp_path / "s" / f"slice{i}_mask.tif"))
     dist = tmp_path / "dist.zarr"
     args = [str(stack), "--objects", "watershed", *common]
-    assert main(["predict", *args, "-o", str(dist), "--scheduler", "local:2", "--block", "2"]) == 0
+    assert main(["predict", *args, "-o", str(dist), "--scheduler", cluster, "--block", "2"]) == 0
     assert main(["predict", *args, "-o", str(tmp_path / "one.zarr")]) == 0
     a, b = np.asarray(read_image(dist).data), np.asarray(read_image(tmp_path / "one.zarr").data)
     assert a.max() > 100 and np.abs(a.astype(np.int64) - b).max() == 0
 
 
 @pytest.mark.slow
-def test_one_volume_and_one_plane_split_by_rows_equal_one_process(tmp_path, em_crop):
+def test_one_volume_and_one_plane_split_by_rows_equal_one_process(tmp_path, em_crop, cluster):
     """A single 3D volume (a small 3D UNet++) and a single plane are split into blocks of rows along their first
     spatial axis; each block runs the tiles of the whole tile plan that touch its rows: the masks equal a single
     process's exactly. (Probabilities agree to float rounding: a worker runs torch on its share of the cores, and
@@ -90,19 +111,21 @@ def test_one_volume_and_one_plane_split_by_rows_equal_one_process(tmp_path, em_c
     test_prediction.)"""
     import torch
 
+    from napari_unetpp.model.loaded import LoadedModel
     from napari_unetpp.model.network import UNetPlusPlus
-    from napari_unetpp.model.registry import LoadedModel, save_model
+    from napari_unetpp.model.registry import save_model
 
     torch.manual_seed(0)
     lm = LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 16), spatial_dims=3), name="tiny3d")
     card = save_model(lm.module, lm.card, directory=tmp_path)
     rng = np.random.default_rng(0)
     vol = write_image(tmp_path / "vol.zarr", rng.integers(0, 255, (24, 32, 40), dtype=np.uint8), "ZYX")
-    plane = write_image(tmp_path / "plane.zarr", np.tile(em_crop[0], (2, 2)), "YX")
-    for src, model, extra in ((vol, str(card), ["--tile", "16"]), (plane, "em-membranes", ["--tile", "128"])):
-        common = [str(src), "--model", model, "-q", "--precision", "fp32", "--all-levels", *extra]
+    plane = write_image(tmp_path / "plane.zarr", em_crop[0], "YX")
+    # blocks of rows (the plane's 0/40/80/120) that do not start where tiles do (0/48/97): each runs its tiles
+    for src, model, tile, block in ((vol, str(card), "16", "8"), (plane, "em-membranes", "64", "40")):
+        common = [str(src), "--model", model, "-q", "--precision", "fp32", "--all-levels", "--tile", tile]
         dist, one = tmp_path / f"d-{src.stem}.zarr", tmp_path / f"o-{src.stem}.zarr"
-        assert main(["predict", *common, "-o", str(dist), "--scheduler", "local:2", "--block", "8"]) == 0
+        assert main(["predict", *common, "-o", str(dist), "--scheduler", cluster, "--block", block]) == 0
         assert main(["predict", *common, "-o", str(one)]) == 0
         a, b = np.asarray(read_image(dist).data), np.asarray(read_image(one).data)
         assert a.shape == b.shape and a.any() and np.array_equal(a, b), src.stem
@@ -119,7 +142,7 @@ def test_unreachable_scheduler_and_what_a_split_cannot_do(tmp_path, em_crop, cap
     assert main([*args, "--objects", "watershed"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be split into objects" in err
-    from napari_unetpp.batch.files import predict_stack_distributed
+    from napari_unetpp.batch.distributed import predict_stack_distributed
 
     czyx = write_image(tmp_path / "czyx.zarr", np.stack([em_crop, em_crop]), "CZYX")
     with pytest.raises(InputError, match="put C before the stack axis"):

@@ -1,4 +1,8 @@
-"""The command line: success paths and one-sentence failures that write nothing."""
+"""The command line: success paths and one-sentence failures that write nothing.
+
+Most tests call :func:`main` in this process (a fresh interpreter costs seconds of imports); a few start the real
+entry point (``python -m napari_unetpp.cli``) for what only a process shows: its exit status, a light import.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import pytest
 import tifffile
 
 from napari_unetpp.cli.app import main
-from napari_unetpp.model.registry import load_model
+from napari_unetpp.model.card import ModelCard
+from napari_unetpp.model.registry import load_model, save_model
 
 from .conftest import DATA, dice
 
@@ -18,16 +23,38 @@ SAMPLES = DATA.parents[1] / "napari_unetpp" / "_samples"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh interpreter."""
     return subprocess.run(
         [sys.executable, "-m", "napari_unetpp.cli", *args], capture_output=True, text=True, timeout=300
     )
 
 
-def test_predict_writes_mask_and_levels(tmp_path, em_crop, em_crop_membrane):
-    out = tmp_path / "mask.tif"
-    r = run(
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``main(args)`` in this process: the exit status, stdout and stderr."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def tiny_base(name: str = "tiny") -> str:
+    """A tiny untrained 2-level model saved as a user model, for CLI tests where the real network is not the point."""
+    import torch
+
+    from napari_unetpp.model.network import UNetPlusPlus
+
+    torch.manual_seed(0)
+    save_model(UNetPlusPlus(features=(8, 16, 32)), ModelCard(name=name, architecture={}))
+    return name
+
+
+def test_predict_writes_mask_and_levels(tmp_path, capsys, em_crop, em_crop_membrane):
+    src, out = tmp_path / "two.tif", tmp_path / "mask.tif"
+    em_crop, em_crop_membrane = em_crop[:2], em_crop_membrane[:2]  # a stack, the smallest one
+    tifffile.imwrite(src, em_crop)
+    code, stdout, stderr = cli(
+        capsys,
         "predict",
-        str(DATA / "isbi_val_crop.tif"),
+        str(src),
         "-o",
         str(out),
         "--depth",
@@ -39,8 +66,8 @@ def test_predict_writes_mask_and_levels(tmp_path, em_crop, em_crop_membrane):
         "--tile",
         "128",
     )
-    assert r.returncode == 0, r.stderr
-    assert "tiles" in r.stderr and "3/3" not in r.stdout  # the progress bar goes to stderr
+    assert code == 0, stderr
+    assert "tiles: 100%|" in stderr and "100%|" not in stdout  # the progress bar goes to stderr
     mask = tifffile.imread(out)
     assert mask.shape == em_crop.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     assert dice(mask, em_crop_membrane) > 0.7
@@ -52,7 +79,7 @@ def test_predict_writes_mask_and_levels(tmp_path, em_crop, em_crop_membrane):
     np.testing.assert_array_equal(mask[decided], (ens >= 0.5)[decided])
     with tifffile.TiffFile(out) as tf:
         assert tf.series[0].axes == "ZYX"
-    assert "L3 (ensemble)" in r.stdout and "wrote" in r.stdout
+    assert "L3 (ensemble)" in stdout and "wrote" in stdout
 
 
 def test_predict_in_process_quiet(tmp_path, capsys):
@@ -67,39 +94,61 @@ def test_models_lists_shipped(capsys):
     assert "em-membranes@v1" in text and "shipped" in text and "Cardona" not in text and "L4:" in text
 
 
-def _bad(tmp_path, args, match):
-    out = tmp_path / "out.tif"
-    r = run("predict", *args, "-o", str(out))
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1].startswith("napari-unetpp: error:") and match in lines[-1], r.stderr
-    assert "Traceback" not in r.stderr
+def _no_output(tmp_path, out):
     assert not out.exists() and not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".out*"))
 
 
-def test_unreadable_file(tmp_path):
+def _bad(tmp_path, capsys, args, match):
+    out = tmp_path / "out.tif"
+    code, stdout, stderr = cli(capsys, "predict", *args, "-o", str(out))
+    assert code == 2, stdout + stderr
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("napari-unetpp: error:") and match in lines[-1], stderr
+    assert "Traceback" not in stderr
+    _no_output(tmp_path, out)
+
+
+def test_a_reported_error_is_exit_status_2_of_the_process(tmp_path):
+    """The real entry point: a failure is one sentence on stderr, no traceback, exit status 2, nothing written."""
+    out = tmp_path / "out.tif"
+    r = run("predict", str(tmp_path / "missing.tif"), "-o", str(out))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("napari-unetpp: error:") and "no such file" in r.stderr
+    assert "Traceback" not in r.stderr
+    _no_output(tmp_path, out)
+
+
+def test_importing_the_command_line_imports_no_torch():
+    """``--help`` and the parser stay light: each command imports what it needs when it runs."""
+    code = "import sys, napari_unetpp.cli.app; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
+
+
+def test_unreadable_file(tmp_path, capsys):
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"this is not a tiff")
-    _bad(tmp_path, [str(bad)], "not a readable TIFF")
-    _bad(tmp_path, [str(tmp_path / "missing.tif")], "no such file")
+    _bad(tmp_path, capsys, [str(bad)], "not a readable TIFF")
+    _bad(tmp_path, capsys, [str(tmp_path / "missing.tif")], "no such file")
 
 
-def test_nans(tmp_path):
+def test_nans(tmp_path, capsys):
     img = np.ones((2, 40, 40), np.float32)
     img[1, 5, 5] = np.nan
     tifffile.imwrite(tmp_path / "nan.tif", img)
-    _bad(tmp_path, [str(tmp_path / "nan.tif")], "NaN")
+    _bad(tmp_path, capsys, [str(tmp_path / "nan.tif")], "NaN")
 
 
-def test_wrong_dimensionality_and_channels(tmp_path):
+def test_wrong_dimensionality_and_channels(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "line.tif", np.zeros((5, 1), np.uint8)[:, 0].reshape(1, 5))
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((3, 40, 40, 2), np.uint8))
-    _bad(tmp_path, [str(tmp_path / "two.tif"), "--axes", "ZYXC"], "expects 1 channel")
-    _bad(tmp_path, [str(tmp_path / "two.tif"), "--axes", "ZYXC", "--channel", "2"], "does not exist")
-    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--axes", "YX"], "do not match")
-    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--model", "no-such-model"], "no model named")
+    _bad(tmp_path, capsys, [str(tmp_path / "two.tif"), "--axes", "ZYXC"], "expects 1 channel")
+    _bad(tmp_path, capsys, [str(tmp_path / "two.tif"), "--axes", "ZYXC", "--channel", "2"], "does not exist")
+    _bad(tmp_path, capsys, [str(DATA / "isbi_val_crop.tif"), "--axes", "YX"], "do not match")
+    _bad(tmp_path, capsys, [str(DATA / "isbi_val_crop.tif"), "--model", "no-such-model"], "no model named")
     _bad(
         tmp_path,
+        capsys,
         [str(DATA / "isbi_val_crop.tif"), "--device", "cuda"]
         if not _has_cuda()
         else [str(DATA / "isbi_val_crop.tif"), "--depth", "9"],
@@ -113,13 +162,13 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def test_bad_depth_and_output(tmp_path):
-    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--depth", "9"], "depth must be between 1 and 4")
-    r = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(tmp_path / "no" / "dir.tif"))
-    assert r.returncode == 2 and "does not exist" in r.stderr
+def test_bad_depth_and_output(tmp_path, capsys):
+    _bad(tmp_path, capsys, [str(DATA / "isbi_val_crop.tif"), "--depth", "9"], "depth must be between 1 and 4")
+    code, _, err = cli(capsys, "predict", str(DATA / "isbi_val_crop.tif"), "-o", str(tmp_path / "no" / "dir.tif"))
+    assert code == 2 and "does not exist" in err
 
 
-def test_corrupt_model_file(tmp_path):
+def test_corrupt_model_file(tmp_path, capsys):
     import shutil
 
     from napari_unetpp.paths import shipped_weights_dir
@@ -128,7 +177,7 @@ def test_corrupt_model_file(tmp_path):
         shutil.copy(shipped_weights_dir() / f"em-membranes{ext}", tmp_path / f"copy{ext}")
     w = tmp_path / "copy.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    _bad(tmp_path, [str(DATA / "isbi_val_crop.tif"), "--model", str(w)], "corrupt or truncated")
+    _bad(tmp_path, capsys, [str(DATA / "isbi_val_crop.tif"), "--model", str(w)], "corrupt or truncated")
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["predict", "--help"]])
@@ -137,10 +186,11 @@ def test_help_and_version(argv):
     assert r.returncode == 0 and "napari-unetpp" in r.stdout
 
 
-def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_membrane):
+def test_train_saves_a_version_that_predict_uses(tmp_path, capsys, em_crop, em_crop_membrane):
     """`train` fine-tunes on listed slices, prints per-level Dice and the recommended depth, and `predict --model`
     finds the new version by name."""
-    r = run(
+    code, stdout, stderr = cli(
+        capsys,
         "train",
         "--image",
         str(DATA / "isbi_val_crop.tif"),
@@ -154,7 +204,7 @@ def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_memb
         "--batch-size",
         "2",
         "--patch-size",
-        "96",
+        "64",
         "--device",
         "cpu",
         "--out",
@@ -164,19 +214,20 @@ def test_train_saves_a_version_that_predict_uses(tmp_path, em_crop, em_crop_memb
         "--classes",
         "cell border",
     )
-    assert r.returncode == 0, r.stderr
-    assert "my-em@v1: fine-tuned from em-membranes@v1" in r.stdout
-    assert "<- recommended" in r.stdout and "held-out slices [2]" in r.stdout
-    assert "validation after" in r.stderr  # progress goes to stderr
-    rows = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("L") and len(ln.split()) >= 3]
+    assert code == 0, stderr
+    assert "my-em@v1: fine-tuned from em-membranes@v1" in stdout
+    assert "<- recommended" in stdout and "held-out slices [2]" in stdout
+    assert "validation after" in stderr  # progress goes to stderr
+    rows = [ln.split() for ln in stdout.splitlines() if ln.startswith("L") and len(ln.split()) >= 3]
     assert [row[0] for row in rows[:4]] == ["L1", "L2", "L3", "L4"]
-    out = tmp_path / "m.tif"
-    p = run("predict", str(DATA / "isbi_val_crop.tif"), "-o", str(out), "--model", "my-em", "--device", "cpu")
-    assert p.returncode == 0, p.stderr
-    assert "my-em@v1" in p.stdout
-    assert dice(tifffile.imread(out)[2], em_crop_membrane[2]) > 0.7
-    m = run("models", "-v")
-    assert "my-em@v1" in m.stdout and "parent: em-membranes@v1" in m.stdout
+    src, out = tmp_path / "held-out.tif", tmp_path / "m.tif"
+    tifffile.imwrite(src, em_crop[2])  # the held-out slice alone
+    code, stdout, stderr = cli(capsys, "predict", str(src), "-o", str(out), "--model", "my-em", "--device", "cpu")
+    assert code == 0, stderr
+    assert "my-em@v1" in stdout
+    assert dice(tifffile.imread(out), em_crop_membrane[2]) > 0.7
+    code, stdout, _ = cli(capsys, "models", "-v")
+    assert "my-em@v1" in stdout and "parent: em-membranes@v1" in stdout
     assert load_model("my-em").card.classes == ["cell border"]
 
 
@@ -233,15 +284,15 @@ def test_multi_output_failure_keeps_the_users_files(tmp_path, monkeypatch, capsy
     before = {out: b"users mask", tmp_path / "m_L1.tif": b"users L1"}
     for p, b in before.items():
         p.write_bytes(b)
-    real, calls = io._write_temp, []
+    real, calls = io.partial_beside, []
 
-    def failing(p, *a):
+    def failing(p, *a):  # the partial file of each output, before it is written
         calls.append(p.name)
         if len(calls) == 3:
             raise failure
         return real(p, *a)
 
-    monkeypatch.setattr(io, "_write_temp", failing)
+    monkeypatch.setattr(io, "partial_beside", failing)
     code = main(
         [
             "predict",
@@ -271,7 +322,7 @@ def test_predict_objects_writes_instance_labels(tmp_path, capsys):
 
     src = tmp_path / "nuclei.tif"
     tifffile.imwrite(
-        src, tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")[:3, :128, :128], photometric="minisblack"
+        src, tifffile.imread(SAMPLES / "cells3d_nuclei_z40-47.tif")[:2, :128, :128], photometric="minisblack"
     )
     out = tmp_path / "objects.tif"
     assert (
@@ -281,9 +332,9 @@ def test_predict_objects_writes_instance_labels(tmp_path, capsys):
         == 0
     )
     labels = tifffile.imread(out)
-    assert labels.dtype == np.uint16 and labels.shape == (3, 128, 128)
+    assert labels.dtype == np.uint16 and labels.shape == (2, 128, 128)
     ids = [set(np.unique(s)) - {0} for s in labels]
-    assert all(ids) and not (ids[0] & ids[1]) and not (ids[1] & ids[2])
+    assert all(ids) and not (ids[0] & ids[1])
     stdout = capsys.readouterr().out
     assert f"{labels.max()} objects (components split)" in stdout
     em = tmp_path / "em.tif"
@@ -325,33 +376,40 @@ def test_predict_channel_and_rgb(tmp_path, capsys, em_crop):
     crop = em_crop[:2, :96, :96]
     tifffile.imwrite(tmp_path / "alone.tif", crop)
     tifffile.imwrite(tmp_path / "two.tif", np.stack([255 - crop, crop], axis=1), imagej=True, metadata={"axes": "ZCYX"})
-    assert main(["predict", str(tmp_path / "alone.tif"), "-o", str(tmp_path / "a.tif"), "-q"]) == 0
+    assert main(["predict", str(tmp_path / "alone.tif"), "-o", str(tmp_path / "a.tif"), "--depth", "1", "-q"]) == 0
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "two.tif"), "-o", str(tmp_path / "b.tif"), "--channel", "1"]) == 0
+    two = ["predict", str(tmp_path / "two.tif"), "-o", str(tmp_path / "b.tif"), "--depth", "1", "--channel", "1"]
+    assert main(two) == 0
     out = capsys.readouterr()
     assert "channel 1 of 2" in out.out and "tiles" in out.err and "100%" in out.err
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), tifffile.imread(tmp_path / "a.tif"))
     tifffile.imwrite(tmp_path / "rgb.tif", np.stack([crop[0]] * 3, axis=-1), photometric="rgb")
-    assert main(["predict", str(tmp_path / "rgb.tif"), "-o", str(tmp_path / "c.tif"), "-q"]) == 0
+    assert main(["predict", str(tmp_path / "rgb.tif"), "-o", str(tmp_path / "c.tif"), "--depth", "1", "-q"]) == 0
     assert "RGB as grey" in capsys.readouterr().out and tifffile.imread(tmp_path / "c.tif").shape == (96, 96)
 
 
 def test_train_on_one_channel_of_a_two_channel_image(tmp_path, capsys, em_crop, em_crop_membrane):
-    """`train --channel 0` fine-tunes a 1-channel model on channel 0 of a (Z, C, Y, X) stack; a channel the image
-    lacks is one sentence."""
+    """`train --channel 0` fine-tunes a 1-channel model on channel 0 of a (Z, C, Y, X) stack, or of a (C, Z, Y, X)
+    one, and reports Dice on held-out slices of that channel; a channel the image lacks is one sentence."""
+    crop, labels = em_crop[:, :96, :96], em_crop_membrane[:, :96, :96]
     rng = np.random.default_rng(0)
-    two = np.stack([em_crop, rng.integers(0, 255, em_crop.shape, dtype=np.uint8)], axis=1)
-    img = tmp_path / "two.tif"
+    two = np.stack([crop, rng.integers(0, 255, crop.shape, dtype=np.uint8)], axis=1)
+    img, first = tmp_path / "two.tif", tmp_path / "channels-first.tif"
     tifffile.imwrite(img, two, imagej=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(first, two.transpose(1, 0, 2, 3), photometric="minisblack")
     lab = tmp_path / "lab.tif"
-    tifffile.imwrite(lab, em_crop_membrane, photometric="minisblack")
-    args = ["train", "--image", str(img), "--labels", str(lab), "--slices", "0", "1", "--epochs", "1"]
-    args += ["--batch-size", "2", "--patch-size", "96", "--device", "cpu", "--out", "two-ch"]
-    assert main([*args, "--channel", "2"]) == 2
-    assert "channel 2 does not exist" in capsys.readouterr().err
-    assert main([*args, "--channel", "0"]) == 0
-    out = capsys.readouterr()
-    assert "training on channel 0 of 2" in out.err and "saved" in out.out
+    tifffile.imwrite(lab, labels, photometric="minisblack")
+    base = tiny_base()
+    args = ["--labels", str(lab), "--slices", "0", "1", "--val-slices", "2", "--epochs", "1", "--base", base]
+    args += ["--batch-size", "2", "--patch-size", "64", "--device", "cpu", "--out", "two-ch"]
+    code, _, err = cli(capsys, "train", "--image", str(img), *args, "--channel", "2")
+    assert code == 2 and "channel 2 does not exist" in err, err
+    for image, axes in ((img, []), (first, ["--axes", "CZYX"])):
+        code, out, err = cli(capsys, "train", "--image", str(image), *args, *axes, "--channel", "0")
+        assert code == 0, err
+        assert "training on channel 0 of 2" in err and "saved" in out
+        held = out.split("held-out slices [2]: Dice per level (before -> after)\n")[1].splitlines()
+        assert [row.split()[0] for row in held[:2]] == ["L1", "L2"], out
 
 
 def test_predict_reads_a_one_bit_tiff_as_0_and_1(tmp_path, capsys, em_crop):
@@ -425,19 +483,19 @@ def test_predict_numbers_out_of_range_are_refused_by_the_parser(tmp_path, args, 
 def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
     """In a pipe or a log (stderr not a terminal), `train`'s and `predict`'s progress are plain lines (at most one
     every 10 s, and the last), never one endless line of carriage returns."""
-    from napari_unetpp.cli import app as cli
+    from napari_unetpp.cli.progress import TrainDisplay, bar
     from napari_unetpp.training import TrainProgress
 
-    show = cli._TrainDisplay(quiet=False)
+    show = TrainDisplay(quiet=False)
     show(TrainProgress("baseline", message="base model: Dice L1 0.8"))
     for i in range(1, 2001):
         show(TrainProgress("train", step=i, fraction=i / 2000, loss=1.0 / i, seconds=i * 0.001))
     show(TrainProgress("validate", message="validation after 2000 steps"))
     show.close()
-    bar = cli._bar(500, "tile")
+    tiles = bar(500, "tile")
     for _ in range(500):
-        bar.update(1)
-    bar.close()
+        tiles.update(1)
+    tiles.close()
     err = capsys.readouterr().err
     assert "\r" not in err, err[:300]
     lines = err.splitlines()
@@ -452,17 +510,13 @@ def test_progress_in_a_log_is_lines_not_carriage_returns(capsys):
 def test_an_unexpected_error_is_one_sentence_and_its_traceback_goes_to_a_file(tmp_path, capsys, monkeypatch):
     """A defect (here a TypeError deep in predict) never prints a traceback: one sentence, exit 3, the details in a
     file the sentence names."""
-    from napari_unetpp.cli import app as cli
+    from napari_unetpp.cli import models
 
     def broken(args):
         raise TypeError("unsupported operand type(s)")
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    p = cli.build_parser()
-    for action in p._subparsers._group_actions[0].choices.values():  # the subcommands keep their func default
-        if action.get_default("func") is not None and action.get_default("func").__name__ == "_cmd_models":
-            action.set_defaults(func=broken)
-    monkeypatch.setattr(cli, "build_parser", lambda: p)
+    monkeypatch.setattr(models, "run", broken)  # what `models` runs, read when the parser is built
     assert main(["models"]) == 3
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1

@@ -1,6 +1,7 @@
-"""CT end to end on the real abdominal series (../shared/data/ct-abdomen) and the shipped CT sample: DICOM and NIfTI
-reading with geometry, the round trip back to the file's voxel order, Hounsfield windows, the napari reader and
-writer, the --new --modality ct path, and the bad inputs."""
+"""CT end to end on the shipped CT sample written as a DICOM series by pydicom (tests/dicom_series.py, everywhere) and
+on the real abdominal series (../shared/data/ct-abdomen, when it is beside the checkout): DICOM and NIfTI reading with
+geometry, the round trip back to the file's voxel order, Hounsfield windows, the napari reader and writer, the --new
+--modality ct path, and the bad inputs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import tifffile
 
 from napari_unetpp.cli.app import main
+
+from .dicom_series import Series, ct_series
 
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
@@ -27,16 +30,33 @@ needs_series = pytest.mark.skipif(not DICOM.is_dir(), reason="the shared CT seri
 
 @pytest.fixture(scope="module")
 def series():
+    """The real series, read."""
     from napari_unetpp.io.images import read_image
 
     return read_image(DICOM)
 
 
 @pytest.fixture(scope="module")
-def organ_labels():
+def synthetic(tmp_path_factory) -> Series:
+    """The shipped sample as a DICOM series (pydicom), with its organ labels as a LAS NIfTI beside it."""
+    return ct_series(tmp_path_factory.mktemp("ct-series"))
+
+
+@pytest.fixture(scope="module", params=["synthetic", pytest.param("real", marks=needs_series)])
+def case(request):
+    """A DICOM series and organ labels on its grid: ``(folder, labels file, series read, labels read)``, for the
+    sample written by pydicom and for the real series when it is here."""
     from napari_unetpp.io.images import read_image
 
-    return read_image(LABELS)
+    if request.param == "real":
+        return DICOM, LABELS, request.getfixturevalue("series"), read_image(LABELS)
+    s = request.getfixturevalue("synthetic")
+    return s.folder, s.labels, read_image(s.folder), read_image(s.labels)
+
+
+def _by_position(folder: Path) -> list[Path]:
+    """The series' files, feet to head."""
+    return sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation))
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -51,22 +71,37 @@ def test_dicom_series_reads_as_one_hu_volume_with_spacing_and_windows(series):
     assert series.geometry.axcodes() == "LPS" and series.metadata["Modality"] == "CT"
     # slices sorted feet to head by position, whatever the file order: the affine's Z step is +2 mm (superior)
     assert series.geometry.canonical_affine[2, 2] == pytest.approx(2.0)
+    # the shipped sample (which tests/dicom_series.py writes as a series) is its rows 144-495
+    np.testing.assert_array_equal(series.data[:, 144:496], tifffile.imread(SAMPLE / "ct_abdomen.tif"))
 
 
-@needs_series
-def test_slice_order_comes_from_positions_not_file_names(series, tmp_path):
-    files = sorted(DICOM.iterdir())
-    for n, f in enumerate(reversed(files)):  # file names now run against the slice order
+def test_a_series_written_by_pydicom_reads_back_as_the_volume_it_holds(synthetic):
+    """The sample as a series: stored uint16 plus the intercept, slices by position though numbered head down."""
+    from napari_unetpp.io.images import read_image
+
+    img = read_image(synthetic.folder)
+    assert img.axes == "ZYX" and img.data.dtype == np.int16 and img.units == "mm"
+    np.testing.assert_array_equal(img.data, synthetic.hu)
+    assert img.scale == pytest.approx({"Z": 2.0, "Y": 0.9765625, "X": 0.9765625})
+    assert [(w.width, w.level) for w in img.windows] == [(300, 40), (1500, 300)]
+    assert img.geometry.axcodes() == "LPS" and img.metadata["SeriesDescription"] == "CT Body 3.0"
+    assert img.metadata["slices"] == 20 and img.geometry.canonical_affine[2, 2] == pytest.approx(2.0)
+    # the lowest slice's position is the affine's origin (RAS: x and y negated)
+    np.testing.assert_allclose(img.geometry.canonical_affine[:3, 3], [249.51171875, 296.89453125, -804.5])
+
+
+def test_slice_order_comes_from_positions_not_file_names(synthetic, tmp_path):
+    for n, f in enumerate(reversed(_by_position(synthetic.folder))):  # file names now run against the slice order
         shutil.copy(f, tmp_path / f"img{n:03d}")
     from napari_unetpp.io.images import read_image
 
     again = read_image(tmp_path)
-    np.testing.assert_array_equal(again.data, series.data)
+    np.testing.assert_array_equal(again.data, synthetic.hu)
 
 
-@needs_series
-def test_nifti_labels_overlay_the_dicom_series_in_the_common_orientation(series, organ_labels):
+def test_nifti_labels_overlay_the_dicom_series_in_the_common_orientation(case):
     # the labels file is LAS in x, y, z order; both come out Z, Y, X in LPS on the same grid
+    _, _, series, organ_labels = case
     assert organ_labels.geometry.axcodes() == "LAS" and organ_labels.data.shape == series.data.shape
     np.testing.assert_allclose(organ_labels.geometry.canonical_affine, series.geometry.canonical_affine)
     liver_hu = np.median(series.data[organ_labels.data == LIVER])
@@ -74,12 +109,12 @@ def test_nifti_labels_overlay_the_dicom_series_in_the_common_orientation(series,
     assert np.median(series.data[organ_labels.data == 0]) < -500  # outside the organs: mostly air
 
 
-@needs_series
-def test_nifti_round_trip_keeps_shape_affine_and_voxel_order(organ_labels, series, tmp_path):
+def test_nifti_round_trip_keeps_shape_affine_and_voxel_order(case, tmp_path):
     from napari_unetpp.io.images import write_image
 
+    _, labels, series, organ_labels = case
     out = write_image(tmp_path / "same.nii.gz", organ_labels.data, geometry=organ_labels.geometry)
-    src, back = nib.load(LABELS), nib.load(out)
+    src, back = nib.load(labels), nib.load(out)
     assert back.shape == src.shape
     np.testing.assert_allclose(back.affine, src.affine)
     np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj))
@@ -111,7 +146,7 @@ def test_window_presets_names_numbers_and_the_files_own():
             parse_window(bad)
     norm = window_normalization(WINDOWS["soft-tissue"])
     hu = np.array([-1000, -160, 40, 240, 3000], np.int16)
-    np.testing.assert_allclose(norm.apply(hu, norm.compute_stats(hu)), [0, 0, 0.5, 1, 1])  # clipped outside
+    np.testing.assert_allclose(norm.apply(hu, norm.bounds(hu)), [0, 0, 0.5, 1, 1])  # clipped outside
     assert norm.describe() == "HU window soft-tissue W400 L40 (-160..240 HU)"
 
 
@@ -131,12 +166,11 @@ def test_nan_and_non_numbers_get_one_sentence(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- bad DICOM
-@needs_series
-def test_a_folder_of_mixed_series_is_refused_with_what_to_do(tmp_path):
+def test_a_folder_of_mixed_series_is_refused_with_what_to_do(synthetic, tmp_path):
     from napari_unetpp.errors import ReadError
     from napari_unetpp.io.images import read_image
 
-    files = sorted(DICOM.iterdir())[:3]
+    files = sorted(synthetic.folder.iterdir())[:3]
     for f in files:
         shutil.copy(f, tmp_path / f.name)
     ds = pydicom.dcmread(tmp_path / files[0].name)
@@ -147,12 +181,11 @@ def test_a_folder_of_mixed_series_is_refused_with_what_to_do(tmp_path):
         read_image(tmp_path)
 
 
-@needs_series
-def test_a_dicom_without_pixel_data_is_named(tmp_path):
+def test_a_dicom_without_pixel_data_is_named(synthetic, tmp_path):
     from napari_unetpp.errors import ReadError
     from napari_unetpp.io.images import read_image
 
-    ds = pydicom.dcmread(sorted(DICOM.iterdir())[0])
+    ds = pydicom.dcmread(sorted(synthetic.folder.iterdir())[0])
     del ds.PixelData
     ds.save_as(tmp_path / "header-only.dcm")
     with pytest.raises(ReadError, match="no pixel data"):
@@ -174,28 +207,28 @@ def test_corrupt_nifti_and_empty_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- napari
-@needs_series
-def test_napari_reader_opens_a_dicom_folder_and_a_label_volume_and_declines_tiffs():
+def test_napari_reader_opens_a_dicom_folder_and_a_label_volume_and_declines_tiffs(case):
     from napari_unetpp.napari.reader import get_reader
 
+    folder, labels, series, _ = case
     assert get_reader(str(SAMPLE / "ct_abdomen.tif")) is None  # left to napari's own readers
-    [(data, kw, kind)] = get_reader(str(DICOM))(str(DICOM))
-    assert kind == "image" and data.shape == (20, 512, 512)
+    [(data, kw, kind)] = get_reader(str(folder))(str(folder))
+    assert kind == "image" and data.shape == series.data.shape and data.shape[0] == 20
     assert kw["scale"] == pytest.approx((2.0, 0.9765625, 0.9765625)) and kw["units"] == "mm"
     assert kw["contrast_limits"] == (-110, 190)  # the file's own soft-tissue window W300 L40
-    [(lab, lkw, lkind)] = get_reader(str(LABELS))(str(LABELS))
+    [(lab, lkw, lkind)] = get_reader(str(labels))(str(labels))
     assert lkind == "labels" and lab.shape == data.shape and lkw["scale"] == kw["scale"]
 
 
-@needs_series
-def test_napari_writer_saves_labels_over_the_ct_grid(series, organ_labels, tmp_path):
+def test_napari_writer_saves_labels_over_the_ct_grid(case, tmp_path):
     from napari_unetpp.napari.reader import write_labels
 
+    _, _, series, organ_labels = case
     liver = (organ_labels.data == LIVER).astype(np.int32)  # napari labels are often int32
     meta = {"scale": (2.0, 0.977, 0.977), "metadata": {"unetpp_geometry": series.geometry}}
     [path] = write_labels(str(tmp_path / "liver.nii.gz"), liver, meta)
     out = nib.load(path)
-    assert out.shape == (512, 512, 20) and out.get_data_dtype() == np.uint8
+    assert out.shape == series.data.shape[::-1] and out.get_data_dtype() == np.uint8
     np.testing.assert_allclose(out.affine, series.geometry.affine)
     # no geometry (a layer drawn on a TIFF): the layer's scale becomes the voxel size
     [plain] = write_labels(str(tmp_path / "plain.nii"), liver[:2], {"scale": (2.0, 0.5, 0.5), "metadata": {}})
@@ -223,6 +256,15 @@ def test_ct_sample_is_hounsfield_units_with_spacing_and_organs():
 
 
 # ----------------------------------------------------------------------------------------------- training
+@pytest.fixture
+def narrow_new_models(monkeypatch):
+    """``--new`` builds networks 4-32 features wide instead of 16-256 (the same depth, pooling, normalisation and
+    heads): the CLI's train-from-scratch path at a fraction of the cost."""
+    from napari_unetpp.model import modalities
+
+    monkeypatch.setattr(modalities, "ARCHITECTURE", {**modalities.ARCHITECTURE, "features": (4, 8, 16, 16, 32)})
+
+
 def _ct_crop(tmp_path: Path, box: tuple[slice, ...] = np.s_[8:12, 60:156, 40:168]) -> tuple[Path, Path]:
     """Slices 8-11 of the shipped sample, 96 x 128 around the liver (or ``box``), as NIfTI image and labels
     (2 mm x 0.98 mm)."""
@@ -238,7 +280,7 @@ def _ct_crop(tmp_path: Path, box: tuple[slice, ...] = np.s_[8:12, 60:156, 40:168
     )
 
 
-def test_new_ct_model_trains_and_predicts_nifti_end_to_end(tmp_path, capsys):
+def test_new_ct_model_trains_and_predicts_nifti_end_to_end(tmp_path, capsys, narrow_new_models):
     from napari_unetpp.model.registry import load_model
 
     image, labels = _ct_crop(tmp_path)
@@ -286,7 +328,7 @@ def test_ct_training_bad_inputs(tmp_path, capsys):
 
 
 def test_spacing_mismatch_is_said_plainly():
-    from napari_unetpp.io.ct import spacing_note
+    from napari_unetpp.data.scale import spacing_note
 
     trained = {"Z": 2.0, "Y": 0.98, "X": 0.98}
     assert spacing_note(trained, {"Z": 3.0, "Y": 0.9, "X": 0.9}) is None  # within 25 % in-plane
@@ -331,7 +373,7 @@ def test_outputs_get_the_usual_permissions_not_the_temporary_files(tmp_path, nam
     ],
 )
 def test_anisotropic_pooling_follows_the_voxel_size(spacing, expected):
-    from napari_unetpp.model.network import anisotropic_pool
+    from napari_unetpp.model.config import anisotropic_pool
 
     assert anisotropic_pool(spacing, 4) == expected
 
@@ -339,8 +381,9 @@ def test_anisotropic_pooling_follows_the_voxel_size(spacing, expected):
 def test_anisotropic_3d_network_runs_prunes_and_keeps_its_pooling(tmp_path):
     import torch
 
+    from napari_unetpp.model.config import UNetPlusPlusConfig
     from napari_unetpp.model.modalities import new_model
-    from napari_unetpp.model.network import UNetPlusPlus, UNetPlusPlusConfig
+    from napari_unetpp.model.network import UNetPlusPlus
     from napari_unetpp.model.registry import load_model, save_model
 
     lm = new_model("ct", spatial_dims=3, spacing=(2.0, 0.977, 0.977), name="ct3d")
@@ -371,14 +414,13 @@ def test_anisotropic_3d_network_runs_prunes_and_keeps_its_pooling(tmp_path):
         UNetPlusPlus(spatial_dims=3, pool=((2, 2, 2),))
 
 
-def test_3d_ct_model_trains_on_sparse_slices_and_predicts(tmp_path, capsys):
+def test_3d_ct_model_trains_on_sparse_slices_and_predicts(tmp_path, capsys, narrow_new_models):
     from napari_unetpp.model.registry import load_model
 
     image, labels = _ct_crop(tmp_path, np.s_[6:14, 40:168, 30:190])  # 8 x 128 x 160
     args = ["train", "--image", str(image), "--labels", str(labels), "--new", "--modality", "ct", "--dims", "3"]
     args += ["--classes", "liver=5", "--slices", "0", "4", "7", "--epochs", "1", "--out", "ct3d-crop"]
-    args += ["--patch-size", "64", "--batch-size", "2"]
-    args += ["--patch-size", "64", "--batch-size", "2"]
+    args += ["--patch-size", "32", "--batch-size", "1"]  # 8 x 32 x 32 patches: the smallest this network takes
     assert main(args) == 0, capsys.readouterr().err
     card = load_model("ct3d-crop").card
     assert card.architecture["spatial_dims"] == 3 and card.architecture["pool"][0] == [1, 2, 2]
@@ -387,18 +429,17 @@ def test_3d_ct_model_trains_on_sparse_slices_and_predicts(tmp_path, capsys):
     assert nib.load(tmp_path / "m3.nii.gz").shape == nib.load(image).shape
 
 
-@needs_series
-def test_slices_without_positions_are_ordered_by_instance_number(tmp_path, series):
+def test_slices_without_positions_are_ordered_by_instance_number(tmp_path, synthetic):
     from napari_unetpp.io.images import read_image
 
-    files = sorted(DICOM.iterdir())
+    files = sorted(synthetic.folder.iterdir())
     for n, f in enumerate(files[:4]):
         ds = pydicom.dcmread(f)
         del ds.ImagePositionPatient
         ds.InstanceNumber = 10 - n  # file order against instance order
         ds.save_as(tmp_path / f"s{n}.dcm")
     vol = read_image(tmp_path)
-    assert vol.data.shape == (4, 512, 512) and vol.scale["Z"] == pytest.approx(3.0)  # SliceThickness
+    assert vol.data.shape == (4, *synthetic.hu.shape[1:]) and vol.scale["Z"] == pytest.approx(3.0)  # SliceThickness
     firsts = [pydicom.dcmread(f).pixel_array for f in files[:4]]
     np.testing.assert_array_equal(vol.data[0] + 1024, firsts[3])  # instance 7 comes first
 

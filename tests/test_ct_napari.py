@@ -1,31 +1,30 @@
-"""CT in a real napari viewer (under Xvfb): a DICOM folder opened through the plugin's reader, segmented with a CT
-model under a chosen Hounsfield window, the mask saved to NIfTI over the scan's grid; the CT demo teaching a new
-model the liver."""
+"""CT in a real napari viewer (under Xvfb): a DICOM folder (the shipped CT sample written as a series by pydicom,
+see tests/dicom_series.py) opened through the plugin's reader, segmented with a CT model under a chosen Hounsfield
+window, the mask saved to NIfTI over the scan's grid; the CT demo teaching a new model the liver."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from .dicom_series import write_ct_series
 
 pytestmark = pytest.mark.gui
 nib = pytest.importorskip("nibabel")
 pytest.importorskip("pydicom")
 
-DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-abdomen" / "dicom"
 
-
-@pytest.mark.skipif(not DICOM.is_dir(), reason="the shared CT series is not beside this checkout")
 def test_dicom_folder_segmented_under_a_window_and_saved_as_nifti(make_napari_viewer, tmp_path):
     from napari_unetpp.model.modalities import new_model
     from napari_unetpp.model.registry import save_model
 
+    series = write_ct_series(tmp_path / "dicom")
     lm = new_model("ct", name="ct-gui")
     save_model(lm.module, lm.card)
     viewer = make_napari_viewer()
-    [img] = viewer.open(str(DICOM), plugin="napari-unetpp")
-    assert img.data.shape == (20, 512, 512) and tuple(img.scale) == pytest.approx((2.0, 0.9765625, 0.9765625))
+    [img] = viewer.open(str(series.folder), plugin="napari-unetpp")
+    assert img.data.shape == series.hu.shape and tuple(img.scale) == pytest.approx((2.0, 0.9765625, 0.9765625))
+    np.testing.assert_array_equal(np.asarray(img.data), series.hu)
     assert tuple(img.contrast_limits) == (-110, 190)  # the file's own window
     _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     w._image.value = img
@@ -47,7 +46,7 @@ def test_dicom_folder_segmented_under_a_window_and_saved_as_nifti(make_napari_vi
     assert mask.metadata["unetpp_geometry"] is img.metadata["unetpp_geometry"]
     [path] = mask.save(str(tmp_path / "mask.nii.gz"), plugin="napari-unetpp")
     out = nib.load(path)
-    assert out.shape == (512, 512, 20)
+    assert out.shape == series.hu.shape[::-1]
     np.testing.assert_allclose(out.affine, img.metadata["unetpp_geometry"].affine)
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from napari_unetpp.inference.predict import InputError, predict
+from napari_unetpp.model.loaded import LoadedModel
 from napari_unetpp.model.network import UNetPlusPlus
-from napari_unetpp.model.registry import LoadedModel, load_model, save_model
+from napari_unetpp.model.registry import load_model, save_model
 from napari_unetpp.training import (
     TrainingDataError,
     TrainingPair,
@@ -333,7 +334,7 @@ def _revalidated(model, image, labels, slices) -> dict[int, float]:
 def test_the_saved_version_is_the_best_state_not_the_last(em_crop, em_crop_membrane, monkeypatch):
     """Training that wrecks the network after the first validation (heads that predict nothing): the saved version
     is the best validated state, its card records that state's scores, and the weights score them again."""
-    import napari_unetpp.training.loop as tr
+    import napari_unetpp.training.optimiser as tr
 
     real, calls = tr.train_step, {"n": 0}
 
@@ -395,7 +396,7 @@ def test_stop_event_keeps_the_best_state(em_crop, em_crop_membrane):
 
 
 def test_out_of_memory_retries_smaller(em_crop, em_crop_membrane, monkeypatch):
-    import napari_unetpp.training.loop as tr
+    import napari_unetpp.training.optimiser as tr
 
     real = tr.train_step
     calls = {"n": 0}
@@ -474,7 +475,7 @@ def test_class_names_must_fit_the_model(em_model, em_crop, em_crop_membrane, cla
 
 
 def test_saving_under_a_shipped_name_never_shadows_it(em_model):
-    from napari_unetpp.model.registry import ModelCard
+    from napari_unetpp.model.card import ModelCard
 
     card = ModelCard(name="em-membranes", architecture={})
     path = save_model(em_model.module, card)

@@ -11,6 +11,9 @@ from napari_unetpp.model.registry import list_models, load_model
 pytestmark = pytest.mark.gui
 
 MASK = "ISBI 2012 EM [UNet++ mask]"
+# runs of seconds: epochs of two steps on small patches (the widget passes these over its budget; what the tests check
+# of a run, its saving, naming, plot and hand-over, does not depend on how long it trains)
+QUICK = {"steps_per_epoch": 2, "patch_size": 64, "batch_size": 2}
 
 
 @pytest.fixture
@@ -50,7 +53,7 @@ def test_paint_events_mark_edited_slices(both):
     correct(mask, ref, 1)  # a larger correction
     assert ft.edited_slices() == [(1,), (3,)]
     assert ft._edited.value.startswith("2 slice(s): 1, 3")
-    focus = ft._tracked[mask.unique_id].focus
+    focus = ft.edits.edits(mask).focus
     zs = np.concatenate([c[0] for c in focus])
     assert set(zs.tolist()) == {1, 3}
     # an untouched labels layer has no edits
@@ -97,6 +100,7 @@ def test_fine_tune_hands_the_new_version_to_segment(both):
     ft._budget.value = 1
     ft._device.value = "cpu"
     ft._classes.value = "cell border"
+    ft.run_options = QUICK
     ft.start()
     res = ft.result
     assert res is not None and res.path is not None, ft._status.value
@@ -120,7 +124,7 @@ def test_stop_keeps_the_best_state(both, monkeypatch):
     state), and the card's scores are that validation's."""
     import torch
 
-    from napari_unetpp.training import loop
+    from napari_unetpp.training import engine as loop
 
     viewer, seg, ft, img, ref = both
     correct(viewer.layers[MASK], ref, 2)
@@ -143,6 +147,7 @@ def test_stop_keeps_the_best_state(both, monkeypatch):
             ft.stop()
 
     ft._on_yield = on_yield  # (not monkeypatch: its undo would delete the attribute from the Container)
+    ft.run_options = QUICK
     ft.start()
     res = ft.result
     assert res is not None and res.stopped == "stopped by user" and res.steps == 2
@@ -172,7 +177,7 @@ def test_stop_keeps_the_best_state(both, monkeypatch):
 def test_errors_are_one_sentence_and_save_nothing(both, monkeypatch, case, match):
     viewer, seg, ft, img, ref = both
     shown = []
-    monkeypatch.setattr("napari_unetpp.napari.finetune.show_error", shown.append)
+    monkeypatch.setattr("napari_unetpp.napari.finetune.widget.show_error", shown.append)
     if case == "shape":
         ft._labels.value = viewer.add_labels(np.zeros((5, 100, 100), np.uint8), name="small")
         ft._truth.value = "all slices"
@@ -204,6 +209,7 @@ def test_new_model_choice_trains_a_fresh_network(both):
     ft._device.value = "cpu"
     ft._name.value = "my-em"
     ft._classes.value = "membrane"
+    ft.run_options = QUICK
     ft.start()
     res = ft.result
     assert res is not None and res.path is not None, ft._status.value

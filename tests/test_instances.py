@@ -18,8 +18,9 @@ from napari_unetpp.inference.postprocess import (
     split_instances,
 )
 from napari_unetpp.inference.predict import predict
-from napari_unetpp.model.network import UNet, UNetPlusPlus, UNetPlusPlusConfig
-from napari_unetpp.model.registry import LoadedModel
+from napari_unetpp.model.config import UNetPlusPlusConfig
+from napari_unetpp.model.loaded import LoadedModel
+from napari_unetpp.model.network import UNet, UNetPlusPlus
 from napari_unetpp.training import TrainingPair, prepare_data
 from napari_unetpp.training.losses import DeepSupervisionLoss
 from napari_unetpp.training.metrics import match_objects, object_f1

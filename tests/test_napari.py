@@ -64,16 +64,23 @@ def test_samples_select_their_shipped_model(make_napari_viewer, sample, model):
 
 
 def test_demo_screenshot(tmp_path):
-    """The README's main job, headless: napari opens with the sample segmented at every level. Run as the user runs
-    it, in its own process (a plain napari.Viewer in the test process would meet the app model that the viewer
-    fixture of other tests left behind, and register the plugin's reader command twice)."""
+    """The README's main job, headless: napari opens with the sample segmented at every level by its shipped model
+    (the one real-model run of the GUI tests' wiring). Run as the user runs it, through the CLI in its own process
+    (a plain napari.Viewer in the test process would meet the app model that the viewer fixture of other tests left
+    behind, and register the plugin's reader command twice), with PyTorch as the runtime as in every test not marked
+    ``runtimes`` (see conftest.py): measuring ONNX Runtime and OpenVINO against it was 80 % of this test's time."""
+    from napari_unetpp.runtimes import selection
+
+    assert callable(selection._usable), "conftest.py and this test keep PyTorch the runtime through it"
     shot = tmp_path / "demo.png"
-    r = subprocess.run(
-        [sys.executable, "-m", "napari_unetpp.cli", "demo", "--screenshot", str(shot)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    code = (
+        "import sys\n"
+        "from napari_unetpp.runtimes import selection\n"
+        "selection._usable = lambda net, depth: ([], ['only PyTorch runs outside the runtime tests'])\n"
+        "from napari_unetpp.cli import main\n"
+        f"sys.exit(main(['demo', '--screenshot', {str(shot)!r}]))\n"
     )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     from skimage.io import imread
 

@@ -6,13 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from napari_unetpp.model.network import (
-    PrunedUNetPlusPlus,
-    UNetPlusPlus,
-    UNetPlusPlusConfig,
-    count_parameters,
-    node_names,
-)
+from napari_unetpp.model.config import UNetPlusPlusConfig, node_names
+from napari_unetpp.model.network import PrunedUNetPlusPlus, UNetPlusPlus, count_parameters
 
 
 def tiny(**kw) -> UNetPlusPlus:

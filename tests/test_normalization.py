@@ -10,8 +10,9 @@ from napari_unetpp.data.normalization import NonFiniteInputError, Normalization
 
 def test_percentile_maps_low_and_high_to_0_and_1(em_crop):
     norm = Normalization("percentile", 1.0, 99.8)
-    stats = norm.compute_stats(em_crop)
-    out = norm.apply(em_crop, stats)
+    bounds = norm.bounds(em_crop)
+    assert bounds == tuple(float(v) for v in np.percentile(em_crop, [1.0, 99.8]))
+    out = norm.apply(em_crop, bounds)
     assert out.dtype == np.float32
     assert np.percentile(out, 1.0) == pytest.approx(0.0, abs=1e-3)
     assert np.percentile(out, 99.8) == pytest.approx(1.0, abs=1e-3)
@@ -20,20 +21,23 @@ def test_percentile_maps_low_and_high_to_0_and_1(em_crop):
 def test_hu_window_clips_ct_values():
     hu = np.array([[-2000, -1000, 0], [200, 400, 3000]], np.int16)
     norm = Normalization("window", -1000, 400)
-    out = norm.apply(hu, norm.compute_stats(hu))
+    assert norm.bounds(hu) == (-1000.0, 400.0)  # the window's own bounds, whatever the image
+    out = norm.apply(hu, norm.bounds(hu))
     np.testing.assert_allclose(out, [[0, 0, 1000 / 1400], [1200 / 1400, 1, 1]], atol=1e-6)
+    assert norm.compute_stats(hu) == norm.bounds(hu)  # the former name
 
 
 def test_none_flat_and_non_finite():
     img = np.full((8, 8), 7, np.uint16)
     norm = Normalization("percentile")
-    out = norm.apply(img, norm.compute_stats(img))  # a flat image stays defined
+    out = norm.apply(img, norm.bounds(img))  # a flat image stays defined
     assert np.isfinite(out).all()
+    assert Normalization("none").bounds(img) == (0.0, 1.0)
     np.testing.assert_array_equal(Normalization("none").apply(img, (0.0, 1.0)), img.astype(np.float32))
     bad = np.ones((4, 4), np.float32)
     bad[0, 0] = np.inf
     with pytest.raises(NonFiniteInputError, match="NaN or infinite"):
-        norm.compute_stats(bad)
+        norm.bounds(bad)
     with pytest.raises(ValueError, match="low < high"):
         Normalization("window", 10, -10)
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -56,7 +60,7 @@ def test_large_stacks_are_sampled_not_read_whole():
     big = rng.integers(0, 1000, (200, 256, 256), dtype=np.uint16)
     lazy = Counting(big)
     norm = Normalization("percentile", 1, 99, max_samples=200_000)
-    lo, hi = norm.compute_stats(lazy)
+    lo, hi = norm.bounds(lazy)
     assert lazy.read < big.size / 10
     assert lo == pytest.approx(np.percentile(big, 1), abs=3) and hi == pytest.approx(np.percentile(big, 99), rel=0.01)
 
@@ -93,16 +97,16 @@ def test_bool_images_normalise_as_0_and_1(em_crop, big):
     b = em_crop > 128 if big else em_crop[0, :40, :40] > 128
     u = b.astype(np.uint8)
     norm = Normalization("percentile", 1.0, 99.8)
-    stats = norm.compute_stats(b)
-    assert stats == norm.compute_stats(u)
+    stats = norm.bounds(b)
+    assert stats == norm.bounds(u)
     np.testing.assert_array_equal(norm.apply(b, stats), norm.apply(u, stats))
     flat = np.ones((4, 9, 9), bool)  # a flat bool image stays defined
-    assert np.isfinite(norm.apply(flat, norm.compute_stats(flat))).all()
+    assert np.isfinite(norm.apply(flat, norm.bounds(flat))).all()
 
 
 def test_float16_and_int64_images_give_the_statistics_of_their_values(em_crop):
     norm = Normalization("percentile", 1.0, 99.8)
-    ref = norm.compute_stats(em_crop.astype(np.float32))
+    ref = norm.bounds(em_crop.astype(np.float32))
     for dt in (np.float16, np.int64, np.uint64):
-        got = norm.compute_stats(em_crop.astype(dt))
+        got = norm.bounds(em_crop.astype(dt))
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=str(dt))

@@ -104,12 +104,12 @@ def test_prob_dtypes(em_model, em_crop):
     h = predict(em_crop[:1], em_model, depth=1, precision="fp32").probabilities[1]
     assert h.dtype == np.float16
     np.testing.assert_array_equal(h, b.astype(np.float16))
-    from napari_unetpp.inference.predict import _as_prob
+    from napari_unetpp.inference.writer import as_prob
 
     edge = np.array([0.0, 1e-8, 6e-8, 3e-5, 0.5 / 255, 1.5 / 255, 0.49999997, 0.5, 0.9995, 1.0], np.float32)
     edge = np.concatenate([edge, np.random.default_rng(0).random(10_000, dtype=np.float32)])
-    np.testing.assert_array_equal(_as_prob(edge, "float16"), edge.astype(np.float16))
-    np.testing.assert_array_equal(_as_prob(edge, "uint8"), np.clip(np.rint(edge * 255.0), 0, 255).astype(np.uint8))
+    np.testing.assert_array_equal(as_prob(edge, "float16"), edge.astype(np.float16))
+    np.testing.assert_array_equal(as_prob(edge, "uint8"), np.clip(np.rint(edge * 255.0), 0, 255).astype(np.uint8))
 
 
 def test_bf16_autocast_agrees_with_fp32(em_model, em_crop):
@@ -246,10 +246,10 @@ def test_progress_and_cancellation(em_model, em_crop):
 
 
 def test_out_of_memory_halves_the_batch(monkeypatch, em_model, em_crop):
-    from napari_unetpp.inference import predict as inference
+    from napari_unetpp.inference.predictor import SafePredictor
 
     calls = []
-    real = inference._Runner._forward
+    real = SafePredictor.forward
 
     def flaky(self, chunk):
         calls.append(len(chunk))
@@ -257,11 +257,11 @@ def test_out_of_memory_halves_the_batch(monkeypatch, em_model, em_crop):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, chunk)
 
-    monkeypatch.setattr(inference._Runner, "_forward", flaky)
+    monkeypatch.setattr(SafePredictor, "forward", flaky)
     pred = predict(em_crop, em_model, depth=1, tile=64, batch_size=4, precision="fp32")
     assert calls[0] == 4 and calls[1] == 2 and set(calls[2:]) == {1}
     ref_calls = len(calls)
-    monkeypatch.setattr(inference._Runner, "_forward", real)
+    monkeypatch.setattr(SafePredictor, "forward", real)
     np.testing.assert_array_equal(pred.mask, predict(em_crop, em_model, depth=1, tile=64, precision="fp32").mask)
     assert ref_calls > 3
 
@@ -313,3 +313,108 @@ def test_a_block_of_rows_equals_the_same_rows_of_the_whole_run(em_model, em_crop
         predict(em_crop, em_model, rows=(0, 10), objects="components")
     with pytest.raises(ValueError, match="rows must satisfy"):
         predict(em_crop, em_model, rows=(10, 500))
+
+
+# ---------------------------------------------------------------------------------------------------- one loop
+def test_validation_and_predict_run_the_same_sliding_window(em_crop, em_crop_membrane):
+    """Validation during fine-tuning is prediction's sliding window with a sink that counts: on the real crop, tiled
+    (64-pixel tiles, many per slice), its per-level Dice is exactly the Dice of predict's masks on the validation
+    pixels, from the same tiles, weights and mask rule."""
+    from napari_unetpp.inference import predict as prediction
+    from napari_unetpp.inference.predict import normalization_stats
+    from napari_unetpp.model.loaded import LoadedModel
+    from napari_unetpp.training import TrainingPair, prepare_data, validation
+    from napari_unetpp.training.metrics import dice_from_counts
+
+    assert validation.sliding_window is prediction.sliding_window
+    torch.manual_seed(0)
+    lm = LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 8)), name="tiny")
+    ds = prepare_data(TrainingPair(em_crop, em_crop_membrane, slices="all"), lm)
+    scores = validation.validate(lm.module, ds, torch.device("cpu"), None, tile=64)
+    stats = normalization_stats(em_crop, lm)
+    kw = dict(tile=64, stats=stats, prob_dtype="float32", precision="fp32", runtime="torch")
+    pred = predict(em_crop, lm, depth=2, levels="all", **kw)
+    assert pred.tiles == 3 * 4 * 4  # 4 x 4 tiles per slice
+    t = np.concatenate([it.target[it.val] for it in ds.items]) > 0
+    for lv in (1, 2):
+        p = np.concatenate([m[it.val] for m, it in zip(pred.probabilities[lv] >= 0.5, ds.items)])
+        want = dice_from_counts((p & t).sum(), p.sum() + t.sum())
+        assert scores[lv] == round(float(want), 4), lv
+
+
+def test_a_plain_function_is_a_predictor(em_crop):
+    """predictor= takes any function of a batch of tiles: here the network being trained (network_predictor) in a
+    lambda: the same numbers as that predictor passed as it is, the PyTorch runtime's (its folded inference copy) to
+    float rounding, and ran_on names what ran."""
+    from napari_unetpp.inference.predictor import network_predictor
+    from napari_unetpp.model.registry import LoadedModel
+
+    torch.manual_seed(0)
+    module = UNetPlusPlus(features=(4, 8, 8)).eval()
+    lm = LoadedModel.from_module(module, name="tiny")
+    net = network_predictor(module, 2, torch.device("cpu"))
+    calls = []
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape)
+        return net(batch)
+
+    kw = dict(depth=2, tile=64, levels="all", batch_size=5, prob_dtype="float32")
+    got = predict(em_crop[:1], lm, predictor=fn, **kw)
+    assert calls and all(s[0] <= 5 and s[1] == 1 and max(s[2:]) <= 64 for s in calls)
+    assert got.runtime == "predictor" and "function" in got.ran_on
+    same = predict(em_crop[:1], lm, predictor=net, **kw)
+    assert same.runtime == "torch" and same.ran_on == "CPU · PyTorch fp32 (the network being trained)"
+    runtime = predict(em_crop[:1], lm, precision="fp32", runtime="torch", **kw)
+    for lv in (1, 2):
+        np.testing.assert_array_equal(got.probabilities[lv], same.probabilities[lv])
+        np.testing.assert_allclose(got.probabilities[lv], runtime.probabilities[lv], atol=1e-5)
+    np.testing.assert_array_equal(got.mask, same.mask)
+
+
+def test_the_loop_blends_any_callable_over_a_lazy_array():
+    """sliding_window needs no model: an identity "network" over overlapping tiles of a dask array blends back to
+    the padded plane (Gaussian weights average equal values), rows arrive once and in order, planes are announced."""
+    da = pytest.importorskip("dask.array")
+    from napari_unetpp.inference.sliding_window import Plane, sliding_window
+    from napari_unetpp.inference.tiling import read_tile, tile_grid
+
+    img = np.random.default_rng(0).random((2, 45, 70)).astype(np.float32)
+    lazy = da.from_array(img, chunks=(1, 20, 20))
+    pad, grid = tile_grid(img.shape[1:], 8, (24, 32), 0.25)
+    assert len(grid) > 4
+
+    class Collect:
+        channels = 1
+
+        def __init__(self):
+            self.rows, self.done = {}, []
+
+        def select(self, probs):
+            return probs[0]
+
+        def write_rows(self, key, lo, hi, values):
+            self.rows.setdefault(key, []).append((lo, hi, values.copy()))
+
+        def plane_done(self, key):
+            self.done.append(key)
+
+    sink = Collect()
+    planes = [Plane(z, grid, lambda sl, z=z: read_tile(lazy[z], sl, pad)[None]) for z in range(2)]
+    steps = list(sliding_window(planes, lambda b: b[:, None], sink, batch=3))
+    assert steps[-1].done == 2 * len(grid) and [k for s in steps for k in s.finished] == [0, 1] == sink.done
+    for z in range(2):
+        starts = [lo for lo, _, _ in sink.rows[z]]
+        assert starts == sorted(starts) and sink.rows[z][0][0] == 0 and sink.rows[z][-1][1] == grid.shape[0]
+        blended = np.concatenate([v for _, _, v in sink.rows[z]], axis=1)[0]
+        np.testing.assert_allclose(blended, np.pad(img[z], pad, mode="reflect"), rtol=1e-6)
+
+
+def test_prediction_device_is_a_deprecated_alias_of_ran_on(em_crop):
+    torch.manual_seed(0)
+    pred = predict(em_crop[:1], UNetPlusPlus(features=(4, 8)).eval(), precision="fp32", runtime="torch")
+    assert pred.ran_on.startswith("CPU · PyTorch fp32")
+    with pytest.deprecated_call(match="ran_on"):
+        assert pred.device == pred.ran_on
+    with pytest.raises(AttributeError):
+        pred.device = "cpu"

@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from napari_unetpp import UNetPlusPlus
-from napari_unetpp.model.registry import (
-    ModelCard,
-    ModelFileError,
-    list_models,
-    load_model,
-    save_model,
-)
+from napari_unetpp.errors import ModelFileError
+from napari_unetpp.model.card import ModelCard
+from napari_unetpp.model.registry import list_models, load_model, save_model
 from napari_unetpp.paths import shipped_weights_dir, user_models_dir
 
 
@@ -172,7 +168,7 @@ def test_a_save_gives_up_instead_of_looping_forever(monkeypatch):
             raise AssertionError("save_model keeps trying")
         raise FileExistsError(dst)
 
-    monkeypatch.setattr(registry, "_publish", taken)
+    monkeypatch.setattr(registry, "publish", taken)
     with pytest.raises(FileExistsError, match="could not claim a version number"):
         save_model(tiny(), card("busy"))
     assert len(calls) <= 10_000
@@ -184,3 +180,23 @@ def test_a_card_that_is_not_a_json_object_is_a_model_file_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ModelFileError, match="odd.json.*invalid"):
         load_model(path)
+
+
+def test_calibration_is_kept_in_memory_or_read_beside_the_weights(tmp_path, caplog):
+    """A model's int8 calibration tiles: those set in memory (right after fine-tuning, saved or not), else the file
+    saved beside its weights, else none; a damaged file is logged and reads as none."""
+    import numpy as np
+
+    from napari_unetpp.model.files import calibration_path
+    from napari_unetpp.model.loaded import LoadedModel
+
+    tiles = np.random.default_rng(0).random((2, 1, 16, 16)).astype(np.float16)
+    fresh = LoadedModel.from_module(tiny())
+    assert fresh.calibration is None
+    fresh.calibration = tiles
+    np.testing.assert_array_equal(fresh.calibration, tiles)
+    back = load_model(save_model(tiny(), card("cal"), directory=tmp_path, calibration=tiles))
+    np.testing.assert_array_equal(back.calibration, tiles)
+    assert load_model(save_model(tiny(), card("none"), directory=tmp_path)).calibration is None
+    calibration_path(back.path).write_bytes(b"not safetensors")
+    assert back.calibration is None and "could not read" in caplog.text

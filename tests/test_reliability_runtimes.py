@@ -16,11 +16,22 @@ import pytest
 import torch
 
 from napari_unetpp import LoadedModel, UNetPlusPlus, predict, predict_iter
-from napari_unetpp.model import registry
+from napari_unetpp.model import loaded as loaded_model
 from napari_unetpp.paths import cache_dir
-from napari_unetpp.runtimes import backends as bk
-from napari_unetpp.runtimes.backends import RuntimeUnavailable
+from napari_unetpp.runtimes import (
+    Choice,
+    RuntimeUnavailable,
+    auto,
+    base,
+    choices,
+    cores,
+    failures,
+    hold_cores,
+    selection,
+)
 from napari_unetpp.runtimes.device import is_oom
+from napari_unetpp.runtimes.onnx_backend import OnnxBackend, ort_session
+from napari_unetpp.runtimes.openvino_backend import OpenVinoBackend, OpenVinoModel
 
 # these tests count exports, corrupt caches and measure runtime choices: each gets a cache of its own, and
 # runtime="auto" measures the runtimes as it does for users
@@ -58,11 +69,11 @@ NOT_OOM_MESSAGES = [
 def _fresh_runtime_state(monkeypatch):
     """This process's remembered choices and failed runtimes start empty (the file lives in the test's own home), and
     so do the holds on the cores and the measurements running (a test that fails while holding leaks nothing)."""
-    monkeypatch.setattr(bk, "_CHOICES", {})
-    monkeypatch.setattr(bk, "_FAILED", {})
-    monkeypatch.setattr(bk, "_MEASURING", {})
-    monkeypatch.setattr(bk, "_holds", {})
-    monkeypatch.setattr(bk, "_watches", [])
+    monkeypatch.setattr(choices, "_CHOICES", {})
+    monkeypatch.setattr(failures, "_FAILED", {})
+    monkeypatch.setattr(auto, "_MEASURING", {})
+    monkeypatch.setattr(cores, "_holds", {})
+    monkeypatch.setattr(cores, "_watches", [])
 
 
 def tiny(seed: int = 0) -> LoadedModel:
@@ -123,8 +134,8 @@ def test_runtime_errors_are_out_of_memory_only_when_they_say_so(oom):
     failures; "memory layout not supported" stays a failure of that runtime (PyTorch takes over)."""
     x = np.zeros((1, 1, 8, 8), np.float32)
     for msg in OOM_MESSAGES if oom else NOT_OOM_MESSAGES:
-        ov = bk.OpenVinoBackend(bk.OpenVinoModel(_Compiled(RuntimeError(msg), [])), bk.Choice("openvino", "fp32", ""))
-        ort = bk.OnnxBackend(_Session(Exception(msg)), bk.Choice("onnx", "fp32", ""))
+        ov = OpenVinoBackend(OpenVinoModel(_Compiled(RuntimeError(msg), [])), Choice("openvino", "fp32", ""))
+        ort = OnnxBackend(_Session(Exception(msg)), Choice("onnx", "fp32", ""))
         for backend in (ov, ort):
             with pytest.raises((RuntimeError, MemoryError)) as info:
                 backend(x)
@@ -136,21 +147,21 @@ def _fake_openvino(monkeypatch, error: BaseException) -> tuple[list[int], list[i
     """OpenVINO "installed" (ONNX Runtime not), remembered as the fastest for every shape, its requests raising
     ``error``; returns the lists its compilations and inference calls are counted in."""
     compiled, calls = [], []
-    monkeypatch.setattr(bk, "onnx_available", lambda: ONNX)
-    monkeypatch.setattr(bk, "openvino_available", lambda: None)
-    monkeypatch.setattr(bk, "onnx_graph", lambda net, depth: Path(f"fake-L{depth}.onnx"))
+    monkeypatch.setattr(base, "onnx_available", lambda: ONNX)
+    monkeypatch.setattr(base, "openvino_available", lambda: None)
+    monkeypatch.setattr(selection, "onnx_graph", lambda net, depth: Path(f"fake-L{depth}.onnx"))
 
     def compile_graph(loaded, path):
         compiled.append(1)
-        return bk.OpenVinoModel(_Compiled(error, calls))
+        return OpenVinoModel(_Compiled(error, calls))
 
-    monkeypatch.setattr(bk, "openvino_compiled", compile_graph)
+    monkeypatch.setattr(selection, "openvino_compiled", compile_graph)
 
     class Remembered(dict):  # runtime_choices.json says OpenVINO, whatever the shape
         def get(self, key, default=None):
             return {"runtime": "openvino", "reason": "1.90x PyTorch on this CPU", "speedup": 1.9}
 
-    monkeypatch.setattr(bk, "_read_choices", Remembered)
+    monkeypatch.setattr(choices, "_read_choices", Remembered)
     return compiled, calls
 
 
@@ -195,8 +206,8 @@ def test_a_runtime_asked_by_name_that_fails_says_so_in_one_sentence(em_crop, mon
 def _only_onnx(monkeypatch) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    monkeypatch.setattr(bk, "onnx_available", lambda: None)
-    monkeypatch.setattr(bk, "openvino_available", lambda: OPENVINO)
+    monkeypatch.setattr(base, "onnx_available", lambda: None)
+    monkeypatch.setattr(base, "openvino_available", lambda: OPENVINO)
 
 
 def _saved() -> dict:
@@ -221,7 +232,7 @@ def test_a_preview_during_a_measurement_runs_pytorch_and_nothing_wrong_is_saved(
             go.wait(30)
         return (1.0 if len(timed) % 2 else 0.5), fn()  # ONNX Runtime "2x faster"
 
-    monkeypatch.setattr(bk, "_time", fake_time)
+    monkeypatch.setattr(auto, "_time", fake_time)
     kw = dict(depth=2, precision="fp32", prob_dtype="float32")
     out: dict[str, object] = {}
     stack = threading.Thread(target=lambda: out.setdefault("stack", predict(crop, lm, **kw)), name="stack")
@@ -236,7 +247,7 @@ def test_a_preview_during_a_measurement_runs_pytorch_and_nothing_wrong_is_saved(
     assert timed == ["stack", "stack"]  # the preview timed nothing
     res = out["stack"]
     assert res.runtime == "onnx" and "not remembered" in res.device, res.device
-    assert _saved() == {} and bk._CHOICES == {}
+    assert _saved() == {} and choices._CHOICES == {}
     alone = predict(crop, lm, **kw)
     assert alone.runtime == "onnx" and "not remembered" not in alone.device
     (entry,) = _saved().values()
@@ -249,8 +260,8 @@ def test_no_measurement_while_another_run_holds_the_cores(em_crop, monkeypatch):
     _only_onnx(monkeypatch)
     lm = tiny()
     decided = []
-    real = bk._decide
-    monkeypatch.setattr(bk, "_decide", lambda *a: decided.append(a) or real(*a))
+    real = auto.decide
+    monkeypatch.setattr(auto, "decide", lambda *a: decided.append(a) or real(*a))
     stack = predict_iter(
         np.tile(em_crop[:2, :64, :64], (1, 2, 2)), lm, depth=2, tile=64, batch_size=1, precision="fp32"
     )
@@ -303,7 +314,7 @@ def _slow_build(built: list, make, parties: int = 2):
 
 def test_inference_module_is_built_once_by_concurrent_callers(monkeypatch):
     built: list = []
-    monkeypatch.setattr(registry, "optimize_for_inference", _slow_build(built, registry.optimize_for_inference))
+    monkeypatch.setattr(loaded_model, "optimize_for_inference", _slow_build(built, loaded_model.optimize_for_inference))
     lm = tiny()
     a, b = _race(2, lambda: lm.inference_module("cpu"))
     assert built == [1] and a is b is lm.inference_module("cpu")
@@ -313,7 +324,7 @@ def test_a_runtime_session_is_built_once_by_concurrent_callers():
     built: list = []
     lm = tiny()
     build = _slow_build(built, object)
-    a, b = _race(2, lambda: bk._kept_on(lm, "ort:graph.onnx", build))
+    a, b = _race(2, lambda: base.kept_on(lm, "ort:graph.onnx", build))
     assert built == [1] and a is b
 
 
@@ -323,7 +334,7 @@ def test_loaded_model_still_pickles_and_copies_with_its_locks():
     for other in (pickle.loads(pickle.dumps(lm)), copy.deepcopy(lm)):
         assert other.card == lm.card and other.inference_module("cpu") is not lm.inference_module("cpu")
         built: list = []
-        assert bk._kept_on(other, "k", _slow_build(built, object, parties=1)) is bk._kept_on(other, "k", object)
+        assert base.kept_on(other, "k", _slow_build(built, object, parties=1)) is base.kept_on(other, "k", object)
 
 
 # ------------------------------------------------------------------- a run disturbed at its start measures later
@@ -337,9 +348,8 @@ def _to_end(gen):
 
 
 def _timings(*seconds: float):
-    """A stand-in for :func:`~napari_unetpp.runtimes.backends._time` that answers ``seconds`` in turn (PyTorch first,
-    then
-    the others in the order they are measured) and fails the test if anything is measured once more."""
+    """A stand-in for :func:`~napari_unetpp.runtimes.auto._time` that answers ``seconds`` in turn (PyTorch first,
+    then the others in the order they are measured) and fails the test if anything is measured once more."""
     left = list(seconds)
 
     def fake_time(fn):
@@ -357,12 +367,12 @@ def test_a_run_disturbed_at_its_start_measures_on_a_later_batch(em_crop, monkeyp
     a preview that overlaps a long run's start no longer costs it ONNX Runtime for the whole run. Its outputs then
     come from two runtimes, equal to a PyTorch run's to float rounding."""
     _only_onnx(monkeypatch)
-    monkeypatch.setattr(bk, "_time", _timings(1.0, 0.5))  # ONNX Runtime "2x faster"
+    monkeypatch.setattr(auto, "_time", _timings(1.0, 0.5))  # ONNX Runtime "2x faster"
     lm, crop = tiny(), em_crop[:3, :64, :64]
     kw = dict(depth=2, tile=64, batch_size=1, precision="fp32", prob_dtype="float32")
     if busy == "cores held":
         holds: list = []
-        other = threading.Thread(target=lambda: holds.append(bk.hold_cores()))  # a preview, paused mid-run
+        other = threading.Thread(target=lambda: holds.append(hold_cores()))  # a preview, paused mid-run
         other.start()
         other.join(30)
         free = holds[0].release
@@ -374,7 +384,7 @@ def test_a_run_disturbed_at_its_start_measures_on_a_later_batch(em_crop, monkeyp
             def setdefault(self, key, default=None):
                 return measuring
 
-        monkeypatch.setattr(bk, "_MEASURING", Busy())
+        monkeypatch.setattr(auto, "_MEASURING", Busy())
         free = measuring.release
     gen = predict_iter(crop, lm, **kw)
     next(gen)  # the first plane's one tile: PyTorch, nothing measured
@@ -392,13 +402,13 @@ def test_a_saved_choice_is_used_while_another_run_holds_the_cores(em_crop, monke
     """With a choice saved for the shape, a run that starts while another run holds the cores uses it: nothing is
     measured, so nothing needs the cores to itself."""
     _only_onnx(monkeypatch)
-    monkeypatch.setattr(bk, "_time", _timings(1.0, 0.5))  # the one measurement
+    monkeypatch.setattr(auto, "_time", _timings(1.0, 0.5))  # the one measurement
     lm, crop = tiny(), em_crop[:2, :64, :64]
     kw = dict(depth=2, tile=64, batch_size=1, precision="fp32")
     assert predict(crop, lm, **kw).runtime == "onnx"
-    monkeypatch.setattr(bk, "_CHOICES", {})  # a new process: the file answers
+    monkeypatch.setattr(choices, "_CHOICES", {})  # a new process: the file answers
     holds: list = []
-    other = threading.Thread(target=lambda: holds.append(bk.hold_cores()))
+    other = threading.Thread(target=lambda: holds.append(hold_cores()))
     other.start()
     other.join(30)
     try:
@@ -414,7 +424,7 @@ class _OrtAsOpenVino:
     and fails, like a broken plugin, while ``broken[0]`` is set; counts its inference calls."""
 
     def __init__(self, path: Path, broken: list[bool], calls: list[int]) -> None:
-        self.session, self.broken, self.calls = bk.ort_session(path), broken, calls
+        self.session, self.broken, self.calls = ort_session(path), broken, calls
 
     def create_infer_request(self):
         model = self
@@ -440,20 +450,20 @@ def test_a_runtime_failed_in_this_process_never_overwrites_the_saved_choice(em_c
     PyTorch against ONNX Runtime for the rest of its runs: that measurement serves this process only and never
     replaces the saved choice (the next process tries OpenVINO again, whose failure may have been this model's)."""
     _only_onnx(monkeypatch)
-    monkeypatch.setattr(bk, "openvino_available", lambda: None)
+    monkeypatch.setattr(base, "openvino_available", lambda: None)
     broken, calls = [False], []
     monkeypatch.setattr(
-        bk, "openvino_compiled", lambda loaded, path: bk.OpenVinoModel(_OrtAsOpenVino(path, broken, calls))
+        selection, "openvino_compiled", lambda loaded, path: OpenVinoModel(_OrtAsOpenVino(path, broken, calls))
     )
     # torch, ONNX Runtime, OpenVINO in the first process; torch, ONNX Runtime once OpenVINO failed
-    monkeypatch.setattr(bk, "_time", _timings(1.0, 0.8, 0.5, 1.0, 0.5))
+    monkeypatch.setattr(auto, "_time", _timings(1.0, 0.8, 0.5, 1.0, 0.5))
     lm, crop = tiny(), em_crop[:2, :64, :64]
     kw = dict(depth=2, tile=64, batch_size=1, precision="fp32")
     assert predict(crop, lm, **kw).runtime == "openvino"
     (key,) = _saved()
     assert _saved()[key]["runtime"] == "openvino"
     broken[0] = True
-    monkeypatch.setattr(bk, "_CHOICES", {})  # a new process, in which OpenVINO fails on this model
+    monkeypatch.setattr(choices, "_CHOICES", {})  # a new process, in which OpenVINO fails on this model
     failed = predict(crop, lm, **kw)
     assert failed.runtime == "torch" and "OpenVINO failed" in failed.device, failed.device
     without = predict(crop, lm, **kw)  # measures PyTorch against ONNX Runtime
@@ -462,8 +472,8 @@ def test_a_runtime_failed_in_this_process_never_overwrites_the_saved_choice(em_c
     n = len(calls)
     assert predict(crop, lm, **kw).runtime == "onnx" and len(calls) == n  # this process keeps its answer
     broken[0] = False
-    monkeypatch.setattr(bk, "_CHOICES", {})  # the next process
-    monkeypatch.setattr(bk, "_FAILED", {})
+    monkeypatch.setattr(choices, "_CHOICES", {})  # the next process
+    monkeypatch.setattr(failures, "_FAILED", {})
     assert predict(crop, lm, **kw).runtime == "openvino"
 
 
@@ -486,8 +496,8 @@ def test_no_runtime_is_measured_while_a_cpu_fine_tune_trains(em_crop, em_crop_me
 
     _only_onnx(monkeypatch)
     decided = []
-    real = bk._decide
-    monkeypatch.setattr(bk, "_decide", lambda *a: decided.append(a) or real(*a))
+    real = auto.decide
+    monkeypatch.setattr(auto, "decide", lambda *a: decided.append(a) or real(*a))
     lm, small = tiny(), em_crop[0, :48, :48]
     training = fine_tune_iter(
         tiny(seed=1),

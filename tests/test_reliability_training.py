@@ -13,8 +13,9 @@ import torch
 from napari_unetpp.data.axes import fit_channels
 from napari_unetpp.errors import InputError
 from napari_unetpp.inference.predict import normalization_stats, predict
+from napari_unetpp.model.loaded import LoadedModel
 from napari_unetpp.model.network import UNetPlusPlus
-from napari_unetpp.model.registry import LoadedModel, load_model
+from napari_unetpp.model.registry import load_model
 from napari_unetpp.paths import user_models_dir
 from napari_unetpp.training import (
     TrainingItem,
@@ -241,7 +242,8 @@ def test_unwritable_models_folder_keeps_the_trained_model(
 
 def test_cli_train_with_an_unwritable_models_folder_saves_elsewhere(tmp_path, monkeypatch, capsys, em_crop_membrane):
     from napari_unetpp.cli.app import main
-    from napari_unetpp.model.registry import ModelCard, save_model
+    from napari_unetpp.model.card import ModelCard
+    from napari_unetpp.model.registry import save_model
 
     save_model(tiny().module, ModelCard(name="tiny", architecture={}))  # the base, before the folder fills up
     _failing_save(monkeypatch, errno.ENOSPC)

@@ -11,16 +11,22 @@ import pytest
 from napari_unetpp import predict
 from napari_unetpp.inference.predict import normalization_stats
 
+from .widget_models import register_tiny_em
+
 pytestmark = pytest.mark.gui
 
 
 @pytest.fixture
 def seg(make_napari_viewer, em_crop):
+    """The ISBI crop with the Segment widget on a tiny network (what is checked is what the widget keeps, not how
+    well a network segments)."""
+    tiny = register_tiny_em()
     viewer = make_napari_viewer()
     img = viewer.add_image(em_crop, name="a.tif")
     _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     w._image.value = img
-    w._model.value = "em-membranes@v1"
+    with w._depth_slider.changed.blocked():  # (the new model's depth must not segment yet: tests do that)
+        w._model.value = tiny
     w._device.value = "cpu"
     viewer.dims.set_current_step(0, 0)
     return viewer, w, img
@@ -29,11 +35,11 @@ def seg(make_napari_viewer, em_crop):
 @pytest.fixture
 def calls(monkeypatch):
     """The depths the widget computed (every call of the core's predict_iter)."""
-    from napari_unetpp.napari import segment
+    from napari_unetpp.napari.segment import jobs
 
     seen: list[int] = []
-    real = segment.predict_iter
-    monkeypatch.setattr(segment, "predict_iter", lambda *a, **k: (seen.append(k["depth"]), real(*a, **k))[1])
+    real = jobs.predict_iter
+    monkeypatch.setattr(jobs, "predict_iter", lambda *a, **k: (seen.append(k["depth"]), real(*a, **k))[1])
     return seen
 
 
@@ -49,37 +55,39 @@ def test_an_unrelated_layer_keeps_the_cached_results(seg, calls):
     viewer, w, img = seg
     w._depth_slider.value = 2  # computes L1 and L2 of slice 0
     w._depth_slider.value = 1
-    n, before = len(w._cache), list(calls)
+    n, before = len(w.controller.cache), list(calls)
     assert n >= 1 and before and before[-1] == 2
     viewer.add_labels(np.zeros(img.data.shape, np.uint8), name="corrections")
     viewer.layers.remove("corrections")
-    assert len(w._cache) == n
+    assert len(w.controller.cache) == n
     w._depth_slider.value = 2
     w._depth_slider.value = 1
     assert calls == before  # from the cache
 
 
-def test_editing_the_image_data_drops_its_results_and_statistics(seg, em_model):
+def test_editing_the_image_data_drops_its_results_and_statistics(seg):
     viewer, w, img = seg
+    lm = w.model  # the tiny network
     w._depth_slider.value = 1
     w.preview()
-    assert len(w._cache) and w._stats
+    assert len(w.controller.cache) and w.controller.has_stats()
     inverted = (255 - np.asarray(img.data)).astype(np.uint8)
     img.data = inverted  # same shape: only the data event tells
     w.preview()
     mask = viewer.layers["a.tif [UNet++ mask]"]
-    np.testing.assert_array_equal(mask.data[0], _core(inverted, em_model, 1, plane=0).mask)
+    np.testing.assert_array_equal(mask.data[0], _core(inverted, lm, 1, plane=0).mask)
     img.data = np.asarray(img.data)[:, :, ::-1].copy()
-    assert not any(k.layer == img.unique_id for k in w._cache._entries) and not w._stats
+    assert not any(k.layer == img.unique_id for k in w.controller.cache.keys()) and not w.controller.has_stats()
 
 
-def test_image_data_of_another_shape_gets_new_result_layers(seg, em_model, em_crop):
+def test_image_data_of_another_shape_gets_new_result_layers(seg, em_crop):
     """Data of another shape put in the image layer: the next preview writes new result layers of that shape (it
     wrote into the old ones: a broadcast error), and the old ones, which may hold the user's corrections, are kept
     as they were. Data of the same shape keeps writing into the same layers."""
     from napari_unetpp.inference.postprocess import split_instances
 
     viewer, w, img = seg
+    lm = w.model  # the tiny network
     errors = []
     w._error = errors.append  # (a magicgui Container: plain attribute)
     w._instances.value = "components"  # object ids: the next free id is kept per mask layer
@@ -94,7 +102,7 @@ def test_image_data_of_another_shape_gets_new_result_layers(seg, em_model, em_cr
     new = w.result_layer(img)
     assert new is not old and new in viewer.layers and old in viewer.layers and new.data.shape == small.shape
     np.testing.assert_array_equal(old.data, kept)
-    objects = split_instances(_core(small, em_model, 1, plane=0).mask, "components", 2)
+    objects = split_instances(_core(small, lm, 1, plane=0).mask, "components", 2)
     np.testing.assert_array_equal(new.data[0], objects)  # (its object ids start again at 1)
     img.data = (255 - small).astype(np.uint8)  # the same shape: the same layers
     w.preview()
@@ -124,7 +132,7 @@ def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop):
     w._image.value = a
     assert "AWIN" in w.model.normalization.describe()
     viewer.layers.remove(b)
-    assert not [k for k in w._windowed if "BWIN" in repr(k)]  # forgotten with its layer
+    assert not [k for k in w.controller.windowed_models() if "BWIN" in repr(k)]  # forgotten with its layer
 
 
 def test_images_with_the_same_dicom_window_share_one_windowed_model(make_napari_viewer, em_crop):
@@ -156,10 +164,11 @@ def test_images_with_the_same_dicom_window_share_one_windowed_model(make_napari_
 
 
 # ----------------------------------------------------------------- item 9: result layers by layer identity
-def test_results_of_a_closed_image_are_kept_when_another_of_its_name_opens(seg, em_model, em_crop):
+def test_results_of_a_closed_image_are_kept_when_another_of_its_name_opens(seg, em_crop):
     """Close a.tif keeping its results, open another a.tif (same shape, then another shape): the old layers are
     never written to, and each new image gets its own result layers (no broadcast error)."""
     viewer, w, img = seg
+    lm = w.model  # the tiny network
     w._all_levels.value = True
     w._depth_slider.value = 1
     w.preview()
@@ -178,7 +187,7 @@ def test_results_of_a_closed_image_are_kept_when_another_of_its_name_opens(seg, 
         np.testing.assert_array_equal(old_l1.data, kept[1])
         mask = [ly for ly in viewer.layers if "[UNet++ mask" in ly.name][-1]  # the newest
         assert mask is not old_mask and mask.data.shape == data.shape and mask.name == f"a.tif [UNet++ mask {n}]"
-        np.testing.assert_array_equal(mask.data[0], _core(data, em_model, 1, plane=0).mask)
+        np.testing.assert_array_equal(mask.data[0], _core(data, lm, 1, plane=0).mask)
         assert w.result_layer(new) is mask
         assert w.result_layer(new, "L1") is not old_l1
         viewer.layers.remove(new)
@@ -203,9 +212,9 @@ class _Signal:
 def _capture_stack_run(monkeypatch, w):
     """Start nothing for the next whole-stack run: keep its generator and handlers, to drive by hand (``finish()``
     then ends it as a worker's ``finished`` signal would)."""
-    from napari_unetpp.napari import segment
+    from napari_unetpp.napari.segment import jobs
 
-    real = segment.run_generator
+    real = jobs.run_generator
     got: dict = {}
     worker = types.SimpleNamespace(
         yielded=_Signal(), returned=_Signal(), errored=_Signal(), finished=_Signal(), quit=lambda: None
@@ -218,19 +227,19 @@ def _capture_stack_run(monkeypatch, w):
         got["finish"] = lambda: (on_finish(), worker.finished.emit())
         return worker
 
-    monkeypatch.setattr(segment, "run_generator", run_generator)
+    monkeypatch.setattr(jobs, "run_generator", run_generator)
     return got
 
 
 def test_workers_use_the_values_set_when_they_started(seg, monkeypatch):
     """The worker reads no widget: a device chosen after the start does not reach a run already going."""
-    from napari_unetpp.napari import segment
+    from napari_unetpp.napari.segment import jobs
 
     viewer, w, img = seg
     w._depth_slider.value = 1
     devices = []
-    real = segment.predict_iter
-    monkeypatch.setattr(segment, "predict_iter", lambda *a, **k: (devices.append(k["device"]), real(*a, **k))[1])
+    real = jobs.predict_iter
+    monkeypatch.setattr(jobs, "predict_iter", lambda *a, **k: (devices.append(k["device"]), real(*a, **k))[1])
     got = _capture_stack_run(monkeypatch, w)
     w._device.value = "cpu"
     w.run_stack()
@@ -239,20 +248,21 @@ def test_workers_use_the_values_set_when_they_started(seg, monkeypatch):
     next(gen)
     gen.close()
     got["finish"]()
-    assert devices == ["cpu"] and w._stack_worker is None and not w._workers
+    assert devices == ["cpu"] and w.jobs.stack is None and not w.jobs.workers
 
 
-def test_a_slider_preview_during_a_whole_stack_run(seg, em_model, em_crop, monkeypatch, calls):
+def test_a_slider_preview_during_a_whole_stack_run(seg, em_crop, monkeypatch, calls):
     """A whole-stack run at L1 driven by hand: after its first slice, the user previews slice 2 at L2, goes back to
     L1 and changes the threshold; then the run finishes. Each slice shows what it should, nothing is written across
     slices or levels, and nothing is computed twice."""
-    from napari_unetpp.napari import segment
+    from napari_unetpp.napari.segment import jobs
 
     viewer, w, img = seg
+    lm = w.model  # the tiny network
     w._depth_slider.value = 1  # (computes slice 0 at L1)
     got = _capture_stack_run(monkeypatch, w)
-    traced = segment.predict_iter  # (the calls fixture's)
-    monkeypatch.setattr(segment, "predict_iter", lambda *a, **k: traced(*a, **{**k, "batch_size": 1}))  # tile by tile
+    traced = jobs.predict_iter  # (the calls fixture's)
+    monkeypatch.setattr(jobs, "predict_iter", lambda *a, **k: traced(*a, **{**k, "batch_size": 1}))  # tile by tile
     w.run_stack()
     gen = got["gen"]()
     seen: set = set()
@@ -264,7 +274,7 @@ def test_a_slider_preview_during_a_whole_stack_run(seg, em_model, em_crop, monke
     viewer.dims.set_current_step(0, 2)
     w._depth_slider.value = 2  # a preview of slice 2 while the run goes on
     mask = viewer.layers["a.tif [UNet++ mask]"]
-    l2 = _core(em_crop, em_model, 2, plane=2)
+    l2 = _core(em_crop, lm, 2, plane=2)
     np.testing.assert_array_equal(mask.data[2], l2.mask)
     w._depth_slider.value = 1  # slice 2's L1 came with the L2 preview
     w._threshold.value = 0.7
@@ -274,18 +284,18 @@ def test_a_slider_preview_during_a_whole_stack_run(seg, em_model, em_crop, monke
     except StopIteration as stop:
         got["on_return"](stop.value)
     got["finish"]()
-    assert w._stack_worker is None and not w._workers and calls.count(2) == 1
-    whole = _core(em_crop, em_model, 1)
+    assert w.jobs.stack is None and not w.jobs.workers and calls.count(2) == 1
+    whole = _core(em_crop, lm, 1)
     prob = whole.probabilities[1].astype(np.float32)
     for z, thr in ((0, 0.5), (1, 0.7), (2, 0.7)):  # slice 0 was shown before the threshold moved
         decided = np.abs(prob[z] - thr) > 2e-3  # (the stack keeps float16 probabilities)
         np.testing.assert_array_equal(mask.data[z][decided], (prob[z] >= thr)[decided])
-    entries = {k.plane: e for k, e in w._cache._entries.items()}
+    entries = {k.plane: e for k, e in w.controller.cache.items()}
     assert set(entries[(0,)].probs) == set(entries[(1,)].probs) == {1} and set(entries[(2,)].probs) == {1, 2}
     np.testing.assert_allclose(entries[(2,)].probs[2], l2.probabilities[2], atol=1e-3)  # (core: float16)
     n = len(calls)
     w._depth_slider.value = 2  # slice 2 at L2: still the preview's
-    np.testing.assert_array_equal(mask.data[2], _core(em_crop, em_model, 2, plane=2, threshold=0.7).mask)
+    np.testing.assert_array_equal(mask.data[2], _core(em_crop, lm, 2, plane=2, threshold=0.7).mask)
     assert len(calls) == n
 
 
@@ -304,7 +314,7 @@ def test_a_removed_labels_layer_leaves_nothing_behind(ft, monkeypatch):
     goes without a paint handler."""
     from napari.layers import Labels
 
-    from napari_unetpp.napari import finetune
+    from napari_unetpp.napari.finetune import edits
 
     viewer, w, img = ft
     a = viewer.add_labels(np.zeros(img.data.shape, np.uint8), name="a")
@@ -314,13 +324,13 @@ def test_a_removed_labels_layer_leaves_nothing_behind(ft, monkeypatch):
     viewer.layers.remove(a)
     b = Labels(np.zeros(img.data.shape, np.uint8), name="b")
     real_id = id
-    monkeypatch.setattr(finetune, "id", lambda o: a_id if o is b else real_id(o), raising=False)
+    monkeypatch.setattr(edits, "id", lambda o: a_id if o is b else real_id(o), raising=False)
     viewer.add_layer(b)
     assert w.edited_slices(b) == []
     b.paint((2, 60, 60), 1)
     assert w.edited_slices(b) == [(2,)]
     present = {ly.unique_id for ly in viewer.layers}
-    assert set(w._tracked) <= present and a.unique_id not in w._tracked
+    assert w.edits.tracked() <= present and a.unique_id not in w.edits.tracked()
 
 
 def test_fine_tune_keeps_the_pixel_size_unit_and_resegmenting_does_not_zoom(
@@ -357,7 +367,7 @@ def test_fine_tune_keeps_the_pixel_size_unit_and_resegmenting_does_not_zoom(
     _, w = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     w._image.value = img
     w._model.value = card.id
-    assert w._zoom(img, w.model)[0] is None and w._scale_note.value == "used as it is"
+    assert w.controller.zoom(img, w.model)[0] is None and w._scale_note.value == "used as it is"
     viewer.dims.set_current_step(0, 0)
     w._depth_slider.value = 1
     w.preview()
@@ -381,7 +391,7 @@ def test_a_unitless_training_spacing_never_takes_the_bases_unit_away():
 def test_a_lazy_image_is_not_loaded_whole_on_the_gui_thread(ft, monkeypatch, em_crop):
     """The training pair keeps the layer's lazy array; the worker reads the slices it trains on."""
     da = pytest.importorskip("dask.array")
-    from napari_unetpp.napari import finetune
+    from napari_unetpp.napari.finetune import widget as finetune
 
     viewer, w, _ = ft
     lazy = da.from_array(em_crop, chunks=(1, *em_crop.shape[1:]))
@@ -399,7 +409,7 @@ def test_a_lazy_image_is_not_loaded_whole_on_the_gui_thread(ft, monkeypatch, em_
 def test_a_mask_of_one_chosen_channel_trains_on_that_channel(make_napari_viewer, em_crop, monkeypatch):
     """Item 5 in the widgets: a CZYX-like layer segmented on one channel of its first axis gives a mask without that
     axis; the Fine-tune widget takes the Segment widget's channel instead of refusing the mask's shape."""
-    from napari_unetpp.napari import finetune
+    from napari_unetpp.napari.finetune import widget as finetune
 
     viewer = make_napari_viewer()
     stack = np.stack([em_crop, 255 - em_crop])  # (C=2, Z, Y, X)
@@ -423,7 +433,7 @@ def test_a_mask_of_one_chosen_channel_trains_on_that_channel(make_napari_viewer,
     np.testing.assert_array_equal(np.asarray(pairs[0].image), stack[1])
     assert pairs[0].axes == "ZYX"
     assert pairs[0].spacing == pytest.approx({"Z": 0.05, "Y": 0.004, "X": 0.004}) and pairs[0].spacing_unit == "um"
-    assert seg._zoom(img, seg.model)[0] is None  # the same pixel size: 4 nm, the model's own
+    assert seg.controller.zoom(img, seg.model, 1)[0] is None  # the same pixel size: 4 nm, the model's own
     other = viewer.add_image(em_crop, name="other")
     seg._image.value = other  # the Segment widget no longer segments a channel of this image
     assert seg.chosen_channel(img) is None
@@ -438,16 +448,16 @@ def test_a_mask_of_one_chosen_channel_trains_on_that_channel(make_napari_viewer,
 def test_a_pixel_size_far_from_the_models_is_said_not_ignored(seg, monkeypatch):
     """A layer scaled in mm given to the 4 nm EM model: the widget segments it as it is and says so once (the core
     refuses a 250,000x zoom; the widget had swallowed such errors without a word)."""
-    from napari_unetpp.napari import segment
+    from napari_unetpp.napari.segment import controls
 
     viewer, w, img = seg
     warned = []
-    monkeypatch.setattr(segment, "show_warning", warned.append)
+    monkeypatch.setattr(controls, "show_warning", warned.append)
     img.scale = (2.0, 1.0, 1.0)
     img.units = "mm"
-    zoom, why = w._zoom(img, w.model)
+    zoom, why = w.controller.zoom(img, w.model)
     assert zoom is None and why.startswith("not resampled") and "--pixel-size" in why
-    w._zoom(img, w.model)
+    w.controller.zoom(img, w.model)
     assert len(warned) == 1 and "a.tif" in warned[0] and "segmented as it is" in warned[0]
     w._show_scale()
     assert "far from the model" in w._scale_note.value
@@ -462,7 +472,7 @@ def test_an_unsaved_fine_tune_says_so_and_keeps_the_result(make_napari_viewer, e
     import errno
 
     import napari_unetpp.training.saving as sv
-    from napari_unetpp.napari import finetune
+    from napari_unetpp.napari.finetune import widget as finetune
     from napari_unetpp.paths import user_models_dir
 
     real_save = sv.save_model

@@ -4,8 +4,11 @@
 - ``window`` (CT): clip Hounsfield units to [``low``, ``high``] and map to 0/1.
 - ``none``: pass values through as float32.
 
-Statistics are computed once per stack (from a strided sample, so a lazy or memory-mapped stack is not read
-whole), never per tile or per slice, so tiled and untiled predictions see the same numbers.
+Every mode maps the input linearly by two numbers, :meth:`Normalization.bounds` ``(low, high)``: the input values
+that become 0 and 1. In percentile mode they are the stack's percentiles, computed once per stack (from a strided
+sample, so a lazy or memory-mapped stack is not read whole), never per tile or per slice, so tiled and untiled
+predictions (and the blocks of a split run) see the same numbers; in window mode they are the window's own HU
+bounds, whatever the image; in ``none`` mode ``(0, 1)``. :meth:`Normalization.apply` takes them.
 """
 
 from __future__ import annotations
@@ -71,11 +74,14 @@ class Normalization:
         """Inverse of :meth:`to_dict`."""
         return cls(**d)
 
-    def compute_stats(self, image: Any) -> tuple[float, float]:
-        """The (offset, scale-denominator) pair ``(lo, hi)`` for ``image`` (numpy, memmap or dask).
+    def bounds(self, image: Any) -> tuple[float, float]:
+        """``(low, high)``: the input values this recipe maps to 0 and 1 for ``image`` (numpy, memmap or dask), in
+        every mode: the ``low``/``high`` percentiles of the image (its range if they are equal), the window's HU
+        bounds (the image is not read), or ``(0.0, 1.0)`` for ``none`` (values pass through). What
+        :meth:`apply` takes; compute it once per stack and give the same pair to every tile or block.
 
         Raises:
-            NonFiniteInputError: the sampled voxels contain NaN or inf.
+            NonFiniteInputError: the sampled voxels contain NaN or inf (percentile and ``none`` modes).
         """
         if self.mode == "window":
             return float(self.low), float(self.high)
@@ -90,9 +96,15 @@ class Normalization:
             hi = hi if hi > lo else lo + 1.0
         return float(lo), float(hi)
 
-    def apply(self, block: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
-        """Normalise one block (float32 out). Window mode clips to [0, 1]; percentile mode does not."""
-        lo, hi = stats
+    def compute_stats(self, image: Any) -> tuple[float, float]:
+        """The former name of :meth:`bounds` (which returns the window's bounds in window mode, not statistics)."""
+        return self.bounds(image)
+
+    def apply(self, block: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+        """Normalise one block to float32: ``(block - low) / (high - low)`` for ``bounds`` ``(low, high)`` from
+        :meth:`bounds` (of the whole stack). Window mode clips to [0, 1]; percentile mode does not; ``none`` passes
+        values through as float32."""
+        lo, hi = bounds
         out = np.asarray(block, dtype=np.float32)
         if self.mode == "none":
             return np.array(out, dtype=np.float32, copy=True) if out is block else out

@@ -5,7 +5,8 @@ A model card records the pixel size of its training data (``training.spacing`` p
 (``training.object_diameter``). :func:`zoom_for` turns what is known about the input (its pixel size from the file
 or the napari layer, or an object diameter the user measured, as in cellpose) into one zoom factor per spatial axis:
 the input is resampled by it before the network and the outputs are resampled back
-(:func:`~napari_unetpp.inference.predict.predict_iter` ``zoom=``).
+(:func:`~napari_unetpp.inference.predict.predict_iter` ``zoom=``). When a model is applied as it is, without
+resampling, :func:`spacing_note` says so in one sentence if the input's pixel size is far from the training data's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = [
     "NGFF_UNITS",
     "resize_plane",
     "zoomed_shape",
+    "spacing_note",
+    "SPACING_TOLERANCE",
 ]
 
 # factors within this of 1 are not worth a resampling (it costs time and blurs)
@@ -252,3 +255,43 @@ def resize_plane(block: np.ndarray, shape: Sequence[int], order: int) -> np.ndar
         ]
     )
     return out.reshape((*lead, *shape)).astype(block.dtype, copy=False)
+
+
+# a model applied as it is (no resampling): say when the input's pixel size is far from the training data's
+SPACING_TOLERANCE = 0.25
+
+
+def spacing_note(
+    trained: dict[str, float] | None,
+    given: dict[str, float],
+    units: str = "",
+    axes: str = "YX",
+    trained_units: str | None = None,
+) -> str | None:
+    """One sentence when the input's pixel size along ``axes`` (in-plane for 2D models; ``"ZYX"`` for 3D ones)
+    differs from the training data's by more than 25 % (predictions do not resample), else None. Either side
+    unknown: None.
+
+    Args:
+        trained: The model's training pixel size per axis (in ``trained_units``).
+        given: The input's pixel size per axis (in ``units``).
+        units: The input's unit (``""``: unknown, taken to be the model's).
+        axes: The axes to compare.
+        trained_units: The model's unit (None: the same as ``units``); both lengths: compared in one unit.
+    """
+    if not trained or not given:
+        return None
+    t_unit = units if trained_units is None else trained_units
+    g_um, t_um = to_um(1.0, units), to_um(1.0, t_unit)
+    f = g_um / t_um if g_um is not None and t_um is not None else 1.0  # input units -> model units
+    far = [a for a in axes if a in trained and a in given and abs(given[a] * f / trained[a] - 1) > SPACING_TOLERANCE]
+    if not far:
+        return None
+    u, tu = (f" {units}" if units else ""), (f" {t_unit}" if t_unit else "")
+    a = far[0]
+    return (
+        f"this model was trained on {trained[a]:.3g}{tu} pixels and the input has {given[a]:.3g}{u} (axis {a}); "
+        "it is applied without resampling, so objects look "
+        + ("larger" if given[a] * f < trained[a] else "smaller")
+        + " to it than in training: resample the image to the model's pixel size for the best result."
+    )

@@ -2,13 +2,12 @@
 
 :func:`export_bioimageio` writes a model package (a ``.zip``, or a folder) that any bioimage.io consumer runs
 (bioimageio.core, deepImageJ, ilastik, the BioImage Model Zoo): the sub-network of depth k alone
-(:meth:`~napari_unetpp.model.network.UNetPlusPlus.pruned`: only its parameters), as TorchScript and ONNX weights (our
-own
-safetensors files are not a bioimage.io weights format); the card's normalisation as the spec's preprocessing; a
-test input of the model's own domain and the test output our :func:`~napari_unetpp.inference.predict.predict` computes
-for
-it; a cover image; and a README with the card (training data, citations, licence, per-level scores, the
-recommended depth).
+(:meth:`~napari_unetpp.model.network.UNetPlusPlus.pruned`: only its parameters), as TorchScript and ONNX weights
+(our own safetensors files are not a bioimage.io weights format); the card's normalisation as the spec's
+preprocessing; a test input of the model's own domain and the test output our
+:func:`~napari_unetpp.inference.predict.predict` computes for it; a cover image; and a README with the card
+(training data, citations, licence, per-level scores, the recommended depth). The description, README and cover are
+written by :mod:`napari_unetpp.export.description`; the package is moved into place complete.
 
 The exported network outputs probabilities (sigmoid of head k for a 1-class model, softmax over classes otherwise);
 a learned instance cue is not exported. Inputs are one image (batch, channel, [z,] y, x) whose spatial sizes are
@@ -22,7 +21,6 @@ Needs ``onnx`` and ``bioimageio.spec`` (``pip install "napari-unetpp[export]"``)
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -36,24 +34,20 @@ import torch
 from torch import nn
 
 from napari_unetpp.errors import UserError
+from napari_unetpp.export.description import cover_image, model_description, readme_text
 from napari_unetpp.model.network import PrunedUNetPlusPlus, probabilities
-from napari_unetpp.paths import samples_dir
+from napari_unetpp.paths import (
+    move_into_place,
+    partial_beside,
+    remove_partial,
+    samples_dir,
+    usual_mode,
+    write_atomically,
+)
 
 __all__ = ["export_bioimageio", "ExportResult", "ExportError", "exported_network"]
 
 SAMPLES = samples_dir()
-UNETPP_CITATIONS = [
-    (
-        "Zhou Z, Rahman Siddiquee MM, Tajbakhsh N, Liang J. UNet++: A Nested U-Net Architecture for Medical Image "
-        "Segmentation. DLMIA 2018.",
-        "10.1007/978-3-030-00889-5_1",
-    ),
-    (
-        "Zhou Z, Rahman Siddiquee MM, Tajbakhsh N, Liang J. UNet++: Redesigning Skip Connections to Exploit "
-        "Multiscale Features in Image Segmentation. IEEE TMI 39(6), 2020.",
-        "10.1109/TMI.2019.2959609",
-    ),
-]
 
 
 class ExportError(UserError, RuntimeError):
@@ -201,8 +195,8 @@ def export_bioimageio(
         params = sum(p.numel() for p in net.parameters())
         say(f"TorchScript and ONNX weights of UNet++ L{k} ({params:,} parameters)")
         norm = loaded.normalization  # what the package's preprocessing does (per image, as predict does here)
-        stats = [norm.compute_stats(x[0, c]) for c in range(x.shape[1])]
-        xn = np.stack([norm.apply(x[0, c], st) for c, st in enumerate(stats)])[None]
+        bounds = [norm.bounds(x[0, c]) for c in range(x.shape[1])]
+        xn = np.stack([norm.apply(x[0, c], b) for c, b in enumerate(bounds)])[None]
         xt = torch.from_numpy(xn)
         diffs: dict[str, float] = {}
         with _stage(f"the TorchScript export of L{k}"):
@@ -231,10 +225,10 @@ def export_bioimageio(
         if worst > 1e-3:
             raise ExportError(f"the exported weights differ from predict by up to {worst:.2g}; not written.")
         say("cover, README and rdf.yaml")
-        _cover(x, y, work / "cover.png")
-        (work / "README.md").write_text(_readme(loaded, k, params, diffs), encoding="utf-8")
+        cover_image(x, y, work / "cover.png")
+        (work / "README.md").write_text(readme_text(loaded, k, params, diffs), encoding="utf-8")
         with _stage("the bioimage.io description"):
-            descr = _description(bio, loaded, k, work, x, y, authors)
+            descr = model_description(bio, loaded, k, work, x, y, authors)
         say(f"writing {out}")
         _write_package(descr, out, save_bioimageio_package, save_bioimageio_package_as_folder)
         return ExportResult(out, k, ["torchscript", "onnx"], diffs, params)
@@ -253,14 +247,6 @@ def _stage(what: str) -> Iterator[None]:
         raise ExportError(f"{what} failed ({_first_line(exc)}); nothing was written.") from None
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0].strip() if text else type(exc).__name__
@@ -268,25 +254,26 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _write_package(descr: Any, out: Path, save_zip: Callable[..., Any], save_folder: Callable[..., Any]) -> None:
-    """Write the package under a temporary name beside ``out`` and move it into place complete; on any failure
-    the temporary file or folder is removed and ``out`` is as it was (an empty folder stays empty).
+    """Write the package to a partial file or folder beside ``out`` (:func:`~napari_unetpp.paths.partial_beside`)
+    and move it into place complete, with the permissions a plain write gives; on any failure the partial one is
+    removed and ``out`` is as it was (an empty folder stays empty).
 
     Raises:
         ExportError: it could not be written (the message names ``out`` and why).
     """
-    tmp = out.with_name(f".{out.name}.partial")
-    _remove(tmp)  # what a killed export left
     try:
         if out.suffix.lower() == ".zip":
-            save_zip(descr, output_path=tmp)
-            os.replace(tmp, out)
+            write_atomically(out, lambda tmp: save_zip(descr, output_path=tmp), mode=usual_mode(out))
         else:
-            save_folder(descr, output_path=tmp)
-            if out.is_dir():
-                out.rmdir()  # empty (checked before the export); a folder cannot be renamed over one everywhere
-            os.replace(tmp, out)
+            tmp = partial_beside(out, folder=True)
+            try:
+                save_folder(descr, output_path=tmp)
+                os.chmod(tmp, usual_mode(out, folder=True))
+                move_into_place(tmp, out)  # out is empty (checked before the export) or missing
+            except BaseException:
+                remove_partial(tmp)
+                raise
     except BaseException as exc:
-        _remove(tmp)
         if isinstance(exc, UserError) or not isinstance(exc, Exception):
             raise
         raise ExportError(f"could not write {out}: {_first_line(exc)}; nothing was written.") from None
@@ -300,191 +287,3 @@ def _onnx_difference(path: Path, x: np.ndarray, y: np.ndarray) -> float:
         return 0.0
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return float(np.abs(sess.run(None, {"raw": x})[0] - y).max())
-
-
-def _cover(x: np.ndarray, y: np.ndarray, path: Path) -> None:
-    """Input and output side by side (2:1), the middle plane of a volume."""
-    import imageio.v3 as iio
-
-    def plane(a: np.ndarray) -> np.ndarray:
-        a = a[0, 0] if a.ndim == 4 else a[0, 0, a.shape[2] // 2]
-        lo, hi = np.percentile(a, [1, 99.8])
-        return np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
-
-    prob = y[0, 0] if y.shape[1] == 1 else np.argmax(y[0], axis=0) / max(y.shape[1] - 1, 1)
-    if prob.ndim == 3:
-        prob = prob[prob.shape[0] // 2]
-    left = plane(x)
-    right = np.clip(prob, 0, 1)
-    img = np.concatenate([left, right], axis=1)
-    rgb = np.stack([img, img, img], -1)
-    rgb[:, left.shape[1] :, 0] = right  # output in magenta
-    rgb[:, left.shape[1] :, 1] = right * 0.2
-    iio.imwrite(path, (rgb * 255).astype(np.uint8))
-
-
-def _readme(model: Any, k: int, params: int, diffs: dict[str, float]) -> str:
-    card = model.card
-    tr = card.training or {}
-    scores = "\n".join(f"| L{lv} | {json.dumps(s)} |" for lv, s in card.scores.items())
-    lines = [
-        f"# {card.id}: UNet++ L{k} (exported by napari-unetpp)",
-        "",
-        card.description or "",
-        "",
-        f"This package holds the depth-{k} sub-network of a UNet++ with deep supervision (Zhou et al. 2018/2020): "
-        f"only the nodes X(i,j) with i + j <= {k} and head {k}, {params:,} parameters. "
-        f"The recommended depth of this model is L{card.recommended_depth}.",
-        "",
-        "Output: probabilities (sigmoid of head k for one class, softmax over classes otherwise); threshold 0.5 for "
-        "a mask. Input sides must be multiples of the network's pooling (see rdf.yaml).",
-        "",
-        f"Normalisation: {model.normalization.describe()} (the package's preprocessing).",
-        "",
-        "## Training",
-        "",
-        *(
-            f"- {key}: {val}"
-            for key, val in tr.items()
-            if isinstance(val, (str, int, float)) and key not in ("script", "citations")
-        ),
-        "",
-        "## Citations",
-        "",
-        *(f"- {t} (doi:{d})" for t, d in UNETPP_CITATIONS),
-        *(f"- {c}" for c in _as_list(tr.get("citations"))),
-        "",
-        "## Validation scores per level (from the model card)",
-        "",
-        "| level | scores |",
-        "|---|---|",
-        scores,
-        "",
-        "## Reproduction",
-        "",
-        "The test output is napari-unetpp's own `predict` on the test input; the exported weights reproduce it to "
-        + ", ".join(f"{w} {d:.1e}" for w, d in diffs.items())
-        + " (largest absolute difference).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _as_list(value: Any) -> list[str]:
-    """A card field that is a list, or a string holding a Python list's text, as a list of strings."""
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, str) and value.startswith("["):
-        import ast
-
-        try:
-            return [str(v) for v in ast.literal_eval(value)]
-        except (ValueError, SyntaxError):
-            return [value]
-    return [value] if value else []
-
-
-def _description(bio: Any, model: Any, k: int, work: Path, x: np.ndarray, y: np.ndarray, authors: Any) -> Any:
-    """The spec 0.5 ModelDescr."""
-    from napari_unetpp import __version__
-
-    cfg = model.module.config
-    dims = cfg.spatial_dims
-    spatial = ["z", "y", "x"] if dims == 3 else ["y", "x"]
-    mult = cfg.multiple if isinstance(cfg.multiple, tuple) else (cfg.multiple,) * dims
-    in_axes: list[Any] = [
-        bio.BatchAxis(),
-        bio.ChannelAxis(channel_names=[bio.Identifier(f"channel{c}") for c in range(cfg.in_channels)]),
-    ]
-    in_axes += [
-        bio.SpaceInputAxis(id=bio.AxisId(a), size=bio.ParameterizedSize(min=int(m), step=int(m)))
-        for a, m in zip(spatial, mult)
-    ]
-    norm = model.normalization
-    pre: list[Any] = [bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32"))]
-    if norm.mode == "percentile":
-        pre.append(
-            bio.ScaleRangeDescr(
-                kwargs=bio.ScaleRangeKwargs(
-                    axes=[bio.AxisId(a) for a in spatial],
-                    min_percentile=float(norm.low),
-                    max_percentile=float(norm.high),
-                    eps=1e-6,
-                )
-            )
-        )
-    elif norm.mode == "window":
-        gain = 1.0 / (norm.high - norm.low)
-        pre.append(bio.ScaleLinearDescr(kwargs=bio.ScaleLinearKwargs(gain=gain, offset=-norm.low * gain)))
-        pre.append(bio.ClipDescr(kwargs=bio.ClipKwargs(min=0.0, max=1.0)))
-    classes = (
-        list(model.card.classes)
-        if cfg.num_classes > 1
-        else [model.card.classes[0] if model.card.classes else "foreground"]
-    )
-    out_axes: list[Any] = [
-        bio.BatchAxis(),
-        bio.ChannelAxis(channel_names=[bio.Identifier(_ident(c)) for c in classes]),
-    ]
-    out_axes += [
-        bio.SpaceOutputAxis(
-            id=bio.AxisId(a), size=bio.SizeReference(tensor_id=bio.TensorId("raw"), axis_id=bio.AxisId(a))
-        )
-        for a in spatial
-    ]
-    import torch as _torch
-
-    descr = bio.ModelDescr(
-        name=f"napari-unetpp {model.card.name} L{k}"[:128],
-        description=(
-            f"UNet++ L{k} (pruned from a depth-{model.module.max_depth} UNet++ with deep supervision) from "
-            f"napari-unetpp: {model.card.description or model.card.name}. Recommended depth L"
-            f"{model.card.recommended_depth}."
-        )[:1000],
-        authors=[bio.Author(name=a) for a in (authors or ["napari-unetpp developers"])],
-        cite=[bio.CiteEntry(text=t, doi=bio.Doi(d)) for t, d in UNETPP_CITATIONS],
-        license=bio.LicenseId("BSD-3-Clause"),
-        documentation=bio.FileDescr(source=work / "README.md"),
-        covers=[bio.FileDescr(source=work / "cover.png")],
-        tags=["unet++", "segmentation", "pytorch", f"{dims}d", "napari-unetpp", *(_ident(c) for c in classes)],
-        inputs=[
-            bio.InputTensorDescr(
-                id=bio.TensorId("raw"),
-                axes=in_axes,
-                test_tensor=bio.FileDescr(source=work / "test_input.npy"),
-                preprocessing=pre,
-            )
-        ],
-        outputs=[
-            bio.OutputTensorDescr(
-                id=bio.TensorId("probabilities"),
-                axes=out_axes,
-                test_tensor=bio.FileDescr(source=work / "test_output.npy"),
-                data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
-            )
-        ],
-        weights=bio.WeightsDescr(
-            torchscript=bio.TorchscriptWeightsDescr(
-                source=work / "weights.torchscript.pt", pytorch_version=bio.Version(_torch.__version__.split("+")[0])
-            ),
-            onnx=bio.OnnxWeightsDescr(source=work / "weights.onnx", opset_version=17),
-        ),
-        version=bio.Version(str(model.card.version or 1)),
-        config={
-            "napari-unetpp": {
-                "model": model.card.id,
-                "depth": k,
-                "max_depth": model.module.max_depth,
-                "recommended_depth": model.card.recommended_depth,
-                "exported_with": __version__,
-                "normalization": model.normalization.describe(),
-            }
-        },
-    )
-    return descr
-
-
-def _ident(name: str) -> str:
-    """A bioimage.io identifier from a class name (letters, digits, _ and -)."""
-    out = "".join(c if c.isalnum() or c in "_-" else "_" for c in str(name)).strip("_")
-    return out or "class"

@@ -15,7 +15,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TilePlan", "Blender", "gaussian_weights", "axis_starts", "default_tile", "default_batch", "read_tile"]
+__all__ = [
+    "TilePlan",
+    "Blender",
+    "gaussian_weights",
+    "axis_starts",
+    "default_tile",
+    "default_batch",
+    "read_tile",
+    "tile_grid",
+]
 
 
 def axis_starts(size: int, tile: int, overlap: float, align: int = 1) -> list[int]:
@@ -232,6 +241,24 @@ def padding_for(shape: Sequence[int], multiple: int | Sequence[int]) -> list[tup
         total = (-int(n)) % m
         out.append((total // 2, total - total // 2))
     return out
+
+
+def tile_grid(
+    shape: Sequence[int], multiple: int | Sequence[int], tile: Sequence[int], overlap: float
+) -> tuple[list[tuple[int, int]], TilePlan]:
+    """The padding and tile grid of a plane (or volume) of ``shape`` for a network whose sizes must be multiples of
+    ``multiple``: the plane is padded to a multiple (:func:`padding_for`), tiles of at most ``tile`` are rounded
+    down to multiples (at least one) and start on multiples, so the network never pads inside a tile and tiled and
+    whole-plane runs see the same borders. Prediction and validation plan their tiles with it.
+
+    Returns:
+        ``(pad, plan)``: padding ``(before, after)`` per axis, and the :class:`TilePlan` over the padded plane.
+    """
+    mult = per_axis(multiple, len(shape))
+    pad = padding_for(shape, mult)
+    padded = tuple(int(n) + a + b for n, (a, b) in zip(shape, pad))
+    tile_t = tuple(max(m, int(t) // m * m) for t, m in zip(tile, mult))
+    return pad, TilePlan(padded, tile_t, overlap, align=mult)
 
 
 def source_index(tile: slice, before: int, size: int, edge: bool = False) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ import tifffile
 from napari_unetpp.data.axes import guess_axes
 from napari_unetpp.data.scale import short_unit
 from napari_unetpp.errors import ReadError
-from napari_unetpp.interrupts import ctrl_c_held
+from napari_unetpp.io.nifti import is_nifti_name, nifti_image, nifti_suffix, save_nifti
+from napari_unetpp.paths import move_all_into_place, partial_beside, remove_partial, usual_mode
 
 __all__ = ["ImageData", "read_image", "write_image", "write_images", "ReadError", "OUTPUT_SUFFIXES", "output_kind"]
 
@@ -41,9 +41,9 @@ class ImageData:
         scale: Pixel size per axis letter when the file records it (e.g. ``{"Z": 0.05, "Y": 0.004}``).
         units: Unit of ``scale`` when known: ``"um"``, ``"nm"`` or ``"mm"`` (CT volumes); ``""`` when the file
             does not say.
-        geometry: For CT volumes, the :class:`~napari_unetpp.io.ct.Geometry` that maps outputs back to the file's voxel
-            order and affine.
-        windows: The DICOM file's own Hounsfield windows (:class:`~napari_unetpp.io.ct.Window`), if any.
+        geometry: For CT volumes, the :class:`~napari_unetpp.io.geometry.Geometry` that maps outputs back to the
+            file's voxel order and affine.
+        windows: The DICOM file's own Hounsfield windows (:class:`~napari_unetpp.data.windows.Window`), if any.
         metadata: What the file says about itself (modality, series description, orientation ...).
     """
 
@@ -59,14 +59,14 @@ class ImageData:
 def read_image(path: str | os.PathLike[str]) -> ImageData:
     """Read an image with its axes and pixel size: a TIFF (memory-mapped when possible), an OME-Zarr image (the
     finest resolution level, as a lazy dask array), or a CT volume (a DICOM series folder, a DICOM file,
-    ``.nii``/``.nii.gz``) as a ``ZYX`` array in the canonical orientation of :mod:`napari_unetpp.io.ct`, in Hounsfield
-    units, with its spacing in mm and its geometry.
+    ``.nii``/``.nii.gz``) as a ``ZYX`` array in the canonical orientation of :mod:`napari_unetpp.io.geometry`, in
+    Hounsfield units, with its spacing in mm and its geometry.
 
     Raises:
         ReadError: the file is missing or not readable (one sentence naming the file and what to do).
     """
     p = Path(path)
-    from napari_unetpp.io.ct import is_ct_path, is_nifti_name
+    from napari_unetpp.io.ct import is_ct_path
     from napari_unetpp.io.zarr import is_zarr_path, read_ome_zarr
 
     if is_zarr_path(p):
@@ -100,9 +100,9 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
 
 
 def _read_ct(p: Path) -> ImageData:
-    from napari_unetpp.io.ct import is_nifti_name, read_dicom, read_nifti
+    from napari_unetpp.io.ct import read_ct
 
-    vol = read_nifti(p) if is_nifti_name(p) else read_dicom(p)
+    vol = read_ct(p)
     return ImageData(vol.data, "ZYX", vol.spacing, "mm", vol.geometry, vol.windows, vol.metadata)
 
 
@@ -112,8 +112,6 @@ def output_kind(path: str | os.PathLike[str]) -> str:
     Raises:
         ValueError: another extension (the message lists the ones that work).
     """
-    from napari_unetpp.io.ct import is_nifti_name
-
     if is_nifti_name(path):
         return "nifti"
     if Path(path).name.lower().rstrip("/").endswith(".zarr"):
@@ -162,7 +160,8 @@ def write_image(
     geometry: Any = None,
     units: str = "",
 ) -> Path:
-    """Write ``data`` atomically: to a temporary file beside ``path``, renamed when complete.
+    """Write ``data`` atomically: to a partial file beside ``path``, moved into place when complete (see
+    :func:`write_images`).
 
     Args:
         path: Target path (its folder must exist); ``.tif``/``.tiff`` writes a TIFF, ``.nii``/``.nii.gz`` NIfTI,
@@ -171,8 +170,8 @@ def write_image(
         axes: Axis letters recorded in a TIFF's metadata.
         scale: Pixel size per axis letter (TIFF: X/Y stored as resolution; NIfTI: the voxel size when there is no
             geometry).
-        geometry: NIfTI only: the input's :class:`~napari_unetpp.io.ct.Geometry`, so a ``ZYX`` (or ``CZYX``) array is
-            written in the input's voxel order with its affine.
+        geometry: NIfTI only: the input's :class:`~napari_unetpp.io.geometry.Geometry`, so a ``ZYX`` (or ``CZYX``)
+            array is written in the input's voxel order with its affine.
         units: Unit of ``scale`` (``"um"``, ``"nm"``, ``"mm"``), recorded in OME-Zarr metadata.
     """
     return write_images([(path, data, axes, scale)], geometry=geometry, units=units)[0]
@@ -183,10 +182,13 @@ def write_images(
     geometry: Any = None,
     units: str = "",
 ) -> list[Path]:
-    """Write several images as one unit: all to temporary files first, then all renamed into place.
+    """Write several images as one unit: all to partial files beside their targets first
+    (:func:`~napari_unetpp.paths.partial_beside`), then all moved into place together
+    (:func:`~napari_unetpp.paths.move_all_into_place`, Ctrl-C held off, so the moves are not split).
 
-    If any write fails (disk full, Ctrl-C), every temporary file is removed and no target is touched: files the
-    user had at those paths stay as they were. The renames run with Ctrl-C held back, so they are not split.
+    If any write fails (disk full, Ctrl-C), every partial file is removed and no target is touched: files the user
+    had at those paths stay as they were. Outputs get the permissions a plain ``open()`` gives (a replaced file keeps
+    its own), not the partial files' private ones.
 
     Args:
         outputs: ``(path, data, axes, scale)`` per file, as for :func:`write_image`.
@@ -196,46 +198,41 @@ def write_images(
     Returns:
         The written paths.
     """
-    from napari_unetpp.io.zarr import OmeZarrOutputs
-
-    temps: list[tuple[Any, Path]] = []
+    partials: list[Path] = []
+    zarrs: list[Any] = []
+    moves: list[tuple[Path, Path]] = []
     try:
         for path, data, axes, scale in outputs:
             p = Path(path)
-            if output_kind(p) == "zarr":
-                temps.append((_write_zarr_temp(p, data, axes, scale, units), p))
-            elif output_kind(p) == "nifti":
-                from napari_unetpp.io.ct import nifti_image, save_nifti_temp
-
-                temps.append((save_nifti_temp(p, nifti_image(data, geometry, scale)), p))
+            kind = output_kind(p)
+            if kind == "zarr":
+                zarrs.append(_zarr_image(p, data, axes, scale, units))
+                moves += zarrs[-1].moves()
+                continue
+            suffix = nifti_suffix(p) if kind == "nifti" else p.suffix
+            partials.append(partial_beside(p, suffix))
+            if kind == "nifti":
+                save_nifti(nifti_image(data, geometry, scale), partials[-1])
             else:
-                temps.append((_write_temp(p, data, axes, scale), p))
+                _write_tiff(partials[-1], data, axes, scale)
+            with contextlib.suppress(OSError):  # a file system without permissions
+                os.chmod(partials[-1], usual_mode(p))
+            moves.append((partials[-1], p))
+        move_all_into_place(moves)
     except BaseException:
-        for tmp, _ in temps:
-            _remove(tmp)
+        for tmp in partials:
+            remove_partial(tmp)  # those not moved yet
+        for z in zarrs:
+            z.discard()
         raise
-    for tmp, p in temps:
-        if not isinstance(tmp, OmeZarrOutputs):
-            _give_mode(tmp, p)
-    with ctrl_c_held():
-        for tmp, p in temps:
-            if isinstance(tmp, OmeZarrOutputs):
-                tmp.publish()
-            else:
-                os.replace(tmp, p)
-    return [p for _, p in temps]
+    for z in zarrs:
+        z.discard()  # the emptied temporary folders
+    return [Path(path) for path, *_ in outputs]
 
 
-def _remove(tmp: Any) -> None:
-    if hasattr(tmp, "discard"):
-        tmp.discard()
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-def _write_zarr_temp(p: Path, data: Any, axes: str | None, scale: dict[str, float] | None, units: str) -> Any:
-    """An OME-Zarr image of ``data``, not yet published (see :class:`~napari_unetpp.io.zarr.OmeZarrOutputs`)."""
+def _zarr_image(p: Path, data: Any, axes: str | None, scale: dict[str, float] | None, units: str) -> Any:
+    """An OME-Zarr image of ``data`` in a temporary folder, not yet moved into place (see
+    :class:`~napari_unetpp.io.zarr.OmeZarrOutputs`)."""
     from napari_unetpp.io.zarr import OmeZarrOutputs
 
     arr = np.asarray(data)
@@ -249,29 +246,8 @@ def _write_zarr_temp(p: Path, data: Any, axes: str | None, scale: dict[str, floa
     return out
 
 
-def _give_mode(tmp: str, target: Path) -> None:
-    """The permissions a plain ``open()`` would have given (temporary files are private, 0600): the replaced file's
-    own, else 0666 less the umask."""
-    try:
-        mode = os.stat(target).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    with contextlib.suppress(OSError):
-        os.chmod(tmp, mode)
-
-
-def _write_temp(p: Path, data: np.ndarray, axes: str | None, scale: dict[str, float] | None) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
-    os.close(fd)
-    try:
-        kw: dict[str, Any] = {"metadata": {"axes": axes} if axes else None, "photometric": "minisblack"}
-        if scale and "X" in scale and "Y" in scale:
-            kw["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
-        tifffile.imwrite(tmp, np.asarray(data), **kw)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp
+def _write_tiff(tmp: Path, data: np.ndarray, axes: str | None, scale: dict[str, float] | None) -> None:
+    kw: dict[str, Any] = {"metadata": {"axes": axes} if axes else None, "photometric": "minisblack"}
+    if scale and "X" in scale and "Y" in scale:
+        kw["resolution"] = (1.0 / scale["X"], 1.0 / scale["Y"])
+    tifffile.imwrite(tmp, np.asarray(data), **kw)

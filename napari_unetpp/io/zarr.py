@@ -15,8 +15,6 @@ zarr is imported here only, when a ``.zarr`` path is used.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 from napari_unetpp.data.axes import guess_axes
 from napari_unetpp.data.scale import NGFF_UNITS, short_unit
 from napari_unetpp.errors import ReadError
+from napari_unetpp.paths import move_all_into_place, partial_beside, remove_partial
 
 __all__ = ["is_zarr_path", "read_ome_zarr", "OmeZarrOutputs", "ArrayView"]
 
@@ -160,7 +159,7 @@ class OmeZarrOutputs:
         self.target = Path(target)
         self.axes, self.scale, self.units = axes, dict(scale or {}), units
         self.names = dict(publish if publish is not None else {"mask": ""})
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
+        self.tmp = partial_beside(self.target, folder=True)
         self.arrays: dict[str, Any] = {}
         self.folders: dict[str, str] = {}  # output name -> its folder in ``tmp``
         self.chunk_rows: int | None = None  # chunk along the first spatial axis (blocks of rows own whole chunks)
@@ -181,29 +180,28 @@ class OmeZarrOutputs:
         self.folders[name] = folder.name
         return ArrayView(arr)
 
-    def publish(self) -> list[Path]:
-        """Move the complete images into place, replacing what was there (an old folder is removed only once the
-        new one is in place), then remove the temporary folder with the scratch arrays."""
-        done = []
+    def moves(self) -> list[tuple[Path, Path]]:
+        """``(complete image in the temporary folder, its target)`` for every published name that was written."""
+        out = []
         for name, suffix in self.names.items():
             src = self.tmp / _name(self.target, suffix)
-            if name not in self.arrays or not src.exists():
-                continue
-            dst = self.target.parent / _name(self.target, suffix)
-            old = None
-            if dst.exists() or dst.is_symlink():
-                old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-                os.replace(dst, old)
-            os.replace(src, dst)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-            done.append(dst)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return done
+            if name in self.arrays and src.exists():
+                out.append((src, self.target.parent / _name(self.target, suffix)))
+        return out
+
+    def publish(self) -> list[Path]:
+        """Move the complete images into place together (:func:`~napari_unetpp.paths.move_all_into_place`: an old
+        folder is removed only once the new one is in place), then remove the temporary folder with the scratch
+        arrays."""
+        moves = self.moves()
+        move_all_into_place(moves)
+        self.discard()
+        return [dst for _, dst in moves]
 
     def discard(self) -> None:
-        """Remove everything written (a failed or cancelled run); the targets stay as they were."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temporary folder and what is still in it (all of it after a failed or cancelled run: the
+        targets stay as they were)."""
+        remove_partial(self.tmp)
 
 
 def _name(target: Path, suffix: str) -> str:

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from napari_unetpp.data.normalization import Normalization
-from napari_unetpp.model.network import UNetPlusPlus, UNetPlusPlusConfig, anisotropic_pool
-from napari_unetpp.model.registry import LoadedModel, ModelCard
+from napari_unetpp.model.card import ModelCard
+from napari_unetpp.model.config import UNetPlusPlusConfig, anisotropic_pool
+from napari_unetpp.model.loaded import LoadedModel
+from napari_unetpp.model.network import UNetPlusPlus
 
 __all__ = ["MODALITIES", "new_model"]
 
@@ -63,7 +65,7 @@ def new_model(
         name: Name to save under (default ``<modality>-new``).
         seed: Seed for the initial weights, so a run can be repeated.
         spacing: 3D only: voxel size per axis (Z, Y, X). Anisotropic voxels (a 2 mm or 5 mm Z axis under 1 mm
-            pixels) are pooled only in-plane until they are nearly isotropic (:func:`~napari_unetpp.model.network.
+            pixels) are pooled only in-plane until they are nearly isotropic (:func:`~napari_unetpp.model.config.
             anisotropic_pool`, nnU-Net's rule), instead of halving Z like Y and X.
 
     Raises:

@@ -1,9 +1,9 @@
-"""The model registry: model files (weights + card), versions, names, and crash-safe saving.
+"""The model registry: versions, names, listing, loading, and crash-safe saving of new versions.
 
-A model version is two files side by side: ``<stem>.safetensors`` (weights, no pickle) and ``<stem>.json`` (its
-card: architecture, normalisation, classes, training data, per-level validation scores, recommended depth,
-parent, date, and the weights' SHA-256). Shipped models live in the package's ``weights/`` folder; user models in
-``<user data dir>/models/<name>/<name>-v<N>.*``. Saving never overwrites an existing version.
+A model version is two files side by side (:mod:`~napari_unetpp.model.files`): ``<stem>.safetensors`` (weights, no
+pickle) and ``<stem>.json`` (its card, :mod:`~napari_unetpp.model.card`). Shipped models live in the package's
+``weights/`` folder; user models in ``<user data dir>/models/<name>/<name>-v<N>.*``. Saving never overwrites an
+existing version.
 
 Names: ``"em-membranes"`` is a shipped model or the newest version of a user model; ``"my-model@v2"`` one version;
 any path to a ``.safetensors`` or ``.json`` file works too.
@@ -11,186 +11,46 @@ any path to a ``.safetensors`` or ``.json`` file works too.
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
-import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
-import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from napari_unetpp.data.normalization import Normalization
 from napari_unetpp.errors import ModelFileError
-from napari_unetpp.model.network import UNetPlusPlus, UNetPlusPlusConfig
+from napari_unetpp.model.card import NAME_RE, ModelCard, check_model_name, read_card
+from napari_unetpp.model.files import (
+    SUFFIXES,
+    calibration_path,
+    fsync,
+    pair,
+    publish,
+    save_calibration,
+    sha256,
+    suffixed,
+)
+from napari_unetpp.model.loaded import LoadedModel
+from napari_unetpp.model.network import UNetPlusPlus
 from napari_unetpp.paths import shipped_weights_dir, user_models_dir
-from napari_unetpp.runtimes.device import optimize_for_inference
 
 __all__ = [
-    "ModelCard",
-    "LoadedModel",
-    "ModelFileError",
+    "ModelInfo",
+    "list_models",
     "load_model",
     "model_file",
-    "save_model",
-    "list_models",
     "resolve_model",
-    "ModelInfo",
-    "check_model_name",
+    "save_model",
 ]
 
 log = logging.getLogger(__name__)
-CARD_FORMAT = 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass
-class ModelCard:
-    """What a model is, how it was made and how well each level does.
-
-    Attributes:
-        name: Model name (letters, digits, ``._-``).
-        architecture: :class:`~napari_unetpp.model.network.UNetPlusPlusConfig` as a dict.
-        normalization: :class:`~napari_unetpp.data.normalization.Normalization` as a dict.
-        classes: Class names; for 1-class models the foreground name (default ``["foreground"]``).
-        description: One line for humans.
-        version: Version number (1 for shipped models; assigned by :func:`save_model`).
-        training: Data (with citations and licences), recipe, hyperparameters, device, duration.
-        scores: Per-level validation scores, e.g. ``{"L1": {"dice": 0.9}, ...}``.
-        recommended_depth: Shallowest level within a small margin of the best (None: use the maximum).
-        parent: ``name@vN`` of the model this one was fine-tuned from.
-        created: ISO date-time.
-        tile: Default tile size for prediction.
-        weights_sha256: SHA-256 of the weights file.
-        weights_dtype: Storage dtype of the weights (``float32`` or ``float16``).
-        format: Card format version.
-    """
-
-    name: str
-    architecture: dict[str, Any]
-    normalization: dict[str, Any] = field(default_factory=lambda: Normalization().to_dict())
-    classes: list[str] = field(default_factory=lambda: ["foreground"])
-    description: str = ""
-    version: int = 1
-    training: dict[str, Any] = field(default_factory=dict)
-    scores: dict[str, Any] = field(default_factory=dict)
-    recommended_depth: int | None = None
-    parent: str | None = None
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    tile: int | None = None
-    weights_sha256: str = ""
-    weights_dtype: str = "float32"
-    format: int = CARD_FORMAT
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
-        """Build from a dict, ignoring keys this version does not know (newer cards stay readable)."""
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    @property
-    def id(self) -> str:
-        """``name@vN``."""
-        return f"{self.name}@v{self.version}"
-
-
-class _BuildOnce:
-    """Builds each key's value once however many threads ask at the same time (the others wait for it and get the
-    same object); different keys build in parallel (an OpenVINO compilation for L4 does not hold up a slider's L2).
-    Pickles and copies as a fresh one: locks do not travel, and a copy builds its own."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._building: dict[str, threading.Lock] = {}
-
-    def __reduce__(self) -> tuple[type[_BuildOnce], tuple[()]]:
-        return (_BuildOnce, ())
-
-    def get(self, store: dict[str, Any], key: str, build: Callable[[], Any]) -> Any:
-        """``store[key]``, made by ``build()`` (once) if it is not there."""
-        if key in store:
-            return store[key]
-        with self._lock:
-            lock = self._building.setdefault(key, threading.Lock())
-        with lock:
-            if key not in store:  # another thread may have built it while this one waited
-                store[key] = build()
-            return store[key]
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to use: the network (fp32, eval mode on CPU), its card and where it came from.
-
-    What it builds for inference (the inference copy per device, ONNX Runtime sessions, OpenVINO compiled models)
-    is built once however many threads ask at the same time (a slider preview beside a whole-stack run).
-    """
-
-    module: UNetPlusPlus
-    card: ModelCard
-    path: Path | None = None
-    shipped: bool = False
-    _cache: dict[str, nn.Module] = field(default_factory=dict, repr=False)
-    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
-    _once: _BuildOnce = field(default_factory=_BuildOnce, init=False, repr=False, compare=False)
-
-    @classmethod
-    def from_module(cls, module: UNetPlusPlus, name: str = "unsaved", **card: Any) -> LoadedModel:
-        """Wrap an in-memory network with a minimal card (e.g. right after training)."""
-        return cls(module, ModelCard(name=name, architecture=module.config.to_dict(), **card))
-
-    @property
-    def normalization(self) -> Normalization:
-        """The card's normalisation recipe."""
-        return Normalization.from_dict(self.card.normalization)
-
-    @property
-    def max_depth(self) -> int:
-        """Deepest level."""
-        return self.module.max_depth
-
-    @property
-    def fingerprint(self) -> str:
-        """What identifies these weights: the card's SHA-256 of the weights file, else (a model only in memory) a
-        hash of its parameters, computed once. Two different files with the same ``name@vN`` differ here."""
-        if self.card.weights_sha256:
-            return self.card.weights_sha256
-
-        def digest() -> str:
-            h = hashlib.sha256()
-            for k, v in self.module.state_dict().items():
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-            return h.hexdigest()
-
-        return str(self.kept("fingerprint", digest))
-
-    def inference_module(self, device: torch.device | str = "cpu") -> UNetPlusPlus:
-        """Eval-mode copy on ``device`` with batch norms folded in; cached per device, built once."""
-        dev = torch.device(device)
-        return self._once.get(self._cache, str(device), lambda: optimize_for_inference(self.module, dev))
-
-    def kept(self, key: str, build: Callable[[], Any]) -> Any:
-        """``build()``, kept on this model under ``key``: built once, however many threads ask at the same time.
-
-        Args:
-            key: What the value is kept under (e.g. ``"ort:<graph file>:t4"``).
-            build: Makes the value (an ONNX Runtime session, an OpenVINO compiled model, a hash).
-        """
-        return self._once.get(self._memo, key, build)
+MAX_SAVE_TRIES = 1000
 
 
 @dataclass(frozen=True)
@@ -203,55 +63,6 @@ class ModelInfo:
     shipped: bool
     path: Path
     card: ModelCard
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_SUFFIXES = (".safetensors", ".json")
-MAX_SAVE_TRIES = 1000
-
-
-def _pair(path: Path) -> tuple[Path, Path]:
-    """The weights and card paths of one model file (either of them, or their common stem). Names are built by
-    string: a model name may hold dots (``em.v2``), so ``with_suffix`` on a stem would cut it at its last dot."""
-    stem = _stem_of(path)
-    return _with(stem, ".safetensors"), _with(stem, ".json")
-
-
-def _stem_of(path: Path) -> Path:
-    """``path`` without its ``.safetensors``/``.json`` suffix (a path without one is already a stem)."""
-    for suffix in _SUFFIXES:
-        if path.name.endswith(suffix) and len(path.name) > len(suffix):
-            return path.with_name(path.name[: -len(suffix)])
-    return path
-
-
-def _with(stem: Path, suffix: str) -> Path:
-    """``<stem><suffix>``, keeping every dot already in the stem's name."""
-    return stem.with_name(stem.name + suffix)
-
-
-def _read_card(card_path: Path) -> ModelCard:
-    try:
-        d = json.loads(card_path.read_text(encoding="utf-8"))
-        if not isinstance(d, dict):
-            raise ValueError(f"it holds a JSON {type(d).__name__}, not an object")
-        card = ModelCard.from_dict(d)
-        UNetPlusPlusConfig.from_dict(card.architecture)
-        Normalization.from_dict(card.normalization)
-    except FileNotFoundError:
-        raise ModelFileError(
-            f"{card_path}: the model card is missing; every weights file needs its .json card beside it."
-        ) from None
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ModelFileError(f"{card_path}: the model card is unreadable or invalid ({exc}).") from None
-    return card
 
 
 def model_file(name_or_path: str | os.PathLike[str]) -> Path:
@@ -275,11 +86,11 @@ def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device 
         ModelFileError: unknown name, missing, corrupt, truncated or mismatched files (the message names them).
     """
     path, shipped = _locate(str(name_or_path))
-    weights, card_path = _pair(path)
-    card = _read_card(card_path)
+    weights, card_path = pair(path)
+    card = read_card(card_path)
     if not weights.is_file():
         raise ModelFileError(f"{weights}: the weights file is missing.")
-    if card.weights_sha256 and _sha256(weights) != card.weights_sha256:
+    if card.weights_sha256 and sha256(weights) != card.weights_sha256:
         raise ModelFileError(
             f"{weights}: the weights file is corrupt or truncated (its checksum does not match "
             f"{card_path.name}); restore or re-save it."
@@ -315,7 +126,7 @@ def load_model(name_or_path: str | os.PathLike[str], device: str | torch.device 
 def _is_path(name: str) -> bool:
     """A model is named by path when it has a model file's suffix or a folder part; anything else is a registry
     name, so a folder called ``nuclei/`` in the working directory never shadows the model ``nuclei``."""
-    return name.endswith((".safetensors", ".json")) or "/" in name or os.sep in name or name.startswith(("~", "."))
+    return name.endswith(SUFFIXES) or "/" in name or os.sep in name or name.startswith(("~", "."))
 
 
 def _locate(name: str) -> tuple[Path, bool]:
@@ -323,11 +134,11 @@ def _locate(name: str) -> tuple[Path, bool]:
         p = Path(name).expanduser()
         if p.suffix not in (".safetensors", ".json"):
             raise ModelFileError(f"{p}: a model file ends in .safetensors or .json.")
-        if not (p.exists() or _pair(p)[1].exists()):
+        if not (p.exists() or pair(p)[1].exists()):
             raise ModelFileError(f"{p}: no such model file.")
         return p, False
     base, _, ver = name.partition("@")
-    if not _NAME_RE.match(base) or (ver and not re.fullmatch(r"v?\d+", ver)):
+    if not NAME_RE.match(base) or (ver and not re.fullmatch(r"v?\d+", ver)):
         raise ModelFileError(
             f"{name!r} is neither a model name (like 'em-membranes' or 'name@v2') nor a model file "
             f"(.safetensors or .json)."
@@ -370,11 +181,11 @@ def _user_cards(name: str) -> dict[int, tuple[Path, ModelCard]]:
             if not m:
                 continue
             try:
-                card = _read_card(f)
+                card = read_card(f)
             except ModelFileError as exc:
                 log.warning("skipping an incomplete model version: %s", exc)
                 continue
-            if _pair(f)[0].is_file():
+            if pair(f)[0].is_file():
                 out[int(m.group(1))] = (f, card)
     return out
 
@@ -401,7 +212,7 @@ def list_models() -> list[ModelInfo]:
     wdir = shipped_weights_dir()
     for path in sorted(wdir.glob("*.json")) if wdir.is_dir() else []:
         try:
-            card = _read_card(path)
+            card = read_card(path)
         except ModelFileError as exc:
             log.warning("%s", exc)
             continue
@@ -459,8 +270,8 @@ def save_model(
         tw = Path(tmp) / "w.safetensors"
         save_file(state, str(tw))
         os.chmod(tw, 0o644)
-        _fsync(tw)
-        card.weights_sha256 = _sha256(tw)
+        fsync(tw)
+        card.weights_sha256 = sha256(tw)
         # The weights land first under a free name; the card, published last, is the commit point: a reader never
         # sees a card whose weights are not complete, and a crash in between leaves weights without a card, which
         # no reader lists (that version number is skipped by the next save).
@@ -472,7 +283,7 @@ def save_model(
             for _ in range(MAX_SAVE_TRIES):
                 stem = folder / f"{card.name}-v{n}"
                 try:
-                    _publish(tw, _with(stem, ".safetensors"))
+                    publish(tw, suffixed(stem, ".safetensors"))
                     break
                 except FileExistsError:  # another save holds this number (or a crashed one left its weights)
                     n += 1
@@ -486,75 +297,28 @@ def save_model(
             card.version = n
         else:
             stem = folder / card.name
-            if _with(stem, ".json").exists():
-                raise FileExistsError(f"{_with(stem, '.json')} exists; models are never overwritten.")
+            if suffixed(stem, ".json").exists():
+                raise FileExistsError(f"{suffixed(stem, '.json')} exists; models are never overwritten.")
+            weights = suffixed(stem, ".safetensors")
             try:
-                _publish(tw, _with(stem, ".safetensors"))
+                publish(tw, weights)
             except FileExistsError:
-                raise FileExistsError(f"{_with(stem, '.safetensors')} exists; models are never overwritten.") from None
+                raise FileExistsError(f"{weights} exists; models are never overwritten.") from None
         if calibration is not None:  # before the card: a listed model has its calibration complete
-            from napari_unetpp.runtimes.int8 import calibration_path, save_calibration
-
             tq = Path(tmp) / "q.safetensors"
             save_calibration(calibration, tq)
-            os.chmod(tq, 0o644)
-            _fsync(tq)
-            os.replace(tq, calibration_path(_with(stem, ".safetensors")))
+            fsync(tq)
+            os.replace(tq, calibration_path(suffixed(stem, ".safetensors")))
         tc = Path(tmp) / "c.json"
         tc.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
-        _fsync(tc)
-        _publish(tc, _with(stem, ".json"))
+        fsync(tc)
+        publish(tc, suffixed(stem, ".json"))
     log.info("saved model %s to %s", card.id, stem)
-    return _with(stem, ".json")
-
-
-def check_model_name(name: str) -> None:
-    """Refuse, in one sentence, a name a model could not be saved and loaded back under.
-
-    Letters, digits, ``.``, ``_`` and ``-`` (dots are fine: ``em.v2``), starting with a letter or digit, and not
-    ending in ``.json``/``.safetensors`` (such a name reads as a file path).
-
-    Raises:
-        ValueError: the name is not usable (the message says why).
-    """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(
-            f"model name {name!r} may use only letters, digits, '.', '_' and '-', starting with a letter or digit."
-        )
-    if name.lower().endswith(_SUFFIXES):
-        raise ValueError(f"model name {name!r} must not end in .json or .safetensors (that reads as a file path).")
-    if name.endswith("."):
-        raise ValueError(f"model name {name!r} must not end in '.' (Windows drops it from folder names).")
+    return suffixed(stem, ".json")
 
 
 _SAVING = ".saving-"
 STALE_SAVE_SECONDS = 3600.0
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _publish(src: Path, dst: Path) -> None:
-    """Make the complete file ``src`` appear at ``dst`` in one step, never over an existing file.
-
-    A hard link does both at once. Where hard links are not supported (FAT/exFAT, some network shares), ``dst`` is
-    first claimed by an exclusive create and then replaced by ``src`` (a rename within the folder).
-
-    Raises:
-        FileExistsError: ``dst`` exists.
-    """
-    try:
-        os.link(src, dst)
-        return
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        log.debug("no hard link for %s (%s): exclusive create and rename instead", dst, exc)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.close(fd)
-    os.replace(src, dst)
 
 
 def _remove_stale_saves(folder: Path) -> None:

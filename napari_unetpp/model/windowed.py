@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from napari_unetpp.data.normalization import Normalization
 from napari_unetpp.data.windows import Window, parse_window
 from napari_unetpp.errors import InputError
-from napari_unetpp.model.registry import LoadedModel
+from napari_unetpp.model.loaded import LoadedModel
 
 __all__ = ["with_window"]
 

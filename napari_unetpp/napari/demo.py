@@ -42,10 +42,9 @@ def run_demo(sample: str = "em", screenshot: str | None = None, minutes: float =
         _ct(viewer, image, layers, minutes, run=bool(screenshot))
     else:
         _, widget = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
-        widget._image.value = image
-        widget._all_levels.value = True
+        widget.configure(image=image, all_levels=True)
         if sample == "nuclei":
-            widget._instances.value = "learned"  # the model's own split of touching nuclei
+            widget.configure(objects="learned")  # the model's own split of touching nuclei
         widget.run_stack()
     if screenshot:
         from qtpy.QtWidgets import QApplication
@@ -72,18 +71,11 @@ def _ct(viewer: Any, image: Any, layers: list[Any], minutes: float, run: bool) -
     labels = viewer.add_labels(liver, name=f"liver (slices {slices})", scale=image.scale, opacity=0.5)
     _, seg = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Segment")
     _, ft = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Fine-tune")
-    seg._image.value = image
-    ft._image.value = image
-    ft._labels.value = labels
-    ft._base.value = "new model (ct)"
-    ft._truth.value = "listed slices"
-    ft._slices.value = slices
-    ft._classes.value = "liver"
-    ft._name.value = "ct-liver-demo"
-    ft._budget_kind.value = "minutes"
-    ft._budget.value = minutes
+    seg.configure(image=image)
+    ft.configure(image=image, labels=labels, base="new model (ct)", truth="listed slices", slices=slices)
+    ft.configure(classes="liver", name="ct-liver-demo", budget_kind="minutes", budget=minutes)
     viewer.dims.set_current_step(0, CT_TRAIN_SLICES[1])
     if run:
         ft.start()  # synchronous here; on return the Segment widget shows the new model
-        seg._all_levels.value = True
+        seg.configure(all_levels=True)
         seg.run_stack()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -73,21 +72,6 @@ def run_generator(
         worker.finished.connect(on_finish)
     worker.start()
     return worker
-
-
-class WeakHandler:
-    """An event callback that calls ``getattr(owner, method)(*args, event)`` while ``owner`` lives, holding it only
-    weakly: a layer's event keeps no closed widget alive (a lambda over ``self`` would)."""
-
-    def __init__(self, owner: Any, method: str, *args: Any) -> None:
-        self._owner = weakref.ref(owner)
-        self._method = method
-        self._args = args
-
-    def __call__(self, event: Any) -> None:
-        owner = self._owner()
-        if owner is not None:
-            getattr(owner, self._method)(*self._args, event)
 
 
 def abandon(workers: list[Any], *_: Any, stop: Any = None) -> None:

@@ -135,11 +135,11 @@ def optimize_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     m = copy.deepcopy(model).eval()
     for mod in m.modules():
         if isinstance(mod, nn.Sequential):
-            items = list(mod._modules.items())
+            items = list(mod.named_children())
             for (na, a), (nb, b) in zip(items, items[1:]):
                 if isinstance(a, (nn.Conv2d, nn.Conv3d)) and isinstance(b, (nn.BatchNorm2d, nn.BatchNorm3d)):
-                    mod._modules[na] = torch.nn.utils.fusion.fuse_conv_bn_eval(a, b)
-                    mod._modules[nb] = nn.Identity()
+                    setattr(mod, na, torch.nn.utils.fusion.fuse_conv_bn_eval(a, b))  # in place: the order stays
+                    setattr(mod, nb, nn.Identity())
     m = m.to(device)
     fmt = memory_format(m, device)
     if fmt is not torch.contiguous_format:

@@ -4,8 +4,9 @@ pruned level, run by ONNX Runtime.
 Static quantisation needs activation ranges from real inputs of the model's own domain. They come from a small
 **calibration set** stored with the model: :func:`calibration_tiles` draws normalised tiles from its training (or
 validation) images when the model is packaged or fine-tuned, and the registry saves them beside the weights
-(``<model>.calibration.safetensors``, about 0.6 MB). The quantised graph itself is made on first use from the
-exported fp32 graph and those tiles, and cached (``cache_dir()/int8``) under the hash of the weights and the tiles.
+(``<model>.calibration.safetensors``, about 0.6 MB; :attr:`~napari_unetpp.model.loaded.LoadedModel.calibration`
+gives them back). The quantised graph itself is made on first use from the exported fp32 graph and those tiles, and
+cached (``cache_dir()/int8``) under the hash of the weights and the tiles.
 
 Measured on a 2-core AVX2 CPU, em-membranes L4 on held-out ISBI slices 25-29 (``benchmarks/bench_inference.py``):
 QDQ, per-channel int8 weights, uint8 activations. The plain u8s8 scheme reached mask Dice 0.983
@@ -22,7 +23,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,19 +31,13 @@ from typing import Any
 import numpy as np
 
 from napari_unetpp.paths import cache_dir
-from napari_unetpp.runtimes.backends import (
-    RuntimeUnavailable,
-    cached_session,
-    onnx_available,
-    onnx_graph,
-    params_hash,
-    write_atomically,
-)
+from napari_unetpp.runtimes.base import RuntimeUnavailable, onnx_available, written_atomically
+from napari_unetpp.runtimes.graph import onnx_graph, params_hash
+from napari_unetpp.runtimes.onnx_backend import cached_session
 
-__all__ = ["CALIBRATION_SUFFIX", "calibration_tiles", "int8_graph", "int8_session", "load_calibration"]
+__all__ = ["calibration_tiles", "int8_graph", "int8_session"]
 
 log = logging.getLogger(__name__)
-CALIBRATION_SUFFIX = ".calibration.safetensors"
 CALIBRATION_TILES = 8
 
 
@@ -69,41 +63,6 @@ def calibration_tiles(
     return out
 
 
-def calibration_path(weights: Path) -> Path:
-    """Where a model's calibration tiles live: beside its weights."""
-    return weights.with_name(weights.name.removesuffix(".safetensors").removesuffix(".json") + CALIBRATION_SUFFIX)
-
-
-def save_calibration(tiles: np.ndarray, path: Path) -> None:
-    """Write the tiles (safetensors: no pickle)."""
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({"tiles": torch.from_numpy(np.ascontiguousarray(tiles, np.float16))}, str(path))
-    os.chmod(path, 0o644)
-
-
-def load_calibration(loaded: Any) -> np.ndarray | None:
-    """The calibration tiles stored with ``loaded`` (a file beside its weights, or set in memory as
-    ``loaded._memo["calibration"]`` right after fine-tuning), or None."""
-    memo = getattr(loaded, "_memo", {})
-    if memo.get("calibration") is not None:
-        return np.asarray(memo["calibration"])
-    path = getattr(loaded, "path", None)
-    if path is None:
-        return None
-    f = calibration_path(Path(path))
-    if not f.is_file():
-        return None
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(f))["tiles"]
-    except Exception as exc:  # a damaged side file: int8 is unavailable, nothing else is affected
-        log.warning("could not read %s (%s)", f, exc)
-        return None
-
-
 # how activation ranges are calibrated; part of the cached graph's name, so a change of recipe re-quantises
 _PERCENTILE = 99.999
 _RECIPE = f"pct{_PERCENTILE:g}"
@@ -118,7 +77,7 @@ def int8_graph(loaded: Any, depth: int) -> Path:
     missing = onnx_available()
     if missing:
         raise RuntimeUnavailable(f"int8 needs ONNX Runtime: {missing}.")
-    tiles = load_calibration(loaded)
+    tiles = loaded.calibration
     if tiles is None:
         raise RuntimeUnavailable(
             f"{loaded.card.id} has no int8 calibration (models get one when packaged or fine-tuned); "
@@ -131,7 +90,7 @@ def int8_graph(loaded: Any, depth: int) -> Path:
         return path
     fp32 = onnx_graph(net, depth)
     t0 = time.perf_counter()
-    write_atomically(path, lambda tmp: _quantize(fp32, tmp, tiles.astype(np.float32)), "int8 quantisation")
+    written_atomically(path, lambda tmp: _quantize(fp32, tmp, tiles.astype(np.float32)), "int8 quantisation")
     log.info("quantised L%d to int8 in %.1f s: %s", depth, time.perf_counter() - t0, path)
     return path
 

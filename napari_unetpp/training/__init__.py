@@ -3,10 +3,13 @@
     gen = fine_tune_iter("em-membranes", TrainingPair(image, labels, slices=[3, 7]), minutes=2)
     for progress in gen: ...            # or: result = fine_tune(...)
 
-The package, in reading order: :mod:`.data` (known pixels, normalised items, the validation split),
-:mod:`.augment` (patch sampling and augmentation), :mod:`.validation` (per-level Dice), :mod:`.recipe` (how to
-train, decided from the base model's baseline), :mod:`.loop` (the loop, its configuration, budget, progress and
-result) and :mod:`.steps` (its small parts).
+The package, in reading order: :mod:`.known` (which pixels are ground truth, the validation split), :mod:`.data`
+(the pairs and their normalised items), :mod:`.augment` (patch sampling and augmentation), :mod:`.source` (the data
+the steps sample, replaceable between steps), :mod:`.validation` (per-level Dice), :mod:`.recipe` (how to train,
+decided from the base model's baseline), :mod:`.config` (hyperparameters and progress), :mod:`.schedule` (when to do
+what: a budget, or none), :mod:`.setup` and :mod:`.optimiser` (the network trained and its optimiser), :mod:`.steps`
+(the small parts of a step), :mod:`.engine` (the steppable trainer and its phases), :mod:`.saving` (the new
+version's card) and :mod:`.loop` (``fine_tune_iter``: the engine driven under a budget).
 
 Which pixels are ground truth
     Only *known* pixels enter the loss; everything else is ignored, never treated as background. Known pixels are,
@@ -38,6 +41,7 @@ Training
 from __future__ import annotations
 
 from napari_unetpp.training.augment import augment_batch, random_affine, sample_batch
+from napari_unetpp.training.config import FineTuneConfig, TrainProgress
 from napari_unetpp.training.data import (
     TrainingDataError,
     TrainingItem,
@@ -47,16 +51,11 @@ from napari_unetpp.training.data import (
     parse_slices,
     prepare_data,
 )
-from napari_unetpp.training.loop import (
-    FineTuneConfig,
-    FineTuneResult,
-    TrainProgress,
-    default_name,
-    fine_tune,
-    fine_tune_iter,
-)
+from napari_unetpp.training.engine import PHASES, Trainer
+from napari_unetpp.training.loop import FineTuneResult, default_name, fine_tune, fine_tune_iter
 from napari_unetpp.training.metrics import dice_score, recommend_depth
 from napari_unetpp.training.recipe import Recipe, choose_recipe, reestimate_batchnorm
+from napari_unetpp.training.schedule import BudgetSchedule, OpenSchedule, Schedule
 from napari_unetpp.training.steps import (
     batch_and_patch,
     freeze_batchnorms,
@@ -68,10 +67,15 @@ from napari_unetpp.training.steps import (
 from napari_unetpp.training.validation import validate
 
 __all__ = [
+    "PHASES",
+    "BudgetSchedule",
     "FineTuneConfig",
     "FineTuneResult",
+    "OpenSchedule",
     "Recipe",
+    "Schedule",
     "TrainProgress",
+    "Trainer",
     "TrainingDataError",
     "TrainingItem",
     "TrainingPair",

@@ -1,18 +1,13 @@
-"""Fine-tuning data: which pixels are ground truth, normalised planes, and a validation split that stays put.
+"""Fine-tuning data: the user's pairs (image and corrected labels), and the normalised planes they become.
 
-Known pixels are, in order of precedence: an explicit ``known`` mask; the listed ``slices`` (indices over the labels'
-leading, non-YX axes, e.g. z for a ZYX stack); ``"all"``; or by default every slice holding at least one non-zero
-label. Pixels equal to ``ignore_label`` are unknown in every case. Unknown pixels never enter the loss.
-
-Known pixels are cut into blocks (about a quarter of each axis, 16-128 px). A block goes to validation when a hash of
-(pair, slice, block position) falls under ``val_fraction``: the split depends on nothing else, so the same pixels
-stay in validation when the user corrects more slices and fine-tunes again (no leakage across rounds).
+:func:`prepare_data` normalises each plane (or volume) holding known pixels with the model's recipe, encodes its
+target as the model learns it, and splits its known pixels into training and validation blocks; which pixels are
+known, and how the split stays put across rounds, is :mod:`.known`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +19,13 @@ from napari_unetpp.errors import InputError, TrainingDataError
 from napari_unetpp.inference.postprocess import encode_cue_target
 from napari_unetpp.inference.predict import normalization_stats
 from napari_unetpp.model.registry import resolve_model
+from napari_unetpp.training.known import (
+    annotated_slices,
+    cover_classes,
+    fallback_block,
+    known_mask,
+    split_validation,
+)
 
 __all__ = [
     "TrainingDataError",
@@ -151,105 +153,6 @@ def parse_slices(text: str) -> list[int] | str | None:
     return sorted(set(out))
 
 
-def _blocks(shape: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
-    """Even blocks of about a quarter of each axis (16-128 px): (block position, slices)."""
-    edges = []
-    for d in shape:
-        n = max(1, round(d / int(np.clip(d // 4, 16, 128))))
-        edges.append(np.linspace(0, d, n + 1).round().astype(int))
-    for pos in np.ndindex(*[len(e) - 1 for e in edges]):
-        yield pos, tuple(slice(int(e[i]), int(e[i + 1])) for e, i in zip(edges, pos))
-
-
-def _hash01(text: str) -> float:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
-
-
-def _split(known: np.ndarray, key: str, val_fraction: float) -> np.ndarray:
-    """Validation mask inside ``known``: blocks whose hash of (key, block position) is below ``val_fraction``."""
-    val = np.zeros_like(known)
-    for pos, sl in _blocks(known.shape):
-        if _hash01(f"{key}|{pos}") < val_fraction:
-            val[sl] = known[sl]
-    return val
-
-
-def _fallback_block(items: Sequence[TrainingItem], keys: Sequence[str]) -> None:
-    """When no block fell under the fraction: the known block with the smallest hash over *all* items goes to
-    validation. The choice depends only on the blocks' keys, not on how much is painted where, so it stays put
-    when the user paints more; a new slice moves it only to a block the earlier model never trained on."""
-    cands = [
-        (_hash01(f"{key}|{pos}"), ii, sl)
-        for ii, (it, key) in enumerate(zip(items, keys))
-        for pos, sl in _blocks(it.train.shape)
-        if it.train[sl].any()
-    ]
-    if cands:
-        _, ii, sl = min(cands, key=lambda c: c[0])
-        it = items[ii]
-        it.val[sl] = it.train[sl]
-        it.train = it.train & ~it.val
-
-
-def _cover_classes(items: Sequence[TrainingItem], keys: Sequence[str], num_classes: int) -> None:
-    """Multi-class models: a class the user painted that no validation block holds (a small organ beside a large
-    one) gets one: of the blocks holding its training pixels, the one with the smallest hash moves to validation,
-    as long as the class keeps training pixels elsewhere. Without it, validation would score the model on the
-    other classes only and the best state could be one that never predicts this class."""
-    for c in range(1, num_classes):
-        if any((it.target[it.val] == c).any() for it in items):
-            continue
-        cands = [
-            (_hash01(f"{key}|{pos}"), ii, sl)
-            for ii, (it, key) in enumerate(zip(items, keys))
-            for pos, sl in _blocks(it.train.shape)
-            if (it.target[sl][it.train[sl]] == c).any()
-        ]
-        if len(cands) < 2:
-            continue
-        _, ii, sl = min(cands, key=lambda t: t[0])
-        it = items[ii]
-        it.val[sl] = it.train[sl]
-        it.train = it.train & ~it.val
-
-
-def annotated_slices(labels: np.ndarray, ignore_label: int | None = None) -> np.ndarray:
-    """Which slices (over the leading, non-YX axes) hold a label other than 0 and ``ignore_label``: the default
-    ground truth. A bool array of the leading shape (0-d for a single plane)."""
-    nonzero = labels != 0
-    if ignore_label is not None:
-        nonzero &= labels != ignore_label
-    return nonzero.any(axis=(-2, -1)) if labels.ndim > 2 else np.asarray(nonzero.any())
-
-
-def _known_mask(pair: TrainingPair, labels: np.ndarray, ignore_label: int | None) -> np.ndarray:
-    lead = labels.ndim - 2
-    if pair.known is not None:
-        known = np.asarray(pair.known, dtype=bool)
-        if known.shape != labels.shape:
-            raise TrainingDataError(f"the known-pixel mask has shape {known.shape} but the labels {labels.shape}.")
-        known = known.copy()
-    elif isinstance(pair.slices, str):
-        if pair.slices != "all":
-            raise ValueError(f"slices must be a list of indices, 'all' or None, got {pair.slices!r}.")
-        known = np.ones(labels.shape, bool)
-    elif pair.slices is None:
-        annotated = annotated_slices(labels, ignore_label)
-        known = np.broadcast_to(annotated.reshape(annotated.shape + (1, 1)), labels.shape).copy()
-    else:
-        if lead == 0:
-            raise TrainingDataError("slices were given for a 2D image; leave them out (or use 'all').")
-        known = np.zeros(labels.shape, bool)
-        for s in pair.slices:
-            idx = tuple(int(v) for v in s) if isinstance(s, (tuple, list)) else (int(s),)
-            if len(idx) > lead or any(not 0 <= v < n for v, n in zip(idx, labels.shape)):
-                raise TrainingDataError(f"slice {s} is outside the labels of shape {labels.shape}.")
-            known[idx] = True
-    if ignore_label is not None:
-        known &= labels != ignore_label
-    return known
-
-
 def prepare_data(
     pairs: TrainingPair | Sequence[TrainingPair],
     model: Any,
@@ -291,7 +194,7 @@ def prepare_data(
         lab_axes = "".join(a for a in lay.axes if a != "C")
         if lab_axes[-2:] != "YX":
             raise TrainingDataError(f"labels need Y and X as their last axes, got {lab_axes!r}.")
-        known = _known_mask(pair, labels, ignore_label)
+        known = known_mask(pair, labels, ignore_label)
         # a cue model learns the object split only from instance labels (more than one object value); a binary
         # mask trains its foreground alone
         instance_labels = bool(cfg.has_cue and int(np.max(labels[known], initial=0)) > 1)
@@ -327,7 +230,7 @@ def prepare_data(
                 )
             key = f"{pi}:{idx}"
             keys.append(key)
-            val = _split(kn, key, val_fraction)
+            val = split_validation(kn, key, val_fraction)
             items.append(
                 TrainingItem(
                     img,
@@ -360,9 +263,9 @@ def prepare_data(
         )
     n_val = sum(int(it.val.sum()) for it in items)
     if n_val == 0:  # no block fell into validation: take the stablest one
-        _fallback_block(items, keys)
+        fallback_block(items, keys)
     if cfg.num_classes > 2:
-        _cover_classes(items, keys, cfg.num_classes)
+        cover_classes(items, keys, cfg.num_classes)
     _check_classes(items, cfg.num_classes)
     for it in items:
         it.index()

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from napari_unetpp.model.registry import LoadedModel, ModelCard, save_model
+from napari_unetpp.model.card import ModelCard
+from napari_unetpp.model.loaded import LoadedModel
+from napari_unetpp.model.registry import save_model
 from napari_unetpp.paths import user_models_dir
-from napari_unetpp.runtimes.device import describe_device
+from napari_unetpp.runtimes import describe_device
 from napari_unetpp.training.data import TrainingDataError
 from napari_unetpp.training.metrics import format_scores, recommend_depth
 
@@ -90,8 +92,7 @@ class FineTuneResult:
             raise _save_failure(exc, folder) from exc
         self.path, self.save_error = path, None
         self.model = LoadedModel(self.model.module, self.model.card, path.with_suffix(".safetensors"), False)
-        if self.calibration is not None:
-            self.model._memo["calibration"] = self.calibration
+        self.model.calibration = self.calibration
         return path
 
 
@@ -229,8 +230,7 @@ def save_result(
             )
             log.warning("%s", error)
     lm = LoadedModel(net, card, None if path is None else path.with_suffix(".safetensors"), False)
-    if calibration is not None:
-        lm._memo["calibration"] = calibration
+    lm.calibration = calibration  # in memory too: int8 runs even when saving failed
     if path is not None:
         log.info("fine-tuned %s -> %s (%s; recommended L%d)", base.card.id, card.id, format_scores(scores), rec)
     return FineTuneResult(

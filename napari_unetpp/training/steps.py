@@ -1,13 +1,13 @@
 """The pieces of a fine-tuning step, each a small function with its own test: one optimiser step, the learning-rate
-schedule, batch and patch sizes, the out-of-memory fallback, which batch norms stay frozen, and the wall-clock
-:class:`Budget`."""
+curve, batch and patch sizes, the out-of-memory fallback, which batch norms stay frozen, and the rules that keep the
+best validated state (:func:`is_improvement`, :func:`refit_pays`)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,12 +20,17 @@ from napari_unetpp.training.data import TrainingSet
 from napari_unetpp.training.losses import DeepSupervisionLoss
 
 __all__ = [
-    "Budget",
+    "BestState",
     "batch_and_patch",
     "freeze_batchnorms",
+    "is_improvement",
     "learning_rate",
+    "mean_dice",
+    "refit_pays",
     "shrink_after_oom",
     "small_patch_for",
+    "state_snapshot",
+    "steps_per_epoch",
     "train_step",
     "trained_batchnorms",
 ]
@@ -123,6 +128,11 @@ def small_patch_for(full: Sequence[int], multiple: int | Sequence[int], size: in
     return tuple(out)
 
 
+def steps_per_epoch(n_train: int, batch: int, patch: Sequence[int]) -> int:
+    """Steps between validations by default: enough patches to cover the training pixels once, at least 10."""
+    return max(10, math.ceil(n_train / (batch * float(np.prod(patch)))))
+
+
 def learning_rate(step: int, fraction: float, peak: float, warmup_steps: int = 5, floor: float = 0.05) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay from ``peak`` to ``floor * peak`` as ``fraction`` (of
     the budget) goes from 0 to 1. Fine-tuning uses the defaults; the training scripts their own warm-up and floor."""
@@ -146,41 +156,56 @@ def freeze_batchnorms(layers: list[nn.Module]) -> None:
         m.eval()
 
 
-class Budget:
-    """The budget: wall-clock minutes (validation and saving included) and/or epochs.
+def mean_dice(scores: dict[int, float], levels: Sequence[int]) -> float:
+    """Mean validation Dice over ``levels`` (the trained ones: the best state is chosen on these only)."""
+    return float(np.mean([scores[k] for k in levels]))
 
-    Training ends when the time left no longer holds another step plus the final validation and the save, so the
-    whole run, from preparing the data to the saved card, ends within the budget.
+
+def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's weights and buffers on the CPU (training goes on changing the module's own)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def is_improvement(mean: float, best: float, min_delta: float, improved: bool) -> bool:
+    """Whether a validation's ``mean`` Dice replaces the ``best`` state: by more than ``min_delta``, or by anything
+    while no trained state has yet beaten the base model (``improved`` False)."""
+    return mean > best + min_delta or (mean > best and not improved)
+
+
+def refit_pays(mean: float, best: float, baseline: float) -> bool:
+    """Whether the validation pixels should join training at the refit point: the validation there is the best so
+    far (still learning, not over-fitting) and better than the base model's ``baseline``."""
+    return mean >= best and mean > baseline
+
+
+@dataclass
+class BestState:
+    """The state a run keeps: the base model's to begin with (it is a candidate), replaced by better validations.
+
+    Attributes:
+        mean: Mean validation Dice over the trained levels.
+        scores: Per-level validation Dice.
+        state: The weights (on the CPU).
+        improved: Whether a trained state has beaten the base model.
+        since: Validations since the last improvement (for early stopping).
     """
 
-    SAVE_SECONDS = 1.0  # writing weights and card (measured: 0.1-0.3 s for the shipped size), with room
+    mean: float
+    scores: dict[int, float]
+    state: dict[str, torch.Tensor]
+    improved: bool = False
+    since: int = 0
 
-    def __init__(self, minutes: float | None, epochs: int | None) -> None:
-        self.t0 = time.perf_counter()
-        self.budget_s = None if minutes is None else minutes * 60.0
-        self.epochs = epochs
-        self.steps_per_epoch = 10
-        self.val_seconds = 0.0
-        self.step_seconds = 0.0
+    def offer(self, scores: dict[int, float], levels: Sequence[int], module: nn.Module, min_delta: float) -> None:
+        """A validation during training: kept when :func:`is_improvement` says so, else counted in ``since``."""
+        mean = mean_dice(scores, levels)
+        if is_improvement(mean, self.mean, min_delta, self.improved):
+            self.mean, self.scores, self.state = mean, scores, state_snapshot(module)
+            self.since, self.improved = 0, True
+        else:
+            self.since += 1
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def _train_budget(self) -> float:
-        assert self.budget_s is not None
-        return max(1e-6, self.budget_s - 1.2 * self.val_seconds - self.SAVE_SECONDS)
-
-    def fraction(self, step: int) -> float:
-        """Share of the training budget used (0..1), for schedules and progress bars."""
-        fr = []
-        if self.budget_s is not None:
-            fr.append(self.elapsed() / self._train_budget())
-        if self.epochs is not None:
-            fr.append(step / (self.epochs * self.steps_per_epoch))
-        return float(min(1.0, max(fr)))
-
-    def done(self, step: int) -> bool:
-        """No time (or epoch) left for another step."""
-        if self.epochs is not None and step >= self.epochs * self.steps_per_epoch:
-            return True
-        return self.budget_s is not None and self.elapsed() + 0.5 * self.step_seconds >= self._train_budget()
+    def offer_statistics(self, scores: dict[int, float], levels: Sequence[int], module: nn.Module) -> None:
+        """The validation after re-estimating batch-norm statistics: kept when better at all (no weight trained)."""
+        if mean_dice(scores, levels) > self.mean:
+            self.mean, self.scores, self.state = mean_dice(scores, levels), scores, state_snapshot(module)

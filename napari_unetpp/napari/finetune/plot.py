@@ -25,10 +25,12 @@ class TrainingPlot(QWidget):
         self.update()
 
     def add_loss(self, step: int, loss: float) -> None:
+        """Add the training loss of ``step``."""
         self.loss.append((step, float(loss)))
         self.update()
 
     def add_validation(self, step: int, scores: dict[int, float]) -> None:
+        """Add the per-level validation Dice of ``step``."""
         self.val.append((step, dict(scores)))
         self.update()
 

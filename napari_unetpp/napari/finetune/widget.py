@@ -4,121 +4,32 @@ version is then selected in the Segment widget and the current view re-segmented
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import threading
-import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import napari
-import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 
-from napari_unetpp.data.axes import layer_axes
 from napari_unetpp.errors import ModelFileError
 from napari_unetpp.model.modalities import MODALITIES, new_model
-from napari_unetpp.model.registry import LoadedModel, list_models, load_model
+from napari_unetpp.model.registry import list_models, load_model
 from napari_unetpp.model.windowed import with_window
-from napari_unetpp.napari.pixel_size import layer_pixel_size
-from napari_unetpp.napari.plot import TrainingPlot
-from napari_unetpp.napari.segment import (
-    WINDOW_CHOICES,
-    SegmentWidget,
-    children_blocked,
-    image_axes,
-    image_choices,
-    pixels,
-)
-from napari_unetpp.napari.workers import WeakHandler, abandon, run_generator, user_message
-from napari_unetpp.runtimes.device import DEVICE_CHOICES
-from napari_unetpp.training import (
-    FineTuneResult,
-    TrainingPair,
-    TrainProgress,
-    default_name,
-    fine_tune_iter,
-    parse_slices,
-)
+from napari_unetpp.napari.choices import children_blocked, configure, image_choices
+from napari_unetpp.napari.finetune.edits import EditTracker
+from napari_unetpp.napari.finetune.pair import TRUTH, training_pair
+from napari_unetpp.napari.finetune.plot import TrainingPlot
+from napari_unetpp.napari.segment.controller import MODELS_WINDOW, WINDOW_CHOICES, pixels
+from napari_unetpp.napari.segment.widget import SegmentWidget
+from napari_unetpp.napari.workers import abandon, run_generator, user_message
+from napari_unetpp.runtimes import DEVICE_CHOICES
+from napari_unetpp.training import FineTuneResult, TrainProgress, default_name, fine_tune_iter
 
-log = logging.getLogger(__name__)
+__all__ = ["FineTuneWidget"]
 
-TRUTH = ("edited slices", "listed slices", "all slices")
 LEVELS = {"all levels": None, "fast: L1-L2 only": 2}
 NEW_MODEL = "new model ({})"  # base choices that train a fresh network for the modality
-
-
-def _atom_changes(atom: Any) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """Full-array coordinates of the pixels one napari history atom changed, and their values before the change.
-
-    napari records either ``(indices, old_values, new_values)`` tuples (``data_setitem``) or masked bounding-box
-    atoms with a ``slice_key``, an optional ``mask`` (None: the whole box changed) and ``old_values``.
-    """
-    if hasattr(atom, "slice_key"):
-        key = tuple(atom.slice_key)
-        starts = [s.start or 0 for s in key]
-        old = np.asarray(atom.old_values)
-        if atom.mask is None:  # old_values is a snapshot of the whole box
-            idx = np.nonzero(np.ones([s.stop - (s.start or 0) for s in key], bool))
-            old = old.ravel()
-        else:
-            idx = np.nonzero(atom.mask)
-        return tuple(i + st for i, st in zip(idx, starts)), old
-    idx = tuple(np.asarray(i) for i in atom[0])
-    return idx, np.broadcast_to(np.asarray(atom[1]), idx[0].shape if idx else ())
-
-
-def painted(atoms: Any, ndim: int) -> tuple[set[tuple[int, ...]], list[tuple[np.ndarray, ...]]]:
-    """Slices (indices over the leading non-YX axes) and pixel coordinates touched by one napari paint event."""
-    lead = ndim - 2
-    slices: set[tuple[int, ...]] = set()
-    coords: list[tuple[np.ndarray, ...]] = []
-    for atom in atoms or []:
-        full, _ = _atom_changes(atom)
-        if not full or full[0].size == 0:
-            continue
-        coords.append(full)
-        if lead:
-            slices.update(map(tuple, np.unique(np.stack(full[:lead], 1), axis=0).tolist()))
-        else:
-            slices.add(())
-    return slices, coords
-
-
-def slice_before(data: Any, key: tuple[int, ...], atoms: Any) -> np.ndarray:
-    """The YX plane ``key`` of a labels array as it was before the edits in ``atoms`` (one paint event), rebuilt
-    from the current plane and the old values the atoms keep (the inverse of napari's own undo). Correct whether
-    napari emits the event before writing (single edits) or after (a staged mouse stroke)."""
-    lead = len(key)
-    plane = np.array(data[key], copy=True)
-    for atom in reversed(list(atoms or [])):
-        full, old = _atom_changes(atom)
-        if not full or full[0].size == 0:
-            continue
-        sel = np.ones(full[0].shape, bool)
-        for d in range(lead):
-            sel &= full[d] == key[d]
-        plane[full[lead][sel], full[lead + 1][sel]] = old[sel]
-    return plane
-
-
-def _digest(plane: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(plane).tobytes(), digest_size=16).digest()
-
-
-@dataclass
-class LayerEdits:
-    """What the user did on one labels layer, and the paint handler that records it (so it can be disconnected when
-    the layer goes)."""
-
-    layer: weakref.ref
-    handler: WeakHandler
-    slices: set[tuple[int, ...]] = field(default_factory=set)  # painted slices
-    original: dict[tuple[int, ...], bytes] = field(default_factory=dict)  # slice -> digest before its first edit
-    restored: set[tuple[int, ...]] = field(default_factory=set)  # painted, but back to the original (undone)
-    focus: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # changed pixel coordinates
 
 
 class FineTuneWidget(Container):
@@ -126,6 +37,12 @@ class FineTuneWidget(Container):
 
     Args:
         napari_viewer: The viewer (injected by napari).
+
+    Attributes:
+        run_options: Further :class:`~napari_unetpp.training.FineTuneConfig` fields for every run, over the budget
+            and levels chosen (default none). Scripts and tests set e.g. ``{"steps_per_epoch": 2, "patch_size":
+            64}`` for runs of seconds; the budget control keeps its user-facing minimum.
+        result: The last run's :class:`~napari_unetpp.training.FineTuneResult` (None before, or while one runs).
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -147,7 +64,7 @@ class FineTuneWidget(Container):
         self._window = ComboBox(
             label="HU window",
             choices=list(WINDOW_CHOICES),
-            value=WINDOW_CHOICES[0],
+            value=MODELS_WINDOW,
             visible=False,
             tooltip="CT: the Hounsfield window the network sees, stored in the new model's card (model's: the base's; "
             "a new CT model starts from soft-tissue W400 L40; dicom: the file's own)",
@@ -193,19 +110,8 @@ class FineTuneWidget(Container):
         self._edited.native.setWordWrap(True)
         self.extend(
             [
-                self._image,
-                self._labels,
-                self._base,
-                self._window,
-                self._truth,
-                self._slices,
-                self._edited,
-                self._budget_kind,
-                self._budget,
-                self._levels,
-                self._ignore,
-                self._device,
-                self._name,
+                *(self._image, self._labels, self._base, self._window, self._truth, self._slices, self._edited),
+                *(self._budget_kind, self._budget, self._levels, self._ignore, self._device, self._name),
                 self._classes,
                 Container(widgets=[self._start_btn, self._stop_btn], layout="horizontal", labels=False),
                 self._bar,
@@ -215,11 +121,11 @@ class FineTuneWidget(Container):
         self.plot = TrainingPlot()
         self.native.layout().addWidget(self.plot)
 
-        # labels layer's unique_id (never id(): a new layer may get a removed one's) -> its edits; dropped with it
-        self._tracked: dict[Any, LayerEdits] = {}
+        self.edits = EditTracker(lambda ly: isinstance(ly, Labels), self._on_edit)
+        self.run_options: dict[str, Any] = {}
+        self.result: FineTuneResult | None = None
         self._worker: Any = None
         self._stop: threading.Event | None = None
-        self.result: FineTuneResult | None = None
 
         self._labels.changed.connect(self._show_edited)
         self._truth.changed.connect(self._show_edited)
@@ -236,6 +142,25 @@ class FineTuneWidget(Container):
         if seg is not None and seg.selected_model_id in self._base.choices:
             self._base.value = seg.selected_model_id
         self._on_base()
+
+    def configure(self, **values: Any) -> None:
+        """Set controls as a user would, by name: ``image``, ``labels`` (layers), ``base``, ``window``, ``truth``,
+        ``slices``, ``budget_kind`` (``"minutes"``/``"epochs"``), ``budget``, ``levels``, ``ignore``, ``device``,
+        ``name``, ``classes``."""
+        controls = {"image": self._image, "labels": self._labels, "base": self._base, "window": self._window}
+        controls.update(truth=self._truth, slices=self._slices, budget_kind=self._budget_kind, budget=self._budget)
+        controls.update(levels=self._levels, ignore=self._ignore, device=self._device, name=self._name)
+        configure({**controls, "classes": self._classes}, values)
+
+    @property
+    def running(self) -> bool:
+        """Whether a fine-tuning run is going."""
+        return self._worker is not None
+
+    @property
+    def status(self) -> str:
+        """The status line (what the run does, its result, or the last error)."""
+        return str(self._status.value)
 
     # ----------------------------------------------------------------- choices
     def _image_choices(self, _=None) -> list[tuple[str, Image]]:
@@ -259,17 +184,7 @@ class FineTuneWidget(Container):
 
     def _on_layers_changed(self, _=None) -> None:
         self.reset_choices()
-        present = {ly.unique_id for ly in self._viewer.layers}
-        for uid in [u for u in self._tracked if u not in present]:  # gone: its edits and its handler go too
-            gone = self._tracked.pop(uid)
-            layer = gone.layer()
-            if layer is not None:
-                layer.events.paint.disconnect(gone.handler)
-        for ly in self._viewer.layers:
-            if isinstance(ly, Labels) and ly.unique_id not in self._tracked:
-                handler = WeakHandler(self, "_on_paint", ly.unique_id)
-                ly.events.paint.connect(handler)
-                self._tracked[ly.unique_id] = LayerEdits(weakref.ref(ly), handler)
+        self.edits.sync(self._viewer.layers)  # a layer that went takes its edits and its handler with it
         images = [c for c in self._image.choices if c is not None]
         labels = [c for c in self._labels.choices if c is not None]
         if self._image.value is None and images:
@@ -300,44 +215,15 @@ class FineTuneWidget(Container):
             self._classes.native.setPlaceholderText(", ".join(row.card.classes))
 
     # ----------------------------------------------------------------- edits
-    def _on_paint(self, uid: Any, event: Any) -> None:
-        rec = self._tracked.get(uid)
-        layer = rec.layer() if rec is not None else None
-        if rec is None or layer is None:
-            return
-        atoms = getattr(event, "value", None)
-        slices, coords = painted(atoms, layer.data.ndim)
-        for s in slices:
-            if s not in rec.original:
-                rec.original[s] = _digest(slice_before(layer.data, s, atoms))
-        rec.slices.update(slices)
-        rec.restored -= slices  # napari sends this event before or after writing, so no re-read here
-        rec.focus.extend(coords)
+    def _on_edit(self, layer: Labels) -> None:
         if layer is self._labels.value:
             self._show_edited()
-
-    def _recheck(self, layer: Labels, slices: Any) -> None:
-        """Mark which of ``slices`` are back to their content before the first edit (napari's undo sends no
-        event, so this also runs before training starts)."""
-        rec = self._tracked.get(layer.unique_id)
-        if rec is None:
-            return
-        for s in slices:
-            now = _digest(np.asarray(layer.data[s]))
-            (rec.restored.add if now == rec.original.get(s) else rec.restored.discard)(s)
 
     def edited_slices(self, layer: Labels | None = None, recheck: bool = False) -> list[tuple[int, ...]]:
         """Slices of ``layer`` (default: the chosen labels) the user painted on and did not undo back to what they
         were, sorted. ``recheck`` re-reads every painted slice first (to catch undo)."""
         layer = layer or self._labels.value
-        if layer is None:
-            return []
-        rec = self._tracked.get(layer.unique_id)
-        if rec is None:
-            return []
-        if recheck:
-            self._recheck(layer, rec.slices)
-        return sorted(rec.slices - rec.restored)
+        return [] if layer is None else self.edits.edited_slices(layer, recheck)
 
     def _show_edited(self, _=None) -> None:
         ed = self.edited_slices()
@@ -351,74 +237,6 @@ class FineTuneWidget(Container):
         self._slices.enabled = self._truth.value == "listed slices"
 
     # ----------------------------------------------------------------- run
-    def _pair(self, base: LoadedModel) -> TrainingPair:
-        image, labels = self._image.value, self._labels.value
-        if image is None or labels is None:
-            raise ValueError("Choose an image and the labels layer with your corrections.")
-        dims = base.module.config.spatial_dims
-        axes = image_axes(image, dims)
-        data = pixels(image)  # lazy (dask, zarr) stays lazy: the worker reads the slices it trains on
-        shape = tuple(data.shape[:-1]) if image.rgb else tuple(data.shape)
-        seg = SegmentWidget.for_viewer(self._viewer)
-        channel = seg.chosen_channel(image) if seg is not None else None
-        lead = 0  # leading axes of the layer that are not in the pair (its scale and units are not theirs)
-        if channel is not None and tuple(labels.data.shape) == shape[1:]:
-            # a mask the Segment widget made from one channel of the first axis: train on that channel
-            data = data[channel]
-            axes = layer_axes(data.ndim, False, dims)
-            shape = shape[1:]
-            lead = 1
-        if tuple(labels.data.shape) != shape:
-            if tuple(labels.data.shape) == shape[1:] and not image.rgb:
-                raise ValueError(
-                    f"'{labels.name}' matches one channel of '{image.name}' (its first axis); choose that channel "
-                    f"in the Segment widget, or draw the labels on a layer of that channel alone."
-                )
-            raise ValueError(
-                f"'{labels.name}' has shape {tuple(labels.data.shape)} but '{image.name}' {shape}; "
-                f"choose the labels drawn on this image."
-            )
-        lab = np.array(labels.data, copy=True)  # a snapshot: painting may go on while training runs
-        focus = None
-        known = None
-        slices: Any
-        if self._truth.value == "edited slices":
-            ed = self.edited_slices(recheck=True)
-            self._show_edited()
-            if not ed:
-                raise ValueError(
-                    "No edited slices: correct some slices with the paint tools first, or choose "
-                    "'listed slices' or 'all slices'."
-                )
-            slices = "all" if ed == [()] else [s for s in ed]
-            focus = np.zeros(lab.shape, bool)
-            rec = self._tracked.get(labels.unique_id)
-            for c in rec.focus if rec is not None else []:
-                focus[c] = True
-            if ed != [()]:  # pixels painted on slices that were undone are no focus
-                lead = lab.ndim - 2
-                keep = np.zeros(lab.shape[:lead], bool)
-                keep[tuple(np.array(ed).T)] = True
-                focus &= keep.reshape(keep.shape + (1, 1))
-        elif self._truth.value == "listed slices":
-            slices = parse_slices(self._slices.value)
-            if slices is None:
-                raise ValueError("List the corrected slices, e.g. 3, 7, 10-12.")
-        else:
-            slices = "all"
-        spacing, unit = _spacing(image, axes, lead)
-        return TrainingPair(
-            data,
-            lab,
-            axes=axes,
-            slices=slices,
-            known=known,
-            focus=focus,
-            name=f"{image.name} / {labels.name}",
-            spacing=spacing,
-            spacing_unit=unit,
-        )
-
     def start(self, _=None) -> None:
         """Fine-tune in a worker thread."""
         if self._worker is not None:
@@ -427,22 +245,23 @@ class FineTuneWidget(Container):
         modality = self._new_modality()
         name = self._name.value.strip() or None
         classes = [c for c in self._classes.value.split(",") if c.strip()] or None
+        img, labels = self._image.value, self._labels.value
         try:
             if modality is not None:
-                img = self._image.value
-                base = new_model(
-                    modality,
-                    classes=classes or ["foreground"],
-                    in_channels=int(pixels(img).shape[-1]) if img is not None and img.rgb else 1,
-                    name=name,
-                )
+                rgb = img is not None and img.rgb
+                channels = int(pixels(img).shape[-1]) if rgb else 1
+                base = new_model(modality, classes=classes or ["foreground"], in_channels=channels, name=name)
             else:
                 base = load_model(self._base.value)
-            if self._window.value != WINDOW_CHOICES[0] and base.normalization.mode == "window":
-                img = self._image.value
+            if self._window.value != MODELS_WINDOW and base.normalization.mode == "window":
                 dicom = img.metadata.get("unetpp_windows", []) if img is not None else []
                 base = with_window(base, str(self._window.value), dicom)
-            pair = self._pair(base)
+            if self._truth.value == "edited slices" and labels is not None:
+                self.edited_slices(recheck=True)  # (napari's undo sends no event)
+                self._show_edited()
+            seg = SegmentWidget.for_viewer(self._viewer)
+            channel = seg.chosen_channel(img) if seg is not None else None
+            pair = training_pair(img, labels, base, self._truth.value, self._slices.value, self.edits, channel)
         except (ValueError, ModelFileError) as exc:
             self._error(user_message(exc))
             return
@@ -458,6 +277,7 @@ class FineTuneWidget(Container):
             train_depth=LEVELS[self._levels.value],
             ignore_label=None if self._ignore.value < 0 else int(self._ignore.value),
         )
+        options.update(self.run_options)
         device = self._device.value
         self.plot.clear()
         self._bar.value = 0
@@ -537,13 +357,3 @@ def _abandon_jobs(jobs: list[tuple[Any, threading.Event]], *_: Any) -> None:
     for worker, stop in list(jobs):
         abandon([worker], stop=stop)
     jobs.clear()
-
-
-def _spacing(image: Image, axes: str, lead: int = 0) -> tuple[dict[str, float] | None, str]:
-    """The pixel size the Segment widget reads from the layer (:func:`~.pixel_size.layer_pixel_size`, after its
-    ``lead`` axes: a channel segmented on its own), for the card, and its unit; None for napari's default scale of
-    ones in pixels (the layer says nothing: the base's pixel size stays)."""
-    spacing, unit = layer_pixel_size(image, axes, lead)
-    if not spacing or (not unit and all(abs(s - 1.0) <= 1e-9 for s in spacing.values())):
-        return None, ""
-    return spacing, unit
