@@ -2,14 +2,13 @@
 
 The public API is imported lazily so that ``import napari_unetpp`` stays cheap (no torch until needed).
 
-Where things live (the core imports no Qt, napari or magicgui):
-- ``network``: UNet++ (nodes ``x_i_j``, heads ``head_j``, ``forward(x, depth=k)`` runs only i + j <= k), U-Net;
-- ``registry``: model files (safetensors + JSON card), versions, names, crash-safe saving;
-- ``runtime``: device, precision, memory format, the inference copy of a network, out-of-memory handling;
-- ``axes``, ``normalization``, ``tiling``: what an image is, how it is scaled, how it is cut and blended;
-- ``prediction``: ``predict_iter`` / ``predict``; ``finetune``: ``fine_tune_iter`` / ``fine_tune``;
-- ``metrics``, ``losses``, ``postprocess``, ``io``, ``jobs``, ``errors``, ``cli``;
-- ``_widgets``, ``_demo``, ``_sample_data``: the napari side.
+Where things live (everything but ``napari`` is the core, which imports no Qt, napari or magicgui):
+- ``model``: UNet++ (nodes ``x_i_j``, heads ``head_j``, ``forward(x, depth=k)`` runs only i + j <= k), cards, registry;
+- ``data``: axes and channels, normalisation, Hounsfield windows, pixel size; ``io``: TIFF, OME-Zarr, DICOM, NIfTI;
+- ``inference``: ``predict_iter`` / ``predict`` through one sliding-window loop; ``runtimes``: device, precision,
+  PyTorch / ONNX Runtime / OpenVINO / int8; ``training``: ``fine_tune_iter`` / ``fine_tune`` on a steppable engine;
+- ``batch``: many files and clusters; ``cli``; ``export``: bioimage.io; ``paths``, ``interrupts``, ``jobs``, ``errors``;
+- ``napari``: the widgets, reader, samples and demo. See docs/architecture.md.
 """
 
 from __future__ import annotations

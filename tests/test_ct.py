@@ -322,7 +322,7 @@ def test_ct_training_bad_inputs(tmp_path, capsys):
     assert main([*base, "--labels", str(labels), "--classes", "liver=5", "spleen"]) == 2
     assert "not a mix" in capsys.readouterr().err
     assert main(["predict", str(image), "-o", str(tmp_path / "x.nii.gz"), "--window", "lung"]) == 2
-    assert "window (--window) is for CT models" in capsys.readouterr().err
+    assert "--window is for CT models" in capsys.readouterr().err
     assert main(["predict", str(image), "-o", str(tmp_path / "x.png")]) == 2
     assert ".nii.gz" in capsys.readouterr().err
 

@@ -30,10 +30,7 @@ def with_window(model: LoadedModel, window: Window | str | None, file_windows: S
     if window is None:
         return model
     if model.normalization.mode != "window":
-        raise InputError(
-            f"a Hounsfield window (--window) is for CT models; {model.card.id} normalises by "
-            f"{model.normalization.describe()}."
-        )
+        raise InputError(f"--window is for CT models; {model.card.id} normalises by {model.normalization.describe()}.")
     win = parse_window(window, file_windows) if isinstance(window, str) else window
     card = dataclasses.replace(model.card, normalization=Normalization.from_window(win).to_dict())
     return LoadedModel(model.module, card, model.path, model.shipped)
