@@ -84,3 +84,14 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     s = a.sum() + b.sum()
     return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+
+
+def tiny_batchnorm(depth: int = 2, seed: int = 0):
+    """A tiny untrained UNet++ of ``depth`` levels with batch norm, as a LoadedModel named ``tiny`` (seeded)."""
+    import torch
+
+    from napari_unetpp.model.loaded import LoadedModel
+    from napari_unetpp.model.network import UNetPlusPlus
+
+    torch.manual_seed(seed)
+    return LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32, 64, 128)[: depth + 1], norm="batch"), name="tiny")

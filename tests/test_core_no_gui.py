@@ -13,12 +13,23 @@ CORE = sorted(
     for p in (ROOT / "napari_unetpp").rglob("*.py")
     if "napari" not in p.relative_to(ROOT / "napari_unetpp").parts and p.name != "__main__.py"
 )
+# the napari side's modules that hold its logic without Qt, so they are tested without a viewer
+QT_FREE = [
+    "napari_unetpp.napari.segment.controller",
+    "napari_unetpp.napari.segment.shown",
+    "napari_unetpp.napari.finetune.edits",
+    "napari_unetpp.napari.finetune.pair",
+    "napari_unetpp.napari.cache",
+    "napari_unetpp.napari.events",
+    "napari_unetpp.napari.pixel_size",
+]
 
 
 def test_core_imports_no_gui():
+    """The core, and the Qt-free modules of the napari side, in one fresh interpreter."""
     code = (
         "import sys, importlib\n"
-        f"for m in {CORE!r}: importlib.import_module(m)\n"
+        f"for m in {CORE + QT_FREE!r}: importlib.import_module(m)\n"
         "import napari_unetpp as p; p.predict; p.load_model; p.UNetPlusPlus; p.fine_tune\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', "
         "'napari', 'magicgui', 'vispy')]\n"

@@ -11,8 +11,6 @@ import pytest
 import torch
 
 from napari_unetpp.jobs import run_to_end
-from napari_unetpp.model.loaded import LoadedModel
-from napari_unetpp.model.network import UNetPlusPlus
 from napari_unetpp.training import FineTuneConfig, TrainingPair, prepare_data
 from napari_unetpp.training.config import make_config
 from napari_unetpp.training.engine import PHASES, Trainer
@@ -28,10 +26,7 @@ from napari_unetpp.training.steps import (
     steps_per_epoch,
 )
 
-
-def tiny(depth: int = 2, seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    return LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32, 64, 128)[: depth + 1], norm="batch"), name="tiny")
+from .conftest import tiny_batchnorm as tiny
 
 
 def small_pair(em_crop, em_crop_membrane, labels=None) -> TrainingPair:

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from napari_unetpp.inference.predict import predict
-from napari_unetpp.model.loaded import LoadedModel
 from napari_unetpp.model.modalities import MODALITIES, new_model
 from napari_unetpp.model.network import UNetPlusPlus
 from napari_unetpp.model.registry import list_models, load_model, save_model
@@ -34,11 +33,7 @@ from napari_unetpp.training.recipe import (
 from napari_unetpp.training.steps import small_patch_for
 
 from .conftest import DATA, dice
-
-
-def tiny(depth: int = 2, seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    return LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32, 64, 128)[: depth + 1], norm="batch"), name="tiny")
+from .conftest import tiny_batchnorm as tiny
 
 
 # ------------------------------------------------------------------------------------------------ decisions

@@ -82,10 +82,15 @@ def run(args: argparse.Namespace) -> int:
                 progress.close()
         _report(res, files)
     files.close()
-    if failed:
-        print(f"napari-unetpp: {failed} of {len(jobs)} inputs failed (see above); the others were written.")
-        return 1
-    return 0
+    return _exit_status(failed, len(jobs))
+
+
+def _exit_status(failed: int, total: int) -> int:
+    """0, or 1 after saying how many of several inputs failed (each said why already)."""
+    if not failed:
+        return 0
+    print(f"napari-unetpp: {failed} of {total} inputs failed (see above); the others were written.")
+    return 1
 
 
 def _names_many(spec: str) -> bool:
@@ -176,10 +181,7 @@ def _predict_distributed(jobs: list[tuple[Path, Path]], args: argparse.Namespace
         raise CliError(str(exc)) from None
     finally:
         files.close()
-    if failed:
-        print(f"napari-unetpp: {len(failed)} of {len(jobs)} inputs failed (see above); the others were written.")
-        return 1
-    return 0
+    return _exit_status(len(failed), len(jobs))
 
 
 def add_parser(sub: Any) -> None:

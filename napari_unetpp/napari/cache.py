@@ -56,14 +56,6 @@ class PlaneResult:
     seconds: dict[int, float] = field(default_factory=dict)
     cues: dict[int, np.ndarray] = field(default_factory=dict)
 
-    def keys(self) -> list[ResultKey]:
-        """The keys held, least recently used first."""
-        return list(self._entries)
-
-    def items(self) -> list[tuple[ResultKey, PlaneResult]]:
-        """The entries held, least recently used first (reading them does not count as a use)."""
-        return list(self._entries.items())
-
     @property
     def nbytes(self) -> int:
         """Bytes held by the probability and cue arrays."""
