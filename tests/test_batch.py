@@ -17,21 +17,22 @@ pytest.importorskip("zarr")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """One ``--scheduler local:2`` cluster for the module's distributed tests (its workers start once and keep the
-    models they load), given to the CLI by address. Its workers get their own models and cache folders."""
-    pytest.importorskip("distributed")
-    from napari_unetpp.batch.distributed import connect
+    """The cluster ``--scheduler local:2`` starts, started once for the module's distributed tests (its workers
+    import everything and load each model once) and given to the CLI by address. Its workers get their own models
+    and cache folders. No client of it stays the default dask scheduler, so the single-process runs the tests
+    compare with read their zarr inputs in this process, as they would alone."""
+    distributed = pytest.importorskip("distributed")
+    from napari_unetpp.batch.distributed import local_cluster
 
     with pytest.MonkeyPatch.context() as mp:  # what the workers inherit when they start
         mp.setenv("NAPARI_UNETPP_HOME", str(tmp_path_factory.mktemp("worker-home")))
         mp.setenv("NAPARI_UNETPP_CACHE", str(tmp_path_factory.mktemp("worker-cache")))
-        client = connect("local:2")
+        cluster = local_cluster(2)
     try:
-        assert len(client.scheduler_info()["workers"]) == 2
-        yield client.scheduler.address
+        with distributed.Client(cluster, set_as_default=False) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+        yield cluster.scheduler_address
     finally:
-        cluster = client.cluster
-        client.close()
         cluster.close()
 
 
