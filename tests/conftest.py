@@ -86,12 +86,33 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
 
 
-def tiny_batchnorm(depth: int = 2, seed: int = 0):
-    """A tiny untrained UNet++ of ``depth`` levels with batch norm, as a LoadedModel named ``tiny`` (seeded)."""
+def tiny_batchnorm(depth: int = 2, seed: int = 0, norm: str = "batch"):
+    """A tiny untrained UNet++ of ``depth`` levels (features 8, 16, 32, ...) with batch norm (or ``norm``), as a
+    LoadedModel named ``tiny`` (seeded, in train mode): what the fine-tuning tests train."""
     import torch
 
     from napari_unetpp.model.loaded import LoadedModel
     from napari_unetpp.model.network import UNetPlusPlus
 
     torch.manual_seed(seed)
-    return LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32, 64, 128)[: depth + 1], norm="batch"), name="tiny")
+    return LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32, 64, 128)[: depth + 1], norm=norm), name="tiny")
+
+
+def tiny_net(seed: int = 0, **kw):
+    """A tiny untrained UNet++ (seeded, in eval mode): 2 levels of features 4, 8, 8 with batch norm unless ``kw``
+    (any ``UNetPlusPlus`` argument) says otherwise; for tests of files, runtimes and prediction."""
+    import torch
+
+    from napari_unetpp.model.network import UNetPlusPlus
+
+    torch.manual_seed(seed)
+    kw.setdefault("features", (4, 8, 8))
+    kw.setdefault("norm", "batch")
+    return UNetPlusPlus(**kw).eval()
+
+
+def tiny_loaded(seed: int = 0, **kw):
+    """:func:`tiny_net` as a LoadedModel (the card of an unsaved model)."""
+    from napari_unetpp.model.loaded import LoadedModel
+
+    return LoadedModel.from_module(tiny_net(seed, **kw))

@@ -30,6 +30,7 @@ from napari_unetpp.runtimes.onnx_backend import OnnxBackend
 from napari_unetpp.runtimes.openvino_backend import OpenVinoBackend, OpenVinoModel
 
 from .conftest import dice
+from .conftest import tiny_loaded as tiny
 
 # these tests count exports, corrupt caches and measure runtime choices: each gets a cache of its own, and
 # runtime="auto" measures the runtimes as it does for users
@@ -57,12 +58,6 @@ def _fresh_choices(monkeypatch):
     own home)."""
     monkeypatch.setattr(choices, "_CHOICES", {})
     monkeypatch.setattr(failures, "_FAILED", {})
-
-
-def tiny(seed: int = 0, **kw) -> LoadedModel:
-    torch.manual_seed(seed)
-    kw.setdefault("features", (4, 8, 8))
-    return LoadedModel.from_module(UNetPlusPlus(norm="batch", **kw).eval())
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

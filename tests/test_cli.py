@@ -407,7 +407,7 @@ def test_train_on_one_channel_of_a_two_channel_image(tmp_path, capsys, em_crop, 
     for image, axes in ((img, []), (first, ["--axes", "CZYX"])):
         code, out, err = cli(capsys, "train", "--image", str(image), *args, *axes, "--channel", "0")
         assert code == 0, err
-        assert "training on channel 0 of 2" in err and "saved" in out
+        assert err.startswith("napari-unetpp: training on channel 0 of 2\n") and "saved" in out  # said first
         held = out.split("held-out slices [2]: Dice per level (before -> after)\n")[1].splitlines()
         assert [row.split()[0] for row in held[:2]] == ["L1", "L2"], out
 

@@ -51,16 +51,27 @@ def test_dicom_folder_segmented_under_a_window_and_saved_as_nifti(make_napari_vi
 
 
 def test_ct_demo_teaches_a_new_model_the_liver(tmp_path):
-    """``napari-unetpp demo --sample ct`` in its own process (see test_napari.test_demo_screenshot)."""
+    """``napari-unetpp demo --sample ct`` in its own process, with PyTorch as the runtime as in every test not marked
+    ``runtimes`` (see test_napari.test_demo_screenshot): nothing measures ONNX Runtime or OpenVINO, so nothing is
+    exported to or remembered in its cache."""
+    import os
     import subprocess
     import sys
 
     from napari_unetpp.model.registry import load_model
 
-    shot = tmp_path / "ct.png"
-    cmd = [sys.executable, "-m", "napari_unetpp.cli", "demo", "--sample", "ct", "--minutes", "0.15"]
-    r = subprocess.run([*cmd, "--screenshot", str(shot)], capture_output=True, text=True, timeout=300)
+    shot, cache = tmp_path / "ct.png", tmp_path / "cache"
+    code = (
+        "import sys\n"
+        "from napari_unetpp.runtimes import selection\n"
+        "selection._usable = lambda net, depth: ([], ['only PyTorch runs outside the runtime tests'])\n"
+        "from napari_unetpp.cli import main\n"
+        f"sys.exit(main(['demo', '--sample', 'ct', '--minutes', '0.15', '--screenshot', {str(shot)!r}]))\n"
+    )
+    env = dict(os.environ, NAPARI_UNETPP_CACHE=str(cache))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))  # no graph, no choice
     card = load_model("ct-liver-demo").card
     assert card.parent is None and card.classes == ["liver"] and card.normalization["name"] == "soft-tissue"
     assert card.training["data_summary"]["pairs"][0]["known_slices"] == [[2], [9], [16]]

@@ -216,3 +216,42 @@ def test_a_batch_source_pads_new_data_and_restarts_its_batches(em_crop, em_crop_
     x, y, v = source.get(2, (32, 32))
     assert x.shape == (2, 1, 32, 32) and v.any()
     source.close()
+
+
+def test_data_handed_over_in_the_refit_phase_keeps_its_validation_pixels_training(em_crop, em_crop_membrane):
+    cfg = config(minutes=30)
+    trainer = prepared(tiny(), small_pair(em_crop, em_crop_membrane), cfg, BudgetSchedule(30, None))
+    trainer.run_steps(1)
+    trainer.phase = "refit"  # as _decide_refit leaves it when the validation pixels join training
+    new = prepare_data(small_pair(em_crop, em_crop_membrane), trainer.base)
+    trainer.set_data(new)
+    trainer.run_steps(1)
+    trainer.release()
+    assert all((it.train | it.val == it.train).all() for it in trainer.data.items)  # val pixels train too
+    assert trainer.data.n_val == new.n_val  # and are still scored
+
+
+def test_new_validation_pixels_make_the_next_validation_the_best_and_none_score_nothing(em_crop, em_crop_membrane):
+    now = [0.0]
+    schedule = OpenSchedule(validate_every_s=1.0, clock=lambda: now[0])
+    pair = small_pair(em_crop, em_crop_membrane)
+    trainer = prepared(tiny(), pair, config(), schedule)
+    trainer.best.mean = 2.0  # a score no validation reaches: it holds until the validation pixels change
+    now[0] = 2.0
+    trainer.run_steps(1)
+    assert trainer.best.mean == 2.0 and trainer.best.since == 1
+    other = prepare_data(small_pair(em_crop, em_crop_membrane), trainer.base, val_fraction=0.5)
+    assert other.n_val != trainer.data.n_val
+    trainer.set_data(other)
+    now[0] = 4.0
+    trainer.run_steps(1)
+    assert trainer.best.mean < 1.0 and trainer.best.scores == trainer.history[-1]["val"]  # rebased, not compared
+    unscored = with_validation_trained(other)
+    for it in unscored.items:
+        it.val[:] = False
+    trainer.set_data(unscored)
+    now[0] = 6.0
+    n = len(trainer.history)
+    trainer.run_steps(1)
+    trainer.release()
+    assert len(trainer.history) == n and trainer.validated() == {}  # no pixels: no score (never 1.0)

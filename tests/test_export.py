@@ -142,3 +142,66 @@ def test_a_failed_write_leaves_no_partial_package(tmp_path, monkeypatch, kind):
     assert [p.name for p in tmp_path.iterdir()] == ([] if kind == "zip" else ["em"])
     if kind == "folder":
         assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["zip", "folder"])
+def test_the_package_is_written_as_its_partial_name_and_a_killed_exports_partial_goes(tmp_path, kind):
+    """The package is written as ``.<name>.partial`` beside it, and what a killed export left under that name (a
+    file or a folder) is removed first."""
+    from napari_unetpp.export.bioimageio import _write_package
+
+    out = tmp_path / ("em.zip" if kind == "zip" else "em")
+    left = tmp_path / f".{out.name}.partial"
+    left.mkdir()
+    (left / "rdf.yaml").write_text("a killed export's")
+    seen = []
+
+    def save(descr, output_path):
+        seen.append((output_path.name, output_path.exists()))
+        if kind == "zip":
+            output_path.write_bytes(b"PK package")
+        else:
+            output_path.mkdir()
+            (output_path / "rdf.yaml").write_text(descr)
+
+    _write_package("the package", out, save, save)
+    assert seen == [(left.name, False)] and not left.exists()
+    assert (out.read_bytes() == b"PK package") if kind == "zip" else (out / "rdf.yaml").read_text() == "the package"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_the_package_network_of_a_cue_model_never_computes_the_cue():
+    """A cue model's package network runs head k alone: the cue's convolution is not traced and sliced off."""
+    import types
+
+    import torch
+
+    from napari_unetpp.model.network import UNetPlusPlus
+
+    torch.manual_seed(0)
+    net = UNetPlusPlus(features=(4, 8), cue="distance").eval()
+    exp = exported_network(types.SimpleNamespace(module=net), 1)
+    calls = []
+    exp.net.cue.register_forward_hook(lambda *a: calls.append(a))
+    x = torch.rand(1, 1, 32, 32)
+    with torch.inference_mode():
+        y = exp(x)
+        want = torch.sigmoid(net(x, depth=1)[-1])
+    assert not calls and y.shape == (1, 1, 32, 32)
+    np.testing.assert_allclose(y.numpy(), want.numpy(), atol=1e-6)
+
+
+def test_the_cover_shows_the_probabilities_of_one_class_and_predicts_mask_of_several(tmp_path):
+    from imageio.v3 import imread
+
+    from napari_unetpp.export.description import cover_image
+    from napari_unetpp.inference.masks import mask_from
+
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 1, 8, 10)).astype(np.float32)
+    logits = rng.normal(size=(1, 3, 8, 10))
+    y = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+    for out, shown in [(y, mask_from(y[0], 3) / 2), (y[:, :1], y[0, 0])]:
+        cover_image(x, out, tmp_path / "cover.png")
+        right = imread(tmp_path / "cover.png")[:, 10:, 0]  # the output half, red channel
+        np.testing.assert_array_equal(right, (np.clip(shown, 0, 1) * 255).astype(np.uint8))

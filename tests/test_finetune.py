@@ -31,12 +31,7 @@ from napari_unetpp.training import (
 from napari_unetpp.training.losses import DeepSupervisionLoss
 
 from .conftest import dice
-
-
-def tiny(depth: int = 2, norm: str = "batch", seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    feats = (8, 16, 32, 64, 128)[: depth + 1]
-    return LoadedModel.from_module(UNetPlusPlus(features=feats, norm=norm), name="tiny")
+from .conftest import tiny_batchnorm as tiny
 
 
 # ---------------------------------------------------------------------------------------------------- parsing

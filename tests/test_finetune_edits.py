@@ -9,8 +9,11 @@ import types
 import numpy as np
 import pytest
 
+from napari_unetpp.data.axes import first_axis_channel
+from napari_unetpp.errors import InputError
 from napari_unetpp.napari.finetune.edits import EditTracker, painted, slice_before
 from napari_unetpp.napari.finetune.pair import training_pair
+from napari_unetpp.napari.segment.controller import SegmentController
 
 _ids = itertools.count()
 
@@ -117,3 +120,30 @@ def test_the_training_pair_of_the_edited_slices():
         training_pair(image, Labels((4, 10, 10)), base, "all slices")
     with pytest.raises(ValueError, match="Choose an image"):
         training_pair(None, labels, base)
+
+
+def test_one_channel_of_the_first_axis_is_read_alike_by_segment_and_fine_tune():
+    """The Segment widget segments channel 1 of a CZYX layer and the Fine-tune widget trains on that same channel
+    (one rule, :func:`first_axis_channel`): same pixels (a view), same axes, the layer's scale after the channel."""
+    data = np.arange(2 * 4 * 20 * 24, dtype=np.float32).reshape(2, 4, 20, 24)
+    image = types.SimpleNamespace(
+        data=data,
+        multiscale=False,
+        rgb=False,
+        scale=(1.0, 0.05, 0.004, 0.004),
+        units=("", "um", "um", "um"),
+        name="img",
+        unique_id=next(_ids),
+        metadata={},
+    )
+    cfg = types.SimpleNamespace(spatial_dims=2, in_channels=1)
+    base = types.SimpleNamespace(module=types.SimpleNamespace(config=cfg))
+    shown, axes = SegmentController(warn=lambda m: None).source(image, base, 1)
+    pair = training_pair(image, Labels(), base, "all slices", channel=1)
+    assert axes == pair.axes == "ZYX"
+    assert np.shares_memory(shown, data) and np.array_equal(shown, data[1]) and np.array_equal(pair.image, data[1])
+    assert pair.spacing == pytest.approx({"Z": 0.05, "Y": 0.004, "X": 0.004})
+    series, axes = first_axis_channel(np.zeros((3, 2, 4, 20, 24)), 3, 2)  # C, T, Z, Y, X for a 3D model
+    assert series.shape == (2, 4, 20, 24) and axes == "TZYX"
+    with pytest.raises(InputError, match="channel 2 does not exist"):
+        first_axis_channel(data, 2, 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -9,11 +11,9 @@ from torch import nn
 from napari_unetpp.model.config import UNetPlusPlusConfig, node_names
 from napari_unetpp.model.network import PrunedUNetPlusPlus, UNetPlusPlus, count_parameters
 
+from .conftest import tiny_net
 
-def tiny(**kw) -> UNetPlusPlus:
-    torch.manual_seed(0)
-    kw.setdefault("features", (4, 8, 8, 16, 16))
-    return UNetPlusPlus(**kw).eval()
+tiny = functools.partial(tiny_net, features=(4, 8, 8, 16, 16), norm="none")  # 4 levels, no norm layers
 
 
 def test_node_names_follow_the_paper():

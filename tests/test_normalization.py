@@ -25,6 +25,11 @@ def test_hu_window_clips_ct_values():
     out = norm.apply(hu, norm.bounds(hu))
     np.testing.assert_allclose(out, [[0, 0, 1000 / 1400], [1200 / 1400, 1, 1]], atol=1e-6)
     assert norm.compute_stats(hu) == norm.bounds(hu)  # the former name
+    with pytest.deprecated_call(match="bounds="):  # apply's former keyword, same meaning
+        np.testing.assert_array_equal(norm.apply(hu, stats=norm.bounds(hu)), out)
+    np.testing.assert_array_equal(norm.apply(hu, bounds=norm.bounds(hu)), out)
+    with pytest.raises(TypeError, match="not both"):
+        norm.apply(hu, (0, 1), stats=(0, 1))
 
 
 def test_none_flat_and_non_finite():

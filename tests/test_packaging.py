@@ -64,3 +64,16 @@ def test_wheel_installs_and_npe2_sees_the_plugin(tmp_path):
         cwd=tmp_path,
         env=env,
     )
+
+
+def test_the_sdist_ships_the_docs_and_both_manifests():
+    """The source distribution holds what its tests and the site build read: the docs, mkdocs.yml, and napari.yaml
+    at the top as well as inside the package (a test keeps them equal)."""
+    from hatchling.builders.sdist import SdistBuilder
+
+    files = {Path(f.distribution_path).as_posix() for f in SdistBuilder(str(ROOT)).recurse_included_files()}
+    for needed in ("README.md", "mkdocs.yml", "napari.yaml", "napari_unetpp/napari.yaml"):  # + pyproject.toml, always
+        assert needed in files, needed
+    docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*") if p.is_file()}
+    assert "docs/index.md" in docs and docs <= files, sorted(docs - files)
+    assert {"scripts/check_layout.py", "tests/conftest.py", "weights/em-membranes.json"} <= files

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from napari_unetpp import UNetPlusPlus, predict, predict_iter
+from napari_unetpp import Prediction, UNetPlusPlus, predict, predict_iter
 from napari_unetpp.inference.predict import InputError, guess_axes
 
-from .conftest import dice
+from .conftest import dice, tiny_net
 
-
-def tiny(**kw) -> UNetPlusPlus:
-    torch.manual_seed(0)
-    kw.setdefault("features", (4, 8, 8))
-    return UNetPlusPlus(**kw).eval()
+tiny = functools.partial(tiny_net, norm="none")  # no norm layers unless a test asks
 
 
 @pytest.fixture(scope="module")
@@ -316,17 +316,31 @@ def test_a_block_of_rows_equals_the_same_rows_of_the_whole_run(em_model, em_crop
 
 
 # ---------------------------------------------------------------------------------------------------- one loop
-def test_validation_and_predict_run_the_same_sliding_window(em_crop, em_crop_membrane):
+def test_validation_and_predict_run_the_same_sliding_window(em_crop, em_crop_membrane, monkeypatch):
     """Validation during fine-tuning is prediction's sliding window with a sink that counts: on the real crop, tiled
-    (64-pixel tiles, many per slice), its per-level Dice is exactly the Dice of predict's masks on the validation
-    pixels, from the same tiles, weights and mask rule."""
+    (64-pixel tiles, many per slice), validation runs predict's tile grid on the same normalised tiles (those that
+    hold validation pixels), and its per-level Dice is exactly the Dice of predict's masks on the validation pixels,
+    from the same tiles, weights and mask rule."""
     from napari_unetpp.inference import predict as prediction
     from napari_unetpp.inference.predict import normalization_stats
     from napari_unetpp.model.loaded import LoadedModel
     from napari_unetpp.training import TrainingPair, prepare_data, validation
     from napari_unetpp.training.metrics import dice_from_counts
 
-    assert validation.sliding_window is prediction.sliding_window
+    planes: dict[str, list] = {"validation": [], "predict": []}
+
+    def watched(module, who):
+        real = module.sliding_window
+
+        def loop(these, *a, **k):
+            these = list(these)
+            planes[who] += these
+            return real(these, *a, **k)
+
+        monkeypatch.setattr(module, "sliding_window", loop)
+
+    watched(validation, "validation")
+    watched(prediction, "predict")
     torch.manual_seed(0)
     lm = LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 8)), name="tiny")
     ds = prepare_data(TrainingPair(em_crop, em_crop_membrane, slices="all"), lm)
@@ -335,6 +349,11 @@ def test_validation_and_predict_run_the_same_sliding_window(em_crop, em_crop_mem
     kw = dict(tile=64, stats=stats, prob_dtype="float32", precision="fp32", runtime="torch")
     pred = predict(em_crop, lm, depth=2, levels="all", **kw)
     assert pred.tiles == 3 * 4 * 4  # 4 x 4 tiles per slice
+    assert len(planes["validation"]) == len(planes["predict"]) == 3  # one plane per slice, each with validation
+    for v, p in zip(planes["validation"], planes["predict"]):
+        assert v.tiles == p.tiles and v.to_run and all(sl in p.to_run for sl in v.to_run)  # a subset of its tiles
+        for sl in v.to_run:
+            np.testing.assert_allclose(v.read(sl), p.read(sl), rtol=1e-6, atol=1e-6)
     t = np.concatenate([it.target[it.val] for it in ds.items]) > 0
     for lv in (1, 2):
         p = np.concatenate([m[it.val] for m, it in zip(pred.probabilities[lv] >= 0.5, ds.items)])
@@ -416,5 +435,13 @@ def test_prediction_device_is_a_deprecated_alias_of_ran_on(em_crop):
     assert pred.ran_on.startswith("CPU · PyTorch fp32")
     with pytest.deprecated_call(match="ran_on"):
         assert pred.device == pred.ran_on
-    with pytest.raises(AttributeError):
-        pred.device = "cpu"
+    with pytest.deprecated_call(match="ran_on"):
+        pred.device = "somewhere else"
+    assert pred.ran_on == "somewhere else"
+    with pytest.deprecated_call(match="ran_on"):  # the old keyword, at construction and in replace
+        assert dataclasses.replace(pred, device="elsewhere").ran_on == "elsewhere"
+    with pytest.deprecated_call(match="ran_on"):
+        assert Prediction(pred.mask, {}, None, 1, "pruned", 0.5, "YX", device="there").ran_on == "there"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # replace without the old keyword keeps ran_on and warns nothing
+        assert dataclasses.replace(pred, mode="ensemble").ran_on == "somewhere else"

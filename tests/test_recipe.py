@@ -162,6 +162,7 @@ def test_new_model_trains_from_scratch_end_to_end(em_crop, em_crop_membrane):
     assert card.training["data"].startswith("trained from scratch") and "untrained" not in card.training
     assert card.normalization == MODALITIES["em"]["normalization"].to_dict() and card.classes == ["membrane"]
     assert card.training["modality"] == "em" and "normalization" in card.training["decision"]
+    assert card.training["recipe"].startswith("napari_unetpp.finetune (scratch): patches")  # the card's text as ever
     assert max(res.scores.values()) > max(res.baseline.values()) + 0.2
     mask = predict(em_crop[2], load_model("fresh-em"), precision="fp32").mask
     assert dice(mask, em_crop_membrane[2]) > 0.5  # a slice it never saw

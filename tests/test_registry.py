@@ -13,10 +13,7 @@ from napari_unetpp.model.card import ModelCard
 from napari_unetpp.model.registry import list_models, load_model, save_model
 from napari_unetpp.paths import shipped_weights_dir, user_models_dir
 
-
-def tiny(seed=0, **kw) -> UNetPlusPlus:
-    torch.manual_seed(seed)
-    return UNetPlusPlus(features=(4, 8, 8), norm="batch", **kw).eval()
+from .conftest import tiny_net as tiny
 
 
 def card(name="mine", **kw) -> ModelCard:
@@ -182,9 +179,13 @@ def test_a_card_that_is_not_a_json_object_is_a_model_file_error(tmp_path, text):
         load_model(path)
 
 
-def test_calibration_is_kept_in_memory_or_read_beside_the_weights(tmp_path, caplog):
+def test_calibration_is_kept_in_memory_or_read_beside_the_weights(tmp_path, caplog, monkeypatch):
     """A model's int8 calibration tiles: those set in memory (right after fine-tuning, saved or not), else the file
-    saved beside its weights, else none; a damaged file is logged and reads as none."""
+    saved beside its weights (moved there once, readable by all), else none; a damaged file is logged and reads as
+    none."""
+    import os
+    from pathlib import Path
+
     import numpy as np
 
     from napari_unetpp.model.files import calibration_path
@@ -195,8 +196,14 @@ def test_calibration_is_kept_in_memory_or_read_beside_the_weights(tmp_path, capl
     assert fresh.calibration is None
     fresh.calibration = tiles
     np.testing.assert_array_equal(fresh.calibration, tiles)
+    moves, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append(Path(b)), real_replace(a, b))[1])
     back = load_model(save_model(tiny(), card("cal"), directory=tmp_path, calibration=tiles))
+    monkeypatch.setattr(os, "replace", real_replace)
     np.testing.assert_array_equal(back.calibration, tiles)
+    # written in the saving folder and moved once, beside the weights (nothing moved within the saving folder)
+    assert moves.count(calibration_path(back.path)) == 1 and all(m.parent == tmp_path for m in moves)
+    assert calibration_path(back.path).stat().st_mode & 0o777 == 0o644
     assert load_model(save_model(tiny(), card("none"), directory=tmp_path)).calibration is None
     calibration_path(back.path).write_bytes(b"not safetensors")
     assert back.calibration is None and "could not read" in caplog.text

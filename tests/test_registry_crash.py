@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp import UNetPlusPlus
 from napari_unetpp.errors import ModelFileError
 from napari_unetpp.model import registry
 from napari_unetpp.model.card import ModelCard
@@ -20,10 +19,7 @@ from napari_unetpp.model.files import pair
 from napari_unetpp.model.registry import list_models, load_model, save_model
 from napari_unetpp.paths import user_models_dir
 
-
-def tiny(seed=0) -> UNetPlusPlus:
-    torch.manual_seed(seed)
-    return UNetPlusPlus(features=(4, 8, 8), norm="batch").eval()
+from .conftest import tiny_net as tiny
 
 
 def test_a_crash_between_weights_and_card_leaves_the_previous_version_loadable(monkeypatch):

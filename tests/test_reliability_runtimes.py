@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_unetpp import LoadedModel, UNetPlusPlus, predict, predict_iter
+from napari_unetpp import predict, predict_iter
 from napari_unetpp.model import loaded as loaded_model
 from napari_unetpp.paths import cache_dir
 from napari_unetpp.runtimes import (
@@ -32,6 +32,8 @@ from napari_unetpp.runtimes import (
 from napari_unetpp.runtimes.device import is_oom
 from napari_unetpp.runtimes.onnx_backend import OnnxBackend, ort_session
 from napari_unetpp.runtimes.openvino_backend import OpenVinoBackend, OpenVinoModel
+
+from .conftest import tiny_loaded as tiny
 
 # these tests count exports, corrupt caches and measure runtime choices: each gets a cache of its own, and
 # runtime="auto" measures the runtimes as it does for users
@@ -74,11 +76,6 @@ def _fresh_runtime_state(monkeypatch):
     monkeypatch.setattr(auto, "_MEASURING", {})
     monkeypatch.setattr(cores, "_holds", {})
     monkeypatch.setattr(cores, "_watches", [])
-
-
-def tiny(seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    return LoadedModel.from_module(UNetPlusPlus(features=(4, 8, 8), norm="batch").eval())
 
 
 # ------------------------------------------------------------------------------------------ out of memory, strictly

@@ -4,6 +4,7 @@ bounded memory, and a models folder that cannot be written never throws a traine
 from __future__ import annotations
 
 import errno
+import functools
 
 import numpy as np
 import pytest
@@ -27,12 +28,9 @@ from napari_unetpp.training import (
     validate,
 )
 
-from .conftest import DATA
+from .conftest import DATA, tiny_batchnorm
 
-
-def tiny(depth: int = 2, seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    return LoadedModel.from_module(UNetPlusPlus(features=(8, 16, 32, 64, 128)[: depth + 1]), name="tiny")
+tiny = functools.partial(tiny_batchnorm, norm="none")  # these tests train a network without norm layers
 
 
 def rgb_of(grey: np.ndarray) -> np.ndarray:
@@ -147,11 +145,30 @@ def test_validation_scores_what_predict_predicts_with_the_same_tiles(em_crop, em
     assert all(abs(whole[lv] - scores[lv]) < 0.05 for lv in (1, 2))
 
 
-def test_validation_out_of_memory_retries_on_smaller_tiles(em_crop, em_crop_membrane):
-    """Out of memory on a large tile: validation retries with smaller ones and scores the same pixels."""
+def test_validation_out_of_memory_retries_on_smaller_tiles(em_crop, em_crop_membrane, caplog, monkeypatch):
+    """Out of memory on several tiles at once: validation halves the batch as prediction does (its SafePredictor)
+    and keeps the tile; on one large tile: it retries with smaller ones. Both score the same pixels."""
     lm = tiny()
     ds = prepare_data(TrainingPair(em_crop, em_crop_membrane, slices=[0]), lm)
     net = lm.module
+    seen = []
+
+    def refuse_batches(module, args):
+        if len(args[0]) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        seen.append(tuple(args[0].shape[2:]))
+
+    from napari_unetpp.training import validation
+
+    handle = net.register_forward_pre_hook(refuse_batches)
+    try:  # a batch of 2 tiles: halved once (each retry collects garbage, slow from 112 tiles down)
+        with monkeypatch.context() as m:
+            m.setattr(validation, "default_batch", lambda tile, device_type: 2)
+            one_by_one = validate(net, ds, torch.device("cpu"), None, tile=(80, 92))
+    finally:
+        handle.remove()
+    assert len(seen) > 1 and len(set(seen)) == 1  # every tile, one at a time, at the size planned (not smaller)
+    assert "out of memory: retrying with 1 tile(s) per batch" in caplog.text  # prediction's retry
 
     def refuse_large(module, args):
         if int(np.prod(args[0].shape[2:])) > 96 * 96:
@@ -163,7 +180,7 @@ def test_validation_out_of_memory_retries_on_smaller_tiles(em_crop, em_crop_memb
     finally:
         handle.remove()
     # the plane padded to a multiple of 4 is one 164 x 188 tile; the retry halves it (to multiples of 4)
-    assert scores == validate(net, ds, torch.device("cpu"), None, tile=(80, 92))
+    assert scores == one_by_one == validate(net, ds, torch.device("cpu"), None, tile=(80, 92))
 
     def refuse_all(module, args):
         raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")

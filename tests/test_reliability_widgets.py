@@ -111,7 +111,7 @@ def test_image_data_of_another_shape_gets_new_result_layers(seg, em_crop):
 
 
 # ----------------------------------------------------------------- item 8: the DICOM window per image
-def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop):
+def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop, monkeypatch):
     from napari_unetpp.data.windows import Window
     from napari_unetpp.model.modalities import new_model
     from napari_unetpp.model.registry import save_model
@@ -133,6 +133,20 @@ def test_the_dicom_window_is_each_images_own(make_napari_viewer, em_crop):
     assert "AWIN" in w.model.normalization.describe()
     viewer.layers.remove(b)
     assert not [k for k in w.controller.windowed_models() if "BWIN" in repr(k)]  # forgotten with its layer
+    # the Fine-tune widget trains under the chosen image's own window too (the same reading of the file's windows)
+    from napari_unetpp.napari.finetune import widget as ftw
+
+    _, f = viewer.window.add_plugin_dock_widget("napari-unetpp", "UNet++ Fine-tune")
+    f._image.value, f._base.value, f._window.value = a, "ct-two@v1", "dicom"
+    bases = []
+
+    def no_pair(image, labels, base, *args):
+        bases.append(base)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(ftw, "training_pair", no_pair)
+    f.start()
+    assert f._worker is None and "AWIN" in bases[0].normalization.describe()
 
 
 def test_images_with_the_same_dicom_window_share_one_windowed_model(make_napari_viewer, em_crop):

@@ -206,10 +206,13 @@ def test_a_slider_move_computes_only_what_is_not_cached(c, lm):
     assert plan.plane == (3,) and plan.axes == "YX" and plan.cached is None
     np.testing.assert_array_equal(plan.data, img.data[3])
     assert plan.stats == normalization_stats(img.data, lm)
-    probs = {1: np.full((40, 36), 0.2, np.float32), 2: np.full((40, 36), 0.8, np.float32)}
-    c.cache.put(plan.key, probs, {2: 0.1})
-    assert c.preview_plan(img, lm, None, (3, 0, 0), 2).cached is not None  # shown at once
-    assert c.preview_plan(img, lm, None, (3, 0, 0), 3).cached is None  # L3: computed
+    assert lm.max_depth == 2
+    c.cache.put(plan.key, {1: np.full((40, 36), 0.2, np.float32)}, {1: 0.1})  # the slider was at L1
+    assert c.preview_plan(img, lm, None, (3, 0, 0), 1).cached is not None  # shown at once
+    assert c.preview_plan(img, lm, None, (3, 0, 0), 2).cached is None  # L2: computed
+    c.cache.put(plan.key, {2: np.full((40, 36), 0.8, np.float32)}, {2: 0.1})  # and added to the plane's entry
+    shown = c.preview_plan(img, lm, None, (3, 0, 0), 2).cached
+    assert shown is not None and sorted(shown.probs) == [1, 2] and shown.seconds == {1: 0.1, 2: 0.1}
     assert c.cached(img, lm, None, (3, 0, 0), 1) is not None and c.cached(img, lm, None, (2, 0, 0), 1) is None
 
 
@@ -223,7 +226,8 @@ def test_what_a_cached_plane_shows(lm):
     assert [s.tag for s in ens] == ["mask", "L1", "L2", "ensemble", "disagreement"]
     assert not ens[0].values.any()  # mean 0.65 < 0.7
     assert [s.visible for s in ens[1:4]] == [False, True, False] and ens[4].style["colormap"] == "inferno"
-    assert planes_to_show(res, lm, Display(3)) == []  # L3 is not computed
+    only_l1 = ctl.PlaneResult(probs={1: res.probs[1]}, seconds={1: 0.1})
+    assert planes_to_show(only_l1, lm, Display(2)) == []  # L2 is not computed yet: nothing to show
     assert timing_line(res, Display(2, mode="ensemble")) == "L1 0.10 s, L2 0.20 s (showing L2 ensemble)"
     assert Display(2).levels_kept() == [2] and Display(2, all_levels=True).levels_kept() == "all"
     assert Display(2, threshold=0.5).mask_choices != Display(2, threshold=0.6).mask_choices

@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    note = _channel_note(img.data, axes, base.module.config, args.channel)
+    if note and not args.quiet:  # what is done to the image's channels (channel N of C, RGB as grey), up front
+        print(f"napari-unetpp: training on {note}", file=sys.stderr)
     stop = threading.Event()
     show = TrainDisplay(args.quiet)
     # the image as it is: training fits its channels to the model as predict does (--channel N, RGB as grey)
@@ -106,12 +109,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc) or "out of memory; try --batch-size 1 or the CPU.") from None
     except RuntimeError as exc:
         raise CliError(str(exc).splitlines()[0]) from None
-    note = next((p["channels"] for p in res.data.get("pairs", []) if p.get("channels")), "")
-    if note and not args.quiet:  # what was done to the image's channels (channel N of C, RGB as grey)
-        print(f"napari-unetpp: training on {note}", file=sys.stderr)
     origin = "trained from scratch" if res.model.card.parent is None else f"fine-tuned from {base.card.id}"
     print(
-        f"{res.path if elsewhere else res.model.card.id}: {origin} in {res.seconds:.0f} s on {res.device}, "
+        f"{res.path if elsewhere else res.model.card.id}: {origin} in {res.seconds:.0f} s on {res.ran_on}, "
         f"{res.steps} steps ({res.stopped}); {res.data.get('train_pixels')} training and "
         f"{res.data.get('val_pixels')} validation pixels"
     )
@@ -209,6 +209,27 @@ def _report_held_out(res: Any, base: Any, pair: Any, slices: list[int], device: 
     for lv in range(1, k + 1):
         pb, pa = mask_from(before.probabilities[lv], nc), mask_from(after.probabilities[lv], nc)
         print(f"L{lv:<5} {dice_score(pb, gt, num_classes=nc):11.3f} {dice_score(pa, gt, num_classes=nc):10.3f}")
+
+
+def _channel_note(image: Any, axes: str | None, cfg: Any, channel: int | None) -> str:
+    """What training will do to the image's channels (``"channel N of M"``, ``"RGB as grey (luminance)"``, or ""),
+    found before it starts by :func:`~napari_unetpp.data.axes.fit_channels` (the function training fits them with)
+    on one pixel of each channel, so nothing is read or computed twice.
+
+    Raises:
+        CliError: a channel the image lacks, or a channel choice the model cannot take (as training would say).
+    """
+    from napari_unetpp.data.axes import fit_channels
+    from napari_unetpp.errors import UserError
+
+    letters = (axes or "").upper()
+    if len(letters) != len(image.shape) or (channel is None and not letters.endswith("C")):
+        return ""  # nothing is done to the channels (or the axes are wrong: training says so, in one sentence)
+    one = image[tuple(slice(None) if a == "C" else slice(0, 1) for a in letters)]
+    try:
+        return fit_channels(one, letters, cfg.spatial_dims, cfg.in_channels, channel)[2]
+    except (UserError, ValueError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def add_parser(sub: Any) -> None:

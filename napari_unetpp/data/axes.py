@@ -3,7 +3,7 @@
 A 2D model runs plane by plane over every axis but Y, X and C; a 3D model runs on Z, Y, X volumes for every T.
 :func:`layout` checks an image against a model's spatial dimensions and gives the transposed view that prediction and
 fine-tuning read: loop axes first, then the channel, then the spatial axes. The widgets use :func:`layer_axes` for
-napari layers.
+napari layers, and :func:`first_axis_channel` for the channel of a layer's first axis that they segment and train on.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "AXES_LETTERS",
     "Layout",
     "check_axes",
+    "first_axis_channel",
     "fit_channels",
     "guess_axes",
     "layer_axes",
@@ -169,3 +170,16 @@ def layer_axes(ndim: int, rgb: bool, spatial_dims: int) -> str:
     if spatial_dims == 3 and nd < 3:
         raise InputError("this is a 3D model and the image is 2D; pick a volume or a 2D model.")
     return base + ("C" if rgb else "")
+
+
+def first_axis_channel(data: Any, spatial_dims: int, channel: int) -> tuple[Any, str]:
+    """Channel ``channel`` of the first axis of a grey napari layer's ``data`` (its other axes as
+    :func:`layer_axes` reads them) and those axes: what a 1-channel model reads of a CZYX stack (2D model) or a
+    CTZYX series, as a view (lazy stays lazy). The Segment widget segments it and the Fine-tune widget trains on it.
+
+    Raises:
+        InputError: axes the layer cannot have, or a channel it lacks.
+    """
+    axes = "C" + layer_axes(data.ndim - 1, False, spatial_dims)
+    data, axes, _ = fit_channels(data, axes, spatial_dims, 1, int(channel))
+    return data, axes

@@ -13,6 +13,7 @@ bounds, whatever the image; in ``none`` mode ``(0, 1)``. :meth:`Normalization.ap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -100,10 +101,21 @@ class Normalization:
         """The former name of :meth:`bounds` (which returns the window's bounds in window mode, not statistics)."""
         return self.bounds(image)
 
-    def apply(self, block: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    def apply(
+        self, block: np.ndarray, bounds: tuple[float, float] | None = None, *, stats: tuple[float, float] | None = None
+    ) -> np.ndarray:
         """Normalise one block to float32: ``(block - low) / (high - low)`` for ``bounds`` ``(low, high)`` from
         :meth:`bounds` (of the whole stack). Window mode clips to [0, 1]; percentile mode does not; ``none`` passes
-        values through as float32."""
+        values through as float32. ``stats`` is the former name of ``bounds`` (deprecated, same meaning)."""
+        if stats is not None:
+            if bounds is not None:
+                raise TypeError("Normalization.apply takes bounds or stats (its former name), not both.")
+            warnings.warn(
+                "Normalization.apply(stats=...) is deprecated; pass bounds=... instead.", DeprecationWarning, 2
+            )
+            bounds = stats
+        if bounds is None:
+            raise TypeError("Normalization.apply needs the bounds (low, high) from Normalization.bounds(image).")
         lo, hi = bounds
         out = np.asarray(block, dtype=np.float32)
         if self.mode == "none":

@@ -35,15 +35,8 @@ from torch import nn
 
 from napari_unetpp.errors import UserError
 from napari_unetpp.export.description import cover_image, model_description, readme_text
-from napari_unetpp.model.network import PrunedUNetPlusPlus, probabilities
-from napari_unetpp.paths import (
-    move_into_place,
-    partial_beside,
-    remove_partial,
-    samples_dir,
-    usual_mode,
-    write_atomically,
-)
+from napari_unetpp.model.network import PrunedUNetPlusPlus, probabilities, run_nodes
+from napari_unetpp.paths import move_into_place, remove_partial, samples_dir
 
 __all__ = ["export_bioimageio", "ExportResult", "ExportError", "exported_network"]
 
@@ -75,10 +68,12 @@ class _Probabilities(nn.Module):
         self.has_cue = has_cue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # without the pruned network's pad-and-crop (a trace would freeze its sizes): inputs are multiples of the
-        # pooling, as the package declares; the classes only (a package holds no instance cue)
-        logits = self.net(x, pad=False)[:, : self.num_classes]
-        return probabilities(logits, self.num_classes, dim=1)
+        # the nodes and head k alone, without the pruned network's pad-and-crop (a trace would freeze its sizes):
+        # inputs are multiples of the pooling, as the package declares; the instance cue is not computed at all (a
+        # package holds none), rather than computed and sliced off
+        net: PrunedUNetPlusPlus = self.net
+        top = run_nodes(net.nodes, x, net.depth, net.pools)[0, net.depth]
+        return probabilities(net.head(top), self.num_classes, dim=1)
 
 
 def exported_network(model: Any, depth: int) -> nn.Module:
@@ -254,26 +249,25 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _write_package(descr: Any, out: Path, save_zip: Callable[..., Any], save_folder: Callable[..., Any]) -> None:
-    """Write the package to a partial file or folder beside ``out`` (:func:`~napari_unetpp.paths.partial_beside`)
-    and move it into place complete, with the permissions a plain write gives; on any failure the partial one is
-    removed and ``out`` is as it was (an empty folder stays empty).
+    """Write the package under the partial name ``.<name>.partial`` beside ``out`` (first removing one a killed
+    export left there) and move it into place complete; on any failure the partial file or folder is removed and
+    ``out`` is as it was (an empty folder stays empty).
 
     Raises:
         ExportError: it could not be written (the message names ``out`` and why).
     """
+    tmp = out.with_name(f".{out.name}.partial")
+    remove_partial(tmp)  # what a killed export left
     try:
         if out.suffix.lower() == ".zip":
-            write_atomically(out, lambda tmp: save_zip(descr, output_path=tmp), mode=usual_mode(out))
+            save_zip(descr, output_path=tmp)
         else:
-            tmp = partial_beside(out, folder=True)
-            try:
-                save_folder(descr, output_path=tmp)
-                os.chmod(tmp, usual_mode(out, folder=True))
-                move_into_place(tmp, out)  # out is empty (checked before the export) or missing
-            except BaseException:
-                remove_partial(tmp)
-                raise
+            save_folder(descr, output_path=tmp)
+            if out.is_dir():
+                out.rmdir()  # empty (checked before the export); a folder cannot be renamed over one everywhere
+        move_into_place(tmp, out)
     except BaseException as exc:
+        remove_partial(tmp)
         if isinstance(exc, UserError) or not isinstance(exc, Exception):
             raise
         raise ExportError(f"could not write {out}: {_first_line(exc)}; nothing was written.") from None

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_unetpp.inference.masks import mask_from
+
 __all__ = ["UNETPP_CITATIONS", "cover_image", "readme_text", "model_description"]
 
 UNETPP_CITATIONS = [
@@ -36,7 +38,8 @@ def cover_image(x: np.ndarray, y: np.ndarray, path: Path) -> None:
         lo, hi = np.percentile(a, [1, 99.8])
         return np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1)
 
-    prob = y[0, 0] if y.shape[1] == 1 else np.argmax(y[0], axis=0) / max(y.shape[1] - 1, 1)
+    n = y.shape[1]  # one class: its probabilities; several: the mask (predict's rule), classes spread over 0..1
+    prob = y[0, 0] if n == 1 else mask_from(y[0], n) / max(n - 1, 1)
     if prob.ndim == 3:
         prob = prob[prob.shape[0] // 2]
     left = plane(x)

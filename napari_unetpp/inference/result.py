@@ -7,9 +7,10 @@ order of allocation are the same whichever path made them.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -70,9 +71,35 @@ class Prediction:
 
     @property
     def device(self) -> str:
-        """Deprecated alias of :attr:`ran_on` (read-only; kept for one release)."""
+        """Deprecated alias of :attr:`ran_on` (read, set, and accepted as a keyword by the constructor and
+        :func:`dataclasses.replace`; kept for one release)."""
         warnings.warn("Prediction.device is deprecated; read Prediction.ran_on instead.", DeprecationWarning, 2)
         return self.ran_on
+
+    @device.setter
+    def device(self, value: str) -> None:
+        warnings.warn("Prediction.device is deprecated; set Prediction.ran_on instead.", DeprecationWarning, 2)
+        self.ran_on = value
+
+
+def _accepting_device(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` that also takes the old keyword ``device=`` (deprecated), as the value of ``ran_on``."""
+    names = [f.name for f in fields(Prediction)]
+
+    @functools.wraps(init)
+    def __init__(self: Prediction, *args: Any, device: str | None = None, **kwargs: Any) -> None:
+        if device is not None:
+            warnings.warn("Prediction(device=...) is deprecated; pass ran_on=... instead.", DeprecationWarning, 2)
+            if len(args) > names.index("ran_on"):
+                args = (*args[: names.index("ran_on")], device, *args[names.index("ran_on") + 1 :])
+            else:
+                kwargs["ran_on"] = device
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+Prediction.__init__ = _accepting_device(Prediction.__init__)  # type: ignore[method-assign]
 
 
 @dataclass

@@ -209,8 +209,8 @@ def write_images(
                 zarrs.append(_zarr_image(p, data, axes, scale, units))
                 moves += zarrs[-1].moves()
                 continue
-            suffix = nifti_suffix(p) if kind == "nifti" else p.suffix
-            partials.append(partial_beside(p, suffix))
+            # .<name>.<random>.partial, and .partial.nii(.gz) for NIfTI (nibabel compresses by the name's ending)
+            partials.append(partial_beside(p, nifti_suffix(p) if kind == "nifti" else ""))
             if kind == "nifti":
                 save_nifti(nifti_image(data, geometry, scale), partials[-1])
             else:

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_unetpp.paths import write_atomically
-
 __all__ = [
     "CALIBRATION_SUFFIX",
     "SUFFIXES",
@@ -94,12 +92,14 @@ def calibration_path(weights: Path) -> Path:
 
 
 def save_calibration(tiles: np.ndarray, path: Path) -> None:
-    """Write the tiles as float16 (safetensors: no pickle), atomically: a reader sees no file or the whole one."""
+    """Write the tiles as float16 (safetensors: no pickle) to ``path``, mode ``0o644``. Not atomic:
+    :func:`~napari_unetpp.model.registry.save_model` writes it in its saving folder, flushes it and moves it into
+    place (once, beside the weights and before the card)."""
     import torch
     from safetensors.torch import save_file
 
-    data = {"tiles": torch.from_numpy(np.ascontiguousarray(tiles, np.float16))}
-    write_atomically(path, lambda tmp: save_file(data, str(tmp)))
+    save_file({"tiles": torch.from_numpy(np.ascontiguousarray(tiles, np.float16))}, str(path))
+    os.chmod(path, 0o644)
 
 
 def read_calibration(weights: Path) -> np.ndarray | None:

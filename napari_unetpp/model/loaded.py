@@ -18,7 +18,7 @@ from napari_unetpp.data.normalization import Normalization
 from napari_unetpp.model.card import ModelCard
 from napari_unetpp.model.files import read_calibration
 from napari_unetpp.model.network import UNetPlusPlus
-from napari_unetpp.runtimes.device import optimize_for_inference
+from napari_unetpp.runtimes import optimize_for_inference
 
 __all__ = ["LoadedModel"]
 

@@ -136,12 +136,13 @@ def kept_on(loaded: Any, key: str, build: Callable[[], Any]) -> Any:
 
 def written_atomically(path: Path, write: Callable[[Path], object], what: str) -> None:
     """:func:`napari_unetpp.paths.write_atomically` for the caches: readers (another process using the same cache)
-    never see half a file, and a failure leaves nothing behind.
+    never see half a file, a failure leaves nothing behind, and the file stays private (``0o600``), as cache files
+    always were.
 
     Raises:
         RuntimeUnavailable: ``write`` failed ("<what> failed (...)").
     """
     try:
-        write_atomically(path, write)
+        write_atomically(path, write, mode=None)
     except Exception as exc:
         raise RuntimeUnavailable(f"{what} failed ({type(exc).__name__}: {exc})") from exc

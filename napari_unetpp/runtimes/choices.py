@@ -86,7 +86,8 @@ def _write_choice(key: str, value: dict[str, Any]) -> None:
         data[key] = value
         text = json.dumps(data, indent=1, sort_keys=True)
         try:
-            write_atomically(_choices_file(), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            # mode None: private (0600), as the cache always was
+            write_atomically(_choices_file(), lambda tmp: tmp.write_text(text, encoding="utf-8"), mode=None)
         except OSError as exc:  # a read-only cache: measured again next time
             log.info("could not save the runtime choice (%s)", exc)
 

@@ -35,6 +35,7 @@ __all__ = [
     "annotated_slices",
     "pad_item",
     "parse_slices",
+    "plane_item",
     "prepare_data",
 ]
 
@@ -202,7 +203,6 @@ def prepare_data(
         if focus is not None and focus.shape != labels.shape:
             raise TrainingDataError(f"the focus mask has shape {focus.shape} but the labels {labels.shape}.")
         stats = normalization_stats(image, lm, axes=lay.axes)
-        norm = lm.normalization
         order = [lab_axes.index(a) for a in lay.loop] + [lab_axes.index(a) for a in lay.spatial]
         lab_t, known_t = labels.transpose(order), known.transpose(order)
         focus_t = focus.transpose(order) if focus is not None else None
@@ -212,36 +212,13 @@ def prepare_data(
             kn = known_t[idx]
             if not kn.any():
                 continue
-            raw = np.asarray(lay.src[idx])  # ([C], *S)
-            raw = raw if lay.has_c else raw[None]
-            check_pixels(raw, task="fine-tuning")
-            img = np.stack([norm.apply(raw[c], stats[c]) for c in range(raw.shape[0])])
-            tgt = lab_t[idx].astype(np.int64)
-            if cfg.has_cue:  # foreground and the distance cue in one integer target
-                tgt = encode_cue_target(np.where(kn, tgt, 0), cfg.spatial_dims, instance_labels)
-            elif cfg.num_classes == 1:
-                tgt = (tgt > 0).astype(np.int64)
-            elif (tgt[kn] < 0).any() or (tgt[kn] >= cfg.num_classes).any():
-                bad = int(tgt[kn][(tgt[kn] < 0) | (tgt[kn] >= cfg.num_classes)][0])
-                raise TrainingDataError(
-                    f"the labels hold the value {bad} but the model has {cfg.num_classes} "
-                    f"classes (0..{cfg.num_classes - 1}); set it as the ignore label or "
-                    f"repaint it."
-                )
             key = f"{pi}:{idx}"
             keys.append(key)
-            val = split_validation(kn, key, val_fraction)
-            items.append(
-                TrainingItem(
-                    img,
-                    tgt,
-                    kn & ~val,
-                    val,
-                    None if focus_t is None else focus_t[idx] & kn,
-                    f"pair {pi} slice {idx}",
-                    classes=not cfg.has_cue,
-                )
-            )
+            focus_i = None if focus_t is None else focus_t[idx] & kn
+            raw = np.asarray(lay.src[idx])  # ([C], *S)
+            item = plane_item(raw, lab_t[idx], kn, lm, stats, key, val_fraction, instance_labels, focus_i)
+            item.source = f"pair {pi} slice {idx}"
+            items.append(item)
             used.append(idx)
         summary["pairs"].append(
             {
@@ -288,6 +265,45 @@ def prepare_data(
         ),
     )
     return ds
+
+
+def plane_item(
+    raw: np.ndarray,
+    labels: np.ndarray,
+    known: np.ndarray,
+    model: Any,
+    stats: Sequence[tuple[float, float]],
+    key: str,
+    val_fraction: float,
+    instance_labels: bool = False,
+    focus: np.ndarray | None = None,
+) -> TrainingItem:
+    """One plane (or volume) of training data: ``raw`` (``([C], *S)``, the model's channels) normalised with the
+    model's recipe and the image's ``stats``, ``labels`` encoded as the model learns them, and its ``known`` pixels
+    split into training and validation blocks by ``key`` (:func:`~.known.split_validation`). Not indexed.
+
+    Raises:
+        InputError: non-finite pixel values.
+        TrainingDataError: a label value the model has no class for.
+    """
+    lm = resolve_model(model)
+    cfg, norm = lm.module.config, lm.normalization
+    raw = raw if raw.ndim == cfg.spatial_dims + 1 else raw[None]
+    check_pixels(raw, task="fine-tuning")
+    img = np.stack([norm.apply(raw[c], stats[c]) for c in range(raw.shape[0])])
+    tgt = np.asarray(labels).astype(np.int64)
+    if cfg.has_cue:  # foreground and the distance cue in one integer target
+        tgt = encode_cue_target(np.where(known, tgt, 0), cfg.spatial_dims, instance_labels)
+    elif cfg.num_classes == 1:
+        tgt = (tgt > 0).astype(np.int64)
+    elif (tgt[known] < 0).any() or (tgt[known] >= cfg.num_classes).any():
+        bad = int(tgt[known][(tgt[known] < 0) | (tgt[known] >= cfg.num_classes)][0])
+        raise TrainingDataError(
+            f"the labels hold the value {bad} but the model has {cfg.num_classes} classes "
+            f"(0..{cfg.num_classes - 1}); set it as the ignore label or repaint it."
+        )
+    val = split_validation(known, key, val_fraction)
+    return TrainingItem(img, tgt, known & ~val, val, focus, key, classes=not cfg.has_cue)
 
 
 def _fitted(pair: TrainingPair, cfg: Any) -> tuple[Any, Any, str]:

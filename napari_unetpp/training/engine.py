@@ -6,8 +6,7 @@ brings), ``refit`` (the last steps, when the validation pixels train too), ``fin
 ``done``. Each phase method is a generator of :class:`~napari_unetpp.training.config.TrainProgress`;
 :meth:`Trainer.run_steps` runs steps synchronously. When to do what is the schedule's (:mod:`.schedule`: a budget for
 :func:`~napari_unetpp.training.loop.fine_tune_iter`, or none); the steps sample a :class:`~.source.BatchSource`,
-whose data :meth:`Trainer.set_data` replaces (from any thread) before the next step. The decisions are described in
-:mod:`.loop`.
+whose data :meth:`Trainer.set_data` replaces (from any thread) before the next step. Decisions: :mod:`.loop`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +25,7 @@ from napari_unetpp.training.config import FineTuneConfig, TrainProgress
 from napari_unetpp.training.data import TrainingPair, TrainingSet, prepare_data
 from napari_unetpp.training.metrics import format_scores
 from napari_unetpp.training.optimiser import Optimiser
-from napari_unetpp.training.recipe import choose_recipe, reestimate_batchnorm
+from napari_unetpp.training.recipe import reestimate_batchnorm
 from napari_unetpp.training.saving import FineTuneResult, save_result
 from napari_unetpp.training.schedule import Schedule
 from napari_unetpp.training.setup import calibration, holding_cores, set_up
@@ -92,7 +90,8 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self._pairs = data
         self._pending: TrainingSet | None = None
-        self._lock = threading.Lock()
+        self._lock, self._weights = threading.Lock(), threading.Lock()  # set_data's hand-over; a step's weights
+        self._val_changed = False
         self._cores: Any = None
         self._released = False
         self.optimiser: Optimiser | None = None
@@ -109,7 +108,7 @@ class Trainer:
             ds = self._pairs
         else:
             ds = prepare_data(self._pairs, self.base, ignore_label=cfg.ignore_label, val_fraction=cfg.val_fraction)
-        self.net = net = set_up(self.base, ds, cfg, dev)
+        self.setup = net = set_up(self.base, ds, cfg, dev)
         self.module = net.module
         self.summary = {**ds.summary, "patch": list(net.full_patch), "batch": net.batch}
         mirror = cfg.mirror if cfg.mirror is not None else self.base.normalization.mode != "window"
@@ -122,27 +121,16 @@ class Trainer:
             f"{'x'.join(map(str, net.full_patch))}, batch {net.batch}, on {describe_device(dev)}",
         )
 
-    def baseline(self) -> Iterator[TrainProgress]:
-        """The baseline phase: the base model validated (its score is the first candidate), the recipe chosen from
-        it, batch-norm statistics re-estimated when the recipe says so; then the optimiser is made (phase train)."""
+    def baseline(self, scores: dict[int, float] | None = None) -> Iterator[TrainProgress]:
+        """The baseline phase: the base validated (its score is the first candidate; ``scores``: known already, ``{}``
+        none), the recipe chosen from it, AdaBN when the recipe says so; then the optimiser is made (phase train)."""
         self._expect("baseline")
-        cfg = self.cfg
-        self.baseline_scores = baseline = self._validated()
-        recipe = choose_recipe(
-            baseline,
-            self.net.levels,
-            fresh=self.net.fresh,
-            requested=cfg.recipe,
-            learning_rate=cfg.learning_rate,
-            freeze_batchnorm=cfg.freeze_batchnorm,
-            reestimate=cfg.reestimate_statistics,
-        )
-        if self.net.small_patch == self.net.full_patch:  # nothing smaller to start with
-            recipe = replace(recipe, small_patch_until=0.0)
+        self.baseline_scores = baseline = self.validated() if scores is None else dict(scores)
+        recipe = self.setup.recipe_for(baseline, self.cfg)
         self.recipe = recipe
-        small = list(self.net.small_patch) if recipe.small_patch_until else None
+        small = list(self.setup.small_patch) if recipe.small_patch_until else None
         self.summary.update(recipe=recipe.to_dict(), small_patch=small)
-        self.best = BestState(mean_dice(baseline, self.net.levels), baseline, state_snapshot(self.module))
+        self.best = BestState(mean_dice(baseline, self.setup.levels), baseline, state_snapshot(self.module))
         self.history = [{"step": 0, "seconds": round(self.schedule.elapsed(), 2), "loss": None, "val": baseline}]
         yield TrainProgress(
             "baseline",
@@ -150,7 +138,7 @@ class Trainer:
             val=baseline,
             best=self.best.mean,
             message=f"base model: {format_scores(baseline)}; {recipe.describe()}"
-            + (f"; patches {'x'.join(map(str, self.net.small_patch))} first" if recipe.small_patch_until else ""),
+            + (f"; patches {'x'.join(map(str, self.setup.small_patch))} first" if recipe.small_patch_until else ""),
         )
         if recipe.reestimate_batchnorm:
             yield self._reestimated()
@@ -164,8 +152,9 @@ class Trainer:
             raise RuntimeError(f"step() needs the train or refit phase; the trainer is in {self.phase!r}.")
         with self._lock:
             data, self._pending = self._pending, None
-        if data is not None:
-            self.source.replace(data, self.net.full_patch)
+        if data is not None:  # new validation pixels: the best score no longer compares (see _after_step)
+            self._val_changed |= self.source.replace(data, self.setup.full_patch, refit=self.phase == "refit")
+            self.summary.update(train_pixels=data.n_train, val_pixels=data.n_val, n_items=len(data.items))
         if self.should_stop():
             self._finish("stopped by user")
             return
@@ -176,11 +165,12 @@ class Trainer:
         if now.refit and self.refit["why"] == "not reached":
             yield self._decide_refit(now.fraction)
         assert self.optimiser is not None
-        patch = self.net.small_patch if now.small_patches else self.net.full_patch
-        batch = self.source.get(self.net.batch, patch)
-        done = self.optimiser.step(batch, now.learning_rate, self.rng, self.schedule.clock)
+        patch = self.setup.small_patch if now.small_patches else self.setup.full_patch
+        batch = self.source.get(self.setup.batch, patch)
+        with self._weights:
+            done = self.optimiser.step(batch, now.learning_rate, self.rng, self.schedule.clock)
         if done is None:  # out of memory: the next step tries smaller
-            yield self._progress("retry", message=self.net.shrink(patch))
+            yield self._progress("retry", message=self.setup.shrink(patch))
             return
         loss, self.schedule.step_seconds = done
         self.steps += 1
@@ -228,7 +218,7 @@ class Trainer:
             self.summary,
             write=save,
             classes=classes,
-            levels=self.net.levels,
+            levels=self.setup.levels,
             calibration=calibration(self.data.items),
         )
         release_memory(self.device)
@@ -248,8 +238,10 @@ class Trainer:
             self._pending = data
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """The network's current weights, copied to the CPU (a consistent state: taken between steps)."""
-        return state_snapshot(self.module)
+        """The network's current weights, copied to the CPU: a consistent state from any thread (it waits for a
+        step that is changing them)."""
+        with self._weights:
+            return state_snapshot(self.module)
 
     def release(self) -> None:
         """Release the cores, the batch maker and the device memory of training (idempotent; also on a cancel)."""
@@ -279,18 +271,20 @@ class Trainer:
         frac = self.schedule.fraction(self.steps) if fraction is None else fraction
         return TrainProgress(phase, self.steps, self.epoch, self.schedule.elapsed(), frac, **kw)
 
-    def _validated(self) -> dict[int, float]:
+    def validated(self) -> dict[int, float]:
         """Per-level validation Dice; its duration is what the schedule keeps for the last validation."""
+        if self.data.n_val == 0:  # nothing held out yet (a live run's first strokes): no score, not 1.0
+            return {}
         t_val = self.schedule.clock()
         with holding_cores(self.device):  # predict's tiles, on the module trained
-            scores = validate(self.module, self.data, self.device, self.net.amp, tile=self.base.card.tile)
+            scores = validate(self.module, self.data, self.device, self.setup.amp, tile=self.base.card.tile)
         self.schedule.val_seconds = self.schedule.clock() - t_val
         return scores
 
     def _revalidated(self, note: dict[str, Any] | None = None) -> dict[int, float]:
         """A validation during training, recorded in the history (train mode and frozen batch norms restored)."""
         self.epoch += 1
-        scores = self._validated()
+        scores = self.validated()
         freeze_batchnorms(self.frozen)
         self.last_val = (self.steps, self.schedule.elapsed())
         self.history.append({"step": self.steps, "seconds": round(self.last_val[1], 2), "loss": None, "val": scores})
@@ -301,14 +295,14 @@ class Trainer:
         """AdaBN: batch-norm statistics re-estimated on the user's images, then validated (a candidate too)."""
         with holding_cores(self.device):
             batches = statistics_batches(
-                self.data, self.rng, self.net.batch, self.net.full_patch, self.device, self.net.fmt
+                self.data, self.rng, self.setup.batch, self.setup.full_patch, self.device, self.setup.fmt
             )
             n = reestimate_batchnorm(self.module, batches)
-        scores = self._validated()
+        scores = self.validated()
         self.history.append(
             {"step": 0, "seconds": round(self.schedule.elapsed(), 2), "loss": None, "val": scores, "note": "AdaBN"}
         )
-        self.best.offer_statistics(scores, self.net.levels, self.module)
+        self.best.offer_statistics(scores, self.setup.levels, self.module)
         return self._progress(
             "statistics",
             val=scores,
@@ -319,8 +313,8 @@ class Trainer:
     def _start_training(self) -> None:
         """The optimiser, loss and batches; the plan handed to the schedule; the cores held (CPU). Phase train."""
         cfg, ds, recipe = self.cfg, self.data, self.recipe
-        self.optimiser = Optimiser(self.net, recipe, cfg, self.device)
-        spe = cfg.steps_per_epoch or steps_per_epoch(ds.n_train, self.net.batch, self.net.full_patch)
+        self.optimiser = Optimiser(self.setup, recipe, cfg, self.device)
+        spe = cfg.steps_per_epoch or steps_per_epoch(ds.n_train, self.setup.batch, self.setup.full_patch)
         refit_at = recipe.refit_from if cfg.refit_from is None else float(cfg.refit_from)
         self.schedule.plan(
             recipe, spe, fixed_epochs=bool(cfg.steps_per_epoch), refit_from=refit_at, warmup_steps=cfg.warmup_steps
@@ -328,7 +322,7 @@ class Trainer:
         self.refit = {"from": refit_at, "used": False, "why": "not reached" if refit_at else "off"}
         self.summary.update(steps_per_epoch=spe, mirror=self.source.mirror, refit=self.refit)
         self.last_val = (0, self.schedule.elapsed())
-        self.frozen: list[Any] = self.net.statistics if recipe.freeze_batchnorm else []  # decided once, first
+        self.frozen: list[Any] = self.setup.statistics if recipe.freeze_batchnorm else []  # decided once, first
         self.module.train()
         freeze_batchnorms(self.frozen)
         self.source.start()
@@ -342,13 +336,13 @@ class Trainer:
         if validated_now:
             self._revalidated()
         scores = self.history[-1]["val"]
-        mean = mean_dice(scores, self.net.levels)
+        mean = mean_dice(scores, self.setup.levels)
         best = self.best
-        if refit_pays(mean, best.mean, mean_dice(self.baseline_scores, self.net.levels)):
+        if refit_pays(mean, best.mean, mean_dice(self.baseline_scores, self.setup.levels)):
             best.mean, best.scores, best.improved = mean, scores, True
             why = f"validation still improving at {self.refit['from']:.0%} of the budget"
             self.refit.update(used=True, step=self.steps, why=why)
-            self.source.replace(with_validation_trained(self.data), self.net.full_patch)
+            self.source.replace(with_validation_trained(self.data), self.setup.full_patch)
             self.phase = "refit"
             message = "still improving: the validation pixels train too from now on, and the final state is kept"
         else:
@@ -370,13 +364,19 @@ class Trainer:
         trained_on = self.phase == "refit"  # scored on pixels it trained on: shown, never used to choose
         if not (last or due) or (trained_on and not last):
             return
+        if self.data.n_val == 0:  # nothing to score: the next validation waits for held-out pixels
+            self.last_val = (self.steps, self.schedule.elapsed())
+            return
         spe = self.schedule.steps_per_epoch
         loss = round(float(np.mean(self.losses[-spe:])), 4)
         scores = self._revalidated({"loss": loss, "patch": list(patch)})
         if trained_on:
             self.history[-1]["note"] = "validation pixels trained on"
         else:
-            self.best.offer(scores, self.net.levels, self.module, self.cfg.min_delta)
+            if self._val_changed:  # other validation pixels than the best was scored on: not comparable
+                self.best.rebase()
+                self._val_changed = False
+            self.best.offer(scores, self.setup.levels, self.module, self.cfg.min_delta)
         yield self._progress(
             "refit" if trained_on else "validate",
             loss=loss,

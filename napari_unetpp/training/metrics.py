@@ -146,5 +146,7 @@ def headline_score(level_scores: Any) -> tuple[str, float] | None:
 
 
 def format_scores(scores: dict[int, float]) -> str:
-    """``"Dice L1 0.812, L2 0.900"``."""
+    """``"Dice L1 0.812, L2 0.900"`` (``"no validation pixels yet"`` without scores)."""
+    if not scores:
+        return "no validation pixels yet"
     return "Dice " + ", ".join(f"L{k} {v:.3f}" for k, v in scores.items())

@@ -116,7 +116,7 @@ def choose_recipe(
     """
     if requested not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {requested!r}.")
-    best = max(baseline[k] for k in trained_levels)
+    best = max((baseline[k] for k in trained_levels if k in baseline), default=0.0)  # none: nothing held out
     if fresh or requested == "scratch":
         name = "scratch"
         why = "a new network: trained from scratch" if fresh else "scratch recipe requested"

@@ -8,6 +8,7 @@ import errno
 import logging
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class FineTuneResult:
         seconds: Wall-clock time.
         stopped: ``"budget"``, ``"early stopping"`` or ``"stopped by user"``.
         improved: Whether any trained state beat the base model on validation.
-        device: Where it ran.
+        ran_on: Where it ran, in words (e.g. ``"CPU (2 threads)"``); ``device`` is a deprecated alias.
         data: Summary of the training data (for the card).
         save_error: Why the model could not be saved, and where (one sentence), else None. The trained model is
             in ``model`` all the same: :meth:`save` it elsewhere.
@@ -61,10 +62,16 @@ class FineTuneResult:
     seconds: float
     stopped: str
     improved: bool
-    device: str
+    ran_on: str
     data: dict[str, Any] = field(default_factory=dict)
     save_error: str | None = None
     calibration: Any = field(default=None, repr=False)
+
+    @property
+    def device(self) -> str:
+        """Deprecated alias of :attr:`ran_on` (it always held a sentence, not a device)."""
+        warnings.warn("FineTuneResult.device is deprecated; read FineTuneResult.ran_on instead.", DeprecationWarning, 2)
+        return self.ran_on
 
     @property
     def saved(self) -> bool:
@@ -176,7 +183,7 @@ def save_result(
     net.load_state_dict(state)
     net.eval()
     trained = {k: v for k, v in scores.items() if levels is None or k in levels}
-    rec = recommend_depth(trained, cfg.margin)
+    rec = recommend_depth(trained, cfg.margin) if trained else max(levels or [net.config.max_depth])  # unscored
     seconds = time.perf_counter() - t0
     card = ModelCard(
         name=name or default_name(base),
@@ -193,7 +200,7 @@ def save_result(
             "data_summary": summary,
             "validation": f"{summary.get('val_pixels', 0)} held-out corrected pixels (hashed blocks, stable "
             f"across rounds)",
-            "recipe": f"napari_unetpp.training ({summary.get('recipe', {}).get('name', 'gentle')}): patches favouring "
+            "recipe": f"napari_unetpp.finetune ({summary.get('recipe', {}).get('name', 'gentle')}): patches favouring "
             "corrected pixels, flips, rot90, intensity jitter, mild affine; AdamW + warm-up + cosine; deep "
             "supervision with BCE/CE + soft Dice on known pixels only",
             "decision": {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from napari_unetpp.model.network import UNetPlusPlus
 from napari_unetpp.runtimes import autocast_dtype, calibration_tiles, hold_cores
 from napari_unetpp.training.config import FineTuneConfig
 from napari_unetpp.training.data import TrainingSet, pad_item
+from napari_unetpp.training.recipe import Recipe, choose_recipe
 from napari_unetpp.training.steps import batch_and_patch, shrink_after_oom, small_patch_for, trained_batchnorms
 
 __all__ = ["Setup", "calibration", "holding_cores", "set_up"]
@@ -50,6 +51,20 @@ class Setup:
     fmt: torch.memory_format
     statistics: list[nn.Module]
     fresh: bool
+
+    def recipe_for(self, baseline: dict[int, float], cfg: FineTuneConfig) -> Recipe:
+        """The recipe from the base's ``baseline`` over the trained levels and the user's choices
+        (:func:`~.recipe.choose_recipe`); no small-patch phase when nothing is smaller than the full patch."""
+        recipe = choose_recipe(
+            baseline,
+            self.levels,
+            fresh=self.fresh,
+            requested=cfg.recipe,
+            learning_rate=cfg.learning_rate,
+            freeze_batchnorm=cfg.freeze_batchnorm,
+            reestimate=cfg.reestimate_statistics,
+        )
+        return replace(recipe, small_patch_until=0.0) if self.small_patch == self.full_patch else recipe
 
     def shrink(self, patch: Sequence[int]) -> str:
         """After an out-of-memory error on ``patch``: half the batch, else (one patch per step already) smaller

@@ -97,16 +97,18 @@ class BatchSource:
         assert self._batches is not None
         return self._batches.get(batch, patch)
 
-    def replace(self, data: TrainingSet, pad_to: Sequence[int]) -> None:
+    def replace(self, data: TrainingSet, pad_to: Sequence[int], *, refit: bool = False) -> bool:
         """Train on ``data`` from the next batch on: its items are padded to at least ``pad_to``, and batches made
-        ahead for the old data are dropped."""
+        ahead for the old data are dropped; with ``refit`` its validation pixels train too.
+        Returns whether the validation pixels changed (scores before and after no longer compare)."""
         started = self._batches is not None
         self.close()  # a thread making batches reads the old items
         for it in data.items:
             pad_item(it, pad_to)
-        self.data = data
+        old, self.data = self.data, with_validation_trained(data) if refit else data
         if started:
             self.start()
+        return _validation_of(old) != _validation_of(self.data)
 
     @property
     def wait_seconds(self) -> float:
@@ -119,3 +121,8 @@ class BatchSource:
             self._batches.close()
             self._waited += self._batches.wait_seconds
             self._batches = None
+
+
+def _validation_of(ds: TrainingSet) -> list[tuple[str, int]]:
+    """Which validation pixels a set holds, as (item source, count) pairs: equal for the same validation."""
+    return [(it.source, int(it.val.sum())) for it in ds.items if it.val.any()]

@@ -157,7 +157,10 @@ def freeze_batchnorms(layers: list[nn.Module]) -> None:
 
 
 def mean_dice(scores: dict[int, float], levels: Sequence[int]) -> float:
-    """Mean validation Dice over ``levels`` (the trained ones: the best state is chosen on these only)."""
+    """Mean validation Dice over ``levels`` (the trained ones: the best state is chosen on these only); minus
+    infinity without scores (no validation pixels yet), so any scored state beats it."""
+    if not scores:
+        return float("-inf")
     return float(np.mean([scores[k] for k in levels]))
 
 
@@ -204,6 +207,11 @@ class BestState:
             self.since, self.improved = 0, True
         else:
             self.since += 1
+
+    def rebase(self) -> None:
+        """The validation pixels changed (the data grew): the kept state stays, but its score no longer compares,
+        so the next validation's state replaces it."""
+        self.mean, self.scores, self.since, self.improved = float("-inf"), {}, 0, False
 
     def offer_statistics(self, scores: dict[int, float], levels: Sequence[int], module: nn.Module) -> None:
         """The validation after re-estimating batch-norm statistics: kept when better at all (no weight trained)."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from napari_unetpp.inference.masks import mask_from
-from napari_unetpp.inference.predictor import network_predictor
+from napari_unetpp.inference.predictor import SafePredictor, network_predictor
 from napari_unetpp.inference.sliding_window import Plane, Predictor, sliding_window
 from napari_unetpp.inference.tiling import default_batch, default_tile, per_axis, read_tile, tile_grid
 from napari_unetpp.model.network import UNetPlusPlus
@@ -51,6 +51,9 @@ def validate(
     Multi-class: the mean over the classes the validation pixels hold (a class absent from them would count 1.0 for
     never being predicted there, and reward a model that never predicts it).
 
+    Out of memory, the tiles run as prediction runs them (:class:`~napari_unetpp.inference.predictor.SafePredictor`:
+    the batch is halved down to one tile); out of memory on one tile, the item runs again on tiles of half the size.
+
     Args:
         module: The network being trained (its current weights are scored; its train/eval mode is restored).
         ds: The prepared data; only items with validation pixels run.
@@ -70,7 +73,8 @@ def validate(
     predictor = network_predictor(module, cfg.max_depth, device, precision, "validation")
     mult = per_axis(cfg.multiple, cfg.spatial_dims)
     size = per_axis(tile, cfg.spatial_dims) if tile is not None else default_tile(cfg.spatial_dims)
-    batch = default_batch(size, device.type)  # predict's budget
+    # predict's batch budget and its out-of-memory rule: the batch is halved down to one tile on out-of-memory
+    safe = SafePredictor(predictor, device, default_batch(size, device.type))
     try:
         for it in ds.items:
             if not it.val.any():
@@ -78,16 +82,17 @@ def validate(
             while True:
                 failed = False
                 try:
-                    counts += item_counts(it, predictor, cfg, size, overlap, batch)
+                    counts += item_counts(it, safe, cfg, size, overlap, safe.batch)
                 except (RuntimeError, MemoryError) as exc:
                     if not is_oom(exc):
                         raise
                     failed = True  # handled once the exception (and the activations its frames hold) is gone
                 if not failed:
                     break
+                # out of memory on one tile (the predictor's MemoryError) or outside the network: the item runs again
                 release_memory(device)
-                if batch > 1:
-                    batch //= 2
+                if safe.batch > 1:  # outside the network (the predictor halves its own batch): fewer tiles at once
+                    safe.batch //= 2
                 else:
                     plan_tile = tile_grid(it.target.shape, mult, size, overlap)[1].tile_shape
                     smaller = tuple(max(m, t // 2 // m * m) for t, m in zip(plan_tile, mult))
@@ -97,8 +102,9 @@ def validate(
                             f"fine-tune on the CPU (device='cpu') or close what else uses the memory."
                         ) from None
                     size = smaller
-                log.warning("out of memory while validating: retrying with %d tile(s) of %s", batch, size)
+                log.warning("out of memory while validating: retrying with %d tile(s) of %s", safe.batch, size)
     finally:
+        safe.close()
         module.train(was_training)
     inter, sums, present = counts[0], counts[1], counts[2].any(axis=0)
     cols = present if present.any() else np.ones_like(present)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_unetpp.data.axes import fit_channels, layer_axes
+from napari_unetpp.data.axes import first_axis_channel
 from napari_unetpp.model.loaded import LoadedModel
 from napari_unetpp.napari.finetune.edits import EditTracker
 from napari_unetpp.napari.pixel_size import layer_pixel_size
@@ -62,7 +62,7 @@ def training_pair(
     lead = 0  # leading axes of the layer that are not in the pair (its scale and units are not theirs)
     if channel is not None and tuple(labels.data.shape) == shape[1:]:
         # a mask the Segment widget made from one channel of the first axis: train on that channel
-        data, axes, _ = fit_channels(data, "C" + layer_axes(data.ndim - 1, False, dims), dims, 1, channel)
+        data, axes = first_axis_channel(data, dims, channel)
         shape = shape[1:]
         lead = 1
     if tuple(labels.data.shape) != shape:

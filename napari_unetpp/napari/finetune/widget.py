@@ -20,7 +20,7 @@ from napari_unetpp.napari.choices import children_blocked, configure, image_choi
 from napari_unetpp.napari.finetune.edits import EditTracker
 from napari_unetpp.napari.finetune.pair import TRUTH, training_pair
 from napari_unetpp.napari.finetune.plot import TrainingPlot
-from napari_unetpp.napari.segment.controller import MODELS_WINDOW, WINDOW_CHOICES, pixels
+from napari_unetpp.napari.segment.controller import MODELS_WINDOW, WINDOW_CHOICES, file_windows, pixels
 from napari_unetpp.napari.segment.widget import SegmentWidget
 from napari_unetpp.napari.workers import abandon, run_generator, user_message
 from napari_unetpp.runtimes import DEVICE_CHOICES
@@ -254,8 +254,7 @@ class FineTuneWidget(Container):
             else:
                 base = load_model(self._base.value)
             if self._window.value != MODELS_WINDOW and base.normalization.mode == "window":
-                dicom = img.metadata.get("unetpp_windows", []) if img is not None else []
-                base = with_window(base, str(self._window.value), dicom)
+                base = with_window(base, str(self._window.value), file_windows(img))  # "dicom": the file's own
             if self._truth.value == "edited slices" and labels is not None:
                 self.edited_slices(recheck=True)  # (napari's undo sends no event)
                 self._show_edited()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_unetpp.data.axes import fit_channels, layer_axes, spatial_axes
+from napari_unetpp.data.axes import first_axis_channel, layer_axes, spatial_axes
 from napari_unetpp.data.windows import WINDOWS, Window, parse_window
 from napari_unetpp.errors import InputError
 from napari_unetpp.inference.predict import normalization_stats
@@ -148,6 +148,7 @@ class SegmentController:
         self, warn: Callable[[str], None] | None = None, load: Callable[[str], LoadedModel] = load_model
     ) -> None:
         self.cache = ResultCache()
+        self.live: LoadedModel | None = None  # a live training snapshot, held in a slot of its own (no registry id)
         self.files: list[str] = []  # models opened from files, listed after the registry's
         self._warn = warn or log.warning
         self._load = load
@@ -262,11 +263,8 @@ class SegmentController:
     def source(self, image: Any, lm: LoadedModel, channel: int | None = None) -> tuple[Any, str]:
         """The pixels the model reads and their axes: the layer's, or the chosen channel of its first axis."""
         dims = lm.module.config.spatial_dims
-        if self.lead(image, lm, channel):
-            data = pixels(image)
-            axes = "C" + layer_axes(data.ndim - 1, False, dims)
-            data, axes, _ = fit_channels(data, axes, dims, lm.module.config.in_channels, int(channel))
-            return data, axes
+        if channel is not None and self.lead(image, lm, channel):  # (only 1-channel models are offered one)
+            return first_axis_channel(pixels(image), dims, channel)
         return pixels(image), image_axes(image, dims)
 
     # ----------------------------------------------------------------- where we are
@@ -321,7 +319,7 @@ class SegmentController:
             shape=tuple(pixels(image).shape),
             fingerprint=lm.fingerprint,
             plane=tuple(plane),
-            channel=int(channel) if self.lead(image, lm, channel) else None,
+            channel=int(channel) if channel is not None and self.lead(image, lm, channel) else None,
             normalization=normalization_key(lm),
             zoom=self.zoom(image, lm, channel)[0],
             version=self._version.get(image.unique_id, 0),
