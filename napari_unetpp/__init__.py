@@ -42,6 +42,8 @@ _EXPORTS = {
     "FineTuneResult": "napari_unetpp.training",
     "TrainProgress": "napari_unetpp.training",
     "new_model": "napari_unetpp.model.modalities",
+    "LiveTrainer": "napari_unetpp.training.live",
+    "correction_order": "napari_unetpp.inference.review",
     "WINDOWS": "napari_unetpp.data.windows",
     "parse_window": "napari_unetpp.data.windows",
     "window_normalization": "napari_unetpp.data.normalization",

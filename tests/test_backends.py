@@ -68,7 +68,7 @@ def test_runtimes_agree_with_torch_on_real_em(em_model, em_crop, depth, runtime)
     crop = em_crop[:2]
     ref = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime="torch", prob_dtype="float32")
     got = predict(crop, em_model, depth=depth, levels="all", precision="fp32", runtime=runtime, prob_dtype="float32")
-    assert ref.runtime == "torch" and got.runtime == runtime and f"{NAMES[runtime]} fp32" in got.device
+    assert ref.runtime == "torch" and got.runtime == runtime and f"{NAMES[runtime]} fp32" in got.ran_on
     for lv in range(1, depth + 1):
         assert np.abs(ref.probabilities[lv] - got.probabilities[lv]).max() < 1e-4, lv
     assert dice(ref.mask, got.mask) >= 0.999
@@ -96,7 +96,7 @@ def test_auto_measures_once_remembers_and_runs_one_runtime(em_model, em_crop, mo
     monkeypatch.setattr(auto, "decide", lambda *a: decided.append(a) or real(*a))
     first = predict(crop, em_model, depth=1, precision="fp32", batch_size=2, prob_dtype="float32")
     assert len(decided) == 1 and first.runtime in ("torch", *RUNTIMES)
-    assert "PyTorch" in first.device and "on this CPU at L1" in first.device
+    assert "PyTorch" in first.ran_on and "on this CPU at L1" in first.ran_on
     saved = json.loads((cache_dir() / "runtime_choices.json").read_text())
     (entry,) = saved.values()
     assert entry["runtime"] == first.runtime and entry["speedup"] > 0 and set(entry["x_torch"]) == set(RUNTIMES)
@@ -120,7 +120,7 @@ def test_auto_picks_the_faster_by_measurement(em_crop, monkeypatch):
         monkeypatch.setattr(auto, "_time", lambda fn, _t=times: (next(_t), fn()))
         got = predict(crop, tiny(), precision="fp32")
         assert got.runtime == want, (t_torch, t_onnx)
-        assert f"{t_torch / t_onnx:.2f}x" in got.device
+        assert f"{t_torch / t_onnx:.2f}x" in got.ran_on
 
 
 @pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO is not installed")
@@ -135,7 +135,7 @@ def test_auto_picks_the_fastest_of_three(em_crop, monkeypatch):
         monkeypatch.setattr(auto, "_time", lambda fn, _t=it: (next(_t), fn()))
         got = predict(crop, tiny(), precision="fp32")
         assert got.runtime == want, times
-        assert f"{1.0 / min(times[1:]):.2f}x" in got.device
+        assert f"{1.0 / min(times[1:]):.2f}x" in got.ran_on
 
 
 @pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO is not installed")
@@ -152,15 +152,15 @@ def test_a_runtime_that_fails_on_the_first_batch_is_left_out(em_crop, monkeypatc
     ref = predict(crop, tiny(), precision="fp32", runtime="torch")
     assert got.runtime in ("torch", "onnx")
     assert dice(got.mask, ref.mask) >= 0.999
-    assert "without OpenVINO, which failed on this model: not saved" in got.device, got.device
+    assert "without OpenVINO, which failed on this model: not saved" in got.ran_on, got.ran_on
     assert not (cache_dir() / "runtime_choices.json").exists()
 
 
 def test_falls_back_to_torch_without_onnxruntime(em_crop, monkeypatch):
     only(monkeypatch)
     got = predict(em_crop[0, :64, :64], tiny(), precision="fp32")
-    assert got.runtime == "torch" and "onnxruntime is not installed" in got.device
-    assert "openvino is not installed" in got.device
+    assert got.runtime == "torch" and "onnxruntime is not installed" in got.ran_on
+    assert "openvino is not installed" in got.ran_on
     with pytest.raises(RuntimeUnavailable, match="not installed"):
         predict(em_crop[0, :64, :64], tiny(), precision="fp32", runtime="onnx")
     with pytest.raises(RuntimeUnavailable, match="OpenVINO cannot run: openvino is not installed"):
@@ -177,7 +177,7 @@ def test_falls_back_to_torch_when_export_fails(em_crop, monkeypatch):
     crop = em_crop[0, :64, :64]
     got = predict(crop, tiny(seed=5), precision="fp32")
     ref = predict(crop, tiny(seed=5), precision="fp32", runtime="torch")
-    assert got.runtime == "torch" and "ONNX export failed" in got.device
+    assert got.runtime == "torch" and "ONNX export failed" in got.ran_on
     np.testing.assert_array_equal(got.mask, ref.mask)
     assert not list((cache_dir() / "onnx").glob("*.onnx")) and not list((cache_dir() / "onnx").glob("*.tmp*"))
     for runtime in RUNTIMES:
@@ -204,7 +204,7 @@ def test_runtime_failure_mid_run_falls_back_to_torch(em_crop, monkeypatch):
     monkeypatch.setattr(OnnxBackend, "__call__", flaky)
     got = predict(crop, lm, precision="fp32", batch_size=1)
     ref = predict(crop, lm, precision="fp32", batch_size=1, runtime="torch")
-    assert got.runtime == "torch" and "ONNX Runtime failed" in got.device and len(calls) == 4
+    assert got.runtime == "torch" and "ONNX Runtime failed" in got.ran_on and len(calls) == 4
     np.testing.assert_allclose(
         got.probabilities[2].astype(np.float32), ref.probabilities[2].astype(np.float32), atol=2e-3
     )
@@ -270,7 +270,7 @@ def test_int8_on_real_em_within_its_bound(em_model, em_crop, capfd):
     capfd.readouterr()
     q = predict(em_crop, em_model, depth=3, precision="int8")
     assert capfd.readouterr().out == ""
-    assert q.runtime == "onnx-int8" and "int8" in q.device
+    assert q.runtime == "onnx-int8" and "int8" in q.ran_on
     assert dice(q.mask, ref.mask) >= 0.99
     assert list((cache_dir() / "int8").glob("*-L3.onnx"))
 

@@ -172,13 +172,13 @@ def test_openvino_failure_mentioning_memory_falls_back_to_torch(em_crop, monkeyp
     with caplog.at_level(logging.WARNING, logger="napari_unetpp"):
         got = predict(crop, lm, depth=2, tile=32, batch_size=1, precision="fp32", prob_dtype="float32")
     ref = predict(crop, lm, depth=2, tile=32, batch_size=1, precision="fp32", prob_dtype="float32", runtime="torch")
-    assert got.runtime == "torch" and "OpenVINO failed" in got.device, got.device
+    assert got.runtime == "torch" and "OpenVINO failed" in got.ran_on, got.ran_on
     np.testing.assert_allclose(got.probabilities[2], ref.probabilities[2], atol=1e-5)
     np.testing.assert_array_equal(got.mask, ref.mask)
     assert calls == [1] and compiled == [1]  # one failed batch, never retried with fewer tiles
     assert any("OpenVINO" in r.getMessage() and "memory layout" in r.getMessage() for r in caplog.records)
     again = predict(crop, lm, depth=2, tile=32, batch_size=1, precision="fp32")
-    assert again.runtime == "torch" and "OpenVINO failed" in again.device, again.device
+    assert again.runtime == "torch" and "OpenVINO failed" in again.ran_on, again.ran_on
     assert calls == [1] and compiled == [1]  # not built, not run again
     other = predict(crop, lm, depth=1, tile=32, batch_size=1, precision="fp32")  # another level: tried there
     assert other.runtime == "torch" and calls == [1, 1]
@@ -240,13 +240,13 @@ def test_a_preview_during_a_measurement_runs_pytorch_and_nothing_wrong_is_saved(
     finally:
         go.set()
         stack.join(30)
-    assert preview.runtime == "torch" and "another run" in preview.device, preview.device
+    assert preview.runtime == "torch" and "another run" in preview.ran_on, preview.ran_on
     assert timed == ["stack", "stack"]  # the preview timed nothing
     res = out["stack"]
-    assert res.runtime == "onnx" and "not remembered" in res.device, res.device
+    assert res.runtime == "onnx" and "not remembered" in res.ran_on, res.ran_on
     assert _saved() == {} and choices._CHOICES == {}
     alone = predict(crop, lm, **kw)
-    assert alone.runtime == "onnx" and "not remembered" not in alone.device
+    assert alone.runtime == "onnx" and "not remembered" not in alone.ran_on
     (entry,) = _saved().values()
     assert entry["runtime"] == "onnx"
 
@@ -269,11 +269,11 @@ def test_no_measurement_while_another_run_holds_the_cores(em_crop, monkeypatch):
     (first,) = _saved()
     small = em_crop[0, :48, :48]
     meanwhile = predict(small, lm, depth=2, precision="fp32")
-    assert meanwhile.runtime == "torch" and "another run" in meanwhile.device and len(decided) == 1
+    assert meanwhile.runtime == "torch" and "another run" in meanwhile.ran_on and len(decided) == 1
     assert list(_saved()) == [first]
     stack.close()  # the stack run ends (a cancel): the cores are free
     later = predict(small, lm, depth=2, precision="fp32")
-    assert len(decided) == 2 and len(_saved()) == 2 and "another run" not in later.device
+    assert len(decided) == 2 and len(_saved()) == 2 and "another run" not in later.ran_on
 
 
 # ----------------------------------------------------------------------------- built once, whatever the threads
@@ -388,7 +388,7 @@ def test_a_run_disturbed_at_its_start_measures_on_a_later_batch(em_crop, monkeyp
     assert _saved() == {}
     free()
     got = _to_end(gen)
-    assert got.runtime == "onnx" and "PyTorch ran the first 1 batch" in got.device, got.device
+    assert got.runtime == "onnx" and "PyTorch ran the first 1 batch" in got.ran_on, got.ran_on
     (entry,) = _saved().values()
     assert entry["runtime"] == "onnx"
     ref = predict(crop, lm, runtime="torch", **kw)
@@ -412,7 +412,7 @@ def test_a_saved_choice_is_used_while_another_run_holds_the_cores(em_crop, monke
         again = predict(crop, lm, **kw)
     finally:
         holds[0].release()
-    assert again.runtime == "onnx" and "another run" not in again.device, again.device
+    assert again.runtime == "onnx" and "another run" not in again.ran_on, again.ran_on
 
 
 # --------------------------------------------------------------------- a failed runtime and the saved choice
@@ -462,9 +462,9 @@ def test_a_runtime_failed_in_this_process_never_overwrites_the_saved_choice(em_c
     broken[0] = True
     monkeypatch.setattr(choices, "_CHOICES", {})  # a new process, in which OpenVINO fails on this model
     failed = predict(crop, lm, **kw)
-    assert failed.runtime == "torch" and "OpenVINO failed" in failed.device, failed.device
+    assert failed.runtime == "torch" and "OpenVINO failed" in failed.ran_on, failed.ran_on
     without = predict(crop, lm, **kw)  # measures PyTorch against ONNX Runtime
-    assert without.runtime == "onnx" and "not saved" in without.device, without.device
+    assert without.runtime == "onnx" and "not saved" in without.ran_on, without.ran_on
     assert _saved()[key]["runtime"] == "openvino" and list(_saved()) == [key]
     n = len(calls)
     assert predict(crop, lm, **kw).runtime == "onnx" and len(calls) == n  # this process keeps its answer
@@ -516,7 +516,7 @@ def test_no_runtime_is_measured_while_a_cpu_fine_tune_trains(em_crop, em_crop_me
         meanwhile = out["r"]
     finally:
         training.close()  # cancelled: the cores are free
-    assert meanwhile.runtime == "torch" and "another run" in meanwhile.device, meanwhile.device
+    assert meanwhile.runtime == "torch" and "another run" in meanwhile.ran_on, meanwhile.ran_on
     assert decided == [] and _saved() == {}
     predict(small, lm, depth=2, precision="fp32")
     assert len(decided) == 1 and len(_saved()) == 1

@@ -9,7 +9,8 @@ and a validation took (:attr:`Schedule.step_seconds`, :attr:`Schedule.val_second
   small-patch phase, the refit point and the first validation are shares of that budget, and training ends early
   enough for the final validation and the save.
 - :class:`OpenSchedule` (a run without a budget, e.g. training while the user paints): never done, a constant
-  learning rate after the warm-up, full-size patches, no refit, a validation every ``validate_every_s`` seconds.
+  learning rate after the warm-up, full-size patches, no refit, a validation every ``validate_every_s`` seconds (or
+  less often, so that validations take at most :attr:`OpenSchedule.VAL_SHARE` of the time).
 
 Both read one clock (default :func:`time.perf_counter`); tests pass another, so a timed test does not depend on the
 machine's speed.
@@ -181,12 +182,15 @@ class OpenSchedule(Schedule):
     """No budget: the driver decides when to stop (e.g. when the user stops painting).
 
     Never done, fraction 0, the recipe's learning rate after the warm-up (no decay), full-size patches, no refit
-    (the validation pixels stay held out), and a validation every ``validate_every_s`` seconds.
+    (the validation pixels stay held out), and a validation every ``validate_every_s`` seconds or less often (at most
+    :attr:`VAL_SHARE` of the time).
 
     Args:
         validate_every_s: Seconds between validations (default 10).
         clock: Seconds counter (default :func:`time.perf_counter`).
     """
+
+    VAL_SHARE = 0.2  # the most of the time validations may take
 
     def __init__(self, validate_every_s: float = 10.0, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__(clock)
@@ -202,4 +206,7 @@ class OpenSchedule(Schedule):
         return Moment(0.0, learning_rate(step, 0.0, self._recipe().learning_rate, self.warmup_steps), False, False)
 
     def validation_due(self, step: int, last_step: int, last_time: float) -> bool:
-        return step > last_step and self.elapsed() - last_time >= self.validate_every_s
+        """After ``validate_every_s`` seconds, and no sooner than keeps validation under :attr:`VAL_SHARE` of the
+        time (on a large plane one validation can take longer than several steps)."""
+        wait = max(self.validate_every_s, self.val_seconds / self.VAL_SHARE)
+        return step > last_step and self.elapsed() - last_time >= wait

@@ -230,7 +230,10 @@ class SegmentControls(Container):
 
     @property
     def model(self) -> LoadedModel | None:
-        """The selected model under the chosen HU window (``dicom``: the selected image's own), loaded once."""
+        """The live snapshot while one is shown (:meth:`~.widget.SegmentWidget.show_live`), else the selected model
+        under the chosen HU window (``dicom``: the selected image's own), loaded once."""
+        if self.controller.live is not None:
+            return self.controller.live
         return self.controller.model(self._model.value, self._window.value, self._image.value)
 
     def _show_window(self) -> bool:
@@ -250,6 +253,7 @@ class SegmentControls(Container):
     def _on_model_changed(self, _=None) -> None:
         if self._model.value == self._model_shown:
             return
+        self.controller.live = None  # a model chosen by the user ends a live snapshot's turn
         try:
             lm = self.model
         except ModelFileError as exc:

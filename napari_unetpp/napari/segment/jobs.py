@@ -23,8 +23,11 @@ __all__ = ["Jobs", "export_job", "preview_job", "stack_job"]
 Factory = Callable[[], Generator[Any, None, Any]]
 
 
-def preview_job(data: Any, lm: LoadedModel, axes: str, depth: int, device: str, stats: list, zoom: Any) -> Factory:
-    """Every level up to ``depth`` of one plane (float32 probabilities); returns ``(Prediction, seconds)``."""
+def preview_job(
+    data: Any, lm: LoadedModel, axes: str, depth: int, device: str, stats: list, zoom: Any, runtime: str = "auto"
+) -> Factory:
+    """Every level up to ``depth`` of one plane (float32 probabilities) on ``runtime``; returns
+    ``(Prediction, seconds)``."""
 
     def gen():
         t0 = time.perf_counter()
@@ -38,6 +41,7 @@ def preview_job(data: Any, lm: LoadedModel, axes: str, depth: int, device: str, 
             stats=stats,
             prob_dtype="float32",
             zoom=zoom,
+            runtime=runtime,
         )
         return pred, time.perf_counter() - t0
 

@@ -87,6 +87,15 @@ class SegmentWidget(SegmentControls):
             self._depth_slider.value = min(depth, self._depth_slider.max)
         self.preview()
 
+    def show_live(self, lm: LoadedModel | None, image: Image | None = None) -> None:
+        """Re-segment what the user looks at with a live training snapshot ``lm`` at the slider's depth (None: back
+        to the chosen model). The snapshot is held in a slot of its own, not as a registry id."""
+        if image is not None and image in self._viewer.layers and self._image.value is not image:
+            with self._image.changed.blocked():
+                self._image.value = image
+        self.controller.live = lm
+        self.preview()
+
     @property
     def busy(self) -> bool:
         """Whether a preview or a whole-stack run is going."""
@@ -176,7 +185,8 @@ class SegmentWidget(SegmentControls):
             return
         key = plan.key
         # (every widget value is read here, on the main thread: the worker reads none)
-        job = jobs.preview_job(plan.data, lm, plan.axes, k, self._device.value, plan.stats, key.zoom)
+        runtime = "torch" if lm is self.controller.live else "auto"  # a snapshot: nothing exported or measured
+        job = jobs.preview_job(plan.data, lm, plan.axes, k, self._device.value, plan.stats, key.zoom, runtime)
 
         def done(out: tuple[Any, float]) -> None:
             pred, seconds = out

