@@ -13,8 +13,9 @@ import torch
 from napari_unetpp import load_model, predict
 from napari_unetpp.errors import TrainingDataError
 from napari_unetpp.training.engine import Trainer
+from napari_unetpp.training.known import blocks
 from napari_unetpp.training.live import FITS, LiveTrainer, start_from
-from napari_unetpp.training.scribbles import MIN_VAL_PIXELS, LiveData, from_corrected_mask, to_labels
+from napari_unetpp.training.scribbles import MIN_VAL_PIXELS, LiveData, check_scribbles, from_corrected_mask, to_labels
 
 from .conftest import tiny_batchnorm as tiny
 
@@ -35,31 +36,54 @@ def test_scribble_convention_zero_unknown_one_background_two_class():
     labels, known = to_labels(np.array([[0, 1, 2, 3]], np.uint8))
     assert known.tolist() == [[False, True, True, True]]
     assert labels[known].tolist() == [0, 1, 2]
-    mask = np.array([[[0, 1]], [[1, 0]]])
-    s = from_corrected_mask(mask, planes=[1])
-    assert s[0].tolist() == [[0, 0]] and s[1].tolist() == [[2, 1]]  # only the edited plane is known
+    # a corrected mask: every pixel known; for a 1-class model any value > 0 is foreground (object ids, 255)
+    assert from_corrected_mask(np.array([[0, 255, 256, 1]], np.uint32)).tolist() == [[1, 2, 2, 2]]
+    assert from_corrected_mask(np.array([[0, 1, 2]]), num_classes=3).tolist() == [[1, 2, 3]]
     with pytest.raises(TrainingDataError, match="integers"):
         to_labels(np.array([[0.5]]))
+    with pytest.raises(TrainingDataError, match="hold 3.*1 \\(background\\) and 2 \\(foreground\\)"):
+        check_scribbles(np.array([[0, 3]]), num_classes=1)
+    with pytest.raises(TrainingDataError, match="hold 4"):
+        check_scribbles(np.array([[4]]), num_classes=3)
 
 
-def test_live_data_trains_only_on_strokes_and_keeps_trained_pixels_out_of_validation(em_crop, em_crop_membrane):
+def test_live_data_trains_only_on_strokes_and_keeps_trained_blocks_out_of_validation(em_crop, em_crop_membrane):
     data = LiveData(em_crop, tiny())
     first = strokes(em_crop_membrane, [40])
     data.update(first, [(0,)])
     ds = data.training_set()
-    assert ds is not None and not data.holding_out  # one thin line: everything trains, nothing scored
-    assert ds.n_val == 0 and ds.n_train == int((first[0] > 0).sum())
+    assert ds is not None and not data.holding_out  # one thin line: nothing scored yet
+    assert ds.n_val == 0 and 0 < ds.n_train <= int((first[0] > 0).sum())
     item = ds.items[0]
     assert set(np.unique(item.target[item.train])) == {0, 1}
     assert not item.train[first[0] == 0].any()  # unpainted pixels never enter the loss
+    trained_first = item.train.copy()
     more = strokes(em_crop_membrane, range(0, 161, 6), width=2)
     more[0, 40] = first[0, 40]
     data.update(more, [(0,), (1,)])
     ds = data.training_set()
     assert data.holding_out and ds.n_val >= MIN_VAL_PIXELS
-    row40 = ds.items[0]
-    assert not row40.val[40].any()  # the first line trained: it never moves to validation
+    later = ds.items[0]
+    assert not (later.val & trained_first).any()  # pixels that trained never move to validation,
+    for _, sl in blocks(later.val.shape):  # nor does any block holding one
+        assert not (later.val[sl].any() and trained_first[sl].any())
     assert all(not (it.train & it.val).any() for it in ds.items)
+
+
+def test_held_out_strokes_pile_up_when_handed_over_one_at_a_time(em_crop, em_crop_membrane):
+    """The widget hands over a dab at a time: the held-out pixels must accumulate until they can be scored, not
+    be trained away one hand-over at a time."""
+    data = LiveData(em_crop[:1], tiny())
+    painted = np.zeros(em_crop_membrane[:1].shape, np.uint8)
+    every = strokes(em_crop_membrane[:1], range(0, 161, 4))
+    held = []
+    for r in range(0, 161, 4):
+        painted[0, r] = every[0, r]
+        data.update(painted, [(0,)])
+        ds = data.training_set()
+        held.append(data.holding_out)
+    assert held[-1] and ds.n_val >= MIN_VAL_PIXELS, "validation never started"
+    assert not held[0]
 
 
 def test_one_class_only_waits_for_the_other(em_crop, em_crop_membrane):
@@ -150,20 +174,66 @@ def test_a_snapshot_never_holds_half_written_weights(em_crop, em_crop_membrane, 
     lt.close()
 
 
-def test_stop_save_and_a_loadable_version(em_crop, em_crop_membrane):
-    lt = LiveTrainer(em_crop, tiny(), threaded=False, snapshot_every_s=0.0, **FAST)
+def test_stop_save_and_a_loadable_version(em_crop, em_crop_membrane, em_model):
+    lt = LiveTrainer(em_crop, em_model, threaded=False, snapshot_every_s=0.0, **FAST)
     lt.update(strokes(em_crop_membrane, range(0, 161, 5), width=2), planes=[0, 1, 2])
-    lt.step(4)
-    assert lt.history, "held-out strokes are scored"
+    lt.step(3)
+    assert lt.start["from"] == "base" and lt.history, "held-out strokes are scored"
+    snap = lt.model
+    assert "spacing" not in snap.card.training and "object_diameter" not in snap.card.training  # em_model has both
     res = lt.save("live-test")
-    assert res.saved and res.stopped == "live" and res.steps == 4
+    assert res.saved and res.stopped == "live" and res.steps == 3 and lt.finished.is_set()
     again = load_model(str(res.path))
-    assert again.card.training["data_summary"]["live"]["steps"] == 4
-    assert again.card.training["data_summary"]["live"]["kept"] in (lt.kept,)
+    live = again.card.training["data_summary"]["live"]
+    assert live["steps"] == 3 and live["kept"] == lt.kept and live["kept_step"] == lt.kept_step <= 3
+    assert live["start"]["from"] == "base" and "L1" in live["start"]["base_scores"]
+    assert "spacing" not in again.card.training and "object_diameter" not in again.card.training  # as the snapshots
+    assert "live" in again.card.training["recipe"] and "minutes" not in again.card.training["hyperparameters"]
+    assert again.card.training["baseline_scores"], "the base's score on the strokes is its baseline"
     for k, v in again.module.state_dict().items():
         assert torch.equal(v, lt.model.module.state_dict()[k])
+    threaded = LiveTrainer(em_crop, tiny())
     with pytest.raises(RuntimeError, match="threaded=False"):
-        LiveTrainer(em_crop, tiny()).step()
+        threaded.step()
+    threaded.close()
+    assert threaded.finished.is_set() and not threaded.running
+
+
+def test_stop_keeps_an_earlier_state_the_held_out_strokes_prefer(em_crop, em_crop_membrane):
+    lt = LiveTrainer(em_crop, tiny(), threaded=False, snapshot_every_s=0.0, **FAST)
+    lt.update(strokes(em_crop_membrane, range(0, 161, 5), width=2), planes=[0, 1, 2])
+    lt.step(3)  # validated at every step (validate_every_s 0): the best is one of these
+    tr = lt._trainer
+    tr.schedule.validate_every_s = 1e9  # no validation at the next step
+    lt.step(1)
+    best = {k: v.clone() for k, v in tr.best.state.items()}
+    with torch.no_grad():
+        for head in tr.module.heads.values():
+            head.bias.fill_(-50.0)  # the latest state predicts nothing
+    lt.stop()
+    assert lt.kept.startswith("an earlier state") and lt.kept_step < lt.steps == 4
+    for k, v in lt.model.module.state_dict().items():
+        assert torch.equal(v, best[k])
+
+
+def test_a_failing_step_ends_the_session_with_one_sentence_and_releases_the_cores(
+    em_crop, em_crop_membrane, monkeypatch
+):
+    from napari_unetpp.runtimes.cores import watch_cores
+
+    def broken(self):
+        raise RuntimeError("disk on fire")
+        yield
+
+    monkeypatch.setattr(Trainer, "step", broken)
+    lt = LiveTrainer(em_crop, tiny(), **FAST)
+    lt.update(strokes(em_crop_membrane, [50, 100]), planes=[0])
+    assert lt.finished.wait(60), "the session did not end"
+    assert lt.error.startswith("Live training stopped (disk on fire)") and not lt.running
+    with watch_cores() as w:
+        pass
+    assert not w.disturbed  # the trainer's hold on the cores went with it
+    lt.close()
 
 
 def test_save_before_any_training_says_what_to_do(em_crop):
@@ -172,12 +242,18 @@ def test_save_before_any_training_says_what_to_do(em_crop):
         lt.save()
 
 
-def test_bad_scribbles_get_one_sentence(em_crop):
+def test_bad_scribbles_get_one_sentence_and_nothing_is_taken(em_crop):
     lt = LiveTrainer(em_crop, tiny(), threaded=False)
     with pytest.raises(TrainingDataError, match="shape"):
         lt.update(np.zeros((2, 5, 5), np.uint8))
     with pytest.raises(TrainingDataError, match="outside"):
         lt.update(np.zeros(em_crop.shape, np.uint8), planes=[7])
+    wrapped = np.zeros(em_crop.shape, np.uint16)
+    wrapped[0, 5, 5] = 257  # would be 1 (background) as uint8
+    with pytest.raises(TrainingDataError, match="hold 257"):
+        lt.update(wrapped, planes=[0])
+    assert lt.step(1) == 0 and lt.model is None
+    lt.close()
 
 
 # ------------------------------------------------------------------------------------------ where it starts
@@ -190,7 +266,7 @@ def test_base_that_fits_is_adapted_and_one_that_does_not_gives_way_to_fresh(em_c
     fits = LiveTrainer(em_crop[:1], em_model, threaded=False, **FAST)
     fits.update(strokes(em_crop_membrane[:1], range(20, 161, 20), width=2))
     fits.step(0)
-    assert fits.start["from"] == "base", fits.start
+    assert fits.start["from"] == "base" and fits.start["base_scores"][4] >= FITS, fits.start
     fits.close()
     inverted = (em_crop_membrane[:1] == 0).astype(np.uint8)  # "background" is what the base calls membrane
     wrong = LiveTrainer(em_crop[:1], em_model, threaded=False, **FAST)

@@ -26,7 +26,7 @@ def test_manifest_validates_and_every_python_name_imports():
         mod, _, attr = py.partition(":")
         assert callable(getattr(importlib.import_module(mod), attr)), py
     assert [s.key for s in pm.contributions.sample_data] == ["em", "nuclei", "ct"]
-    assert [w.display_name for w in pm.contributions.widgets] == ["UNet++ Segment", "UNet++ Fine-tune"]
+    assert [w.display_name for w in pm.contributions.widgets] == ["UNet++ Segment", "UNet++ Fine-tune", "UNet++ Live"]
 
 
 def test_sample_opens_with_scale_and_labels(make_napari_viewer):

@@ -26,9 +26,12 @@ def test_the_plane_and_region_where_heads_disagree_come_first():
 
 
 def test_a_prediction_is_ranked_without_another_forward_pass(em_crop):
-    pred = predict(em_crop[:2], tiny(depth=3), depth=3, levels="all", runtime="torch")
+    pred = predict(em_crop, tiny(depth=3), depth=3, levels="all", runtime="torch")
     ranked = correction_order(pred, top=4)
     assert len(ranked) == 4 and ranked[0].score >= ranked[-1].score > 0
-    assert ranked[0].plane in ((0,), (1,))
+    spread = disagreement_map(pred.probabilities)
+    y0, y1, x0, x1 = ranked[0].box
+    assert ranked[0].score == pytest.approx(float(spread[ranked[0].plane][y0:y1, x0:x1].mean()), rel=1e-5)
+    assert ranked[0].score == pytest.approx(max(s.score for s in correction_order(spread)), rel=1e-6)
     with pytest.raises(ValueError, match="two levels"):
         correction_order(predict(em_crop[0], tiny(), depth=1, runtime="torch"))

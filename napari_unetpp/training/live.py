@@ -8,59 +8,64 @@
 
 The trainer is the batch fine-tuning engine (:class:`~napari_unetpp.training.engine.Trainer`) under an open-ended
 schedule (:class:`~napari_unetpp.training.schedule.OpenSchedule`): no budget, a constant learning rate, a validation
-on the held-out strokes every few seconds. Its data grows between steps (:meth:`~.engine.Trainer.set_data`; which
-strokes are held out is :class:`~.scribbles.LiveData`'s). Patches centre on the strokes painted last half of the
-time and replay every label otherwise.
+on the held-out strokes every few seconds (at most a fifth of the time). Its data grows between steps
+(:meth:`~.engine.Trainer.set_data`; which strokes are held out is :class:`~.scribbles.LiveData`'s). Patches centre
+on the strokes painted last half of the time and replay every label otherwise.
 
 Where to start from: without a base, a fresh network of the modality. With one, the base is scored on the first
 strokes before it trains on them (it never saw them); a base below :data:`FITS` Dice there starts from a fresh
-network instead (:func:`start_from`), since adapting a base that does not fit the data loses to a fresh network
-(see the docs' fine-tuning page). What was chosen and why is in :attr:`LiveTrainer.start` and in the saved card.
+network instead (:func:`start_from`), since adapting a base that does not fit the data loses to a fresh network.
+What was chosen and why is in :attr:`LiveTrainer.start` and in the saved card.
 
 Each snapshot is a new :class:`~napari_unetpp.model.loaded.LoadedModel` (nothing is memoised across snapshots) whose
-card records the image's own pixel size, so a prediction with it does not zoom. Predict snapshots with
-``runtime="torch"``: nothing is exported or measured per snapshot.
+card records the image's own pixel size (``spacing``, or none), so a prediction with it does not zoom; the saved
+version records the same. Predict snapshots with ``runtime="torch"``: nothing is exported or measured per snapshot.
+
+Threads: :meth:`LiveTrainer.update` only copies the planes handed over; the training thread rebuilds their items,
+trains, publishes snapshots, and at the end (:meth:`LiveTrainer.stop`) validates the last state, keeps it or an
+earlier better one, and releases the cores and memory.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from napari_unetpp.errors import TrainingDataError
-from napari_unetpp.model.card import ModelCard
 from napari_unetpp.model.loaded import LoadedModel
-from napari_unetpp.model.modalities import new_model
 from napari_unetpp.model.registry import resolve_model
+from napari_unetpp.runtimes import resolve_device
 from napari_unetpp.training.config import FineTuneConfig, TrainProgress, make_config
 from napari_unetpp.training.engine import Trainer
+from napari_unetpp.training.live_model import (
+    FITS,
+    LIVE_DEFAULTS,
+    LIVE_RECIPE,
+    fresh_for,
+    save_live,
+    scored_on_all,
+    snapshot_card,
+    start_from,
+    validation_key,
+)
 from napari_unetpp.training.recipe import GOOD_BASELINE
-from napari_unetpp.training.saving import FineTuneResult, save_result
+from napari_unetpp.training.saving import FineTuneResult
 from napari_unetpp.training.schedule import OpenSchedule
-from napari_unetpp.training.scribbles import LiveData
-from napari_unetpp.training.validation import validate
+from napari_unetpp.training.scribbles import LiveData, check_scribbles
+from napari_unetpp.training.setup import calibration
+from napari_unetpp.training.steps import mean_dice
 
-__all__ = ["FITS", "LIVE_DEFAULTS", "LiveTrainer", "start_from"]
+__all__ = ["FITS", "LIVE_DEFAULTS", "LIVE_RECIPE", "LiveTrainer", "start_from"]
 
 log = logging.getLogger(__name__)
-
-FITS = 0.5  # the base's best-level Dice on the first strokes from which live training adapts it (else: fresh)
-LIVE_DEFAULTS = {"patch_size": 128, "batch_size": 4, "patience": 0, "min_delta": 0.0, "val_fraction": 0.2}
-
-
-def start_from(base_scores: dict[int, float]) -> tuple[str, str]:
-    """("base" or "fresh", why) from the base's per-level Dice on the strokes it never saw."""
-    best = max(base_scores.values(), default=0.0)
-    if best >= FITS:
-        return "base", f"the base scores {best:.2f} Dice on your first strokes (>= {FITS}): adapted"
-    return "fresh", f"the base scores {best:.2f} Dice on your first strokes (< {FITS}): a fresh network instead"
 
 
 class LiveTrainer:
@@ -69,23 +74,25 @@ class LiveTrainer:
     Args:
         image: The image being painted (numpy, memmap, dask; YX, ZYX, TZYX, with C where it has channels).
         base: None (a fresh network of ``modality``), a model name or path, or a :class:`LoadedModel`.
-        modality: The fresh network's normalisation (default: the base's modality, else ``"fluorescence"``).
+        modality: The fresh network's normalisation (default: the base's own normalisation, else
+            ``"fluorescence"``).
         axes: The image's axes (guessed when None).
         device: ``"auto"`` / None (CUDA, MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
         channel: For a 1-channel model and a multi-channel image: the channel it reads.
-        spacing: The image's pixel size per axis letter; recorded in the snapshots' cards (default: none, so a
-            prediction with a snapshot never zooms).
-        config: Hyperparameters (:class:`FineTuneConfig`; live defaults in :data:`LIVE_DEFAULTS`); keywords in
+        spacing: The image's pixel size per axis letter, recorded in the snapshots' and the saved card (default
+            none: a prediction with them never zooms).
+        config: Hyperparameters (:class:`FineTuneConfig`; without one, :data:`LIVE_DEFAULTS`); keywords in
             ``options`` override its fields.
         threaded: Train in a background thread (default). False: nothing runs until :meth:`step` (tests, scripts).
         snapshot_every_s: Seconds between snapshots (default 1).
         validate_every_s: Seconds between validations on the held-out strokes (default 5).
-        on_snapshot: Called (from the training thread) with each new snapshot.
+        on_snapshot: Called with each new snapshot (from the training thread; an error in it is logged).
 
     Attributes:
         start: ``{"from": "base" | "fresh", "why": ...}`` once training started.
-        history: The validations (step, seconds, per-level Dice).
+        kept: Which state :meth:`stop` kept, in words.
         error: Why training stopped on its own (one sentence), else None.
+        finished: Set once the session is over (after :meth:`stop`, or an error).
     """
 
     def __init__(
@@ -106,13 +113,13 @@ class LiveTrainer:
         **options: Any,
     ) -> None:
         self.base = None if base is None else resolve_model(base)
-        known_modality = self.base.card.training.get("modality") if self.base is not None else None
-        self.modality = modality or known_modality or "fluorescence"
-        self.cfg = make_config(config, {**LIVE_DEFAULTS, **options})
-        self.device = device or "auto"
+        self.modality = modality or "fluorescence"
+        self.cfg = make_config(config, {**(LIVE_DEFAULTS if config is None else {}), **options})
+        self.cfg.minutes = config.minutes if config is not None else None  # no budget: make_config's default is not
+        self.device = resolve_device(device or "auto")
         self.spacing, self.snapshot_every_s, self.validate_every_s = spacing, snapshot_every_s, validate_every_s
         self.on_snapshot = on_snapshot
-        self._fresh = _fresh_for(self.base, self.modality, modality is None)
+        self._fresh = fresh_for(self.base, self.modality, modality is None)
         first = self.base if self.base is not None else self._fresh
         self.data = LiveData(image, first, axes, channel, self.cfg.val_fraction)
         self._image, self._axes, self._channel = image, axes, channel
@@ -121,34 +128,55 @@ class LiveTrainer:
         self._dirty: set[tuple[int, ...]] = set()
         self._focus: dict[tuple[int, ...], np.ndarray] = {}
         self._wake, self._stop = threading.Event(), threading.Event()
+        self.finished = threading.Event()
         self._trainer: Trainer | None = None
         self._model: LoadedModel | None = None
+        self._published_step = -1
         self._last_snapshot = 0.0
+        self._usable = False  # the data handed over has background and a class
+        self._best_at: tuple[str, int] | None = None  # (validation pixels, step) of the best validated state
+        self._stopped_at: float | None = None
+        self._calibration: Any = None
         self.start: dict[str, Any] = {}
-        self.history: list[dict[str, Any]] = []
-        self.error: str | None = None
         self.kept = "the latest state"
-        self._stopped = False
+        self.kept_step = 0
+        self.error: str | None = None
         self.progress: TrainProgress | None = None
         self._thread = threading.Thread(target=self._run, name="napari-unetpp live", daemon=True) if threaded else None
         if self._thread is not None:
             self._thread.start()
 
     # ----------------------------------------------------------------------------------------------- public
-    def update(self, scribbles: np.ndarray, planes: Sequence[Any] | None = None) -> None:
+    def update(self, scribbles: np.ndarray | Mapping[Any, np.ndarray], planes: Sequence[Any] | None = None) -> None:
         """Hand over the scribbles (the image's shape without C; 0 unknown, 1 background, 2.. class); ``planes``
-        says which planes changed (indices over the leading axes; None: all). Copies what changed and returns."""
-        s = np.asarray(scribbles)
-        if s.shape != self.data.shape:
-            raise TrainingDataError(f"the scribbles have shape {s.shape} but the image {self.data.shape} (without C).")
-        idx = [self.data.plane_of(p) for p in planes] if planes is not None else list(np.ndindex(*self._leading()))
+        says which planes changed (indices over the leading axes; None: all). Or a mapping of plane index to that
+        plane's scribbles. Copies those planes and returns.
+
+        Raises:
+            TrainingDataError: scribbles of another shape, or values the model has no class for (one sentence).
+        """
+        plane_shape = self.data.shape[len(self._leading()) :]
+        if isinstance(scribbles, Mapping):
+            new = {self.data.plane_of(p): np.asarray(v) for p, v in scribbles.items()}
+            if any(v.shape != plane_shape for v in new.values()):
+                raise TrainingDataError(f"each plane of scribbles must have the shape {plane_shape}.")
+        else:
+            s = np.asarray(scribbles)
+            if s.shape != self.data.shape:
+                raise TrainingDataError(
+                    f"the scribbles have shape {s.shape} but the image {self.data.shape} (without C)."
+                )
+            idx = [self.data.plane_of(p) for p in planes] if planes is not None else list(np.ndindex(*self._leading()))
+            new = {p: np.asarray(s[p]) for p in idx}
+        cfg = self.data.model.module.config
+        for v in new.values():
+            check_scribbles(v, 1 if cfg.has_cue else cfg.num_classes)
         with self._lock:
-            for p in idx:
-                new = np.asarray(s[p])
-                if np.array_equal(new, self._scribbles[p]):
+            for p, plane in new.items():
+                if np.array_equal(plane, self._scribbles[p]):
                     continue  # nothing new on this plane: nothing to rebuild
-                self._focus[p] = self._focus.get(p, False) | ((new > 0) & (new != self._scribbles[p]))
-                self._scribbles[p] = new
+                self._focus[p] = self._focus.get(p, False) | ((plane > 0) & (plane != self._scribbles[p]))
+                self._scribbles[p] = plane
                 self._dirty.add(p)
         self._wake.set()
 
@@ -164,6 +192,12 @@ class LiveTrainer:
         return 0 if self._trainer is None else self._trainer.steps
 
     @property
+    def history(self) -> list[dict[str, Any]]:
+        """The validations on the held-out strokes (the trainer's history: step, seconds, per-level Dice)."""
+        tr = self._trainer
+        return [h for h in tr.history if h.get("val")] if tr is not None else []
+
+    @property
     def running(self) -> bool:
         """Whether the training thread is alive."""
         return self._thread is not None and self._thread.is_alive()
@@ -175,65 +209,42 @@ class LiveTrainer:
             raise RuntimeError("step() is for a LiveTrainer made with threaded=False; this one trains in a thread.")
         before = self.steps
         self._take_scribbles()
-        if self._trainer is None or self._trainer.phase not in ("train", "refit"):
+        tr = self._trainer
+        if tr is None or not self._usable or self._stop.is_set():
             return 0
         for _ in range(n):
-            for p in self._trainer.step():
+            for p in tr.step():
                 self._record(p)
         self._publish()
         return self.steps - before
 
-    def stop(self) -> LoadedModel | None:
-        """Stop training and keep the latest state unless the held-out strokes say an earlier one was better;
-        returns it (also :attr:`model`; :attr:`kept` says which). Idempotent."""
+    def stop(self, wait: bool = True) -> LoadedModel | None:
+        """Stop training; the training thread then validates the last state and keeps it unless the held-out
+        strokes say an earlier one was better (:attr:`kept`), publishes it as :attr:`model` and releases the cores
+        and memory. ``wait``: return once that is done (else at once; :attr:`finished` is set when it is).
+        Idempotent."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is None:
+            self._finish()
+        elif wait and self._thread is not threading.current_thread():
             self._thread.join()
-        with self._lock:
-            tr, done, self._stopped = self._trainer, self._stopped, True
-        if tr is None or done:
-            return self._model
-        if tr.steps:
-            self._publish(force=True)  # the latest state
-            scores = tr.validated() if tr.data.n_val else {}
-            if scores and tr.best.scores:
-                before = tr.best.since
-                tr.best.offer(scores, tr.setup.levels, tr.module, 0.0)
-                if tr.best.since > before:  # the latest did not beat the best validated state: keep that one
-                    self._publish(state=tr.best.state, force=True)
-                    self.kept = "an earlier state (better on the held-out strokes)"
-        tr.release()
         return self._model
 
     def save(self, name: str | None = None) -> FineTuneResult:
-        """Stop, and save the kept state as a new model version (card: data, recipe, scores, ``live``).
+        """Stop, and save the kept state as a new model version (card: the strokes, the live recipe, scores,
+        ``live``: steps, where it started and why, which state was kept).
 
         Raises:
             TrainingDataError: nothing trained yet.
         """
         self.stop()
-        tr = self._trainer
-        if tr is None or self._model is None:
+        tr, snap = self._trainer, self._model
+        if tr is None or snap is None:
             raise TrainingDataError("nothing trained yet: paint background (1) and a class (2) first.")
-        state = {k: v.clone() for k, v in self._model.module.state_dict().items()}
-        live = {"steps": tr.steps, "start": self.start, "kept": self.kept, "seconds": round(tr.schedule.elapsed(), 1)}
-        return save_result(
-            tr.base,
-            state,
-            dict(tr.best.scores),
-            tr.baseline_scores,
-            tr.cfg,
-            name,
-            tr.history,
-            tr.steps,
-            tr.schedule.t0,
-            tr.device,
-            "live",
-            bool(tr.best.scores),
-            {**tr.summary, "live": live},
-            levels=tr.setup.levels,
-        )
+        seconds = (self._stopped_at or time.perf_counter()) - tr.schedule.t0
+        start, kept = self.start, (self.kept, self.kept_step)
+        return save_live(tr, snap, start, *kept, seconds, self.data.shape, self.spacing, self._calibration, name)
 
     def close(self) -> None:
         """Stop training and release its thread and memory (the latest snapshot stays in :attr:`model`)."""
@@ -251,7 +262,7 @@ class LiveTrainer:
             while not self._stop.is_set():
                 self._take_scribbles()
                 tr = self._trainer
-                if tr is None or tr.phase not in ("train", "refit"):
+                if tr is None or not self._usable or tr.phase not in ("train", "refit"):
                     self._wake.wait(0.2)
                     self._wake.clear()
                     continue
@@ -259,19 +270,53 @@ class LiveTrainer:
                     self._record(p)
                 self._publish()
         except Exception as exc:  # a worker thread must not die silently: the widget shows this
-            self.error = f"live training stopped: {exc}"
+            self.error = f"Live training stopped ({exc}); press Stop, then start again."
             log.exception("live training stopped")
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        """The end of the session (on the training thread): the last state validated, the better of it and the
+        best earlier one kept and published, the calibration tiles taken, cores and memory released."""
+        if self.finished.is_set():
+            return
+        tr = self._trainer
+        try:
+            if tr is not None and tr.steps and self.error is None:
+                self._keep_better(tr)
+                self._calibration = calibration(tr.data.items)
+        except Exception as exc:  # the kept state stays the latest snapshot
+            self.error = self.error or f"Live training could not validate its last state ({exc})."
+            log.exception("live training: the last validation failed")
+        finally:
+            if tr is not None:
+                tr.release()
+            self.data.clear()
+            self._stopped_at = time.perf_counter()
+            self.finished.set()
+
+    def _keep_better(self, tr: Trainer) -> None:
+        """The latest state, unless a state validated earlier on the same held-out strokes scored higher."""
+        self._publish(force=True)
+        self.kept, self.kept_step = "the latest state", tr.steps
+        if not tr.data.n_val or self._best_at is None or self._best_at[1] == tr.steps:
+            return
+        latest = mean_dice(tr.validated(), tr.setup.levels)
+        if self._best_at[0] == validation_key(tr.data) and tr.best.mean > latest:
+            self._publish(state=tr.best.state, force=True)
+            self.kept, self.kept_step = "an earlier state (better on the held-out strokes)", self._best_at[1]
 
     def _take_scribbles(self) -> None:
         """Rebuild the changed planes' items and hand the data to the trainer (made at the first usable data)."""
         with self._lock:
             dirty, self._dirty = sorted(self._dirty), set()
-            focus, self._focus = {p: self._focus[p] for p in dirty if p in self._focus}, {}
             if not dirty:
                 return
-            scribbles = self._scribbles.copy()
-        self.data.update(scribbles, dirty, focus)
+            focus, self._focus = {p: self._focus[p] for p in dirty if p in self._focus}, {}
+            planes = {p: self._scribbles[p].copy() for p in dirty}
+        self.data.update(planes, dirty, focus)
         ds = self.data.training_set()
+        self._usable = ds is not None  # an erase that leaves one class pauses training on the old strokes
         if ds is None:
             return
         if self._trainer is None:
@@ -285,20 +330,21 @@ class LiveTrainer:
         if self.base is None:
             self.start = {"from": "fresh", "why": f"no base model: a fresh {self.modality} network"}
         else:
-            scores = _scored_on_all(self.base, ds)
+            scores = scored_on_all(self.base, ds, self.device)
             chosen, why = start_from(scores)
-            self.start = {"from": chosen, "why": why, "base": base.card.id, "base_scores": scores}
+            self.start = {"from": chosen, "why": why, "base": self.base.card.id, "base_scores": scores}
             if chosen == "fresh":
                 base = self._fresh
                 self.data = LiveData(self._image, base, self._axes, self._channel, self.cfg.val_fraction)
                 with self._lock:
-                    scribbles = self._scribbles.copy()
-                self.data.update(scribbles, sorted(self.data_planes()), None)
+                    planes = {p: self._scribbles[p].copy() for p in self._annotated()}
+                self.data.update(planes, sorted(planes), None)
                 ds = self.data.training_set()
-            else:
+            elif self.cfg.recipe == "auto":  # the user's recipe stands; else gentle where the base already does well
                 recipe = "gentle" if max(scores.values()) >= GOOD_BASELINE else "adapt"
-                self.cfg = make_config(self.cfg, {"recipe": recipe})
-        assert base is not None and ds is not None
+                self.cfg = dataclasses.replace(self.cfg, recipe=recipe)
+        if ds is None:
+            return
         tr = Trainer(base, ds, self.cfg, OpenSchedule(self.validate_every_s), device=self.device, stop=self._stop)
         for p in tr.prepare():
             self._record(p)
@@ -306,74 +352,38 @@ class LiveTrainer:
             self._record(p)
         self._trainer = tr
 
-    def data_planes(self) -> set[tuple[int, ...]]:
+    def _annotated(self) -> list[tuple[int, ...]]:
         """The planes holding scribbles."""
         lead = len(self.data.lay.loop)
         ann = (self._scribbles > 0).any(axis=tuple(range(lead, self._scribbles.ndim)))
-        return {tuple(int(v) for v in i) for i in np.argwhere(ann)} if lead else {()}
+        return [tuple(int(v) for v in i) for i in np.argwhere(ann)] if lead else [()]
 
     def _leading(self) -> tuple[int, ...]:
         return self.data.shape[: len(self.data.lay.loop)]
 
     def _record(self, p: TrainProgress) -> None:
         self.progress = p
-        if p.val:
-            self.history.append({"step": p.step, "seconds": round(p.seconds, 2), "val": dict(p.val)})
+        tr = self._trainer
+        if p.val and tr is not None and tr.history and tr.best.scores is tr.history[-1]["val"]:
+            self._best_at = (validation_key(tr.data), tr.steps)  # this validation's state is the best now
 
     def _publish(self, state: dict[str, torch.Tensor] | None = None, force: bool = False) -> None:
-        """A snapshot as a fresh LoadedModel, at most every ``snapshot_every_s`` (taken on the training thread,
-        between steps: never half-written weights)."""
+        """A snapshot as a fresh LoadedModel after new steps, at most every ``snapshot_every_s`` (taken on the
+        training thread, between steps: never half-written weights)."""
         tr = self._trainer
         now = time.perf_counter()
-        if tr is None or (not force and self._model is not None and now - self._last_snapshot < self.snapshot_every_s):
+        if tr is None or not tr.steps or (not force and tr.steps == self._published_step):
+            return
+        if not force and self._model is not None and now - self._last_snapshot < self.snapshot_every_s:
             return
         net = copy.deepcopy(tr.base.module).cpu()
         net.load_state_dict(state if state is not None else tr.snapshot())
         net.eval()
-        snap = LoadedModel(net, _snapshot_card(tr.base, self.spacing, tr.steps, self.start))
+        snap = LoadedModel(net, snapshot_card(tr.base, self.spacing, tr.steps, self.start))
         _ = snap.fingerprint  # hashed here, on the training thread, not on the viewer's when it is first shown
-        self._model = snap
-        self._last_snapshot = now
+        self._model, self._last_snapshot, self._published_step = snap, now, tr.steps
         if self.on_snapshot is not None:
-            self.on_snapshot(self._model)
-
-
-def _fresh_for(base: LoadedModel | None, modality: str, base_normalisation: bool) -> LoadedModel:
-    """A fresh network for the data: the base's channels and classes and (``base_normalisation``) its intensity
-    recipe, else the modality's."""
-    if base is None:
-        return new_model(modality, name=f"{modality}-live")
-    cfg = base.module.config
-    names = list(base.card.classes)
-    classes = names[-(cfg.num_classes - 1) :] if cfg.num_classes > 1 else names[:1]
-    fresh = new_model(
-        modality,
-        classes=classes,
-        in_channels=cfg.in_channels,
-        spatial_dims=cfg.spatial_dims,
-        name=f"{base.card.name}-live",
-    )
-    if base_normalisation:
-        fresh.card.normalization = dict(base.card.normalization)
-    return fresh
-
-
-def _scored_on_all(base: LoadedModel, ds: Any) -> dict[int, float]:
-    """The base's per-level Dice on every known pixel (training and held-out): it never saw any of them."""
-    items = [copy.copy(it) for it in ds.items]
-    for it in items:
-        it.val = it.train | it.val
-    probe = type(ds)(items, ds.spatial_dims, ds.summary)
-    return validate(base.module, probe, torch.device("cpu"), None, tile=base.card.tile)
-
-
-def _snapshot_card(base: LoadedModel, spacing: dict[str, float] | None, steps: int, start: dict) -> ModelCard:
-    """The base's card for a snapshot: its normalisation and classes, the image's own pixel size (or none)."""
-    training = {k: v for k, v in base.card.training.items() if k not in ("spacing", "spacing_unit", "object_diameter")}
-    training.update(live={"steps": steps, **{k: v for k, v in start.items() if k != "base_scores"}})
-    if spacing:
-        training["spacing"] = dict(spacing)
-    card = copy.deepcopy(base.card)
-    card.name, card.training, card.parent = f"{base.card.name}-live", training, base.card.id
-    card.weights_sha256 = ""  # not the base's weights: the fingerprint hashes the snapshot's own
-    return card
+            try:
+                self.on_snapshot(snap)
+            except Exception:  # the caller's callback must not end training
+                log.exception("live training: on_snapshot failed")

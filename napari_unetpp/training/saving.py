@@ -43,7 +43,7 @@ class FineTuneResult:
         history: One dict per validation (step, seconds, loss, per-level Dice).
         steps: Optimiser steps done.
         seconds: Wall-clock time.
-        stopped: ``"budget"``, ``"early stopping"`` or ``"stopped by user"``.
+        stopped: ``"budget"``, ``"early stopping"``, ``"stopped by user"`` or ``"live"`` (a live session).
         improved: Whether any trained state beat the base model on validation.
         ran_on: Where it ran, in words (e.g. ``"CPU (2 threads)"``); ``device`` is a deprecated alias.
         data: Summary of the training data (for the card).
@@ -200,7 +200,8 @@ def save_result(
             "data_summary": summary,
             "validation": f"{summary.get('val_pixels', 0)} held-out corrected pixels (hashed blocks, stable "
             f"across rounds)",
-            "recipe": f"napari_unetpp.finetune ({summary.get('recipe', {}).get('name', 'gentle')}): patches favouring "
+            "recipe": summary.get("recipe_text")
+            or f"napari_unetpp.finetune ({summary.get('recipe', {}).get('name', 'gentle')}): patches favouring "
             "corrected pixels, flips, rot90, intensity jitter, mild affine; AdamW + warm-up + cosine; deep "
             "supervision with BCE/CE + soft Dice on known pixels only",
             "decision": {

@@ -47,12 +47,13 @@ class StallMeter:
 
     def __init__(self, every_ms: int = 10) -> None:
         self.every_ms, self.longest_ms, self._last = every_ms, 0.0, 0.0
+        self.gaps_ms: list[float] = []  # every stall over 50 ms, in order
         self._timer = QTimer()
         self._timer.setInterval(every_ms)
         self._timer.timeout.connect(self._tick)
 
     def start(self) -> None:
-        self.longest_ms, self._last = 0.0, time.perf_counter()
+        self.longest_ms, self._last, self.gaps_ms = 0.0, time.perf_counter(), []
         self._timer.start()
 
     def stop(self) -> None:
@@ -60,7 +61,10 @@ class StallMeter:
 
     def _tick(self) -> None:
         now = time.perf_counter()
-        self.longest_ms = max(self.longest_ms, (now - self._last) * 1e3 - self.every_ms)
+        gap = (now - self._last) * 1e3 - self.every_ms
+        self.longest_ms = max(self.longest_ms, gap)
+        if gap > 50:
+            self.gaps_ms.append(round(gap, 1))
         self._last = now
 
 
@@ -116,9 +120,9 @@ class LiveWidget(Container):
         self.run_options: dict[str, Any] = {}
         self.stall = StallMeter()
         self._mask_mode = False
-        self._edited: set[tuple[int, ...]] = set()
         self._shown: Any = None
         self._plotted = self._loss_step = 0
+        self._painted: set[tuple[int, ...]] = set()  # planes painted since the last hand-over
         self._sessions: list[LiveTrainer] = []  # closed when the widget goes (held by the list, not the widget)
         self._poll = QTimer()
         self._poll.setInterval(200)
@@ -184,8 +188,7 @@ class LiveWidget(Container):
             self.scribbles.mode = "paint"
             self._viewer.layers.selection.active = self.scribbles
         self.scribbles.events.paint.connect(self._on_paint)
-        self._edited, self._shown, self._plotted, self._loss_step = set(), None, 0, 0
-        self._sessions.append(self.trainer)
+        self._shown, self._plotted, self._loss_step, self._painted = None, 0, 0, set()
         self.plot.clear()
         self._image_layer = image
         self._toggle.text, self._save.enabled = "Stop live", False
@@ -194,27 +197,34 @@ class LiveWidget(Container):
             if not self._mask_mode
             else "Live: correct the mask; each edited slice trains (it counts as fully correct)."
         )
+        self._sessions.append(self.trainer)
         self.stall.start()
         self._poll.start()
 
     def stop(self, _=None) -> None:
-        """Stop training and keep the latest snapshot (or an earlier one the held-out strokes prefer)."""
+        """Stop training: the training thread validates the last state and keeps it, or an earlier one the held-out
+        strokes prefer; the widget shows the result when that is done (nothing here waits for it)."""
         tr = self.trainer
         if tr is None:
             return
+        self._disconnect()
+        tr.stop(wait=False)
+        self._toggle.enabled = False
+        self._status.value = "Stopping: validating the last state on the held-out strokes ..."
+        self._finished, self.trainer = tr, None
+        self._sessions[:] = [tr]  # only the last session's state is kept (for Save); earlier ones are closed
+
+    def _stopped(self, tr: LiveTrainer) -> None:
+        """The session ended (on the training thread): show what was kept; Save is possible."""
         self._poll.stop()
         self.stall.stop()
-        self._disconnect()
-        kept = tr.stop()
-        self.poll()  # the kept snapshot, shown
-        self._toggle.text, self._save.enabled = "Start live", kept is not None
-        self._status.value = (
+        kept = tr.model
+        self._toggle.text, self._toggle.enabled, self._save.enabled = "Start live", True, kept is not None
+        self._status.value = tr.error or (
             f"Stopped after {tr.steps} steps; kept {tr.kept}. Save it as a version, or start again."
             if kept is not None
             else "Stopped before anything trained: paint background (1) and objects (2) while live."
         )
-        self._finished = tr
-        self.trainer = None
 
     def save(self, _=None) -> None:
         """Save the kept snapshot as a new model version and select it in the Segment widget."""
@@ -237,26 +247,40 @@ class LiveWidget(Container):
     # -------------------------------------------------------------------------------------------- main thread
     def _on_paint(self, event: Any) -> None:
         slices, _ = painted(getattr(event, "value", None), self.scribbles.data.ndim if self.scribbles else 2)
-        if slices:  # napari may send this before it writes the stroke: hand it over once it is written
-            QTimer.singleShot(0, lambda: self._hand_over(slices))
+        if not slices:
+            return
+        if not self._painted:  # napari may send this before it writes the stroke: hand over once it is written,
+            QTimer.singleShot(0, self._hand_over)  # and once for every event that came meanwhile
+        self._painted |= slices
 
-    def _hand_over(self, slices: set[tuple[int, ...]]) -> None:
+    def _hand_over(self) -> None:
+        slices, self._painted = self._painted, set()
         tr, layer = self.trainer, self.scribbles
         if tr is None or layer is None:
             return
-        planes = sorted(slices)
-        if self._mask_mode:
-            self._edited |= slices
-            data = from_corrected_mask(np.asarray(layer.data), planes if planes != [()] else None)
-        else:
-            data = layer.data
-        tr.update(data, None if planes == [()] else planes)
+        try:
+            if not tr.data.lay.loop:  # one plane, or a 3D model's volume: the whole layer is its plane
+                data = np.asarray(layer.data)
+                tr.update(from_corrected_mask(data, self._classes()) if self._mask_mode else data)
+                return
+            planes = {p: np.asarray(layer.data[p]) for p in sorted(slices)}  # only the planes painted
+            if self._mask_mode:
+                planes = {p: from_corrected_mask(v, self._classes()) for p, v in planes.items()}
+            tr.update(planes)
+        except Exception as exc:  # noqa: BLE001 - a bad label: one sentence, the session goes on
+            self._status.value = user_message(exc)
+
+    def _classes(self) -> int:
+        tr = self.trainer
+        cfg = tr.data.model.module.config if tr is not None else None
+        return 1 if cfg is None or cfg.has_cue else cfg.num_classes
 
     def poll(self, _=None) -> None:
-        """Show a new snapshot on the slice on screen, and the session's progress."""
+        """Show a new snapshot on the slice on screen, and the session's progress (the timer calls it)."""
         tr = self.trainer or getattr(self, "_finished", None)
         if tr is None:
             return
+        ended = self.trainer is None and tr.finished.is_set()
         if tr.error:
             self._status.value = tr.error
         lm = tr.model
@@ -271,9 +295,12 @@ class LiveWidget(Container):
         if p is not None and p.loss is not None and p.step > self._loss_step:
             self.plot.add_loss(p.step, p.loss)
             self._loss_step = p.step
-        for h in tr.history[self._plotted :]:
+        history = tr.history
+        for h in history[self._plotted :]:
             self.plot.add_validation(h["step"], h["val"])
-        self._plotted = len(tr.history)
+        self._plotted = len(history)
+        if ended:
+            self._stopped(tr)
 
     def _disconnect(self) -> None:
         if self.scribbles is not None:

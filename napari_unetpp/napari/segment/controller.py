@@ -332,7 +332,11 @@ class SegmentController:
         Raises:
             InputError, ValueError: an image the model cannot read (bad dimensions, NaN).
         """
-        key = dataclasses.replace(self.key(image, lm, (), channel), zoom=None)  # (statistics of the image as it is)
+        # statistics of the image as it is (no zoom), and not of the weights: a new snapshot of live training, or a
+        # fine-tuned version, reads the same statistics as long as it reads the image alike (dims, channels, recipe)
+        cfg = lm.module.config
+        reads = f"{cfg.spatial_dims}d/{cfg.in_channels}ch"
+        key = dataclasses.replace(self.key(image, lm, (), channel), zoom=None, fingerprint=reads)
         if key not in self._stats:
             data, axes = self.source(image, lm, channel)
             self._stats[key] = normalization_stats(data, lm, axes=axes)

@@ -48,7 +48,9 @@ def preview_job(
     return gen
 
 
-def stack_job(data: Any, lm: LoadedModel, axes: str, display: Display, device: str, stats: list, zoom: Any) -> Factory:
+def stack_job(
+    data: Any, lm: LoadedModel, axes: str, display: Display, device: str, stats: list, zoom: Any, runtime: str = "auto"
+) -> Factory:
     """The whole image at the display's depth, keeping only the levels it shows. Yields ``(progress, planes)`` with
     ``(plane, probabilities, cues, mask)`` for each plane finished since the last yield (copied, and the mask made
     here, in the worker); returns the Prediction."""
@@ -66,6 +68,7 @@ def stack_job(data: Any, lm: LoadedModel, axes: str, display: Display, device: s
             stats=stats,
             allocate=lambda shape, dtype, name: blank(shape, dtype, data),
             zoom=zoom,
+            runtime=runtime,
         )
         while True:
             try:

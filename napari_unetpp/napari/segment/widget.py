@@ -291,7 +291,8 @@ class SegmentWidget(SegmentControls):
         base_key = self.controller.key(image, lm, (), channel)
         lead = self.controller.lead(image, lm, channel)
         # (every widget value is read here, on the main thread: the worker reads none)
-        job = jobs.stack_job(data, lm, axes, display, self._device.value, stats, base_key.zoom)
+        runtime = "torch" if lm is self.controller.live else "auto"  # a snapshot: nothing exported or measured
+        job = jobs.stack_job(data, lm, axes, display, self._device.value, stats, base_key.zoom, runtime)
         self._bar.value, self._bar.visible = 0, True
         t0 = time.perf_counter()
         shown = [0.0]
