@@ -8,15 +8,15 @@ random, at equal effort).
     python benchmarks/bench_live.py --shifts nuclei-to-em --seconds 60 --skip-next
 
 The shifts are bench_finetune's (its docstring names the slices): each live run paints on the shift's training
-slices and is scored on its held-out slices, which it never sees. The annotator paints as a person would: at 0 s a
-stroke along each object's middle line (the skeleton of each labelled object) and strokes through the background
-(lines at least 4 px from any object) on the first training slice; at 10 s the same on the next training slice;
-from 20 s on, every 5 s, a correction where the latest snapshot is most wrong on a training slice (a disk of radius
-4 at the centre of its largest wrong region, painted with the true label). Two starts per shift: the shift's base
-model (``LiveTrainer(image, base)``, which may give way to a fresh network: the table says what it chose) and a
-fresh network of the modality (``base=None``). Snapshots are kept at each mark and scored after the run (scoring
-during the run would take the trainer's cores), at the depth of the best level on the held-out strokes (L4 when
-nothing was held out yet).
+slices and is scored on its held-out slices, which it never sees. The annotator paints as a person would, one stroke
+every 0.3 s, each handed over as the widget hands it over (its plane): a stroke along each object's middle line (the
+skeleton of each labelled object) and a dozen strokes through the background (lines at least 4 px from any object),
+in a random order, on each training slice in turn; then, every 5 s, a correction where the latest snapshot is most
+wrong on a training slice (a disk of radius 4 at the centre of its largest wrong region, painted with the true
+label). Two starts per shift: the shift's base model (``LiveTrainer(image, base)``, which may give way to a fresh
+network: the table says what it chose) and a fresh network of the modality (``base=None``). Snapshots are kept at
+each mark and scored after the run (scoring during the run would take the trainer's cores), at the depth of the best
+level on the held-out strokes (L4 when nothing was held out yet).
 
 The batch fine-tuning figures to compare with are bench_finetune's (``benchmarks/results/bench_finetune.json``,
 adaptive recipe on full labels of the same slices, 1, 2 and 4 minutes); they are printed beside this table when
@@ -52,21 +52,31 @@ from napari_unetpp.training import dice_score  # noqa: E402
 from napari_unetpp.training.live import LiveTrainer  # noqa: E402
 
 MARKS = (5, 15, 30, 60, 120)
+STROKE_S = 0.3  # seconds a person takes per stroke
 SHIFTS = ("em-to-nuclei", "nuclei-to-em", "nuclei-to-scratch", "new-ct-liver")
 
 
-def first_strokes(truth: np.ndarray, rng: np.random.Generator, n_background: int = 12) -> np.ndarray:
-    """A person's first strokes on one plane: 2 along each object's skeleton, 1 on lines through background."""
-    s = np.zeros(truth.shape, np.uint8)
-    s[skeletonize(truth)] = 2
+def first_strokes(truth: np.ndarray, rng: np.random.Generator, n_background: int = 12) -> list[tuple[np.ndarray, int]]:
+    """A person's first strokes on one plane, one at a time: (pixels, label) with label 2 along each object's
+    skeleton and 1 on lines through background (at least 4 px from any object)."""
+    out: list[tuple[np.ndarray, int]] = []
+    objects, n = ndi.label(truth)
+    skeleton = skeletonize(truth)
+    for i in range(1, n + 1):
+        line = skeleton & (objects == i)
+        if line.any():
+            out.append((line, 2))
     far = ndi.distance_transform_edt(~truth) >= 4
     h, w = truth.shape
     for _ in range(n_background):
         y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
         if far[y, x]:
+            line = np.zeros(truth.shape, bool)
             x1 = min(w, x + 40)
-            s[y, x:x1][far[y, x:x1]] = 1
-    return s
+            line[y, x:x1] = far[y, x:x1]
+            out.append((line, 1))
+    order = rng.permutation(len(out))  # objects and background mixed, as a person goes
+    return [out[i] for i in order]
 
 
 def correction(scribbles: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> bool:
@@ -112,28 +122,33 @@ def live_run(img, lab, train, held, base, modality, seconds: float, seed: int = 
 
     lt = LiveTrainer(img, base, modality, axes="ZYX", device="cpu", seed=seed, on_snapshot=on_snapshot)
     t0 = time.perf_counter()
-    kept, corrections, next_correction, painted = {}, 0, 20.0, 0
+    kept, corrections, next_correction = {}, 0, None
+    todo = [(z, stroke) for z in train for stroke in first_strokes(lab[z], rng)]
     marks = [m for m in MARKS if m <= seconds]
     while True:
         now = time.perf_counter() - t0
-        if painted < len(train) and now >= 10.0 * painted:
-            z = train[painted]
-            scribbles[z] = first_strokes(lab[z], rng)
-            t_update[0] = t_update[0] or time.perf_counter()
-            lt.update(scribbles, planes=[z])
-            painted += 1
-        elif now >= next_correction and lt.model is not None:
+        if todo:  # one stroke every STROKE_S seconds, handed over as the widget does (the plane it is on)
+            while todo and now >= STROKE_S * (len(painted_strokes := kept.setdefault("_strokes", []))):
+                z, (pixels, label) = todo.pop(0)
+                scribbles[z][pixels] = label
+                painted_strokes.append(z)
+                t_update[0] = t_update[0] or time.perf_counter()
+                lt.update({z: scribbles[z]})
+            if not todo:
+                next_correction = now + 5.0
+        elif next_correction is not None and now >= next_correction and lt.model is not None:
             z = train[corrections % len(train)]
             mask = predict(img[z], lt.model, depth=lt.model.max_depth, runtime="torch").mask
             if correction(scribbles[z], lab[z], mask):
-                lt.update(scribbles, planes=[z])
+                lt.update({z: scribbles[z]})
                 corrections += 1
             next_correction += 5.0
         while marks and now >= marks[0]:
             kept[marks.pop(0)] = (lt.model, list(lt.history))
         if not marks:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
+    strokes_painted = len(kept.pop("_strokes", []))
     steps, elapsed = lt.steps, time.perf_counter() - t0
     lt.close()
     stats = normalization_stats(img, lt.model, axes="ZYX") if lt.model else None
@@ -148,6 +163,7 @@ def live_run(img, lab, train, held, base, modality, seconds: float, seed: int = 
         "first_snapshot_s": None if first_snapshot[0] is None else round(first_snapshot[0], 2),
         "steps": steps,
         "steps_per_s": round(steps / elapsed, 2),
+        "strokes": strokes_painted,
         "corrections": corrections,
         "stroke_pixels": int((scribbles > 0).sum()),
     }
@@ -178,6 +194,8 @@ def correct_next(
     lt.update(scribbles, planes=chosen)
     time.sleep(seconds)
     lt.close()
+    if lt.model is None:
+        return 0.0, chosen
     stats = normalization_stats(img, lt.model, axes="ZYX")
     per = scored(lt.model, img, lab, held, stats)
     return per.get(best_level(lt.history, lt.model.max_depth), 0.0), chosen
@@ -229,6 +247,19 @@ def main() -> int:
     return 0
 
 
+def batch_reference(path: Path = Path(__file__).parent / "results" / "bench_finetune.json") -> dict:
+    """bench_finetune's adaptive held-out Dice per shift and budget (minutes), when its results are there."""
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, KeyError, ValueError):
+        return {}
+    out: dict = {}
+    for r in runs:
+        if r.get("recipe") == "adaptive":
+            out.setdefault(r["shift"], {})[r["minutes"]] = r["held_out"]
+    return out
+
+
 def summarize(out: dict) -> str:
     """Markdown: held-out Dice at each mark per shift and start."""
     lines = [
@@ -243,6 +274,11 @@ def summarize(out: dict) -> str:
             f"| {r['shift']} | {r['started']} ({r['start']}) | " + " | ".join(cells)
             + f" | {r['first_snapshot_s']} s | {r['steps_per_s']} |"
         )  # fmt: skip
+    ref = batch_reference()
+    if ref:
+        lines += ["", "Batch fine-tuning on full labels of the same slices (bench_finetune.json, adaptive):"]
+        for shift, by in ref.items():
+            lines.append(f"- {shift}: " + ", ".join(f"{m:g} min {d}" for m, d in sorted(by.items())))
     if "next" in out:
         n = out["next"]
         lines += ["", f"Correct next ({n['shift']}, two planes of {n['planes']}, {n['seconds']:.0f} s live):"]
