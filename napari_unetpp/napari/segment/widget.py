@@ -94,6 +94,12 @@ class SegmentWidget(SegmentControls):
             with self._image.changed.blocked():
                 self._image.value = image
         self.controller.live = lm
+        if lm is not None:  # say what is shown: not the model chosen above
+            steps = lm.card.training.get("live", {}).get("steps", "?")
+            self._card.value, self._card.tooltip = f"live training snapshot (step {steps})", lm.card.description
+        else:
+            self._model_shown = None  # the chosen model's card again
+            self._on_model_changed()
         self.preview()
 
     @property
