@@ -72,6 +72,14 @@ def test_painting_trains_and_each_snapshot_re_segments_the_slice_on_screen(live,
     assert lw.trainer.steps > 0 and lw.trainer.error is None
     assert lw.stall.longest_ms < 1000, lw.stall.longest_ms  # loose here (a loaded CI machine); bench_live measures
     print(f"first preview {first_preview_s:.1f} s, stalls over 50 ms: {lw.stall.gaps_ms}")
+    lw.rank()  # where to correct next, from the latest snapshot's heads (in a worker)
+    wait(qtbot, lambda: lw._go.enabled)
+    first = lw._next.value
+    assert len([c for c in lw._next.choices if c is not None]) == 8 and str(first).startswith("slice ")
+    lw.go()
+    assert viewer.dims.current_step[0] == first.plane[0]
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    assert np.allclose(camera.center[-2:], img.data_to_world(first.centre)[-2:])
     lw.stop()  # returns at once: the training thread validates and keeps a state, the widget then says which
     wait(qtbot, lambda: lw._save.enabled)
     assert not lw.running and "kept" in lw._status.value and lw._toggle.text == "Start live"

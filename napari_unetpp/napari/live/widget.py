@@ -23,13 +23,15 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
+from napari_unetpp.inference.predict import predict_iter
+from napari_unetpp.inference.review import correction_order
 from napari_unetpp.model.modalities import MODALITIES
 from napari_unetpp.model.registry import list_models
 from napari_unetpp.napari.choices import children_blocked, image_choices
 from napari_unetpp.napari.finetune.edits import painted
 from napari_unetpp.napari.finetune.plot import TrainingPlot
 from napari_unetpp.napari.segment.widget import SegmentWidget
-from napari_unetpp.napari.workers import user_message
+from napari_unetpp.napari.workers import run_generator, user_message
 from napari_unetpp.runtimes import DEVICE_CHOICES
 from napari_unetpp.training.live import LiveTrainer
 from napari_unetpp.training.metrics import format_scores
@@ -100,6 +102,15 @@ class LiveWidget(Container):
         self._device = ComboBox(label="device", choices=list(DEVICE_CHOICES), value="auto")
         self._toggle = PushButton(text="Start live")
         self._save = PushButton(text="Save version", enabled=False)
+        self._rank_btn = PushButton(text="Where to correct next?", enabled=False)
+        self._next = ComboBox(
+            label="correct next",
+            choices=[],
+            nullable=True,
+            tooltip="Regions where the latest snapshot's heads disagree most (their spread; 0 = all agree), most "
+            "uncertain first",
+        )
+        self._go = PushButton(text="Go there", enabled=False)
         self._status = Label(value="Press Start live, then paint background (1) and objects (2).")
         self._status.native.setWordWrap(True)
         self._status.native.setMinimumWidth(320)
@@ -111,6 +122,8 @@ class LiveWidget(Container):
                 self._device,
                 Container(widgets=[self._toggle, self._save], layout="horizontal", labels=False),
                 Container(widgets=[self._status], labels=False),
+                Container(widgets=[self._rank_btn, self._go], layout="horizontal", labels=False),
+                self._next,
             ]
         )
         self.plot = TrainingPlot()
@@ -129,6 +142,8 @@ class LiveWidget(Container):
         self._poll.timeout.connect(self.poll)
         self._toggle.changed.connect(self.toggle)
         self._save.changed.connect(self.save)
+        self._rank_btn.changed.connect(self.rank)
+        self._go.changed.connect(self.go)
         napari_viewer.layers.events.inserted.connect(self.reset_choices)
         napari_viewer.layers.events.removed.connect(self.reset_choices)
         self.native.destroyed.connect(self._poll.stop)
@@ -220,6 +235,7 @@ class LiveWidget(Container):
         self.stall.stop()
         kept = tr.model
         self._toggle.text, self._toggle.enabled, self._save.enabled = "Start live", True, kept is not None
+        self._rank_btn.enabled = kept is not None
         self._status.value = tr.error or (
             f"Stopped after {tr.steps} steps; kept {tr.kept}. Save it as a version, or start again."
             if kept is not None
@@ -286,6 +302,7 @@ class LiveWidget(Container):
         lm = tr.model
         if lm is not None and lm is not self._shown:
             self._shown = lm
+            self._rank_btn.enabled = True
             seg = SegmentWidget.for_viewer(self._viewer)
             if seg is not None:
                 seg.show_live(lm, getattr(self, "_image_layer", None))
@@ -301,6 +318,49 @@ class LiveWidget(Container):
         self._plotted = len(history)
         if ended:
             self._stopped(tr)
+
+    # ------------------------------------------------------------------------------------ where to correct next
+    def rank(self, _=None) -> None:
+        """Rank the image's regions by the latest snapshot's head disagreement (every level of every plane, in a
+        worker, on PyTorch) and list them under *correct next*."""
+        tr = self.trainer or getattr(self, "_finished", None)
+        image = getattr(self, "_image_layer", None)
+        lm = tr.model if tr is not None else None
+        if lm is None or image is None or lm.max_depth < 2:
+            show_error("Train a snapshot first (two levels or more): paint background (1) and objects (2) while live.")
+            return
+        data, device = image.data, self._device.value
+
+        def job():
+            pred = yield from predict_iter(data, lm, depth=lm.max_depth, levels="all", runtime="torch", device=device)
+            return correction_order(pred, top=8)
+
+        def done(ranked: list) -> None:
+            self._next.choices = [(str(s), s) for s in ranked]
+            if ranked:
+                self._next.value = ranked[0]
+            self._go.enabled = bool(ranked)
+            self._rank_btn.enabled = True
+
+        self._rank_btn.enabled = False
+        self._status.value = "Ranking the regions by the heads' disagreement ..."
+        run_generator(job, lambda _p: None, done, self._rank_failed)
+
+    def _rank_failed(self, message: str) -> None:
+        self._rank_btn.enabled = True
+        self._status.value = message
+
+    def go(self, _=None) -> None:
+        """Move the view to the region chosen under *correct next* (its slice, centred on it)."""
+        s, image = self._next.value, getattr(self, "_image_layer", None)
+        if s is None or image is None:
+            return
+        world = image.data_to_world(s.centre)
+        lead = len(s.plane)
+        for axis in range(lead):
+            self._viewer.dims.set_point(axis, world[axis])
+        scene = getattr(self._viewer, "scene", None)  # napari >= 0.9 (viewer.camera before)
+        (scene.camera if scene is not None else self._viewer.camera).center = tuple(world[lead:])
 
     def _disconnect(self) -> None:
         if self.scribbles is not None:
