@@ -33,6 +33,7 @@ __all__ = [
     "TrainingPair",
     "TrainingSet",
     "annotated_slices",
+    "fitted_image",
     "pad_item",
     "parse_slices",
     "plane_item",
@@ -307,13 +308,17 @@ def plane_item(
 
 
 def _fitted(pair: TrainingPair, cfg: Any) -> tuple[Any, Any, str]:
-    """The pair's image as the model reads it (channels fitted by the function predict uses), its layout, and a
-    note of what was done to its channels ("" when nothing).
+    return fitted_image(pair.image, pair.axes, pair.channel, cfg)
+
+
+def fitted_image(image: Any, axes: str | None, channel: int | None, cfg: Any) -> tuple[Any, Any, str]:
+    """An image as a model of config ``cfg`` reads it for training (channels fitted by the function predict uses),
+    its layout, and a note of what was done to its channels ("" when nothing).
 
     Raises:
         InputError: bad axes, a channel the image lacks, or a channel count the model cannot read.
     """
-    image, axes, note = fit_channels(pair.image, pair.axes, cfg.spatial_dims, cfg.in_channels, pair.channel)
+    image, axes, note = fit_channels(image, axes, cfg.spatial_dims, cfg.in_channels, channel)
     lay = layout(image, axes, cfg.spatial_dims)
     if lay.n_ch != cfg.in_channels:
         where = " (axis C)" if lay.has_c else " (no C axis)"

@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from napari_unetpp.data.axes import Layout, fit_channels, layout
 from napari_unetpp.errors import TrainingDataError
 from napari_unetpp.inference.plan import image_stats
 from napari_unetpp.model.loaded import LoadedModel
-from napari_unetpp.training.data import TrainingItem, TrainingSet, plane_item
+from napari_unetpp.training.data import TrainingItem, TrainingSet, fitted_image, plane_item
 from napari_unetpp.training.known import blocks
 
 __all__ = [
@@ -97,12 +96,7 @@ class LiveData:
         self, image: Any, model: LoadedModel, axes: str | None = None, channel: int | None = None, val_fraction=0.2
     ) -> None:
         cfg = model.module.config
-        img, ax, self.channel_note = fit_channels(image, axes, cfg.spatial_dims, cfg.in_channels, channel)
-        self.lay: Layout = layout(img, ax, cfg.spatial_dims)
-        if self.lay.n_ch != cfg.in_channels:
-            raise TrainingDataError(
-                f"the model expects {cfg.in_channels} channel(s) but the image has {self.lay.n_ch}; pick one channel."
-            )
+        img, self.lay, self.channel_note = fitted_image(image, axes, channel, cfg)  # as batch fine-tuning reads it
         lab_axes = "".join(a for a in self.lay.axes if a != "C")
         if lab_axes != "".join(self.lay.loop) + self.lay.spatial:
             raise TrainingDataError(f"live training needs the image's plane axes last, got {lab_axes!r}.")
