@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "patch_size": args.patch_size,
             "seed": args.seed,
+            "race": args.race or None,
         }.items()
         if v is not None
     }
@@ -272,6 +273,12 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="how to train (default auto: gentle when the base already does well on your validation pixels, "
         "adapt when it does not, scratch for --new)",
+    )
+    t.add_argument(
+        "--race",
+        action="store_true",
+        help="when the base does not fit (recipe adapt), race it against a fresh network on a quarter of the "
+        "budget and continue the better (off by default: it measured worse than adapting, see docs/finetune.md)",
     )
     t.add_argument(
         "--slices",

@@ -281,7 +281,7 @@ class Trainer:
         self.schedule.val_seconds = self.schedule.clock() - t_val
         return scores
 
-    def _revalidated(self, note: dict[str, Any] | None = None) -> dict[int, float]:
+    def revalidated(self, note: dict[str, Any] | None = None) -> dict[int, float]:
         """A validation during training, recorded in the history (train mode and frozen batch norms restored)."""
         self.epoch += 1
         scores = self.validated()
@@ -334,7 +334,7 @@ class Trainer:
         else the run goes on keeping its best validated state."""
         validated_now = self.last_val[0] != self.steps  # else the validation just made decides
         if validated_now:
-            self._revalidated()
+            self.revalidated()
         scores = self.history[-1]["val"]
         mean = mean_dice(scores, self.setup.levels)
         best = self.best
@@ -369,7 +369,7 @@ class Trainer:
             return
         spe = self.schedule.steps_per_epoch
         loss = round(float(np.mean(self.losses[-spe:])), 4)
-        scores = self._revalidated({"loss": loss, "patch": list(patch)})
+        scores = self.revalidated({"loss": loss, "patch": list(patch)})
         if trained_on:
             self.history[-1]["note"] = "validation pixels trained on"
         else:

@@ -40,6 +40,7 @@ from napari_unetpp.model.registry import resolve_model
 from napari_unetpp.training.config import FineTuneConfig, TrainProgress, make_config
 from napari_unetpp.training.data import TrainingPair
 from napari_unetpp.training.engine import Trainer
+from napari_unetpp.training.race import race, races
 from napari_unetpp.training.saving import FineTuneResult, check_class_names, default_name
 from napari_unetpp.training.schedule import BudgetSchedule
 
@@ -90,10 +91,13 @@ def fine_tune_iter(
     try:
         yield from trainer.prepare()
         yield from trainer.baseline()
+        if races(trainer, data):  # the base does not fit: does adapting it pay? a fresh network races it
+            trainer = yield from race(trainer, data)
         while trainer.phase in ("train", "refit"):
             yield from trainer.step()
     finally:  # also when the caller closes the generator: that cancels the run, and nothing is saved
         trainer.release()
+    name = name or default_name(base)  # also when a fresh network won the race: the user's base names the result
     return (yield from trainer.finalize(name=name, save=save, classes=class_names))
 
 
