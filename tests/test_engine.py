@@ -171,6 +171,22 @@ def test_the_open_schedule_never_ends_and_keeps_its_learning_rate():
     assert s.validation_due(3, 0, 0.0) and not s.validation_due(3, 3, 0.0)
 
 
+def test_an_open_schedule_with_a_half_life_halves_its_learning_rate_down_to_its_floor():
+    now = [0.0]
+    s = OpenSchedule(clock=lambda: now[0], half_life_s=30.0)
+    recipe = choose_recipe({1: 0.3}, [1], fresh=True)
+    s.plan(recipe, 10)
+    peak = recipe.learning_rate
+    assert s.now(100).learning_rate == pytest.approx(peak)
+    now[0] = 30.0
+    assert s.now(100).learning_rate == pytest.approx(peak / 2)
+    now[0] = 60.0
+    assert s.now(100).learning_rate == pytest.approx(peak / 4)
+    now[0] = 1e4
+    assert s.now(100).learning_rate == pytest.approx(peak * OpenSchedule.FLOOR)
+    assert s.now(0).learning_rate < s.now(100).learning_rate  # the warm-up still comes first
+
+
 # ------------------------------------------------------------------------------------------ small named parts
 def test_best_state_rules():
     assert is_improvement(0.5, 0.4, 0.002, True) and not is_improvement(0.401, 0.4, 0.002, True)

@@ -48,6 +48,7 @@ from napari_unetpp.training.engine import Trainer
 from napari_unetpp.training.live_model import (
     FITS,
     LIVE_DEFAULTS,
+    LIVE_HALF_LIFE_S,
     LIVE_RECIPE,
     fresh_for,
     save_live,
@@ -86,6 +87,8 @@ class LiveTrainer:
         threaded: Train in a background thread (default). False: nothing runs until :meth:`step` (tests, scripts).
         snapshot_every_s: Seconds between snapshots (default 1).
         validate_every_s: Seconds between validations on the held-out strokes (default 5).
+        half_life_s: Seconds in which the learning rate halves, down to a tenth (default
+            :data:`~.live_model.LIVE_HALF_LIFE_S`; None: constant).
         on_snapshot: Called with each new snapshot (from the training thread; an error in it is logged).
 
     Attributes:
@@ -109,6 +112,7 @@ class LiveTrainer:
         threaded: bool = True,
         snapshot_every_s: float = 1.0,
         validate_every_s: float = 5.0,
+        half_life_s: float | None = LIVE_HALF_LIFE_S,
         on_snapshot: Callable[[LoadedModel], None] | None = None,
         **options: Any,
     ) -> None:
@@ -118,7 +122,7 @@ class LiveTrainer:
         self.cfg.minutes = config.minutes if config is not None else None  # no budget: make_config's default is not
         self.device = resolve_device(device or "auto")
         self.spacing, self.snapshot_every_s, self.validate_every_s = spacing, snapshot_every_s, validate_every_s
-        self.on_snapshot = on_snapshot
+        self.half_life_s, self.on_snapshot = half_life_s, on_snapshot
         self._fresh = fresh_for(self.base, self.modality, modality is None)
         first = self.base if self.base is not None else self._fresh
         self.data = LiveData(image, first, axes, channel, self.cfg.val_fraction)
@@ -345,7 +349,14 @@ class LiveTrainer:
                 self.cfg = dataclasses.replace(self.cfg, recipe=recipe)
         if ds is None:
             return
-        tr = Trainer(base, ds, self.cfg, OpenSchedule(self.validate_every_s), device=self.device, stop=self._stop)
+        tr = Trainer(
+            base,
+            ds,
+            self.cfg,
+            OpenSchedule(self.validate_every_s, half_life_s=self.half_life_s),
+            device=self.device,
+            stop=self._stop,
+        )
         for p in tr.prepare():
             self._record(p)
         for p in tr.baseline({}):  # no baseline validation: the base was scored on the strokes already

@@ -21,6 +21,7 @@ from napari_unetpp.training.validation import validate
 __all__ = [
     "FITS",
     "LIVE_DEFAULTS",
+    "LIVE_HALF_LIFE_S",
     "LIVE_RECIPE",
     "card_start",
     "fresh_for",
@@ -34,6 +35,7 @@ __all__ = [
 
 FITS = 0.5  # the base's best-level Dice on the first strokes from which live training adapts it (else: fresh)
 LIVE_DEFAULTS = {"patch_size": 128, "batch_size": 4, "patience": 0, "min_delta": 0.0, "val_fraction": 0.2}
+LIVE_HALF_LIFE_S: float | None = None  # the learning rate's half-life in a live session (None: constant)
 LIVE_RECIPE = (
     "napari_unetpp live ({name}): patches centred on the latest strokes half of the time and on every stroke "
     "otherwise, flips, rot90, intensity jitter, mild affine; AdamW, warm-up then a constant learning rate; deep "

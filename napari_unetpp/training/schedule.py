@@ -9,8 +9,9 @@ and a validation took (:attr:`Schedule.step_seconds`, :attr:`Schedule.val_second
   small-patch phase, the refit point and the first validation are shares of that budget, and training ends early
   enough for the final validation and the save.
 - :class:`OpenSchedule` (a run without a budget, e.g. training while the user paints): never done, a constant
-  learning rate after the warm-up, full-size patches, no refit, a validation every ``validate_every_s`` seconds (or
-  less often, so that validations take at most :attr:`OpenSchedule.VAL_SHARE` of the time).
+  (or halving) learning rate after the warm-up, full-size patches, no refit, a validation every
+  ``validate_every_s`` seconds (or less often, so that validations take at most :attr:`OpenSchedule.VAL_SHARE` of
+  the time).
 
 Both read one clock (default :func:`time.perf_counter`); tests pass another, so a timed test does not depend on the
 machine's speed.
@@ -181,20 +182,30 @@ class BudgetSchedule(Schedule):
 class OpenSchedule(Schedule):
     """No budget: the driver decides when to stop (e.g. when the user stops painting).
 
-    Never done, fraction 0, the recipe's learning rate after the warm-up (no decay), full-size patches, no refit
-    (the validation pixels stay held out), and a validation every ``validate_every_s`` seconds or less often (at most
-    :attr:`VAL_SHARE` of the time).
+    Never done, fraction 0, the recipe's learning rate after the warm-up (halved every ``half_life_s`` seconds down
+    to :attr:`FLOOR` of it, or constant), full-size patches, no refit (the validation pixels stay held out), and a
+    validation every ``validate_every_s`` seconds or less often (at most :attr:`VAL_SHARE` of the time).
 
     Args:
         validate_every_s: Seconds between validations (default 10).
         clock: Seconds counter (default :func:`time.perf_counter`).
+        half_life_s: Seconds in which the learning rate halves (None: constant).
     """
 
     VAL_SHARE = 0.2  # the most of the time validations may take
+    FLOOR = 0.1  # the lowest share of the peak learning rate a half-life brings it to
 
-    def __init__(self, validate_every_s: float = 10.0, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        validate_every_s: float = 10.0,
+        clock: Callable[[], float] = time.perf_counter,
+        half_life_s: float | None = None,
+    ) -> None:
         super().__init__(clock)
+        if half_life_s is not None and not half_life_s > 0:
+            raise ValueError(f"half_life_s must be positive (or None for a constant rate), got {half_life_s}.")
         self.validate_every_s = float(validate_every_s)
+        self.half_life_s = half_life_s
 
     def fraction(self, step: int) -> float:
         return 0.0
@@ -203,7 +214,10 @@ class OpenSchedule(Schedule):
         return False
 
     def now(self, step: int) -> Moment:
-        return Moment(0.0, learning_rate(step, 0.0, self._recipe().learning_rate, self.warmup_steps), False, False)
+        lr = learning_rate(step, 0.0, self._recipe().learning_rate, self.warmup_steps)
+        if self.half_life_s:
+            lr *= max(self.FLOOR, 0.5 ** (self.elapsed() / self.half_life_s))
+        return Moment(0.0, lr, False, False)
 
     def validation_due(self, step: int, last_step: int, last_time: float) -> bool:
         """After ``validate_every_s`` seconds, and no sooner than keeps validation under :attr:`VAL_SHARE` of the
