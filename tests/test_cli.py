@@ -523,3 +523,21 @@ def test_an_unexpected_error_is_one_sentence_and_its_traceback_goes_to_a_file(tm
     assert "unexpected TypeError (unsupported operand type(s))" in err and "report" in err
     (report,) = tmp_path.glob("napari-unetpp-error-*.txt")
     assert "Traceback" in report.read_text() and "broken" in report.read_text()
+
+
+def test_review_lists_where_the_heads_disagree_most_as_the_api_ranks_it(tmp_path, capsys, em_crop):
+    from napari_unetpp.inference.predict import predict
+    from napari_unetpp.inference.review import correction_order
+
+    src = tmp_path / "three.tif"
+    tifffile.imwrite(src, em_crop)
+    args = ("--model", "em-membranes", "--depth", "2", "--top", "4", "--axes", "ZYX")  # 3 slices, not 3 channels
+    code, stdout, _ = cli(capsys, "review", str(src), *args)
+    assert code == 0
+    lines = stdout.splitlines()[1:]
+    want = correction_order(predict(em_crop, load_model("em-membranes"), axes="ZYX", depth=2, levels="all"), top=4)
+    assert lines == [f"slice {s.plane[0]}, {s.region}: {s.score:.3f}" for s in want]
+    scores = [float(line.rsplit(": ", 1)[1]) for line in lines]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    code, _, err = cli(capsys, "review", str(tmp_path / "missing.tif"))
+    assert code == 2 and "no such file" in err and err.count("\n") == 1

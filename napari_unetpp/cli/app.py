@@ -1,6 +1,7 @@
-"""``napari-unetpp`` command line: the parser over the commands (``predict``, ``train``, ``models``, ``export`` and
-``demo``, one module each), and :func:`main`, which runs one and turns every failure into one sentence and an exit
-status. Importing it (and ``--help``) imports no torch: each command imports what it needs when it runs."""
+"""``napari-unetpp`` command line: the parser over the commands (``predict``, ``train``, ``review``, ``models``,
+``export`` and ``demo``, one module each), and :func:`main`, which runs one and turns every failure into one
+sentence and an exit status. Importing it (and ``--help``) imports no torch: each command imports what it needs
+when it runs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from napari_unetpp.cli import demo, export, models, predict, train
+from napari_unetpp.cli import demo, export, models, predict, review, train
 from napari_unetpp.cli.args import CliError
 from napari_unetpp.errors import UserError
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"napari-unetpp {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    for command in (predict, train, models, export, demo):
+    for command in (predict, train, review, models, export, demo):
         command.add_parser(sub)
     return ap
 
