@@ -97,9 +97,15 @@ def load_shift(name: str):
     if name == "nuclei-to-scratch":
         a = tifffile.imread(_package_file("ndev_sampledata", "samples", "scratch-assay-labeled-10T-2Ch.tiff"))
         return a[1], a[3] > 0, [4, 9], [0, 1, 2, 6, 7], "nuclei", "scratch assay transmitted light, cells"
+    if name == "objects-to-scratch":  # the live issue's case: the instance model on transmitted light
+        a = tifffile.imread(_package_file("ndev_sampledata", "samples", "scratch-assay-labeled-10T-2Ch.tiff"))
+        return a[1], a[3] > 0, [4, 9], [0, 1, 2, 6, 7], "nuclei-objects", "scratch assay, from the objects model"
     if name == "new-ct-liver":
         img, lab = load_ct()
         return img, lab == 5, [2, 9, 16], [0, 5, 6, 12, 13, 19], "ct", "abdominal CT (HU), liver"
+    if name == "nuclei-to-ct":  # a microscopy base on a CT series: its percentiles, not an HU window
+        img, lab = load_ct()
+        return img, lab == 5, [2, 9, 16], [0, 5, 6, 12, 13, 19], "nuclei", "abdominal CT (HU), liver, from nuclei"
     raise ValueError(name)
 
 
@@ -159,9 +165,18 @@ def plain_loop(
     return rows
 
 
+MODALITY = {  # the modality a user would pass to ``--new`` (and the plain loop's normalisation)
+    "nuclei-to-em": "em",
+    "nuclei-to-scratch": "brightfield",
+    "objects-to-scratch": "brightfield",
+    "new-ct-liver": "ct",
+    "nuclei-to-ct": "ct",
+}
 RECIPES = {  # fine-tuning options per benchmark recipe; the ablations switch one part of the adaptive recipe off
     "old": {"recipe": "gentle"},
-    "adaptive": {"recipe": "auto"},
+    "adaptive": {"recipe": "auto"},  # the default run
+    "adaptive-race": {"recipe": "auto", "race": True},  # the base raced against a fresh network (training.race)
+    "new": {"recipe": "auto"},  # ``train --new --modality M``: a fresh network of the shift's modality
     "adaptive-no-adabn": {"recipe": "auto", "reestimate_statistics": False},
     "adaptive-one-patch": {"recipe": "auto", "small_patch_size": 4096},
     "adaptive-no-refit": {"recipe": "auto", "refit_from": 0.0},
@@ -172,7 +187,9 @@ def run_recipe(
     shift: str, recipe: str, minutes: float, data, options: dict | None = None, device: str = "cpu", seed: int = 0
 ) -> dict:
     img, lab, train, held, base_name, _ = data
-    if base_name == "ct":
+    if recipe == "new":
+        base = new_model(MODALITY.get(shift, "fluorescence"), classes=["foreground"], seed=seed)
+    elif base_name == "ct":
         base = new_model("ct", classes=["liver"], seed=seed) if recipe.startswith("adaptive") else load_model("nuclei")
     else:
         base = load_model(base_name)
@@ -196,7 +213,10 @@ def run_recipe(
         "wall_s": round(wall, 1),
         "over_budget": round(wall / (minutes * 60) - 1, 4),
         "steps": res.steps,
-        "chosen": res.data.get("recipe", {}).get("name"),
+        "chosen": ("race>" + res.data["race"]["chosen"])
+        if res.data.get("race")
+        else res.data.get("recipe", {}).get("name"),
+        "race": res.data.get("race"),
         "learning_rate": res.data.get("recipe", {}).get("learning_rate"),
         "recommended": res.recommended_depth,
         "held_out": d,
@@ -329,7 +349,7 @@ def main() -> int:
     if args.profile_only:
         return _write(args.json, out)
     print(
-        f"\n{'shift':16} {'recipe':9} {'seed':>4} {'min':>4} {'wall s':>6} {'steps':>5} {'chosen':8} {'lr':>7} "
+        f"\n{'shift':16} {'recipe':9} {'seed':>4} {'min':>4} {'wall s':>6} {'steps':>5} {'chosen':11} {'lr':>7} "
         f"{'rec':>3} "
         f"{'held-out Dice':>13}   per level L1..L4"
     )
@@ -346,9 +366,7 @@ def main() -> int:
         trivial = round(dice_score(np.ones_like(held_lab), held_lab), 4)
         out.setdefault("all_foreground", {})[shift] = trivial
         print(f"{shift}: held-out slices {data[3]}; Dice of calling every pixel foreground: {trivial:.3f}")
-        modality = {"nuclei-to-em": "em", "nuclei-to-scratch": "brightfield", "new-ct-liver": "ct"}.get(
-            shift, "fluorescence"
-        )  # the plain loop's normalisation
+        modality = MODALITY.get(shift, "fluorescence")  # the plain loop's normalisation
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for recipe in args.recipes:
                 if recipe == "fresh":
@@ -373,7 +391,7 @@ def _record(r: dict, out: dict, path: Path | None) -> None:
     lr = f"{r['learning_rate']:.1e}" if r.get("learning_rate") else "1.0e-03"  # the plain loop's constant rate
     print(
         f"{r['shift']:16} {r['recipe']:9} {r.get('seed', 0):4d} {r['minutes']:4g} {r['wall_s']:6.1f} {r['steps']:5d} "
-        f"{r['chosen']:8} "
+        f"{r['chosen']:11} "
         f"{lr:>7} L{r['recommended']:<2} {r['held_out']:13.3f}   " + " ".join(f"{v:.3f}" for v in r["levels"].values())
     )
     sys.stdout.flush()
