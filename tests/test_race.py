@@ -89,6 +89,7 @@ def test_the_better_lane_goes_on_and_the_card_says_why(em_crop, em_crop_membrane
     if fresh_wins:
         assert res.model.card.parent is None and "trained from scratch" in res.model.card.training["data"]
         assert res.data["recipe"]["name"] == "scratch" and res.scores == {1: 0.6, 2: 0.6}
+        assert res.baseline == {1: 0.3, 2: 0.3}  # the base's scores on the same pixels: the card's "before"
         assert race["fresh"] == {"L1": 0.6, "L2": 0.6} and race["base"] == {"L1": 0.3, "L2": 0.3}
     else:
         assert res.model.card.parent == base.card.id and res.data["recipe"]["name"] == "adapt"
@@ -197,6 +198,8 @@ def test_a_cancelled_race_releases_both_lanes(em_crop, em_crop_membrane, monkeyp
             break
         if at != "mid-race" and "raced for" in p.message:  # the winner is chosen, the loser released already
             break
+    else:
+        pytest.fail(f"the run ended without reaching {at}")
     gen.close()  # the user cancels: nothing saved, both lanes' threads and memory released
     assert len(released) == 2 and all(t.optimiser is None for t in released)
     assert {bool(t.base.card.training.get("untrained")) for t in released} == {True, False}
@@ -216,3 +219,28 @@ def test_no_race_once_the_user_stopped_or_without_room_in_the_budget(em_crop, em
     trainer.steps = 14  # 70 % of the budget gone: no room for a quarter and the rest
     assert real_share(trainer, trainer.steps) == pytest.approx(0.7) and not races(trainer, None)
     trainer.release()
+
+
+def test_train_race_on_the_command_line_reports_the_fresh_winner(
+    em_crop, em_crop_membrane, monkeypatch, tmp_path, capsys
+):
+    """``train --race`` where the fresh network wins: the summary says it was trained from scratch and prints the
+    base's scores before it (the table reads the baseline of the same pixels)."""
+    import tifffile
+
+    from napari_unetpp.cli.app import main
+    from napari_unetpp.model.registry import save_model
+
+    scripted(monkeypatch, 0.3, 0.6)
+    base = trained_tiny()
+    base.card.name = "tiny-race"
+    save_model(base.module, base.card)
+    img, lab = tmp_path / "img.tif", tmp_path / "lab.tif"
+    tifffile.imwrite(img, em_crop[:2, :96, :96])
+    tifffile.imwrite(lab, em_crop_membrane[:2, :96, :96])
+    args = ["train", "--image", str(img), "--labels", str(lab), "--base", "tiny-race", "--axes", "ZYX", "--race"]
+    code = main([*args, "--epochs", "4", "--batch-size", "2", "--patch-size", "32", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trained from scratch" in out and "raced for 25% of the budget" in out
+    assert "L1" in out and "0.300" in out and "0.600" in out

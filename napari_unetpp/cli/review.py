@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         CliError: a problem with the arguments, the image or the model (one sentence).
     """
+    from napari_unetpp.data.scale import zoom_for
     from napari_unetpp.errors import UserError
     from napari_unetpp.inference.predict import predict
     from napari_unetpp.inference.review import correction_order
@@ -26,16 +27,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         img = read_image(args.image)
         model = resolve_model(args.model)
-        if model.max_depth < 2:
-            raise CliError(f"{model.card.id} has one level: where to correct needs two heads or more.")
         depth = args.depth or model.max_depth
+        if min(depth, model.max_depth) < 2:
+            raise CliError("where to correct compares heads 1..depth: it needs --depth 2 or more (and such a model).")
         axes = args.axes or img.axes
-        pred = predict(img.data, model, axes=axes, depth=depth, levels="all", device=args.device, channel=args.channel)
+        spatial = "ZYX" if model.module.config.spatial_dims == 3 else "YX"
+        zoom = zoom_for(model.card, spatial, img.scale, img.units)[0] if img.scale and img.units else None
+        pred = predict(
+            img.data, model, axes=axes, depth=depth, levels="all", device=args.device, channel=args.channel, zoom=zoom
+        )  # at the model's pixel size, as predict resamples the file
         ranked = correction_order(pred, top=args.top)
     except (UserError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    except RuntimeError as exc:  # e.g. --device cuda without a GPU
+        raise CliError(str(exc).splitlines()[0]) from None
     print(f"where {model.card.id} is least sure (spread of heads 1..{depth}, mean per region; most uncertain first):")
-    lead = "".join(a for a in axes if a not in "YXC")
+    lead = "".join(a for a in pred.axes if a not in "YXC")
     for s in ranked:
         where = ", ".join(f"{_name(a)} {v}" for a, v in zip(lead[-len(s.plane) :], s.plane)) if s.plane else "image"
         print(f"{where}, {s.region}: {s.score:.3f}")

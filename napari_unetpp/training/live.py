@@ -7,7 +7,7 @@
         lt.save()                       # a new model version (card: data, recipe, scores, "live")
 
 The trainer is the batch fine-tuning engine (:class:`~napari_unetpp.training.engine.Trainer`) under an open-ended
-schedule (:class:`~napari_unetpp.training.schedule.OpenSchedule`): no budget, a constant learning rate, a validation
+schedule (:class:`~napari_unetpp.training.schedule.OpenSchedule`): no budget, a steady (or halving) rate, a validation
 on the held-out strokes every few seconds (at most a fifth of the time). Its data grows between steps
 (:meth:`~.engine.Trainer.set_data`; which strokes are held out is :class:`~.scribbles.LiveData`'s). Patches centre
 on the strokes painted last half of the time and replay every label otherwise.

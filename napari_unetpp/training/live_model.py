@@ -77,6 +77,10 @@ def save_live(
         pair["spacing"] = dict(spacing)
     summary = {**tr.summary, "pairs": [pair], "live": {**live, "seconds": round(seconds, 1)}}
     summary["recipe_text"] = LIVE_RECIPE.format(name=tr.recipe.name)
+    half_life = getattr(tr.schedule, "half_life_s", None)
+    if half_life:
+        rate = f"a learning rate halving every {half_life:g} s (to a tenth at the least)"
+        summary["recipe_text"] = summary["recipe_text"].replace("a constant learning rate", rate)
     baseline = dict(start.get("base_scores", {})) if start.get("from") == "base" else {}
     return save_result(
         without_pixel_size(tr.base),

@@ -13,13 +13,13 @@ validated (the base's earlier candidates, its baseline and AdaBN, count for it),
 winner's schedule reads the real clock again: the run ends within the budget. What was raced and why the winner won
 is in the ``race`` entry of the card's data summary and in the recipe's reason.
 
-It is off by default, because it measured worse than adapting the base
-(``benchmarks/bench_finetune.py``, 2 minutes, 2-core AVX2 CPU): a quarter of the budget is 20-26 steps per lane,
-where the adapted base is still in its first dip (its validation below its baseline) while a fresh network
-already scores by calling broad regions foreground. The race chose the fresh network on four of five shifts; it
-finished within 0.02 Dice of ``--new`` on four, and 0.28 under it on CT liver from the nuclei model (the fresh
-network then had the base's percentile normalisation, not an HU window), while adapting the base was never more
-than 0.014 under ``--new`` on any of the five.
+It is off by default, because it measured worse than adapting the base (``benchmarks/bench_finetune.py``, 2
+minutes, 2-core AVX2 CPU): a quarter of the budget is 18-26 steps per lane, where the adapted base was still in its
+first dip on three of five shifts (its validation at or below its baseline) while a fresh network already scored by
+calling broad regions foreground. The race chose the fresh network on four of five shifts; it finished within 0.02
+Dice of ``--new`` on four, and 0.28 under it on CT liver from the nuclei model (the fresh network then had the
+base's percentile normalisation, not an HU window), while adapting the base was never more than 0.013 under
+``--new`` on any of the five.
 """
 
 from __future__ import annotations
@@ -59,14 +59,24 @@ class Lanes:
 
 def races(trainer: Trainer, data: Any) -> bool:
     """Whether this run races: ``race`` on, the recipe chosen automatically as ``adapt`` (a trained base that does
-    not fit), no stop asked for, room left in the budget for the race and more (:func:`real_share`), and data the
+    not fit), no stop asked for, room left in the budget for the race and more (:func:`real_share`), no refit
+    point inside the race (it would score a lane on pixels it trains on), and data the
     fresh network can read (a base with an instance cue encodes its targets for the cue, so the fresh network,
     which has none, prepares the pairs itself)."""
     cfg = trainer.cfg
     readable = not trainer.base.module.config.has_cue or not isinstance(data, TrainingSet)
-    room = real_share(trainer, trainer.steps) + RACE_SHARE + ROOM <= 1.0
+    start = real_share(trainer, trainer.steps)
+    room = start + RACE_SHARE + ROOM <= 1.0
     chosen = bool(cfg.race) and cfg.recipe == "auto" and trainer.recipe.name == "adapt"
-    return chosen and trainer.phase == "train" and readable and room and not trainer.should_stop()
+    refit = trainer.refit.get("from") or 1.0  # a refit inside the race would score a lane on pixels it trains on
+    return (
+        chosen
+        and trainer.phase == "train"
+        and readable
+        and room
+        and refit >= start + RACE_SHARE
+        and (not trainer.should_stop())
+    )
 
 
 def real_share(trainer: Trainer, steps: int, now: float | None = None) -> float:
@@ -95,7 +105,11 @@ def fresh_rival(base: LoadedModel, seed: int = 0) -> LoadedModel:
     card = fresh.card
     card.name, card.classes, card.tile = base.card.name, list(base.card.classes), base.card.tile
     card.architecture, card.normalization = config.to_dict(), dict(base.card.normalization)
-    card.training["modality"] = base.card.training.get("modality", "the base's")
+    card.description = f"UNet++ trained from scratch on the user's images (raced against {base.card.id})"
+    if "modality" in base.card.training:
+        card.training["modality"] = base.card.training["modality"]
+    else:
+        card.training.pop("modality", None)
     card.training["decision"]["normalization"] = f"the base's ({base.card.id}), so both lanes read the same pixels"
     if "object_diameter" in base.card.training:
         card.training["object_diameter"] = base.card.training["object_diameter"]
@@ -150,9 +164,11 @@ def race(
             lanes.away[1 - lane] += real() - t
         for tr in (trainer, rival):
             if tr.last_val[0] != tr.steps or not tr.history[-1]["val"]:  # not validated at this step yet
-                tr.best.offer(tr.revalidated({"note": "race"}), tr.setup.levels, tr.module, 0.0)
+                tr.best.offer(tr.revalidated({"note": "race"}), tr.setup.levels, tr.module, cfg.min_delta)
         lanes.racing = False
         winner, loser = (rival, trainer) if rival.best.mean > trainer.best.mean else (trainer, rival)
+        if winner is rival:  # the base's scores on the same validation pixels: the "before" of the new card
+            rival.baseline_scores = dict(trainer.baseline_scores)
         loser.release()
         yield _record(trainer, rival, winner)
     except BaseException:  # closed or failed: neither lane keeps threads, cores or memory
