@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         CliError: a problem with the arguments, the image or the model (one sentence).
     """
-    from napari_unetpp.data.scale import zoom_for
+    from napari_unetpp.batch.files import PredictOptions, zoom_for_input
     from napari_unetpp.errors import UserError
     from napari_unetpp.inference.predict import predict
     from napari_unetpp.inference.review import correction_order
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("where to correct compares heads 1..depth: it needs --depth 2 or more (and such a model).")
         axes = args.axes or img.axes
         spatial = "ZYX" if model.module.config.spatial_dims == 3 else "YX"
-        zoom = zoom_for(model.card, spatial, img.scale, img.units)[0] if img.scale and img.units else None
+        zoom = zoom_for_input(model.card, spatial, img, PredictOptions())[0]  # predict's rule for the file
         pred = predict(
             img.data, model, axes=axes, depth=depth, levels="all", device=args.device, channel=args.channel, zoom=zoom
         )  # at the model's pixel size, as predict resamples the file

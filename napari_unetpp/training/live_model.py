@@ -38,7 +38,7 @@ LIVE_DEFAULTS = {"patch_size": 128, "batch_size": 4, "patience": 0, "min_delta":
 LIVE_HALF_LIFE_S: float | None = None  # the learning rate's half-life in a live session (None: constant)
 LIVE_RECIPE = (
     "napari_unetpp live ({name}): patches centred on the latest strokes half of the time and on every stroke "
-    "otherwise, flips, rot90, intensity jitter, mild affine; AdamW, warm-up then a constant learning rate; deep "
+    "otherwise, flips, rot90, intensity jitter, mild affine; AdamW, warm-up then {rate}; deep "
     "supervision with BCE/CE + soft Dice on painted pixels only"
 )
 
@@ -76,11 +76,13 @@ def save_live(
     if spacing:
         pair["spacing"] = dict(spacing)
     summary = {**tr.summary, "pairs": [pair], "live": {**live, "seconds": round(seconds, 1)}}
-    summary["recipe_text"] = LIVE_RECIPE.format(name=tr.recipe.name)
     half_life = getattr(tr.schedule, "half_life_s", None)
-    if half_life:
-        rate = f"a learning rate halving every {half_life:g} s (to a tenth at the least)"
-        summary["recipe_text"] = summary["recipe_text"].replace("a constant learning rate", rate)
+    rate = (
+        f"a learning rate halving every {half_life:g} s (to a tenth at the least)"
+        if half_life
+        else "a constant learning rate"
+    )
+    summary["recipe_text"] = LIVE_RECIPE.format(name=tr.recipe.name, rate=rate)
     baseline = dict(start.get("base_scores", {})) if start.get("from") == "base" else {}
     return save_result(
         without_pixel_size(tr.base),
