@@ -46,7 +46,10 @@ def _pytorch_unless_a_runtime_test(request, monkeypatch):
         return
     from napari_unetpp.runtimes import selection
 
-    monkeypatch.setattr(selection, "_usable", lambda net, depth: ([], ["only PyTorch runs outside the runtime tests"]))
+    def torch_only(net, depth, precision="fp32"):
+        return [], ["only PyTorch runs outside the runtime tests"]
+
+    monkeypatch.setattr(selection, "_usable", torch_only)
 
 
 @pytest.fixture(autouse=True)

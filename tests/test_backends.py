@@ -251,7 +251,11 @@ def test_export_cache_follows_the_weights(em_crop):
     assert np.abs(pb.probabilities[2] - pa.probabilities[2]).max() > 0.01
 
 
-def test_gpu_and_bf16_stay_on_torch():
+def test_bf16_without_native_bf16_stays_on_torch(monkeypatch):
+    """(On a CPU with native bf16, OpenVINO bf16 is a candidate too: tests/test_bf16_runtimes.py.)"""
+    from napari_unetpp.runtimes import selection
+
+    monkeypatch.setattr(selection, "cpu_supports_bf16", lambda: False)
     net = tiny().inference_module("cpu")
     c = choose(net, 2, torch.device("cpu"), precision="bf16")
     assert c.runtime == "torch" and c.precision == "bf16"

@@ -205,7 +205,7 @@ def predict_stack_distributed(
     plan = plan_prediction(img.data, loaded, axes=axes, device="cpu", stats=stats, **kw)
     if opts.runtime == "auto" and opts.device in ("auto", "cpu") and resolve_device(opts.device).type == "cpu":
         # one runtime for every block (the runtimes differ by float rounding): the whole run's choice
-        chosen = resolve_runtime(
+        chosen, chosen_precision = resolve_runtime(
             loaded,
             plan.net,
             plan.depth,
@@ -215,7 +215,7 @@ def predict_stack_distributed(
             "auto",
             plan.batch_shape_tiles,
         )
-        opts = replace(opts, runtime=chosen)
+        opts = replace(opts, runtime=chosen, precision=chosen_precision)
     out_axes = plan.lay.out_axes
     main = "objects" if plan.objects != "none" else "mask"
     publish = {main: ""}

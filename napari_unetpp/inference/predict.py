@@ -205,11 +205,11 @@ def run_plan(
             runtime,
             plan.batch_shape_tiles,
         )
-        if predictor.choice.runtime in ("onnx", "openvino", "auto") and runtime == "auto":
+        if predictor.choice.runtime in ("onnx", "openvino", "openvino-bf16", "auto") and runtime == "auto":
 
             def fallback(exc: BaseException) -> Backend:
                 assert isinstance(safe.predictor, Backend)
-                return torch_instead(safe.predictor, exc, plan.net, plan.depth, plan.device)
+                return torch_instead(safe.predictor, exc, plan.net, plan.depth, plan.device, precision)
 
     safe = SafePredictor(predictor, plan.device, plan.batch, fallback)
     try:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_unetpp.runtimes.base import NAMES, Backend, Choice, RuntimeUnavailable
+from napari_unetpp.runtimes.base import NAMES, PRECISIONS, Backend, Choice, RuntimeUnavailable
 from napari_unetpp.runtimes.choices import decide, kept_choice
 from napari_unetpp.runtimes.cores import Watch, hold_cores, watch_cores
 from napari_unetpp.runtimes.device import is_oom
@@ -47,15 +47,24 @@ class AutoBackend(Backend):
     seconds for exports and timings), and the next batch tries again, so a preview overlapping the start of a long
     run does not cost that run its faster runtime. The outputs of such a run come from two runtimes (its first
     batches from PyTorch), which agree to about 1e-6 in fp32 (ONNX Runtime against PyTorch on the shipped EM model:
-    9e-7 at L2, 1.5e-6 at L4, masks equal). A measurement during which another run took the cores serves its own
-    run but is not remembered.
+    9e-7 at L2, 1.5e-6 at L4, masks equal; in a bf16 run, to bf16's rounding). A measurement during which another
+    run took the cores serves its own run but is not remembered.
+
+    ``precision`` is PyTorch's in this run (``"fp32"``, or ``"bf16"`` on a CPU with native bf16, where OpenVINO bf16
+    is among ``others``); the other runtimes compute in theirs (:data:`~napari_unetpp.runtimes.base.PRECISIONS`).
     """
 
     def __init__(
-        self, torch_backend: TorchBackend, others: dict[str, Callable[[], Backend]], key: str, depth: int
+        self,
+        torch_backend: TorchBackend,
+        others: dict[str, Callable[[], Backend]],
+        key: str,
+        depth: int,
+        precision: str = "fp32",
     ) -> None:
         self.torch, self._others, self.key, self.depth = torch_backend, others, key, depth
-        self.choice = Choice("auto", "fp32", "measuring")
+        self.precision = precision
+        self.choice = Choice("auto", precision, "measuring")
         self.decided: Backend | None = None
         self._unmeasured = 0  # batches run on PyTorch so far, waiting to measure
 
@@ -100,7 +109,7 @@ class AutoBackend(Backend):
     def _meanwhile(self, x: np.ndarray, why: str) -> np.ndarray:
         """This batch on PyTorch, unmeasured; the decision stays open for the next batch."""
         self._unmeasured += 1
-        self.choice = Choice("torch", "fp32", f"{why}: not measured")
+        self.choice = Choice("torch", self.precision, f"{why}: not measured")
         return self.torch(x)
 
     def _use(self, choice: Choice) -> Backend:
@@ -111,7 +120,7 @@ class AutoBackend(Backend):
                 backend = self._others[choice.runtime]()
             except RuntimeUnavailable as exc:
                 log.warning("%s not used: %s", NAMES[choice.runtime], exc)
-                choice = Choice("torch", "fp32", str(exc))
+                choice = Choice("torch", self.precision, str(exc))
         self._settle(backend, choice)
         return backend
 
@@ -128,9 +137,13 @@ class AutoBackend(Backend):
                 failed.append(str(exc))
                 mark_failed(net, self.depth, name, exc)
                 log.warning("%s not used: %s", NAMES[name], exc)
-        for name in list(backends):  # warm-ups; a runtime that fails here is left out
+        seconds, outs = {}, {}
+        # each runtime's warm-up, then its timed run at once: timed after every warm-up, PyTorch measured about 2x
+        # slower than alone on 2 cores (OpenVINO bf16 at L1-L4: 4.6x/2.8x PyTorch bf16 that way, 2.4x/1.5x this way)
+        for name in list(backends):  # a runtime that fails here is left out
             try:
                 backends[name](x)
+                seconds[name], outs[name] = _time(lambda b=backends[name]: b(x))  # type: ignore[misc]
             except (RuntimeError, MemoryError) as exc:
                 if name == "torch" or is_oom(exc):
                     raise  # out of memory: the caller halves the batch and this measures again
@@ -139,15 +152,14 @@ class AutoBackend(Backend):
                 log.warning("%s not used: it failed on the first batch (%s)", NAMES[name], exc)
                 backends.pop(name)
         if len(backends) == 1:
-            self._settle(self.torch, Choice("torch", "fp32", "; ".join(dict.fromkeys(failed))))
-            return self.torch(x)
-        seconds, outs = {}, {}
-        for name, backend in backends.items():
-            seconds[name], outs[name] = _time(lambda b=backend: b(x))  # type: ignore[misc]
+            self._settle(self.torch, Choice("torch", self.precision, "; ".join(dict.fromkeys(failed))))
+            return outs["torch"]
         shape = f"{x.shape[0]}x{'x'.join(map(str, x.shape[2:]))}"
         without = sorted(failed_here(net, self.depth))  # earlier in this process, or just now
         keep = "run" if watch.disturbed else "process" if without else "saved"
-        choice = decide(self.key, self.depth, shape, seconds, keep, memo_key(self.key, net, self.depth), without)
+        precisions = {"torch": self.precision} | {r: PRECISIONS[r] for r in backends if r != "torch"}
+        memo = memo_key(self.key, net, self.depth)
+        choice = decide(self.key, self.depth, shape, seconds, keep, memo, without, precisions)
         self._settle(backends[choice.runtime], choice)
         for backend in backends.values():
             if backend is not self.decided:

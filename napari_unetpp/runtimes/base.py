@@ -18,6 +18,7 @@ from napari_unetpp.runtimes.device import is_oom
 
 __all__ = [
     "NAMES",
+    "PRECISIONS",
     "RUNTIMES",
     "Backend",
     "Choice",
@@ -32,7 +33,15 @@ __all__ = [
 ]
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
-NAMES = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-int8": "ONNX Runtime", "openvino": "OpenVINO"}
+NAMES = {
+    "torch": "PyTorch",
+    "onnx": "ONNX Runtime",
+    "onnx-int8": "ONNX Runtime",
+    "openvino": "OpenVINO",
+    "openvino-bf16": "OpenVINO",
+}
+# what each runtime other than PyTorch computes in (PyTorch runs in the run's own precision)
+PRECISIONS = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32", "openvino-bf16": "bf16"}
 
 
 class RuntimeUnavailable(UserError, RuntimeError):
@@ -44,8 +53,8 @@ class Choice:
     """What runs the network, and why.
 
     Attributes:
-        runtime: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"openvino"`` (OpenVINO fp32), ``"onnx-int8"``, or
-            ``"auto"`` while not yet measured.
+        runtime: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"openvino"`` (OpenVINO fp32), ``"openvino-bf16"``
+            (OpenVINO bf16, its first convolution in fp32), ``"onnx-int8"``, or ``"auto"`` while not yet measured.
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
         reason: One short clause, e.g. ``"1.52x PyTorch on this CPU at L4"``.
         speedup: The chosen runtime's speed over PyTorch where measured, else None.

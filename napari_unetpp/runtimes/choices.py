@@ -2,7 +2,8 @@
 (``cache_dir()/runtime_choices.json``), and :func:`decide`, which turns a measurement into a choice.
 
 Which runtime is faster depends on the CPU, the level and the batch shape, so a choice is remembered per CPU, thread
-count, package versions, architecture, level and batch shape (:func:`choice_key`), once per machine.
+count, package versions, architecture, level, batch shape and the precisions allowed (fp32 only, or bf16 too: a
+measurement with bf16 candidates never answers an fp32 run) (:func:`choice_key`), once per machine.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from napari_unetpp.runtimes.base import NAMES, Choice
 __all__ = ["MIN_GAIN", "choice_key", "decide", "kept_choice", "saved_choice"]
 
 log = logging.getLogger(__name__)
-MIN_GAIN = 1.03  # another runtime must beat PyTorch by 3 % to be chosen: all are exact, so ties stay with PyTorch
+MIN_GAIN = 1.03  # another runtime must beat PyTorch (in the run's precision) by 3 % to be chosen: ties stay with it
 _LOCK = threading.Lock()
 _CHOICES: dict[str, Choice] = {}  # this process's decisions (the file is read once per key)
 
@@ -51,8 +52,9 @@ def _versions() -> list[str]:
     return out
 
 
-def choice_key(net: Any, depth: int, batch: int, tile: tuple[int, ...] | None) -> str:
-    """What a runtime choice is remembered under (``tile`` None: ``predict``'s usual 512^2 plane, or a 64^3 patch)."""
+def choice_key(net: Any, depth: int, batch: int, tile: tuple[int, ...] | None, precision: str = "fp32") -> str:
+    """What a runtime choice is remembered under (``tile`` None: ``predict``'s usual 512^2 plane, or a 64^3 patch;
+    ``precision``: the run's, ``"fp32"`` or ``"bf16"``, which says which candidates were measured)."""
     if not tile:
         tile = (512,) * 2 if net.config.spatial_dims == 2 else (64,) * 3
     return "|".join(
@@ -64,6 +66,7 @@ def choice_key(net: Any, depth: int, batch: int, tile: tuple[int, ...] | None) -
             json.dumps(net.config.to_dict(), sort_keys=True),
             f"L{depth}",
             f"{batch}x{'x'.join(map(str, tuple(tile)))}",
+            *([] if precision == "fp32" else [f"precision={precision}"]),  # fp32 keys stay as they were saved
         ]
     )
 
@@ -103,7 +106,8 @@ def saved_choice(key: str, memo: str, usable: Container[str]) -> Choice | None:
     known = _read_choices().get(key)
     if not isinstance(known, dict) or known.get("runtime") not in usable:
         return None
-    _CHOICES[memo] = Choice(known["runtime"], "fp32", str(known.get("reason", "")), known.get("speedup"))
+    prec = str(known.get("precision", "fp32"))
+    _CHOICES[memo] = Choice(known["runtime"], prec, str(known.get("reason", "")), known.get("speedup"))
     return _CHOICES[memo]
 
 
@@ -115,39 +119,42 @@ def decide(
     keep: str = "saved",
     memo: str | None = None,
     without: Sequence[str] = (),
+    precisions: dict[str, str] | None = None,
 ) -> Choice:
     """Which runtime ran the same batch fastest (``seconds`` per runtime, PyTorch's among them): another runtime must
-    beat PyTorch by :data:`MIN_GAIN`.
+    beat PyTorch by :data:`MIN_GAIN`. ``precisions`` says what each ran in (default fp32; PyTorch's is the run's).
 
     ``keep`` says where the answer is remembered: ``"saved"`` in this process and the file, under ``key``;
     ``"process"`` in this process only, under ``memo`` (a measurement ``without`` runtimes that failed on this
     model here: saved, it would replace a choice one of them won, for every model of the architecture, for good);
     ``"run"`` nowhere (a measurement another run disturbed serves its own run only).
     """
+    prec = {r: "fp32" for r in seconds} | dict(precisions or {})
     speed = {r: seconds["torch"] / max(t, 1e-12) for r, t in seconds.items()}
     best = max((r for r in speed if r != "torch"), key=speed.__getitem__)
     at = f"at L{depth}, batches of {shape}"
+    torch_name = "PyTorch" if prec["torch"] == "fp32" else f"PyTorch {prec['torch']}"
     if speed[best] >= MIN_GAIN:
-        reason = f"{speed[best]:.2f}x PyTorch on this CPU {at}"
+        reason = f"{speed[best]:.2f}x {torch_name} on this CPU {at}"
         runtime = best
     else:
-        reason, runtime = f"{NAMES[best]} {speed[best]:.2f}x, not faster on this CPU {at}", "torch"
+        best_name = f"{NAMES[best]} {prec[best]}" if prec[best] != prec["torch"] else NAMES[best]
+        reason, runtime = f"{best_name} {speed[best]:.2f}x, not faster on this CPU {at}", "torch"
     measured = {r: round(v, 3) for r, v in speed.items() if r != "torch"}
     if keep == "run":
         reason = f"{reason}; measured while another run used the CPU: not remembered"
         log.info("runtime for L%d: %s (%s; x PyTorch: %s)", depth, runtime, reason, measured)
-        return Choice(runtime, "fp32", reason, speed[best])
+        return Choice(runtime, prec[runtime], reason, speed[best])
     if keep == "process":
         names = " and ".join(NAMES.get(r, r) for r in without) or "a runtime"
         reason = f"{reason}; without {names}, which failed on this model: not saved"
-        choice = Choice(runtime, "fp32", reason, speed[best])
+        choice = Choice(runtime, prec[runtime], reason, speed[best])
         _CHOICES[memo or key] = choice
         log.info("runtime for L%d: %s (%s; x PyTorch: %s)", depth, runtime, reason, measured)
         return choice
-    choice = Choice(runtime, "fp32", reason, speed[best])
+    choice = Choice(runtime, prec[runtime], reason, speed[best])
     _CHOICES[key] = choice
-    _write_choice(
-        key, {"runtime": choice.runtime, "reason": choice.reason, "speedup": round(speed[best], 3), "x_torch": measured}
-    )
+    saved = {"runtime": runtime, "precision": prec[runtime], "reason": reason, "speedup": round(speed[best], 3)}
+    _write_choice(key, saved | {"x_torch": measured})
     log.info("runtime for L%d: %s (%s; x PyTorch: %s)", depth, choice.runtime, choice.reason, measured)
     return choice

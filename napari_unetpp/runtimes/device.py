@@ -23,6 +23,7 @@ __all__ = [
     "is_oom",
     "memory_format",
     "optimize_for_inference",
+    "precision_name",
     "release_memory",
     "resolve_device",
 ]
@@ -106,6 +107,12 @@ def autocast_dtype(device: torch.device, precision: str = "auto", training: bool
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def precision_name(device: torch.device, precision: str = "auto") -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"``: what ``precision`` (as :func:`autocast_dtype` takes it) means on
+    ``device`` for prediction."""
+    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[autocast_dtype(device, precision)]
 
 
 def autocast_context(device: torch.device, precision: str = "auto") -> AbstractContextManager:

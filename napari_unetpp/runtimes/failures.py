@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from napari_unetpp.runtimes.base import NAMES, Backend, Choice, RuntimeUnavailable, one_line
+from napari_unetpp.runtimes.device import precision_name
 from napari_unetpp.runtimes.graph import params_hash
 from napari_unetpp.runtimes.torch_backend import TorchBackend
 
@@ -50,17 +51,20 @@ def memo_key(key: str, net: Any, depth: int) -> str:
     return key if not failed else f"{key}|{_ban_key(net, depth)} without {','.join(sorted(failed))}"
 
 
-def torch_instead(backend: Backend, exc: BaseException, net: Any, depth: int, device: torch.device) -> Backend:
-    """PyTorch for the rest of a run whose runtime (``backend``, chosen automatically) failed with ``exc``, an error
-    that is not out of memory: logged as a warning, and that runtime is not chosen again for this architecture and
-    level in this process (measured or remembered, PyTorch or another runtime runs instead)."""
+def torch_instead(
+    backend: Backend, exc: BaseException, net: Any, depth: int, device: torch.device, precision: str = "fp32"
+) -> Backend:
+    """PyTorch (in the run's ``precision``) for the rest of a run whose runtime (``backend``, chosen automatically)
+    failed with ``exc``, an error that is not out of memory: logged as a warning, and that runtime is not chosen
+    again for this architecture and level in this process (measured or remembered, PyTorch or another runtime runs
+    instead)."""
     runtime = backend.choice.runtime
     name = NAMES.get(runtime, "the chosen runtime")
     log.warning("%s failed at L%d (%s); PyTorch runs the rest", name, depth, one_line(exc))
     if runtime in NAMES and runtime != "torch":
         mark_failed(net, depth, runtime, exc)
-    why = Choice("torch", "fp32", f"{name} failed during the run; PyTorch ran the rest")
-    return TorchBackend(net, depth, device, "fp32", why)
+    why = Choice("torch", precision_name(device, precision), f"{name} failed during the run; PyTorch ran the rest")
+    return TorchBackend(net, depth, device, precision, why)
 
 
 def runtime_failed(backend: Backend, exc: BaseException) -> RuntimeUnavailable:

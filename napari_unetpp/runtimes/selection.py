@@ -1,5 +1,10 @@
 """Which runtime runs the pruned network: PyTorch, ONNX Runtime or OpenVINO, chosen by measurement on the CPU.
 
+On a CPU with native bf16 (AVX512-BF16 or AMX) and precision ``"auto"`` or ``"bf16"``, the candidates are PyTorch's
+bf16 autocast, OpenVINO bf16 (its first convolution in fp32) and the fp32 runtimes: on a 2-core AMD EPYC with
+AVX512-BF16, OpenVINO bf16 ran the shipped EM model 1.5x-1.9x faster than PyTorch bf16 at L1-L4 with mask Dice
+0.9989-0.9994 against fp32 (``benchmarks/bench_inference.py``). ``"fp32"`` still means exact: fp32 candidates only.
+
 On a CPU without bf16 (AVX2 only, like most laptops) everything runs in fp32. There ONNX Runtime's CPU provider
 ran our pruned sub-networks 1.15x-1.7x faster than PyTorch's channels-last path, and OpenVINO's CPU plugin (the same
 ONNX graph, :mod:`~napari_unetpp.runtimes.graph`) 1.8x-2.0x, with probabilities equal to about 3e-6 and 1e-7
@@ -31,9 +36,16 @@ import numpy as np
 import torch
 
 from napari_unetpp.runtimes.auto import AutoBackend
-from napari_unetpp.runtimes.base import NAMES, RUNTIMES, Backend, Choice, RuntimeUnavailable, installed
+from napari_unetpp.runtimes.base import (
+    NAMES,
+    RUNTIMES,
+    Backend,
+    Choice,
+    RuntimeUnavailable,
+    installed,
+)
 from napari_unetpp.runtimes.choices import choice_key, kept_choice, saved_choice
-from napari_unetpp.runtimes.device import autocast_dtype, cpu_supports_bf16
+from napari_unetpp.runtimes.device import cpu_supports_bf16, precision_name
 from napari_unetpp.runtimes.failures import failed_here, memo_key
 from napari_unetpp.runtimes.graph import onnx_graph
 from napari_unetpp.runtimes.int8 import int8_session
@@ -46,12 +58,27 @@ __all__ = ["choose", "make_backend", "resolve_runtime"]
 log = logging.getLogger(__name__)
 
 
-def _usable(net: Any, depth: int) -> tuple[list[str], list[str]]:
-    """The runtimes besides PyTorch an auto run of ``net`` at ``depth`` may use (installed, and not failed on this
-    model and level in this process), and why each of the others may not."""
+def _candidates(precision: str) -> dict[str, str | None]:
+    """The runtimes besides PyTorch an auto run in ``precision`` (PyTorch's: ``"fp32"``, or ``"bf16"`` on a CPU with
+    native bf16) measures, each with None when it can run here, else why not.
+
+    In bf16, ONNX Runtime (fp32) is measured only where OpenVINO is missing: on the 2-core AVX512-BF16 CPU it ran
+    0.28x-0.44x OpenVINO bf16 and below OpenVINO fp32 at every level, and it is the slowest to measure (4 s per
+    4 x 512^2 batch at L4, run twice)."""
+    found = installed()
+    if precision == "bf16":
+        found["openvino-bf16"] = found["openvino"]
+        if found["openvino"] is None:
+            found.pop("onnx")
+    return found
+
+
+def _usable(net: Any, depth: int, precision: str = "fp32") -> tuple[list[str], list[str]]:
+    """The runtimes besides PyTorch an auto run of ``net`` at ``depth`` in ``precision`` may use (installed, and not
+    failed on this model and level in this process), and why each of the others may not."""
     failed = failed_here(net, depth)
     usable, why_not = [], []
-    for r, why in installed().items():
+    for r, why in _candidates(precision).items():
         if why is not None:
             why_not.append(why)
         elif r in failed:
@@ -72,14 +99,17 @@ def choose(
 ) -> Choice:
     """Decide what runs the depth-``depth`` network (an inference copy) for batches of ``batch`` tiles of ``tile``.
 
-    - GPUs and bf16/fp16 autocast: PyTorch (the other runtimes have no faster exact path there).
+    - GPUs: PyTorch, with autocast (the other runtimes run on the CPU only).
     - ``precision="int8"``: the quantised graph in ONNX Runtime.
-    - fp32 on the CPU with ``runtime="auto"``: whichever of PyTorch, ONNX Runtime and OpenVINO (those installed)
-      ran this batch shape fastest on this machine, remembered per CPU, thread count, package versions,
-      architecture, level and batch shape in ``runtime_choices.json``; ``runtime == "auto"`` in the answer when it
-      has not been measured yet (the :class:`~napari_unetpp.runtimes.auto.AutoBackend` measures it on the run's own
-      first batch). PyTorch when neither of the others is installed.
-    - ``runtime="torch"`` / ``"onnx"`` / ``"openvino"``: that one (the last two raise if they cannot run).
+    - On the CPU with ``runtime="auto"``: whichever candidate (those installed) ran this batch shape fastest on this
+      machine, remembered per CPU, thread count, package versions, architecture, level, batch shape and precision in
+      ``runtime_choices.json``; ``runtime == "auto"`` in the answer when it has not been measured yet (the
+      :class:`~napari_unetpp.runtimes.auto.AutoBackend` measures it on the run's own first batch). PyTorch when
+      none of the others is installed. The candidates: in fp32, PyTorch, ONNX Runtime and OpenVINO; where bf16 is
+      allowed (precision ``"auto"`` or ``"bf16"`` on a CPU with native bf16), PyTorch bf16, OpenVINO bf16 and the
+      fp32 ones. bf16 asked on a CPU without native bf16, or fp16 on the CPU: PyTorch's autocast.
+    - ``runtime="torch"`` / ``"onnx"`` / ``"openvino"``: that one (the last two raise if they cannot run); OpenVINO
+      in bf16 where bf16 is allowed, ONNX Runtime in fp32 only.
 
     Measured on a 2-core AVX2 CPU (``benchmarks/bench_inference.py``): which one wins depends on the CPU, the level
     and the batch shape (ONNX Runtime 1.4-1.7x at L1, 0.97-1.6x at L4; OpenVINO 1.2-1.3x ONNX Runtime), hence one
@@ -94,34 +124,38 @@ def choose(
         if missing:
             raise RuntimeUnavailable(f"int8 needs ONNX Runtime: {missing}.")
         return Choice("onnx-int8", "int8", "static int8, calibrated on the model's own data")
-    dt = autocast_dtype(device, precision)
-    prec = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+    prec = precision_name(device, precision)
     if device.type != "cpu":
         if runtime in ("onnx", "openvino"):
             raise RuntimeUnavailable(f"the {NAMES[runtime]} path runs on the CPU only; use --runtime auto on a GPU.")
-        return Choice("torch", prec, "autocast on the GPU" if dt is not None else "as asked")
-    if dt is not None:  # bf16 (or fp16) autocast on the CPU
+        return Choice("torch", prec, "autocast on the GPU" if prec != "fp32" else "as asked")
+    native = prec == "bf16" and cpu_supports_bf16()
+    if prec != "fp32" and not native:  # fp16, or bf16 without native bf16: PyTorch's autocast only
         if runtime in ("onnx", "openvino"):
             raise RuntimeUnavailable(
-                f"the {NAMES[runtime]} path runs in fp32; use --precision fp32 with --runtime {runtime}."
+                f"the {NAMES[runtime]} path runs in fp32 (and OpenVINO in bf16 on CPUs with native bf16 only); "
+                f"use --precision fp32 with --runtime {runtime}."
             )
-        native = prec == "bf16" and cpu_supports_bf16()
-        return Choice("torch", prec, "bf16 autocast: this CPU has native bf16" if native else "asked")
+        return Choice("torch", prec, "asked")
+    torch_why = "bf16 autocast: this CPU has native bf16" if native else "asked"
     if runtime == "torch":
-        return Choice("torch", "fp32", "asked")
+        return Choice("torch", prec, torch_why)
+    if runtime == "onnx" and native:
+        raise RuntimeUnavailable("the ONNX Runtime path runs in fp32; use --precision fp32 with --runtime onnx.")
     if runtime != "auto":
+        name = "openvino-bf16" if native else runtime
         why = installed()[runtime]
         if why:
             raise RuntimeUnavailable(f"{NAMES[runtime]} cannot run: {why}.")
-        return Choice(runtime, "fp32", "asked")
-    usable, why_not = _usable(net, depth)
+        return Choice(name, prec, "asked")
+    usable, why_not = _usable(net, depth, prec)
     if not usable:
-        return Choice("torch", "fp32", "; ".join(why_not))
-    key = choice_key(net, depth, batch, tile)
+        return Choice("torch", prec, "; ".join(([torch_why] if native else []) + why_not))
+    key = choice_key(net, depth, batch, tile, prec)
     memo = memo_key(key, net, depth)  # key, unless a runtime failed on this model here
     # a full measurement's answer holds if it names a runtime still usable
     known = kept_choice(dict.fromkeys((memo, key)), ("torch", *usable)) or saved_choice(key, memo, ("torch", *usable))
-    return known or Choice("auto", "fp32", "not measured yet on this CPU")
+    return known or Choice("auto", prec, "not measured yet on this CPU")
 
 
 def resolve_runtime(
@@ -133,15 +167,20 @@ def resolve_runtime(
     tile: tuple[int, ...],
     runtime: str = "auto",
     batch: int = 1,
-) -> str:
-    """``"torch"``, ``"onnx"`` or ``"openvino"``: what an ``"auto"`` run of this shape uses, measured now on a zero
-    batch if it is not known yet (else ``runtime`` unchanged). Blocks of one split run pass it on, so every block
-    runs the same runtime and their numbers equal a single process's."""
+) -> tuple[str, str]:
+    """``(runtime, precision)`` as :func:`choose` takes them (``"torch"``, ``"onnx"`` or ``"openvino"``, and the
+    precision it runs in): what an ``"auto"`` run of this shape uses, measured now on a zero batch if it is not known
+    yet (else ``runtime`` and ``precision`` unchanged). Blocks of one split run pass them on, so every block runs the
+    same runtime in the same precision and their numbers equal a single process's."""
     backend = make_backend(loaded, net, depth, device, precision, tile, runtime, batch)
     if isinstance(backend, AutoBackend):
         backend(np.zeros((batch, net.config.in_channels, *tile), np.float32))
-    chosen = backend.choice.runtime
-    return chosen if chosen in ("torch", "onnx", "openvino") else runtime
+    chosen = backend.choice
+    if chosen.runtime == "torch":
+        return "torch", precision
+    if chosen.runtime in ("onnx", "openvino", "openvino-bf16"):
+        return chosen.runtime.split("-")[0], chosen.precision
+    return runtime, precision
 
 
 def make_backend(
@@ -166,10 +205,14 @@ def make_backend(
         "openvino": lambda: OpenVinoBackend(
             openvino_compiled(loaded, onnx_graph(net, depth)), Choice("openvino", "fp32", "")
         ),
+        "openvino-bf16": lambda: OpenVinoBackend(
+            openvino_compiled(loaded, onnx_graph(net, depth), "bf16"), Choice("openvino-bf16", "bf16", "")
+        ),
     }
     if choice.runtime == "auto":
-        usable = {r: makers[r] for r in _usable(net, depth)[0]}
-        return AutoBackend(torch_backend, usable, choice_key(net, depth, batch, tile), depth)
+        prec = choice.precision
+        usable = {r: makers[r] for r in _usable(net, depth, prec)[0]}
+        return AutoBackend(torch_backend, usable, choice_key(net, depth, batch, tile, prec), depth, prec)
     try:
         if choice.runtime == "onnx-int8":
             return OnnxBackend(int8_session(loaded, depth), choice)
@@ -180,4 +223,4 @@ def make_backend(
         if runtime != "auto" or choice.runtime == "onnx-int8":
             raise
         log.warning("%s not used: %s", NAMES[choice.runtime], exc)
-        return TorchBackend(net, depth, device, precision, Choice("torch", "fp32", str(exc)))
+        return TorchBackend(net, depth, device, precision, Choice("torch", precision_name(device, precision), str(exc)))
