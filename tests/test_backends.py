@@ -26,6 +26,7 @@ from napari_unetpp.runtimes import (
     release_later,
     release_pending,
 )
+from napari_unetpp.runtimes.int8 import cpu_has_vnni
 from napari_unetpp.runtimes.onnx_backend import OnnxBackend
 from napari_unetpp.runtimes.openvino_backend import OpenVinoBackend, OpenVinoModel
 
@@ -40,6 +41,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 # the exported graph's runtimes: OpenVINO is tested where it is installed (the testing extra installs it)
 RUNTIMES = ["onnx"] + (["openvino"] if openvino_available() is None else [])
+INT8_RUNTIME = "openvino-int8" if cpu_has_vnni() and "openvino" in RUNTIMES else "onnx-int8"
 MISSING = {
     "onnx": "onnxruntime is not installed (pip install onnx onnxruntime)",
     "openvino": "openvino is not installed (pip install onnx openvino)",
@@ -274,9 +276,20 @@ def test_int8_on_real_em_within_its_bound(em_model, em_crop, capfd):
     capfd.readouterr()
     q = predict(em_crop, em_model, depth=3, precision="int8")
     assert capfd.readouterr().out == ""
-    assert q.runtime == "onnx-int8" and "int8" in q.ran_on
+    assert q.runtime == INT8_RUNTIME and "int8" in q.ran_on
     assert dice(q.mask, ref.mask) >= 0.99
-    assert list((cache_dir() / "int8").glob("*-L3.onnx"))
+    bits = 8 if cpu_has_vnni() else 7  # the full 8 bits only where VNNI's int8 dot products do not saturate
+    assert list((cache_dir() / "int8").glob(f"*-w{bits}-L3.onnx"))
+
+
+def test_int8_runs_on_openvino_with_vnni_and_on_onnx_runtime_without(monkeypatch):
+    from napari_unetpp.runtimes import selection
+
+    net = tiny().inference_module("cpu")
+    for vnni, want in ((True, "openvino-int8" if "openvino" in RUNTIMES else "onnx-int8"), (False, "onnx-int8")):
+        monkeypatch.setattr(selection, "cpu_has_vnni", lambda v=vnni: v)
+        c = choose(net, 2, torch.device("cpu"), precision="int8")
+        assert (c.runtime, c.precision) == (want, "int8")
 
 
 def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
@@ -297,7 +310,7 @@ def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
     assert calibration_path(back.path).is_file()
     np.testing.assert_array_equal(back.calibration, tiles)
     q = predict(em_crop[0, :64, :64], back, precision="int8")
-    assert q.runtime == "onnx-int8" and q.mask.shape == (64, 64)
+    assert q.runtime == INT8_RUNTIME and q.mask.shape == (64, 64)
 
 
 class _Timers:

@@ -112,7 +112,7 @@ def predict_iter(
         batch_size: Tiles per forward pass (default: from a memory budget for the device).
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"mps"``.
         precision: ``"auto"`` (default: bf16 on capable CPUs, fp16 on GPUs, else fp32), ``"fp32"``, ``"bf16"``,
-            ``"fp16"``, or ``"int8"`` (CPU: the model's statically quantised copy in ONNX Runtime, see
+            ``"fp16"``, or ``"int8"`` (CPU: the model's statically quantised copy in ONNX Runtime or OpenVINO, see
             :mod:`napari_unetpp.runtimes.int8`; faster, not exact).
         normalization: Override the model card's normalisation.
         prob_dtype: ``"float16"`` (default), ``"float32"`` or ``"uint8"`` (probability x 255).

@@ -39,9 +39,10 @@ NAMES = {
     "onnx-int8": "ONNX Runtime",
     "openvino": "OpenVINO",
     "openvino-bf16": "OpenVINO",
+    "openvino-int8": "OpenVINO",
 }
 # what each runtime other than PyTorch computes in (PyTorch runs in the run's own precision)
-PRECISIONS = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32", "openvino-bf16": "bf16"}
+PRECISIONS = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
 
 
 class RuntimeUnavailable(UserError, RuntimeError):
@@ -54,7 +55,8 @@ class Choice:
 
     Attributes:
         runtime: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"openvino"`` (OpenVINO fp32), ``"openvino-bf16"``
-            (OpenVINO bf16, its first convolution in fp32), ``"onnx-int8"``, or ``"auto"`` while not yet measured.
+            (OpenVINO bf16, its first convolution in fp32), ``"onnx-int8"``, ``"openvino-int8"``, or ``"auto"`` while
+            not yet measured.
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
         reason: One short clause, e.g. ``"1.52x PyTorch on this CPU at L4"``.
         speedup: The chosen runtime's speed over PyTorch where measured, else None.
