@@ -226,6 +226,24 @@ def network_alone(lm, img: np.ndarray, repeats: int) -> list[dict]:
     return rows
 
 
+def openvino_kernels(lm, depth: int) -> dict[str, int]:
+    """Which kernels OpenVINO's bf16 graph runs its convolutions with at ``depth`` (its execution graph's primitive
+    types, e.g. ``brgconv_avx512_core_bf16``, or ``..._amx_bf16`` where the CPU has AMX), and how many of each."""
+    from napari_unetpp.runtimes import onnx_graph
+    from napari_unetpp.runtimes.openvino_backend import openvino_compiled
+
+    model = openvino_compiled(None, onnx_graph(lm.inference_module("cpu"), depth), "bf16")
+    kinds: dict[str, int] = {}
+    for part in (model.head, model.compiled):
+        for op in part.get_runtime_model().get_ordered_ops() if part is not None else []:
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) in ("Convolution", "Deconvolution"):
+                kind = f"{info['layerType'].astype(str)}: {info['primitiveType'].astype(str)}"
+                kind += f" ({info['runtimePrecision'].astype(str)})"
+                kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def ablation(lm, img: np.ndarray, repeats: int) -> list[dict]:
     """Forward-only timings at L4 on 512 x 512 slices: what each optimisation buys."""
     norm = lm.normalization
@@ -326,7 +344,10 @@ def main() -> int:
     slices = em_sample()[0][0]
     big = np.block([[slices[(i + j) % 5] for j in range(4)] for i in range(4)])[None]
     info = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+            platform.processor() or platform.machine(),
+        ),
         "threads": torch.get_num_threads(),
         "bf16": cpu_supports_bf16(),
         "torch": torch.__version__,
@@ -382,6 +403,11 @@ def main() -> int:
         ("of_sgemm", "of sgemm", ".0%"),
     ]
     print(table(alone, cols_alone))
+    if cpu_supports_bf16() and openvino_available() is None:
+        kernels = openvino_kernels(lm, lm.max_depth)
+        print(f"\n## OpenVINO bf16 at L{lm.max_depth}: the kernels its convolutions run\n")
+        print("\n".join(f"- {k}: {n}" for k, n in kernels.items()))
+        info["openvino_bf16_kernels"] = kernels
     abl = ablation(lm, slices, args.repeats)
     print("\n## L4 forward on 5 x 512x512, what each step buys\n")
     print(table(abl, [("variant", "variant", ""), ("seconds", "s", ".3f"), ("speedup", "x reference", ".2f")]))
