@@ -292,6 +292,19 @@ def test_int8_runs_on_openvino_with_vnni_and_on_onnx_runtime_without(monkeypatch
         assert (c.runtime, c.precision) == (want, "int8")
 
 
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO is not installed")
+def test_int8_goes_to_onnx_runtime_when_openvino_cannot_compile_it(em_model, em_crop, monkeypatch):
+    from napari_unetpp.runtimes import selection
+
+    def broken(loaded, path, precision="fp32"):
+        raise RuntimeUnavailable("OpenVINO could not compile the graph (RuntimeError: unsupported)")
+
+    monkeypatch.setattr(selection, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(selection, "openvino_compiled", broken)
+    q = predict(em_crop[0, :64, :64], em_model, depth=1, precision="int8")
+    assert q.runtime == "onnx-int8" and "OpenVINO could not compile it, so ONNX Runtime ran" in q.ran_on, q.ran_on
+
+
 def test_int8_needs_a_calibration_and_models_save_theirs(em_crop, tmp_path):
     from napari_unetpp import load_model
     from napari_unetpp.model.card import ModelCard

@@ -25,7 +25,6 @@ from napari_unetpp.runtimes import (
     failures,
     make_backend,
     onnx_graph,
-    openvino_available,
     selection,
 )
 from napari_unetpp.runtimes.openvino_backend import (
@@ -38,9 +37,10 @@ from napari_unetpp.runtimes.openvino_backend import (
 from .conftest import dice
 from .conftest import tiny_loaded as tiny
 
-pytestmark = [pytest.mark.runtimes, pytest.mark.usefixtures("own_cache")]
+pytestmark = [pytest.mark.runtimes, pytest.mark.bf16, pytest.mark.usefixtures("own_cache")]
 pytest.importorskip("openvino")
 pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
 CPU = torch.device("cpu")
 
 
@@ -92,8 +92,8 @@ def test_a_bf16_measurement_is_remembered_apart_from_the_fp32_one(em_crop, monke
     monkeypatch.setattr(auto, "_time", lambda fn: (next(times), fn()))
     got = predict(crop, tiny(), precision="auto")
     assert got.runtime == "openvino-bf16" and "OpenVINO bf16 (2.00x PyTorch bf16 on this CPU at L2" in got.ran_on
-    exact = predict(crop, tiny(), precision="fp32")
-    assert exact.runtime in ("onnx", "openvino") and " fp32 (" in exact.ran_on, exact.ran_on
+    exact = predict(crop, tiny(), precision="fp32")  # fp32: torch 1.0, onnx 0.6, openvino 0.7
+    assert exact.runtime == "onnx" and "ONNX Runtime fp32 (1.67x PyTorch on this CPU" in exact.ran_on, exact.ran_on
     saved = json.loads((cache_dir() / "runtime_choices.json").read_text())
     assert len(saved) == 2
     by_precision = {v["precision"]: v for v in saved.values()}
@@ -110,6 +110,7 @@ def test_a_bf16_run_whose_openvino_fails_goes_on_in_pytorch_bf16(em_crop, monkey
     crop = em_crop[0, :64, :64]
     times = iter([1.0, 0.8, 0.5])
     monkeypatch.setattr(auto, "_time", lambda fn: (next(times), fn()))
+    real_call = OpenVinoBackend.__call__
     assert predict(crop, tiny(), precision="auto").runtime == "openvino-bf16"
 
     def broken(self, x):
@@ -118,6 +119,14 @@ def test_a_bf16_run_whose_openvino_fails_goes_on_in_pytorch_bf16(em_crop, monkey
     monkeypatch.setattr(OpenVinoBackend, "__call__", broken)
     got = predict(crop, tiny(), precision="auto")
     assert got.runtime == "torch" and "PyTorch bf16 (OpenVINO failed" in got.ran_on, got.ran_on
+    assert set(failures.failed_here(tiny().inference_module("cpu"), 2)) == {"openvino-bf16"}  # fp32 not banned
+    # an fp32 measurement afterwards is still saved: OpenVINO bf16's failure is not one of its candidates
+    monkeypatch.setattr(OpenVinoBackend, "__call__", real_call)
+    times = iter([1.0, 0.9, 0.5])  # torch, onnx, openvino (fp32)
+    exact = predict(crop, tiny(), precision="fp32")
+    assert exact.runtime == "openvino" and "not saved" not in exact.ran_on, exact.ran_on
+    saved = json.loads((cache_dir() / "runtime_choices.json").read_text())
+    assert sorted(v["runtime"] for v in saved.values()) == ["openvino", "openvino-bf16"]
 
 
 @pytest.mark.parametrize("depth", [1, 4])
@@ -175,11 +184,14 @@ def test_split_runs_keep_the_runtime_and_the_precision(monkeypatch):
     assert backend.choice.runtime == "openvino-bf16" and backend.choice.precision == "bf16"
 
 
-@pytest.mark.skipif(openvino_available() is not None, reason="OpenVINO is not installed")
 def test_pytorch_fp32_still_wins_ties_in_fp32(em_crop, monkeypatch):
+    """On a bf16 CPU, an fp32 run measures OpenVINO fp32 alone beside PyTorch (no bf16 candidate), and a tie stays
+    with PyTorch, saved under the fp32 key."""
     native_bf16(monkeypatch, True)
-    times = iter([1.0, 0.99, 0.99])
+    times = iter([1.0, 0.99])
     monkeypatch.setattr(selection, "installed", lambda: {"onnx": "not here", "openvino": None})
     monkeypatch.setattr(auto, "_time", lambda fn: (next(times), fn()))
     got = predict(em_crop[0, :64, :64], tiny(), precision="fp32")
-    assert got.runtime == "torch" and "not faster" in got.ran_on
+    assert got.runtime == "torch" and got.ran_on.startswith("CPU · PyTorch fp32 (OpenVINO 1.01x, not faster")
+    ((key, entry),) = json.loads((cache_dir() / "runtime_choices.json").read_text()).items()
+    assert "precision=" not in key and entry["precision"] == "fp32" and set(entry["x_torch"]) == {"openvino"}

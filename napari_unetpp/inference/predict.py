@@ -137,8 +137,9 @@ def predict_iter(
             computed and returned (the outputs have ``stop - start`` of them). Only the tiles touching them run,
             with the statistics given in ``stats``, so they equal the same rows of a whole-image run exactly: how a
             volume is split over a cluster. Not with objects or zoom.
-        runtime: ``"auto"`` (default: in fp32 on the CPU, PyTorch, ONNX Runtime or OpenVINO, whichever measured
-            fastest on this machine for this level; see :func:`napari_unetpp.runtimes.choose`), ``"torch"``,
+        runtime: ``"auto"`` (default: on the CPU, PyTorch, ONNX Runtime or OpenVINO, in fp32, or in bf16 too on a
+            CPU with native bf16, whichever measured fastest on this machine for this level; see
+            :func:`napari_unetpp.runtimes.choose`), ``"torch"``,
             ``"onnx"`` or ``"openvino"``.
         predictor: What runs the tiles instead of the runtime ``runtime`` and ``precision`` choose: any
             :class:`~napari_unetpp.inference.sliding_window.Predictor` returning heads 1..k of ``depth``, e.g. the

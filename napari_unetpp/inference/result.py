@@ -48,7 +48,8 @@ class Prediction:
             (luminance)"``, or ``""`` (as they were).
         objects_count: The largest object ID in ``objects`` (the number of objects).
         runtime: What ran the network: ``"torch"``, ``"onnx"`` (ONNX Runtime fp32), ``"openvino"`` (OpenVINO fp32),
-            ``"onnx-int8"``, or ``"predictor"`` (a predictor the caller passed in).
+            ``"openvino-bf16"``, ``"onnx-int8"``, ``"openvino-int8"``, or ``"predictor"`` (a predictor the caller
+            passed in).
     """
 
     mask: np.ndarray

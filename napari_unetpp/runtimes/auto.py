@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -61,9 +61,13 @@ class AutoBackend(Backend):
         key: str,
         depth: int,
         precision: str = "fp32",
+        candidates: Collection[str] | None = None,
     ) -> None:
         self.torch, self._others, self.key, self.depth = torch_backend, others, key, depth
         self.precision = precision
+        # every runtime a run in this precision measures (those failed here too: a measurement without one is
+        # not saved), not the runtimes of the other precision
+        self.candidates = tuple(others if candidates is None else candidates)
         self.choice = Choice("auto", precision, "measuring")
         self.decided: Backend | None = None
         self._unmeasured = 0  # batches run on PyTorch so far, waiting to measure
@@ -93,7 +97,7 @@ class AutoBackend(Backend):
         if not lock.acquire(blocking=False):
             return self._meanwhile(x, "another run is measuring this shape")
         try:
-            memo = memo_key(self.key, self.torch.net, self.depth)  # measured by another run since make_backend?
+            memo = memo_key(self.key, self.torch.net, self.depth, self.candidates)  # measured since make_backend?
             known = kept_choice((memo, self.key), ("torch", *self._others))
             if known is not None:
                 backend = self._use(known)
@@ -155,10 +159,10 @@ class AutoBackend(Backend):
             self._settle(self.torch, Choice("torch", self.precision, "; ".join(dict.fromkeys(failed))))
             return outs["torch"]
         shape = f"{x.shape[0]}x{'x'.join(map(str, x.shape[2:]))}"
-        without = sorted(failed_here(net, self.depth))  # earlier in this process, or just now
+        without = sorted(failed_here(net, self.depth, self.candidates))  # earlier in this process, or just now
         keep = "run" if watch.disturbed else "process" if without else "saved"
         precisions = {"torch": self.precision} | {r: PRECISIONS[r] for r in backends if r != "torch"}
-        memo = memo_key(self.key, net, self.depth)
+        memo = memo_key(self.key, net, self.depth, self.candidates)
         choice = decide(self.key, self.depth, shape, seconds, keep, memo, without, precisions)
         self._settle(backends[choice.runtime], choice)
         for backend in backends.values():

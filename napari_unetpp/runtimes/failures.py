@@ -9,6 +9,7 @@ asked for by name that fails raises :func:`runtime_failed`'s one sentence instea
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -36,18 +37,19 @@ def mark_failed(net: Any, depth: int, runtime: str, exc: BaseException) -> None:
     _FAILED[(_ban_key(net, depth), runtime)] = one_line(exc, 80)
 
 
-def failed_here(net: Any, depth: int) -> dict[str, str]:
-    """The runtimes that failed on this model at this level earlier in this process, each with why."""
+def failed_here(net: Any, depth: int, among: Collection[str] | None = None) -> dict[str, str]:
+    """The runtimes (of ``among``, the candidates of a run, if given) that failed on this model at this level
+    earlier in this process, each with why: OpenVINO bf16 failing never counts against an fp32 run's choice."""
     if not _FAILED:
         return {}
     g = _ban_key(net, depth)
-    return {r: why for (k, r), why in _FAILED.items() if k == g}
+    return {r: why for (k, r), why in _FAILED.items() if k == g and (among is None or r in among)}
 
 
-def memo_key(key: str, net: Any, depth: int) -> str:
-    """What this process keeps a choice for ``key`` under: ``key`` itself, or (where a runtime failed on this model
-    and level) a key of its own for this model without those runtimes, whose measurement is never saved."""
-    failed = failed_here(net, depth)
+def memo_key(key: str, net: Any, depth: int, among: Collection[str] | None = None) -> str:
+    """What this process keeps a choice for ``key`` under: ``key`` itself, or (where a runtime of ``among`` failed on
+    this model and level) a key of its own for this model without those runtimes, whose measurement is never saved."""
+    failed = failed_here(net, depth, among)
     return key if not failed else f"{key}|{_ban_key(net, depth)} without {','.join(sorted(failed))}"
 
 

@@ -3,8 +3,8 @@ and thread count, and shared by its runs.
 
 OpenVINO's CPU plugin ran our pruned sub-networks 1.8x-2.0x faster than PyTorch's channels-last path on a CPU without
 bf16, with probabilities equal to about 1e-7 (``benchmarks/bench_inference.py``). On a CPU with native bf16
-(AVX512-BF16 or AMX) its bf16 inference precision ran them about 2x faster than its own fp32 and 1.5x-1.9x faster
-than PyTorch's bf16 autocast (2-core AMD EPYC with AVX512-BF16, 4 x 512^2 ISBI slices).
+(AVX512-BF16 or AMX) its bf16 inference precision ran them 1.4x-1.8x faster than its own fp32 and 1.0x-1.55x faster
+than PyTorch's bf16 autocast (2-core AMD EPYC with AVX512-BF16, ``predict`` on 5 x 512^2 ISBI slices).
 
 In bf16 the network's first convolution runs in fp32, as PyTorch's autocast path runs it
 (:meth:`~napari_unetpp.model.blocks.ConvBlock.forward`): the graph is cut after that convolution (and its bias) into

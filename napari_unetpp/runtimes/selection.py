@@ -2,8 +2,8 @@
 
 On a CPU with native bf16 (AVX512-BF16 or AMX) and precision ``"auto"`` or ``"bf16"``, the candidates are PyTorch's
 bf16 autocast, OpenVINO bf16 (its first convolution in fp32) and the fp32 runtimes: on a 2-core AMD EPYC with
-AVX512-BF16, OpenVINO bf16 ran the shipped EM model 1.5x-1.9x faster than PyTorch bf16 at L1-L4 with mask Dice
-0.9989-0.9994 against fp32 (``benchmarks/bench_inference.py``). ``"fp32"`` still means exact: fp32 candidates only.
+AVX512-BF16, OpenVINO bf16 ran the shipped EM model 1.0x-1.55x faster than PyTorch bf16 at L1-L4 with mask Dice
+0.9989-0.9995 against fp32 (``benchmarks/bench_inference.py``). ``"fp32"`` still means exact: fp32 candidates only.
 
 On a CPU without bf16 (AVX2 only, like most laptops) everything runs in fp32. There ONNX Runtime's CPU provider
 ran our pruned sub-networks 1.15x-1.7x faster than PyTorch's channels-last path, and OpenVINO's CPU plugin (the same
@@ -64,8 +64,7 @@ def _candidates(precision: str) -> dict[str, str | None]:
     native bf16) measures, each with None when it can run here, else why not.
 
     In bf16, ONNX Runtime (fp32) is measured only where OpenVINO is missing: on the 2-core AVX512-BF16 CPU it ran
-    0.28x-0.44x OpenVINO bf16 and below OpenVINO fp32 at every level, and it is the slowest to measure (4 s per
-    4 x 512^2 batch at L4, run twice)."""
+    0.40x-0.54x OpenVINO bf16 at every level on 512^2 slices, and it is the slowest to measure."""
     found = installed()
     if precision == "bf16":
         found["openvino-bf16"] = found["openvino"]
@@ -77,9 +76,10 @@ def _candidates(precision: str) -> dict[str, str | None]:
 def _usable(net: Any, depth: int, precision: str = "fp32") -> tuple[list[str], list[str]]:
     """The runtimes besides PyTorch an auto run of ``net`` at ``depth`` in ``precision`` may use (installed, and not
     failed on this model and level in this process), and why each of the others may not."""
-    failed = failed_here(net, depth)
+    candidates = _candidates(precision)
+    failed = failed_here(net, depth, candidates)
     usable, why_not = [], []
-    for r, why in _candidates(precision).items():
+    for r, why in candidates.items():
         if why is not None:
             why_not.append(why)
         elif r in failed:
@@ -155,7 +155,7 @@ def choose(
     if not usable:
         return Choice("torch", prec, "; ".join(([torch_why] if native else []) + why_not))
     key = choice_key(net, depth, batch, tile, prec)
-    memo = memo_key(key, net, depth)  # key, unless a runtime failed on this model here
+    memo = memo_key(key, net, depth, _candidates(prec))  # key, unless a candidate failed on this model here
     # a full measurement's answer holds if it names a runtime still usable
     known = kept_choice(dict.fromkeys((memo, key)), ("torch", *usable)) or saved_choice(key, memo, ("torch", *usable))
     return known or Choice("auto", prec, "not measured yet on this CPU")
@@ -215,12 +215,21 @@ def make_backend(
     if choice.runtime == "auto":
         prec = choice.precision
         usable = {r: makers[r] for r in _usable(net, depth, prec)[0]}
-        return AutoBackend(torch_backend, usable, choice_key(net, depth, batch, tile, prec), depth, prec)
+        key = choice_key(net, depth, batch, tile, prec)
+        return AutoBackend(torch_backend, usable, key, depth, prec, tuple(_candidates(prec)))
     try:
         if choice.runtime == "onnx-int8":
             return OnnxBackend(int8_session(loaded, depth), choice)
         if choice.runtime == "openvino-int8":
-            return OpenVinoBackend(openvino_compiled(loaded, int8_graph(loaded, depth)), choice)
+            graph = int8_graph(loaded, depth)  # no calibration: raises, whichever runtime would run it
+            try:
+                return OpenVinoBackend(openvino_compiled(loaded, graph), choice)
+            except RuntimeUnavailable as exc:
+                if installed()["onnx"]:  # no ONNX Runtime either
+                    raise
+                log.warning("OpenVINO int8 not used: %s", exc)
+                why = f"{choice.reason}; OpenVINO could not compile it, so ONNX Runtime ran"
+                return OnnxBackend(int8_session(loaded, depth), Choice("onnx-int8", "int8", why))
         backend = makers[choice.runtime]()
         backend.choice = choice
         return backend
