@@ -155,13 +155,13 @@ def bench_images(lm, name: str, img: np.ndarray, repeats: int, tile: int | None,
     runs = [(f"L{k}", k, {"precision": "auto"}, tile) for k in levels]
     runs += [(f"L{top} fp32", top, {"precision": "fp32"}, tile)]
     if full:
-        forced = [("torch", "PyTorch", "fp32")]
-        if cpu_supports_bf16():  # the bf16 rows beside the fp32 ones, at every level
-            forced += [("torch", "PyTorch", "bf16")]
-        for rt, what in (("onnx", "ONNX Runtime"), ("openvino", "OpenVINO")):  # each runtime forced, if installed
-            if (onnx_available() if rt == "onnx" else openvino_available()) is None:
-                forced += [(rt, what, "fp32")] + [(rt, what, "bf16")] * (rt == "openvino" and cpu_supports_bf16())
-        at = levels if cpu_supports_bf16() else [top]
+        bf16 = cpu_supports_bf16()  # the bf16 rows beside the fp32 ones, at every level
+        forced = [("torch", "PyTorch", "fp32")] + ([("torch", "PyTorch", "bf16")] if bf16 else [])
+        if onnx_available() is None:  # each runtime forced, if installed
+            forced += [("onnx", "ONNX Runtime", "fp32")]
+        if openvino_available() is None:
+            forced += [("openvino", "OpenVINO", "fp32")] + ([("openvino", "OpenVINO", "bf16")] if bf16 else [])
+        at = levels if bf16 else [top]
         runs += [(f"L{k} {what} {p}", k, {"precision": p, "runtime": rt}, tile) for k in at for rt, what, p in forced]
         runs += [(f"L{k} int8", k, {"precision": "int8"}, tile) for k in levels]
         if max(img.shape[-2:]) > 1024:  # larger than the default tile budget: also show the untiled run

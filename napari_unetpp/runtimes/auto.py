@@ -143,7 +143,7 @@ class AutoBackend(Backend):
                 log.warning("%s not used: %s", NAMES[name], exc)
         seconds, outs = {}, {}
         # each runtime's warm-up, then its timed run at once: timed after every warm-up, PyTorch measured about 2x
-        # slower than alone on 2 cores (OpenVINO bf16 at L1-L4: 4.6x/2.8x PyTorch bf16 that way, 2.4x/1.5x this way)
+        # slower than alone on 2 cores (OpenVINO bf16 at L1 and L4: 4.6x/2.8x PyTorch bf16 that way, 2.4x/1.5x this way)
         for name in list(backends):  # a runtime that fails here is left out
             try:
                 backends[name](x)

@@ -126,11 +126,10 @@ def split_first_convolution(model: Any) -> tuple[Any, Any] | None:
     users = [t.get_node() for t in params[0].output(0).get_target_inputs()]
     if len(users) != 1 or users[0].get_type_name() != "Convolution":
         return None
-    chain = [users[0]]
-    after = [t.get_node() for t in chain[0].output(0).get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"]
+    cut = users[0]
+    after = [t.get_node() for t in cut.output(0).get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"]
     if len(after) == 1 and after[0].get_type_name() == "Add":  # the bias (a folded batch norm's shift)
-        chain.append(after[0])
-    cut = chain[-1]
+        cut = after[0]
     inner = ops.parameter(cut.get_output_partial_shape(0), cut.get_output_element_type(0), name="first_conv")
     for target in list(cut.output(0).get_target_inputs()):  # the bias reads the convolution's shape: left as is
         target.replace_source_output(inner.output(0))

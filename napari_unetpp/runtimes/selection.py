@@ -37,14 +37,7 @@ import numpy as np
 import torch
 
 from napari_unetpp.runtimes.auto import AutoBackend
-from napari_unetpp.runtimes.base import (
-    NAMES,
-    RUNTIMES,
-    Backend,
-    Choice,
-    RuntimeUnavailable,
-    installed,
-)
+from napari_unetpp.runtimes.base import NAMES, RUNTIMES, Backend, Choice, RuntimeUnavailable, installed
 from napari_unetpp.runtimes.choices import choice_key, kept_choice, saved_choice
 from napari_unetpp.runtimes.device import cpu_supports_bf16, precision_name
 from napari_unetpp.runtimes.failures import failed_here, memo_key
