@@ -99,30 +99,44 @@ def object_f1(pred: np.ndarray, target: np.ndarray, iou: float = 0.5, spatial_di
 
 
 def level_object_scores(
-    prediction: Any, target: np.ndarray, splits: tuple[str, ...] = ("components", "watershed", "learned")
+    prediction: Any,
+    target: np.ndarray,
+    splits: tuple[str | tuple[str, str, dict[str, Any]], ...] = ("components", "watershed", "learned"),
+    ious: tuple[float, ...] = (0.5,),
+    crop: Any = None,
 ) -> dict[int, dict[str, float]]:
-    """Per kept level of a :class:`~napari_unetpp.inference.predict.Prediction` (1-class, 2D planes): Dice of its mask
-    (probability >= 0.5) and, for each object split, object F1 at IoU 0.5 against the instance labels ``target``
-    (``f1_<split>``) with the seconds it took (``seconds_<split>``). ``learned`` is skipped for a model without a
-    cue."""
+    """Per kept level of a :class:`~napari_unetpp.inference.predict.Prediction` (1-class, 2D planes; anything with
+    ``probabilities`` and ``cues`` dicts will do): Dice of its mask (probability >= 0.5) and, for each object split,
+    object F1 against the instance labels ``target`` at each IoU of ``ious`` (``f1_<split>`` at 0.5,
+    ``f1_<split>_iou70`` at 0.7) with the seconds the split took (``seconds_<split>``). A split is a method of
+    :func:`~napari_unetpp.inference.postprocess.split_instances` or ``(name, method, keyword arguments)``. Splits
+    that read the cue are skipped for a model without one. ``crop`` (a function of an array) cuts the masks, the
+    objects and the target to where they are scored, after the split ran on the whole planes."""
     import time
 
     from napari_unetpp.inference.masks import mask_from
     from napari_unetpp.inference.postprocess import split_instances
 
+    def cut(a: np.ndarray) -> np.ndarray:
+        return a if crop is None else crop(a)
+
     target = np.asarray(target)
+    scored = cut(target)
     out: dict[int, dict[str, float]] = {}
     for lv, prob in prediction.probabilities.items():
         mask = mask_from(np.asarray(prob, np.float32), 1)
-        row: dict[str, float] = {"dice": round(dice_score(mask, target > 0), 4)}
-        for split in splits:
-            if split == "learned" and lv not in prediction.cues:
+        row: dict[str, float] = {"dice": round(dice_score(cut(mask), scored > 0), 4)}
+        for entry in splits:
+            split, method, options = (entry, entry, {}) if isinstance(entry, str) else entry
+            if method == "learned" and lv not in prediction.cues:
                 continue
             t0 = time.perf_counter()
-            cue = np.asarray(prediction.cues[lv], np.float32) if split == "learned" else None
-            objects = split_instances(mask, split, cue=cue)
+            cue = np.asarray(prediction.cues[lv], np.float32) if method == "learned" else None
+            objects = split_instances(mask, method, cue=cue, **options)
             row[f"seconds_{split}"] = time.perf_counter() - t0
-            row[f"f1_{split}"] = round(object_f1(objects, target)["f1"], 4)
+            for iou in ious:
+                key = f"f1_{split}" if iou == 0.5 else f"f1_{split}_iou{round(100 * iou)}"
+                row[key] = round(object_f1(cut(objects), scored, iou)["f1"], 4)
         out[lv] = row
     return out
 
