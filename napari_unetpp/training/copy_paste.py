@@ -103,9 +103,11 @@ def paste_crowded(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paste ``donors`` (drawn at random, flipped and rotated) into one 2D plane until ``touching`` of its objects
     touch another (:func:`touching_share`) and objects cover ``density`` of it. Each pasted nucleus lies along a
-    nucleus already there (at least ``contact`` of the 2-pixel ring around it lies on objects) and covers at most
-    ``max_overlap`` of its own area of other objects (it occludes those pixels, whose labels it takes, as a nucleus
-    pressed on another flattens the border). Stops early after ``patience`` donors in a row found no place.
+    nucleus already there (at least ``contact`` of the ring around it, up to 2 pixels wide within the donor's box,
+    lies on objects) and covers at most ``max_overlap`` of its own area of other objects (it occludes those pixels,
+    whose labels it takes, as a nucleus pressed on another flattens the border). Stops early after ``patience``
+    donors in a row found no place; then the plane misses its targets (check them with :func:`touching_share` and
+    :func:`foreground_share`; an empty plane gets nothing, as every paste needs contact).
     Returns ``(image float32, labels int32)``; the input is not changed."""
     from scipy import ndimage as ndi
 
