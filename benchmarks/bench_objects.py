@@ -87,6 +87,11 @@ def densest_windows(labels: np.ndarray, size: tuple[int, int]) -> list[tuple[sli
     return out
 
 
+def windowed(stack: np.ndarray, windows: list[tuple[slice, slice]]) -> np.ndarray:
+    """Each plane of ``stack`` cut to its window (:func:`densest_windows`), stacked."""
+    return np.stack([np.asarray(p)[w] for p, w in zip(stack, windows)])
+
+
 def held_out_sets() -> dict[str, dict]:
     """Every evaluation set: the held-out planes as they are, their densest windows, and crowded composites of them
     (donors and canvases both held out). ``{name: {"image", "labels", "windows" (or None), "touching", "density"}}``."""
@@ -98,7 +103,7 @@ def held_out_sets() -> dict[str, dict]:
         cimg, clab = crowded_planes((img, gt), (img, gt), CROWDED["seed"], CROWDED["touching"], CROWDED["density"])
         out[f"crowded-{src}"] = {"image": cimg, "labels": clab, "windows": None}
     for s in out.values():
-        lab = s["labels"] if s["windows"] is None else np.stack([p[w] for p, w in zip(s["labels"], s["windows"])])
+        lab = s["labels"] if s["windows"] is None else windowed(s["labels"], s["windows"])
         s["touching"], s["density"] = round(touching_share(lab), 3), round(foreground_share(lab), 3)
         s["objects"] = int(sum(len(np.unique(p[p > 0])) for p in lab))
     return out
@@ -120,7 +125,7 @@ def run(model_ids: list[str]) -> dict:
             img = s["image"]
             pred = predict(img, lm, axes="ZYX", depth=lm.max_depth, levels="all", precision="fp32")
             gt, wins = s["labels"], s["windows"]
-            crop = None if wins is None else (lambda a, wins=wins: np.stack([p[w] for p, w in zip(a, wins)]))
+            crop = None if wins is None else (lambda a, wins=wins: windowed(a, wins))
             mpx = gt.size / 1e6
             for lv, scores in level_object_scores(pred, gt, SPLITS, IOUS, crop).items():
                 row = rows.setdefault(f"L{lv}", {})
