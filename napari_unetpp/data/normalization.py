@@ -24,7 +24,7 @@ import torch
 from napari_unetpp.data.windows import Window
 from napari_unetpp.errors import InputError, NonFiniteInputError
 
-__all__ = ["Normalization", "NonFiniteInputError", "check_pixels", "percentiles"]
+__all__ = ["Normalization", "NonFiniteInputError", "check_pixels", "non_finite", "percentiles"]
 
 MODES = ("percentile", "window", "none")
 
@@ -125,6 +125,16 @@ class Normalization:
             np.clip(out, 0.0, 1.0, out=out)
         return out
 
+    def apply_tensor(self, block: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+        """:meth:`apply` on a tensor, on its device (the device pipeline's): float32, the same arithmetic (the
+        bounds as float32, then subtract and multiply), so it equals :meth:`apply` of the same pixels."""
+        out = block.to(torch.float32)
+        if self.mode == "none":
+            return out.clone() if out is block else out
+        lo, hi = bounds
+        out = (out - float(np.float32(lo))) * float(np.float32(1.0 / (hi - lo)))
+        return out.clamp_(0.0, 1.0) if self.mode == "window" else out
+
 
 def percentiles(sample: np.ndarray, q: Sequence[float]) -> np.ndarray:
     """``np.percentile(sample, q)`` (linear interpolation), to the bit. Integer samples of at most 16 bits (uint8
@@ -197,7 +207,13 @@ def check_pixels(block: np.ndarray, where: str = "", task: str = "segmenting") -
     if block.dtype.kind not in "biuf":
         raise InputError(f"cannot use an image of dtype {block.dtype}; convert it to numbers before {task}.")
     if block.dtype.kind == "f" and not np.isfinite(block).all():
-        raise NonFiniteInputError(f"the image contains NaN or infinite values{where}; replace them before {task}.")
+        raise non_finite(where, task)
+
+
+def non_finite(where: str = "", task: str = "segmenting") -> NonFiniteInputError:
+    """The one-sentence error for NaN or infinite pixels (:func:`check_pixels`'s; the device pipeline checks its
+    tensors on the device and raises the same)."""
+    return NonFiniteInputError(f"the image contains NaN or infinite values{where}; replace them before {task}.")
 
 
 def window_normalization(window: Window) -> Normalization:

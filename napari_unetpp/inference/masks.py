@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["mask_from"]
 
 
-def mask_from(prob: Any, num_classes: int, threshold: float = 0.5, class_axis: int = 0) -> np.ndarray:
+def mask_from(prob: Any, num_classes: int, threshold: float = 0.5, class_axis: int = 0) -> Any:
     """The mask of probabilities ``prob``.
 
     Args:
@@ -26,8 +27,11 @@ def mask_from(prob: Any, num_classes: int, threshold: float = 0.5, class_axis: i
         class_axis: Where the classes are, for several classes (default 0).
 
     Returns:
-        A bool array (one class) or the class index per pixel (several classes).
+        A bool array (one class) or the class index per pixel (several classes); for a tensor ``prob``, a tensor on
+        its device.
     """
+    if isinstance(prob, torch.Tensor):  # the device pipeline's: the same rule, where the tensor is
+        return prob >= threshold if num_classes == 1 else torch.argmax(prob, dim=class_axis)
     if num_classes == 1:
         return np.asarray(prob) >= threshold
     return np.argmax(prob, axis=class_axis)

@@ -25,6 +25,7 @@ Axes use the letters T (time), C (channel), Z, Y, X (see :mod:`napari_unetpp.dat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Generator, Iterable, Sequence
@@ -36,6 +37,7 @@ import torch
 from napari_unetpp.data.axes import fit_channels, guess_axes, layout
 from napari_unetpp.data.normalization import Normalization
 from napari_unetpp.errors import InputError
+from napari_unetpp.inference.on_device import DeviceBands, device_window, resolve_pipeline
 from napari_unetpp.inference.plan import PredictionPlan, image_stats, plan_prediction
 from napari_unetpp.inference.predictor import SafePredictor, describe_predictor
 from napari_unetpp.inference.result import Allocator, Prediction, Progress
@@ -44,7 +46,15 @@ from napari_unetpp.inference.writer import PlaneWriter
 from napari_unetpp.inference.zoom import Zoomed, zooms
 from napari_unetpp.jobs import run_to_end
 from napari_unetpp.model.registry import resolve_model
-from napari_unetpp.runtimes import Backend, make_backend, release_later, release_memory, torch_instead
+from napari_unetpp.runtimes import (
+    Backend,
+    TorchBackend,
+    device_memory,
+    make_backend,
+    release_later,
+    release_memory,
+    torch_instead,
+)
 
 __all__ = [
     "Progress",
@@ -92,6 +102,7 @@ def predict_iter(
     rows: tuple[int, int] | None = None,
     runtime: str = "auto",
     predictor: Predictor | None = None,
+    pipeline: str = "auto",
 ) -> Generator[Progress, None, Prediction]:
     """Segment ``image``, yielding :class:`Progress` after each batch; return the :class:`Prediction`.
 
@@ -146,6 +157,10 @@ def predict_iter(
             network being trained (:func:`~napari_unetpp.inference.predictor.network_predictor`, its weights as
             they are now). ``model`` still gives the recipe (normalisation, tile, depth); ``Prediction.ran_on``
             names the predictor.
+        pipeline: Where the work around the network runs: ``"auto"`` (default: ``"device"`` on CUDA and MPS,
+            ``"host"`` on the CPU), ``"host"`` (tiles read, normalised and blended by NumPy on the CPU; every runtime)
+            or ``"device"`` (all of it in PyTorch on the network's device, only the pixels and the outputs copied:
+            :mod:`napari_unetpp.inference.on_device`; PyTorch only, so not with ``runtime`` ONNX / OpenVINO or int8).
 
     Raises:
         InputError: wrong dimensions, axes or channel count, or non-finite values (a one-sentence message).
@@ -173,10 +188,11 @@ def predict_iter(
         assert zoom is not None
         zoomed = Zoomed(image, model, zoom, kw)
         inner = plan_prediction(zoomed.image, zoomed.model, **zoomed.plan_kwargs)
-        result = yield from zoomed.around(run_plan(inner, precision, runtime, None, predictor), allocate)
+        run = run_plan(inner, precision, runtime, None, predictor, pipeline)
+        result = yield from zoomed.around(run, allocate)
     else:
         plan = plan_prediction(image, model, rows=rows, **kw)
-        result = yield from run_plan(plan, precision, runtime, allocate, predictor)
+        result = yield from run_plan(plan, precision, runtime, allocate, predictor, pipeline)
     result.seconds = time.perf_counter() - t_start
     return result
 
@@ -187,15 +203,22 @@ def run_plan(
     runtime: str = "auto",
     allocate: Allocator | None = None,
     predictor: Predictor | None = None,
+    pipeline: str = "auto",
 ) -> Generator[Progress, None, Prediction]:
     """Run ``plan`` through the sliding window into a new result (``allocate`` as in :func:`predict_iter`), on the
-    runtime ``runtime`` and ``precision`` choose (:func:`napari_unetpp.runtimes.make_backend`) or on ``predictor``;
-    yield :class:`Progress` after every batch, return the :class:`Prediction`. Cached accelerator memory is given
-    back when the run ends, fails or is cancelled."""
+    runtime ``runtime`` and ``precision`` choose (:func:`napari_unetpp.runtimes.make_backend`) or on ``predictor``,
+    with the work around the network where ``pipeline`` says (:func:`predict_iter`); yield :class:`Progress` after
+    every batch, return the :class:`Prediction`. Memory kept between runs is given back a while after the run ends,
+    fails or is cancelled (:func:`~napari_unetpp.runtimes.release_later`), unless another run comes first."""
     result = plan.allocate(allocate)
     writer = PlaneWriter(plan, result)
+    on_device = resolve_pipeline(pipeline, plan.device) == "device"
+    backend = _device_backend(plan, precision, runtime, predictor, pipeline) if on_device else None
+    on_device = backend is not None
     fallback = None
-    if predictor is None:
+    if backend is not None:
+        predictor = backend
+    elif predictor is None:
         predictor = make_backend(
             plan.model,
             plan.net,
@@ -213,19 +236,64 @@ def run_plan(
                 return torch_instead(safe.predictor, exc, plan.net, plan.depth, plan.device, precision)
 
     safe = SafePredictor(predictor, plan.device, plan.batch, fallback)
+    bands = DeviceBands(plan, plan.device) if backend is not None else None
+    held = contextlib.ExitStack()  # a run on an accelerator: its cached memory is not given back meanwhile
+    if plan.device.type != "cpu":
+        held.enter_context(device_memory(plan.device).use())
     try:
-        for step in sliding_window(plan.planes(), safe, writer, plan.batch):
+        if bands is not None and backend is not None:
+            steps = device_window(plan, safe, backend, writer, bands)
+        else:
+            steps = sliding_window(plan.planes(), safe, writer, plan.batch)
+        for step in steps:
             yield Progress(step.done, plan.total_tiles, list(step.finished), result)  # type: ignore[arg-type]
-    finally:  # finished, failed or cancelled: give cached accelerator memory back
+    finally:  # finished, failed or cancelled
+        if bands is not None:
+            bands.close()
         safe.close()
-        if plan.device.type != "cpu":
-            release_memory(plan.device)
-        elif min(plan.batch, plan.total_tiles) * int(np.prod(plan.tiles.tile_shape)) > KEEP_ARENA:
-            if isinstance(safe.predictor, Backend):
-                release_later(safe.predictor)  # in RELEASE_AFTER_S, so that back-to-back runs keep it
+        held.close()
+        _keep_or_release(plan, safe.predictor)
     result.ran_on, result.runtime = describe_predictor(safe.predictor, plan.device)
+    if on_device:
+        result.ran_on += ", the pipeline on the device"
     log.info("L%d ran on %s", plan.depth, result.ran_on)
     return result
+
+
+def _device_backend(
+    plan: PredictionPlan, precision: str, runtime: str, predictor: Predictor | None, pipeline: str
+) -> TorchBackend | None:
+    """The PyTorch backend the device pipeline runs, or None where it cannot (a predictor that is no PyTorch
+    backend, another runtime, int8: the host pipeline then runs, or, where ``pipeline="device"`` was asked for,
+    a ValueError says why)."""
+    forced = pipeline == "device"
+    if predictor is not None:
+        if isinstance(predictor, TorchBackend) or not forced:
+            return predictor if isinstance(predictor, TorchBackend) else None
+        raise ValueError("pipeline='device' runs PyTorch; this predictor runs on the host pipeline (pipeline='host').")
+    if runtime not in ("auto", "torch") or precision == "int8":
+        if forced:
+            what = "int8" if precision == "int8" else runtime
+            raise ValueError(f"pipeline='device' runs PyTorch, not {what}; choose runtime='torch' or pipeline='host'.")
+        return None
+    backend = make_backend(
+        plan.model, plan.net, plan.depth, plan.device, precision, plan.tiles.tile_shape, "torch", plan.batch
+    )
+    assert isinstance(backend, TorchBackend)
+    return backend
+
+
+def _keep_or_release(plan: PredictionPlan, predictor: Any) -> None:
+    """After a run: an accelerator's cached memory and a large CPU run's runtime memory are given back in
+    :data:`~napari_unetpp.runtimes.memory.RELEASE_AFTER_S` (back-to-back runs keep them); other memory at once."""
+    kept = isinstance(predictor, Backend) and predictor.memory() is not None
+    if plan.device.type != "cpu":
+        if kept:
+            release_later(predictor)
+        else:
+            release_memory(plan.device)  # a predictor passed in: nothing says what it holds
+    elif kept and min(plan.batch, plan.total_tiles) * int(np.prod(plan.tiles.tile_shape)) > KEEP_ARENA:
+        release_later(predictor)  # in RELEASE_AFTER_S, so that back-to-back runs keep it
 
 
 def predict(image: Any, model: Any, **kwargs: Any) -> Prediction:

@@ -89,7 +89,9 @@ class SafePredictor:
             self._cores.release()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """``(B, C, *tile)`` float32 input -> ``(B, k, classes [+ cue], *tile)`` float32 probabilities."""
+        """``(B, C, *tile)`` float32 input -> ``(B, k, classes [+ cue], *tile)`` float32 probabilities: NumPy
+        arrays, or tensors on the predictor's device for a :class:`~napari_unetpp.runtimes.TorchBackend` (the device
+        pipeline's)."""
         outs = []
         i = 0
         while i < len(x):
@@ -116,8 +118,13 @@ class SafePredictor:
             release_memory(self.device)  # out of memory: once the exception (and the tensors it holds) is gone
             self.batch = max(1, self.batch // 2)
             log.warning("out of memory: retrying with %d tile(s) per batch", self.batch)
-        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs) if isinstance(outs[0], torch.Tensor) else np.concatenate(outs)
 
     def forward(self, chunk: np.ndarray) -> np.ndarray:
         """One chunk through :attr:`predictor` (what a test may replace to make a run fail)."""
+        if isinstance(chunk, torch.Tensor):
+            assert isinstance(self.predictor, TorchBackend)
+            return self.predictor.tensor(chunk)
         return self.predictor(chunk)

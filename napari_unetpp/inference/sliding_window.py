@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class Plane:
 
     key: Hashable
     tiles: TilePlan
-    read: Callable[[Tile], np.ndarray]
+    read: Callable[[Tile], Any]  # np.ndarray (or a tensor, in the device pipeline)
     run: Sequence[Tile] | None = None
     rows: tuple[int, int] | None = None
 
@@ -102,7 +102,14 @@ class Step:
     finished: list[Hashable] = field(default_factory=list)
 
 
-def sliding_window(planes: Iterable[Plane], predictor: Predictor, sink: Sink, batch: int) -> Iterator[Step]:
+def sliding_window(
+    planes: Iterable[Plane],
+    predictor: Predictor | Callable[[Any], Any],
+    sink: Sink,
+    batch: int,
+    stack: Callable[[list[Any]], Any] = np.stack,
+    blender: Callable[..., Blender] = Blender,
+) -> Iterator[Step]:
     """Run every plane's tiles through ``predictor`` in batches of ``batch`` tiles (plane, then raster order; a
     batch may span planes), blend each plane with Gaussian weights (none when one tile covers it) and stream its
     final rows into ``sink``; yield a :class:`Step` after every batch.
@@ -110,13 +117,17 @@ def sliding_window(planes: Iterable[Plane], predictor: Predictor, sink: Sink, ba
     ``planes`` is read lazily: a plane's tiles are read when its batch is made. A plane with no tiles to run is
     skipped (nothing reaches the sink). Exceptions of the predictor or the sink propagate; closing the generator
     stops before the next batch.
+
+    ``stack`` makes a batch of the tiles ``read`` returns and ``blender`` blends them (default: NumPy arrays and
+    :class:`~napari_unetpp.inference.tiling.Blender`). The device pipeline passes ``torch.stack`` and
+    :class:`~napari_unetpp.inference.on_device.TorchBlender`: tiles, batches, blending and rows stay on the device.
     """
     weights: dict[tuple[int, ...], np.ndarray] = {}  # per tile shape, shared by the planes
     blenders: dict[Hashable, Blender] = {}
     remaining: dict[Hashable, int] = {}
     done = 0
     for items in _batches(_tiles(planes), batch):
-        probs = predictor(np.stack([x for _, _, x in items]))  # (B, k, classes [+ cue], *tile)
+        probs = predictor(stack([x for _, _, x in items]))  # (B, k, classes [+ cue], *tile)
         finished = []
         for (plane, sl, _), pr in zip(items, probs):
             key = plane.key
@@ -125,7 +136,7 @@ def sliding_window(planes: Iterable[Plane], predictor: Predictor, sink: Sink, ba
                 if len(grid) > 1 and shape not in weights:
                     weights[shape] = gaussian_weights(shape)
                 rows = functools.partial(sink.write_rows, key)
-                blenders[key] = Blender(
+                blenders[key] = blender(
                     grid, sink.channels, rows, weights.get(shape) if len(grid) > 1 else None, plane.rows
                 )
                 remaining[key] = len(plane.to_run)

@@ -1,4 +1,5 @@
-"""Sliding-window tiling with Gaussian blending, for 2D planes and 3D volumes (numpy only).
+"""Sliding-window tiling with Gaussian blending, for 2D planes and 3D volumes (numpy; the device pipeline's
+:class:`~napari_unetpp.inference.on_device.TorchBlender` is the same blender over torch tensors).
 
 A :class:`TilePlan` covers an N-D spatial extent with overlapping tiles whose starts are spread evenly, the last
 one flush with the border. Tiles are visited in raster order; the :class:`Blender` accumulates weighted tile
@@ -175,14 +176,23 @@ class Blender:
         if self._single:
             self.weights = None
         else:
-            self.weights = gaussian_weights(plan.tile_shape) if weights is None else weights.astype(np.float32)
+            self.weights = self._as_weights(gaussian_weights(plan.tile_shape) if weights is None else weights)
         self.row_starts = plan.starts[0]
         t0 = plan.tile_shape[0] if len(plan) > 1 else 0
-        self._acc = np.zeros((channels, t0, *plan.shape[1:]), dtype=np.float32)
-        self._wsum = np.zeros((t0, *plan.shape[1:]), dtype=np.float32)
+        self._acc = self._zeros((channels, t0, *plan.shape[1:]))
+        self._wsum = self._zeros((t0, *plan.shape[1:]))
         self._origin = 0  # axis-0 index of the window's first row
         self._row = 0  # index into row_starts of the tiles being added
         self._flushed = 0  # rows already sent
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        return np.zeros(shape, dtype=np.float32)
+
+    def _as_weights(self, weights: np.ndarray) -> Any:
+        return np.asarray(weights, dtype=np.float32)
+
+    def _roll(self, a: Any, shift: int, axis: int) -> Any:
+        return np.roll(a, shift, axis=axis)
 
     def add(self, tile: tuple[slice, ...], values: np.ndarray) -> None:
         """Add the output of one tile, ``values`` of shape ``(channels, *tile_shape)``."""
@@ -205,8 +215,8 @@ class Blender:
         nxt = self.row_starts[self._row + 1]
         self._emit(nxt)
         shift = nxt - self._origin
-        self._acc = np.roll(self._acc, -shift, axis=1)
-        self._wsum = np.roll(self._wsum, -shift, axis=0)
+        self._acc = self._roll(self._acc, -shift, 1)
+        self._wsum = self._roll(self._wsum, -shift, 0)
         self._acc[:, -shift:] = 0
         self._wsum[-shift:] = 0
         self._origin = nxt

@@ -19,7 +19,7 @@ from napari_unetpp.inference.plan import PredictionPlan
 from napari_unetpp.inference.postprocess import split_instances
 from napari_unetpp.inference.result import Prediction
 
-__all__ = ["PlaneWriter", "as_prob"]
+__all__ = ["PlaneWriter", "as_prob", "on_host"]
 
 
 class PlaneWriter:
@@ -54,12 +54,13 @@ class PlaneWriter:
         """One tile's ``(k, classes [+ cue], *tile)`` output -> the blended levels' channels, then the ensemble's
         (the mean of heads 1..k)."""
         plan = self.plan
-        chans = [probs[lv - 1] for lv in plan.blend_levels] + ([probs.mean(axis=0)] if plan.mode == "ensemble" else [])
-        return np.concatenate(chans, axis=0)
+        chans = [probs[lv - 1] for lv in plan.blend_levels] + ([probs.mean(0)] if plan.mode == "ensemble" else [])
+        return torch.cat(chans, 0) if isinstance(probs, torch.Tensor) else np.concatenate(chans, axis=0)
 
-    def write_rows(self, pidx: Any, a: int, b: int, vals: np.ndarray) -> None:
+    def write_rows(self, pidx: Any, a: int, b: int, vals: np.ndarray | torch.Tensor) -> None:
         """Rows ``a:b`` of the padded plane ``pidx`` (``(channels, rows, ...)`` blended values) -> the outputs,
-        with the padding cropped off."""
+        with the padding cropped off. Values on a device (the device pipeline's tensors) are cropped, cast and
+        thresholded there; only the outputs, in their dtypes, come back."""
         plan, nc = self.plan, self.plan.num_classes
         first, stop = plan.padded_rows  # (all the image's rows unless rows= asked for fewer)
         lo, hi = max(a, first), min(b, stop)
@@ -82,7 +83,10 @@ class PlaneWriter:
         assert chosen is not None
         if self._cue is not None:
             self._store(self._cue, pidx, a, b, chosen[nc:])
-        self._mask[pidx][a:b] = mask_from(chosen[0] if nc == 1 else chosen[:nc], nc, plan.threshold)
+        mask = mask_from(chosen[0] if nc == 1 else chosen[:nc], nc, plan.threshold)
+        if isinstance(mask, torch.Tensor) and nc > 1:  # a class index: back as the mask's dtype, not int64
+            mask = mask.to(torch.uint8 if nc <= 255 else torch.int32)
+        self._mask[pidx][a:b] = on_host(mask)
 
     def plane_done(self, pidx: Any) -> None:
         """Instance labels of a finished plane (its mask and cue are complete), numbered on from the planes before,
@@ -100,7 +104,7 @@ class PlaneWriter:
         self._objects[pidx] = lab
         self.result.objects_count = self._next_id
 
-    def _store(self, view: Any, pidx: tuple[int, ...], a: int, b: int, vals: np.ndarray) -> None:
+    def _store(self, view: Any, pidx: tuple[int, ...], a: int, b: int, vals: np.ndarray | torch.Tensor) -> None:
         vals = as_prob(vals, self.plan.prob_dtype)
         if len(vals) == 1:
             view[pidx][a:b] = vals[0]
@@ -108,14 +112,27 @@ class PlaneWriter:
             view[(slice(None), *pidx)][:, a:b] = vals
 
 
-def as_prob(p: np.ndarray, prob_dtype: str) -> np.ndarray:
+def as_prob(p: np.ndarray | torch.Tensor, prob_dtype: str) -> np.ndarray:
     """float32 probabilities in an output's dtype (``uint8``: 0-255, rounded half to even), made before they are
     written: assigning float32 into a uint8 or float16 array casts element by element (1.7-1.8 ms for a 512^2 plane
     on an AVX2 CPU). float16 is cast by torch (vectorised, 0.05 ms), uint8 by NumPy's ufuncs (0.2 ms; torch's took
-    0.35). With every level kept this was most of predict's time outside the network."""
+    0.35). With every level kept this was most of predict's time outside the network. A tensor (the device
+    pipeline's) is cast where it is, by the same rules, and comes back as a NumPy array of the output's dtype."""
+    if isinstance(p, torch.Tensor):
+        p = p.float()
+        if prob_dtype == "uint8":
+            p = torch.clamp(torch.round(p * 255.0), 0, 255).to(torch.uint8)
+        elif prob_dtype == "float16":
+            p = p.to(torch.float16)
+        return on_host(p)
     p = np.asarray(p, np.float32)
     if prob_dtype == "uint8":
         return np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8)
     if prob_dtype == "float16":
         return torch.from_numpy(p if p.flags.writeable else p.copy()).to(torch.float16).numpy()
     return p
+
+
+def on_host(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``x`` as a NumPy array: a tensor is copied back from its device; an array is returned as it is."""
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else x

@@ -36,7 +36,7 @@ from napari_unetpp.runtimes.device import (
 from napari_unetpp.runtimes.failures import runtime_failed, torch_instead
 from napari_unetpp.runtimes.graph import onnx_graph, params_hash
 from napari_unetpp.runtimes.int8 import calibration_tiles
-from napari_unetpp.runtimes.memory import release_later, release_pending
+from napari_unetpp.runtimes.memory import DeviceMemory, device_memory, release_later, release_pending
 from napari_unetpp.runtimes.selection import choose, make_backend, resolve_runtime
 from napari_unetpp.runtimes.torch_backend import TorchBackend
 
@@ -46,6 +46,7 @@ __all__ = [
     "RUNTIMES",
     "Backend",
     "Choice",
+    "DeviceMemory",
     "RuntimeUnavailable",
     "TorchBackend",
     "autocast_context",
@@ -54,6 +55,7 @@ __all__ = [
     "choose",
     "cpu_supports_bf16",
     "describe_device",
+    "device_memory",
     "hold_cores",
     "is_oom",
     "make_backend",

@@ -1,21 +1,31 @@
-"""Memory a run leaves behind in ONNX Runtime or OpenVINO, given back a moment after the run rather than at its end.
+"""Memory a run leaves behind, given back a moment after the run rather than at its end.
 
-A large run (ONNX Runtime's arena, OpenVINO's buffers: 1.5 GB at L4 on 4 x 512^2) keeps its memory for
-:data:`RELEASE_AFTER_S` seconds: the next run within that time (the next file of a batch, a slider preview after a
-whole-stack run, a benchmark's repeat) skips the allocation. Measured at L4 on 5 x 512^2 slices with OpenVINO: 1.85 s
-a run back to back, against 2.85 s with the memory released at the end of each run.
+A large run keeps its memory for :data:`RELEASE_AFTER_S` seconds: the next run within that time (the next file of a
+batch, a slider preview after a whole-stack run, a benchmark's repeat) skips the allocation. Measured at L4 on
+5 x 512^2 slices with OpenVINO: 1.85 s a run back to back, against 2.85 s with the memory released at the end of
+each run. What is kept:
+
+- ONNX Runtime's arena and OpenVINO's buffers (1.5 GB at L4 on 4 x 512^2), per graph;
+- an accelerator's caching allocator (CUDA, MPS): :func:`device_memory`, one per device, shared by every run there.
+  It is not given back while a run uses it (:meth:`DeviceMemory.use`), nor while a live session trains and previews
+  on that device (it holds it for the session); :func:`release_pending` gives it back at once before a batch
+  fine-tune.
 """
 
 from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from napari_unetpp.runtimes.base import Backend
+import torch
 
-__all__ = ["RELEASE_AFTER_S", "release_later", "release_pending"]
+from napari_unetpp.runtimes.base import Backend
+from napari_unetpp.runtimes.device import release_memory
+
+__all__ = ["RELEASE_AFTER_S", "DeviceMemory", "device_memory", "release_later", "release_pending"]
 
 RELEASE_AFTER_S = 10.0
 _timer: Callable[..., Any] = threading.Timer  # what waits (tests put a timer they fire themselves)
@@ -69,6 +79,60 @@ def release_pending() -> None:
     for timer, backend in entries:
         timer.cancel()
         _release_or_retry(backend, RELEASE_AFTER_S)
+
+
+class DeviceMemory:
+    """The cached memory of one accelerator (PyTorch's caching allocator): what :func:`release_later` gives back
+    after a run on CUDA or MPS, unless it is in use."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._users = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        """A run or a session starts using the memory: :meth:`release` keeps it until the matching :meth:`leave`."""
+        with self._lock:
+            self._users += 1
+
+    def leave(self) -> None:
+        """The run or session that :meth:`enter` ed is over."""
+        with self._lock:
+            self._users = max(0, self._users - 1)
+
+    @contextmanager
+    def use(self) -> Iterator[None]:
+        """While inside, :meth:`release` does not give the memory back (a run uses it)."""
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a run or a session holds it now."""
+        return self._users > 0
+
+    def release(self) -> bool:
+        """Give the cached memory back to the driver; False (nothing done) while it is in use."""
+        with self._lock:
+            if self._users:
+                return False
+        release_memory(self.device)
+        return True
+
+
+_devices: dict[str, DeviceMemory] = {}
+
+
+def device_memory(device: torch.device | str) -> DeviceMemory:
+    """The one :class:`DeviceMemory` of ``device`` (CUDA devices by index)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    with _pending_lock:
+        return _devices.setdefault(str(dev), DeviceMemory(dev))
 
 
 @atexit.register

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from napari_unetpp.training.data import TrainingSet
 
-__all__ = ["Prefetcher", "augment_batch", "random_affine", "sample_batch"]
+__all__ = ["Prefetcher", "augment_batch", "intensity_on_device", "random_affine", "sample_batch"]
 
 
 def sample_batch(
@@ -69,11 +69,21 @@ def sample_batch(
 
 
 def augment_batch(
-    x: np.ndarray, y: np.ndarray, v: np.ndarray, rng: np.random.Generator, mirror: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x: np.ndarray,
+    y: np.ndarray,
+    v: np.ndarray,
+    rng: np.random.Generator,
+    mirror: bool = True,
+    intensity_later: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Flips (every axis) and 90-degree rotations (in YX; half-turns only on non-square patches, whose quarter-turns
-    would not stack) unless ``mirror`` is False, and per-channel gamma, gain, offset and noise."""
-    xs, ys, vs = [], [], []
+    would not stack) unless ``mirror`` is False, and per-channel gamma, gain, offset and noise.
+
+    ``intensity_later``: the intensity jitter is drawn but not applied; its parameters come back as a fourth array,
+    ``(B, C, 4)`` (gamma, gain, offset, noise sigma), and a seed for the noise as a fifth, for
+    :func:`intensity_on_device` to apply where the batch trains (on CUDA: the power and the noise were most of the
+    CPU's time per batch)."""
+    xs, ys, vs, params = [], [], [], []
     nd = y.ndim - 1
     square = y.shape[-1] == y.shape[-2]
     for b in range(x.shape[0]):
@@ -86,19 +96,46 @@ def augment_batch(
                 a, t, m = np.flip(a, ax + 1), np.flip(t, ax), np.flip(m, ax)
         a = np.array(a, dtype=np.float32)
         for c in range(a.shape[0]):
+            gamma, gain, offset, sigma = _intensity(rng)
+            if intensity_later:
+                params.append((gamma, gain, offset, sigma))
+                continue
             ch = a[c]
-            gamma = float(np.exp(rng.uniform(-0.35, 0.35)))
             inside = (ch > 0) & (ch < 1)
             ch[inside] = ch[inside] ** gamma
-            ch *= rng.uniform(0.8, 1.25)
-            ch += rng.uniform(-0.1, 0.1)
-            sigma = rng.uniform(0, 0.05)
-            if sigma > 0.005:
+            ch *= gain
+            ch += offset
+            if sigma > NOISE_FROM:
                 ch += rng.normal(0, sigma, ch.shape).astype(np.float32)
         xs.append(a)
         ys.append(np.ascontiguousarray(t))
         vs.append(np.ascontiguousarray(m))
+    if intensity_later:
+        jitter = np.asarray(params, np.float32).reshape(x.shape[0], x.shape[1], 4)
+        return np.stack(xs), np.stack(ys), np.stack(vs), jitter, np.asarray(rng.integers(2**62))
     return np.stack(xs), np.stack(ys), np.stack(vs)
+
+
+NOISE_FROM = 0.005  # noise sigmas below this add none
+
+
+def _intensity(rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """One channel's gamma, gain, offset and noise sigma (in this order from ``rng``)."""
+    gamma = float(np.exp(rng.uniform(-0.35, 0.35)))
+    return gamma, float(rng.uniform(0.8, 1.25)), float(rng.uniform(-0.1, 0.1)), float(rng.uniform(0, 0.05))
+
+
+def intensity_on_device(x: torch.Tensor, jitter: torch.Tensor, seed: int) -> torch.Tensor:
+    """:func:`augment_batch`'s intensity jitter applied to ``x`` ``(B, C, *patch)`` where it is: ``jitter``
+    ``(B, C, 4)`` from ``augment_batch(intensity_later=True)``; the noise from a generator seeded with ``seed`` on
+    ``x``'s device (the same distribution as the CPU's, not the same draws)."""
+    shape = (*x.shape[:2], *([1] * (x.ndim - 2)))
+    gamma, gain, offset, sigma = (jitter[..., i].to(x.device, torch.float32).reshape(shape) for i in range(4))
+    inside = (x > 0) & (x < 1)
+    x = torch.where(inside, x.clamp(min=1e-30) ** gamma, x) * gain + offset
+    gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return x + noise * torch.where(sigma > NOISE_FROM, sigma, torch.zeros_like(sigma))
 
 
 def random_affine(

@@ -23,7 +23,7 @@ version records the same. Predict snapshots with ``runtime="torch"``: nothing is
 
 Threads: :meth:`LiveTrainer.update` only copies the planes handed over; the training thread rebuilds their items,
 trains, publishes snapshots, and at the end (:meth:`LiveTrainer.stop`) validates the last state, keeps it or an
-earlier better one, and releases the cores and memory.
+earlier better one, and releases the cores and memory (an accelerator's is kept between previews until then).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from napari_unetpp.errors import TrainingDataError
 from napari_unetpp.model.loaded import LoadedModel
 from napari_unetpp.model.registry import resolve_model
-from napari_unetpp.runtimes import resolve_device
+from napari_unetpp.runtimes import device_memory, resolve_device
 from napari_unetpp.training.config import FineTuneConfig, TrainProgress, make_config
 from napari_unetpp.training.engine import Trainer
 from napari_unetpp.training.live_model import (
@@ -78,7 +78,8 @@ class LiveTrainer:
         modality: The fresh network's normalisation (default: the base's own normalisation, else
             ``"fluorescence"``).
         axes: The image's axes (guessed when None).
-        device: ``"auto"`` / None (CUDA, MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
+        device: ``"auto"`` / None (CUDA, MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"mps"``; an accelerator's cached
+            memory stays for the session.
         channel: For a 1-channel model and a multi-channel image: the channel it reads.
         spacing: The image's pixel size per axis letter, recorded in the snapshots' and the saved card (default
             none: a prediction with them never zooms).
@@ -121,6 +122,7 @@ class LiveTrainer:
         self.cfg = make_config(config, {**(LIVE_DEFAULTS if config is None else {}), **options})
         self.cfg.minutes = config.minutes if config is not None else None  # no budget: make_config's default is not
         self.device = resolve_device(device or "auto")
+        device_memory(self.device).enter()  # training and previews share it: no release until the session ends
         self.spacing, self.snapshot_every_s, self.validate_every_s = spacing, snapshot_every_s, validate_every_s
         self.half_life_s, self.on_snapshot = half_life_s, on_snapshot
         self._fresh = fresh_for(self.base, self.modality, modality is None)
@@ -167,9 +169,7 @@ class LiveTrainer:
         else:
             s = np.asarray(scribbles)
             if s.shape != self.data.shape:
-                raise TrainingDataError(
-                    f"the scribbles have shape {s.shape} but the image {self.data.shape} (without C)."
-                )
+                raise TrainingDataError(f"the scribbles have shape {s.shape} but the image {self.data.shape} (no C).")
             idx = [self.data.plane_of(p) for p in planes] if planes is not None else list(np.ndindex(*self._leading()))
             new = {p: np.asarray(s[p]) for p in idx}
         cfg = self.data.model.module.config
@@ -295,6 +295,7 @@ class LiveTrainer:
         finally:
             if tr is not None:
                 tr.release()
+            device_memory(self.device).leave()
             self.data.clear()
             self._stopped_at = time.perf_counter()
             self.finished.set()
@@ -383,9 +384,8 @@ class LiveTrainer:
         training thread, between steps: never half-written weights)."""
         tr = self._trainer
         now = time.perf_counter()
-        if tr is None or not tr.steps or (not force and tr.steps == self._published_step):
-            return
-        if not force and self._model is not None and now - self._last_snapshot < self.snapshot_every_s:
+        soon = self._model is not None and now - self._last_snapshot < self.snapshot_every_s
+        if tr is None or not tr.steps or (not force and (tr.steps == self._published_step or soon)):
             return
         net = copy.deepcopy(tr.base.module).cpu()
         net.load_state_dict(state if state is not None else tr.snapshot())

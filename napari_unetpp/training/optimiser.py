@@ -4,12 +4,13 @@ deep-supervision loss, and one step of them on a batch (moved to the device, ran
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from napari_unetpp.runtimes import is_oom, release_memory
-from napari_unetpp.training.augment import random_affine
+from napari_unetpp.training.augment import intensity_on_device, random_affine
 from napari_unetpp.training.config import FineTuneConfig
 from napari_unetpp.training.losses import DeepSupervisionLoss
 from napari_unetpp.training.recipe import Recipe
@@ -38,20 +39,22 @@ class Optimiser:
 
     def step(
         self,
-        batch: tuple[np.ndarray, np.ndarray, np.ndarray],
+        batch: tuple[Any, ...],
         lr: float,
         rng: np.random.Generator,
         clock: Callable[[], float],
     ) -> tuple[float, float] | None:
-        """One optimiser step at learning rate ``lr`` on ``batch`` (image, target, known pixels) after a mild
-        random affine (``cfg.affine_probability``): the loss and the step's seconds, or None after an out-of-memory
-        error (gradients dropped and memory released: the caller shrinks the batch)."""
+        """One optimiser step at learning rate ``lr`` on ``batch`` (image, target, known pixels: arrays or pinned
+        tensors; then, where the batch maker left it to the device, the intensity jitter and its noise seed) after a
+        mild random affine (``cfg.affine_probability``): the loss and the step's seconds, or None after an
+        out-of-memory error (gradients dropped and memory released: the caller shrinks the batch)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         net, dev = self.net, self.device
-        xb, yb, vb = batch
-        x = torch.from_numpy(xb).to(dev, non_blocking=True).contiguous(memory_format=net.fmt)
-        y, v = torch.from_numpy(yb).to(dev, non_blocking=True), torch.from_numpy(vb).to(dev, non_blocking=True)
+        x, y, v = (torch.as_tensor(a).to(dev, non_blocking=True) for a in batch[:3])
+        if len(batch) == 5:
+            x = intensity_on_device(x, torch.as_tensor(batch[3]), int(batch[4]))
+        x = x.contiguous(memory_format=net.fmt)
         x, y, v = random_affine(x, y, v, rng, self.cfg.affine_probability)
         cue = net.module.config.has_cue
         t_step = clock()

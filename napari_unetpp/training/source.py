@@ -1,7 +1,8 @@
 """The training data the engine samples from at every step, and the ways it changes between steps.
 
 A :class:`BatchSource` holds the current :class:`~napari_unetpp.training.data.TrainingSet` and what makes its
-batches (:func:`batch_maker`: sampled and augmented on the CPU, in a background thread on CUDA).
+batches (:func:`batch_maker`: sampled and augmented on the CPU; on CUDA in a background thread, with the intensity
+jitter left to the GPU).
 :meth:`BatchSource.replace` swaps the data between two steps: the batches made for the old data are dropped and the
 next step samples the new. The refit phase is one such swap (:func:`with_validation_trained`); a trainer whose data
 grows (the user paints more) is another.
@@ -24,20 +25,24 @@ __all__ = ["BatchSource", "batch_maker", "statistics_batches", "with_validation_
 
 
 def batch_maker(ds: TrainingSet, rng: np.random.Generator, cfg: Any, mirror: bool, dev: torch.device) -> Prefetcher:
-    """What makes each training batch of ``ds`` (sampled and augmented on the CPU; ``cfg`` gives the focus and
-    foreground fractions): in line on the CPU; on CUDA in a :class:`~.augment.Prefetcher` thread with its own
-    generator, so the GPU does not wait for the CPU between steps."""
+    """What makes each training batch of ``ds`` (``cfg`` gives the focus and foreground fractions): sampled and
+    augmented on the CPU, in line; on CUDA in a :class:`~.augment.Prefetcher` thread with its own generator, so the
+    GPU does not wait for the CPU between steps, and there the thread samples, flips and turns, pins the batch for
+    an asynchronous upload and leaves the intensity jitter to the GPU
+    (:func:`~.augment.intensity_on_device`)."""
+    pin = dev.type == "cuda" and torch.cuda.is_available()
 
-    def make(gen: np.random.Generator) -> Callable[[int, tuple[int, ...]], tuple]:
+    def make(gen: np.random.Generator, on_device: bool) -> Callable[[int, tuple[int, ...]], tuple]:
         def one(batch: int, patch: tuple[int, ...]) -> tuple:
             picked = sample_batch(ds, gen, batch, patch, cfg.focus_fraction, cfg.foreground_fraction)
-            return augment_batch(*picked, gen, mirror)
+            out = augment_batch(*picked, gen, mirror, intensity_later=on_device)
+            return tuple(torch.from_numpy(a).pin_memory() for a in out[:3]) + out[3:] if pin else out
 
         return one
 
     if dev.type == "cuda":
-        return Prefetcher(make(np.random.default_rng(rng.integers(2**63))))
-    return Prefetcher(make(rng), threaded=False)
+        return Prefetcher(make(np.random.default_rng(rng.integers(2**63)), True))
+    return Prefetcher(make(rng, False), threaded=False)
 
 
 def statistics_batches(
@@ -90,8 +95,9 @@ class BatchSource:
         self._batches = batch_maker(self.data, self.rng, self.cfg, self.mirror, self.device)
         self.threaded = self._batches.threaded
 
-    def get(self, batch: int, patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The next batch: image ``(B, C, *patch)``, target and known-pixel mask ``(B, *patch)``."""
+    def get(self, batch: int, patch: Sequence[int]) -> tuple[Any, ...]:
+        """The next batch: image ``(B, C, *patch)``, target and known-pixel mask ``(B, *patch)`` (arrays, or pinned
+        tensors on CUDA), and on CUDA the intensity jitter still to apply and its noise seed."""
         if self._batches is None:
             self.start()
         assert self._batches is not None
