@@ -191,11 +191,14 @@ class DeviceBands:
         if not lay.has_c:
             block = block[None]
         check_pixels(block[:0])  # a dtype that is no number: its one sentence (NaNs are looked for on the device)
-        if block.dtype.kind == "u" and block.itemsize > 1 and self.device.type == "mps":
-            block = block.astype(np.float32)  # MPS has no uint16 / uint32 tensors
+        if not block.dtype.isnative:  # e.g. a big-endian TIFF's memory map
+            block = block.astype(block.dtype.newbyteorder("="))
+        no_mps = block.dtype == np.float64 or (block.dtype.kind == "u" and block.itemsize > 1)
+        if self.device.type == "mps" and no_mps:
+            block = block.astype(np.float32)  # MPS has no float64, uint16 or uint32 tensors
         try:
             host = torch.from_numpy(np.ascontiguousarray(block))
-        except TypeError:  # a dtype torch does not take from NumPy
+        except (TypeError, ValueError):  # a dtype torch does not take from NumPy
             host = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
         if self.device.type == "cuda":
             host = host.pin_memory()

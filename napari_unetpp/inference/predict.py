@@ -236,11 +236,12 @@ def run_plan(
                 return torch_instead(safe.predictor, exc, plan.net, plan.depth, plan.device, precision)
 
     safe = SafePredictor(predictor, plan.device, plan.batch, fallback)
-    bands = DeviceBands(plan, plan.device) if backend is not None else None
+    bands: DeviceBands | None = None
     held = contextlib.ExitStack()  # a run on an accelerator: its cached memory is not given back meanwhile
     if plan.device.type != "cpu":
         held.enter_context(device_memory(plan.device).use())
     try:
+        bands = DeviceBands(plan, plan.device) if backend is not None else None
         if bands is not None and backend is not None:
             steps = device_window(plan, safe, backend, writer, bands)
         else:

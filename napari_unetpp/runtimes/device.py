@@ -179,9 +179,11 @@ def is_oom(exc: BaseException) -> bool:
     return _OOM_MESSAGE.search(str(exc)) is not None
 
 
-def release_memory(device: torch.device | str | None = None) -> None:
-    """Collect garbage and return cached accelerator memory to the driver (after a run, a cancel or an OOM)."""
-    gc.collect()
+def release_memory(device: torch.device | str | None = None, collect: bool = True) -> None:
+    """Collect garbage (unless ``collect`` is False: off the thread that owns the objects) and return cached
+    accelerator memory to the driver (after a run, a cancel or an OOM)."""
+    if collect:
+        gc.collect()
     dev = torch.device(device) if device is not None else None
     if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
         clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)

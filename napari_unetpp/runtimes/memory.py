@@ -116,10 +116,10 @@ class DeviceMemory:
 
     def release(self) -> bool:
         """Give the cached memory back to the driver; False (nothing done) while it is in use."""
-        with self._lock:
+        with self._lock:  # held throughout: a run that starts meanwhile waits in enter()
             if self._users:
                 return False
-        release_memory(self.device)
+            release_memory(self.device, collect=False)  # no collection on a timer's thread (napari's objects)
         return True
 
 

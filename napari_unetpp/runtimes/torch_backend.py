@@ -20,7 +20,7 @@ import torch
 
 from napari_unetpp.model.network import probabilities
 from napari_unetpp.runtimes.base import Backend, Choice, one_line
-from napari_unetpp.runtimes.device import autocast_context, memory_format
+from napari_unetpp.runtimes.device import autocast_context, is_oom, memory_format
 from napari_unetpp.runtimes.memory import device_memory
 
 __all__ = ["TorchBackend"]
@@ -57,6 +57,8 @@ class TorchBackend(Backend):
                     logits = fn(self.net, self.depth, self.cue, t)
                     self.compiled_calls += 1
                 except Exception as exc:  # noqa: BLE001 - a compiler failure must not fail the run
+                    if is_oom(exc):
+                        raise  # out of memory: the caller halves the batch; compiling did not fail
                     self._give_up(tuple(t.shape), exc)
                     logits = self._heads(t)
             else:

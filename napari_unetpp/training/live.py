@@ -122,7 +122,6 @@ class LiveTrainer:
         self.cfg = make_config(config, {**(LIVE_DEFAULTS if config is None else {}), **options})
         self.cfg.minutes = config.minutes if config is not None else None  # no budget: make_config's default is not
         self.device = resolve_device(device or "auto")
-        device_memory(self.device).enter()  # training and previews share it: no release until the session ends
         self.spacing, self.snapshot_every_s, self.validate_every_s = spacing, snapshot_every_s, validate_every_s
         self.half_life_s, self.on_snapshot = half_life_s, on_snapshot
         self._fresh = fresh_for(self.base, self.modality, modality is None)
@@ -148,6 +147,7 @@ class LiveTrainer:
         self.kept_step = 0
         self.error: str | None = None
         self.progress: TrainProgress | None = None
+        device_memory(self.device).enter()  # training and previews share it: no release until the session ends
         self._thread = threading.Thread(target=self._run, name="napari-unetpp live", daemon=True) if threaded else None
         if self._thread is not None:
             self._thread.start()

@@ -52,15 +52,16 @@ class Optimiser:
             g["lr"] = lr
         net, dev = self.net, self.device
         x, y, v = (torch.as_tensor(a).to(dev, non_blocking=True) for a in batch[:3])
-        if len(batch) == 5:
-            x = intensity_on_device(x, torch.as_tensor(batch[3]), int(batch[4]))
-        x = x.contiguous(memory_format=net.fmt)
-        x, y, v = random_affine(x, y, v, rng, self.cfg.affine_probability)
         cue = net.module.config.has_cue
-        t_step = clock()
+        t_step = clock()  # set again below, once the batch is ready
         oom = False
         try:
+            if len(batch) == 5:
+                x = intensity_on_device(x, torch.as_tensor(batch[3]), int(batch[4]))
+            x = x.contiguous(memory_format=net.fmt)
+            x, y, v = random_affine(x, y, v, rng, self.cfg.affine_probability)
             opt, fn, scaler = self.optimizer, self.loss_fn, self.scaler
+            t_step = clock()
             loss = train_step(net.module, opt, fn, x, y, v, net.depth, net.amp, scaler, cue=cue)
         except (RuntimeError, MemoryError) as exc:
             if not is_oom(exc):
