@@ -122,8 +122,7 @@ class DeviceBands:
         self.plan, self.device = plan, device
         self._t0 = plan.tiles.tile_shape[0]
         starts = sorted({t[0].start for t in plan.tile_list})
-        planes = list(np.ndindex(*plan.loop_shape)) if plan.loop_shape else [()]
-        self._jobs = iter([(p, s) for p in planes for s in starts])
+        self._jobs = iter([(p, s) for p in plan.plane_indices() for s in starts])
         self._edge = min(plan.spatial_shape) <= 1
         sp = plan.spatial_shape
         # the padded extent of the other spatial axes, as indices into the image (None: no padding on that axis)
@@ -141,9 +140,7 @@ class DeviceBands:
     def planes(self) -> Iterator[Plane]:
         """The run's planes for :func:`~napari_unetpp.inference.sliding_window.sliding_window`, their tiles views
         of these bands."""
-        plan = self.plan
-        for pidx in np.ndindex(*plan.loop_shape) if plan.loop_shape else [()]:
-            yield Plane(pidx, plan.tiles, self._reader(pidx), plan.tile_list, plan.padded_rows)
+        return self.plan.planes(self._reader)
 
     def _reader(self, pidx: tuple[int, ...]) -> Callable[[tuple[slice, ...]], torch.Tensor]:
         current: list[Any] = [None, None]  # (band start, band)

@@ -141,19 +141,21 @@ class PredictionPlan:
             channels=self.channel_note,
         )
 
-    def planes(self) -> Iterator[Plane]:
+    def plane_indices(self) -> list[tuple[int, ...]]:
+        """The planes' indices over the loop axes, in the order they run (``[()]`` for a single plane)."""
+        return list(np.ndindex(*self.loop_shape)) if self.loop_shape else [()]
+
+    def planes(self, reader: Callable[[tuple[int, ...]], Callable[[Any], Any]] | None = None) -> Iterator[Plane]:
         """The planes (or volumes) to run, keyed by their index over the loop axes, each reading its tiles from the
-        image on its own (only the tile's pixels, reflected at the borders), checked and normalised."""
+        image on its own (only the tile's pixels, reflected at the borders), checked and normalised; or, given
+        ``reader(pidx)``, with the reader it makes (the device pipeline's views of its bands)."""
         lay = self.lay
-        for pidx in np.ndindex(*self.loop_shape) if self.loop_shape else [()]:
-            plane = lay.src[pidx] if pidx else lay.src
-            yield Plane(
-                pidx,
-                self.tiles,
-                self._reader(plane, f" in plane {pidx}" if pidx else ""),
-                self.tile_list,
-                self.padded_rows,
-            )
+        for pidx in self.plane_indices():
+            if reader is not None:
+                read = reader(pidx)
+            else:
+                read = self._reader(lay.src[pidx] if pidx else lay.src, f" in plane {pidx}" if pidx else "")
+            yield Plane(pidx, self.tiles, read, self.tile_list, self.padded_rows)
 
     def _reader(self, plane: Any, where: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
         """``read(tile)``: the tile of ``plane`` (padded like the grid), ``(C, *tile)`` float32, normalised."""
